@@ -1,0 +1,62 @@
+"""The reference recipe's augmentation as one random affine warp per image.
+
+Every random number comes from stateless ops seeded by (seed, pass, index), so the
+augmented pass p of image i is the same in a resumed, sharded or repeated run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation: float = 45.0  # degrees, uniform in [-rotation, rotation]
+    zoom: float = 0.25  # scale factor uniform in [1 - zoom, 1 + zoom]
+    shift: float = 0.2  # fraction of width/height, uniform in [-shift, shift]
+    hflip: bool = True
+
+    def __post_init__(self):
+        for name in ("rotation", "zoom", "shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augmentation {name}={getattr(self, name)} must be >= 0")
+        if self.zoom >= 1:
+            raise ValueError(f"augmentation zoom={self.zoom} must be below 1")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def image_seed(seed: int, pass_index, index):
+    """A stateless-op seed that depends only on (seed, pass, image index)."""
+    import tensorflow as tf
+
+    base = tf.stack([tf.cast(seed, tf.int64), tf.cast(pass_index, tf.int64)])
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
+
+
+def augment(image, config: AugmentConfig, seed):
+    """Randomly rotate, zoom, shift and flip one float image [H, W, C] (edges repeat)."""
+    import tensorflow as tf
+
+    u = tf.random.stateless_uniform([5], seed=seed, minval=-1.0, maxval=1.0)
+    height = tf.cast(tf.shape(image)[0], tf.float32)
+    width = tf.cast(tf.shape(image)[1], tf.float32)
+    angle = u[0] * (config.rotation * math.pi / 180.0)
+    scale = 1.0 + u[1] * config.zoom
+    tx, ty = u[2] * config.shift * width, u[3] * config.shift * height
+    flip = tf.where(u[4] < 0.0, -1.0, 1.0) if config.hflip else tf.constant(1.0)
+    # Output pixel p samples input q = A (p - centre - t) + centre, with A = flip * R(-angle) / scale.
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    a00, a01, a10, a11 = flip * cos, flip * sin, -sin, cos
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    ox, oy = cx + tx, cy + ty
+    transform = tf.stack([a00, a01, cx - a00 * ox - a01 * oy,
+                          a10, a11, cy - a10 * ox - a11 * oy, 0.0, 0.0])
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None],
+        output_shape=tf.shape(image)[:2], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="NEAREST",
+    )
+    return out[0]
