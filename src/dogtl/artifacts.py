@@ -62,15 +62,16 @@ def load_metadata(path: str | Path) -> dict:
         raise DogtlError(f"{meta}: damaged metadata ({e}); retrain the model") from None
 
 
-def load_model(path: str | Path):
-    """(keras model, metadata). Imports dogtl's custom objects so schedules load too."""
+def load_model(path: str | Path, compile: bool = True):
+    """(keras model, metadata). Imports dogtl's custom objects so schedules load too.
+    compile=False skips the optimizer (for models used only to predict or to build on)."""
     import keras
 
     from . import schedules  # noqa: F401  registers the cyclical LR schedule with Keras
 
     metadata = load_metadata(path)
     try:
-        model = keras.saving.load_model(path, compile=True)
+        model = keras.saving.load_model(path, compile=compile)
     except Exception as e:  # Keras raises many kinds for a bad zip or config
         raise DogtlError(f"{path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
     return model, metadata

@@ -17,8 +17,13 @@ class BackboneSpec:
     default_size: int
     min_size: int
     feature_dim: int
-    # Layer-name prefixes of the backbone's blocks, bottom to top, for fine-tuning.
+    # The backbone's blocks, bottom to top, for fine-tuning (see models.top_blocks_start).
+    # block_anchor "first": each entry is the name prefix of a block's layers and the block
+    # starts at the first layer with that prefix (unprefixed residual layers after it belong
+    # to it). "after": each entry is the exact name of a block's last layer (its output) and
+    # the block starts right after the previous block's last layer.
     blocks: tuple[str, ...]
+    block_anchor: str = "first"
 
     @property
     def preprocessing(self) -> str:
@@ -31,11 +36,11 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("xception", "xception", "Xception", 299, 71, 2048,
                      tuple(f"block{i}_" for i in range(1, 15))),
         BackboneSpec("inception_v3", "inception_v3", "InceptionV3", 299, 75, 2048,
-                     tuple(f"mixed{i}" for i in range(11))),
+                     tuple(f"mixed{i}" for i in range(11)), block_anchor="after"),
         BackboneSpec("resnet50", "resnet50", "ResNet50", 224, 32, 2048,
                      ("conv1_", "conv2_", "conv3_", "conv4_", "conv5_")),
         BackboneSpec("mobilenet_v2", "mobilenet_v2", "MobileNetV2", 224, 32, 1280,
-                     tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",)),
+                     ("expanded_conv_",) + tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",)),
         BackboneSpec("efficientnet_b0", "efficientnet", "EfficientNetB0", 224, 32, 1280,
                      tuple(f"block{i}" for i in range(1, 8)) + ("top_",)),
     ]

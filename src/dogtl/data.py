@@ -47,7 +47,19 @@ class Dataset:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _check_unique(ids, where) -> None:
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen:
+            dup.append(i)
+        seen.add(i)
+    if dup:
+        raise DataError(f"{where}: duplicate image ids {_examples(sorted(set(dup)))} (same name, different "
+                        "extension?): keep one file per id")
 
 
 def _examples(items, n=3) -> str:
@@ -78,6 +90,7 @@ def load_dataset(root: str | Path) -> Dataset:
     test_dir = root / "test"
     test_paths = _images_in(test_dir) if test_dir.is_dir() else []
     test_ids = [p.stem for p in test_paths]
+    _check_unique(test_ids, test_dir)
     sample = root / SAMPLE_SUBMISSION
     sample = sample if sample.exists() else None
     if sample is not None:
@@ -124,7 +137,11 @@ def _read_kaggle(root: Path):
         )
     if table.empty:
         raise DataError(f"{csv} has a header but no rows: add one row per training image")
-    table = table.dropna(subset=["id", "breed"])
+    blank = table.index[table["id"].isna() | table["breed"].isna()]
+    if len(blank):
+        raise DataError(f"{csv}: empty id or breed in row(s) {_examples(blank + 1)} (counting from 1 "
+                        "below the header): fill them in or remove the rows")
+    table["id"], table["breed"] = table["id"].str.strip(), table["breed"].str.strip()
     dup = table["id"][table["id"].duplicated()].unique()
     if len(dup):
         raise DataError(f"{csv}: duplicate ids {_examples(dup)}: keep one row per image")
@@ -144,7 +161,8 @@ def _read_kaggle(root: Path):
 
 
 def _read_folders(root: Path):
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name != "test")
+    class_dirs = sorted(d for d in root.iterdir()
+                        if d.is_dir() and d.name != "test" and not d.name.startswith("."))
     ids, paths, names = [], [], []
     for d in class_dirs:
         for p in _images_in(d):
@@ -156,6 +174,11 @@ def _read_folders(root: Path):
             f"no images found in '{root}': expected labels.csv + train/<id>.jpg (Kaggle layout) "
             "or one sub-folder of .jpg/.png images per class"
         )
+    found = set(names)
+    empty = [d.name for d in class_dirs if d.name not in found]
+    if empty:
+        log.warning("ignoring %d class folder(s) without images: %s", len(empty), _examples(empty))
+    _check_unique(ids, root)
     return ids, paths, names
 
 

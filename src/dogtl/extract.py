@@ -1,4 +1,9 @@
-"""Stage one: run the frozen backbone once over every image (+ augmented passes)."""
+"""Stage one: run the frozen backbone once over every image (+ augmented passes).
+
+Work is saved one batch at a time (cache.PartialCache), so a rerun of a killed
+extraction resumes at the first unsaved batch of each pass; pass p of image i depends
+only on (seed, p, i), so resumed features equal those of an uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ import numpy as np
 
 from .augment import AugmentConfig
 from .backbones import check_image_size, get_backbone
-from .cache import PartialCache, fingerprint_differences, open_cache, write_cache
+from .cache import (PartialCache, fingerprint_differences, is_cache_file, open_cache,
+                    write_cache)
 from .data import Dataset, load_dataset, split_validation
-from .errors import CacheError, DataError
+from .errors import CacheError, DataError, DogtlError
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images done, images in total)
@@ -36,12 +42,21 @@ class ExtractConfig:
     dtype: str = "float16"
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     force: bool = False
+    shard: str | None = None  # "I/N": extract the I-th of N shards (see shards.py)
+    strategy: str = "default"  # default | mirrored | multi-worker (see distribute.py)
 
     def __post_init__(self):
+        from .distribute import check_strategy
+        from .shards import parse_shard
+
+        parse_shard(self.shard)
+        check_strategy(self.strategy)
         if self.passes < 0 or self.tta_passes < 0:
             raise ValueError(f"--passes {self.passes} / --tta-passes {self.tta_passes} must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} must be at least 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if self.on_bad_image not in ("skip", "fail"):
             raise ValueError(f"--on-bad-image {self.on_bad_image!r} must be 'skip' or 'fail'")
         if self.dtype not in ("float16", "float32"):
@@ -59,6 +74,7 @@ class ExtractSummary:
     skipped: list[str]
     seconds: float
     file_bytes: int
+    resumed: int = 0  # images found already done in an interrupted earlier run
 
 
 def versions() -> dict:
@@ -92,23 +108,41 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset) -> dict:
         "file_list": dataset.file_list_hash(),
         "num_images": len(dataset.ids),
         "num_test_images": len(dataset.test_ids),
+        # A shard is this extraction's I-th of N parts: otherwise the same fingerprint.
+        **({"shard": _shard(config).as_dict()} if config.shard else {}),
     }
 
 
+def _shard(config: ExtractConfig):
+    from .shards import parse_shard
+
+    return parse_shard(config.shard)
+
+
 def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force: bool):
-    """Returns the up-to-date cache if there is one; refuses foreign ones unless forced."""
+    """Returns the up-to-date cache if there is one; refuses others unless forced.
+
+    A file at `path` that is our format but unreadable is a damaged copy, worth nothing, and
+    is replaced; a file that is not an HDF5 file at all is never overwritten without --force.
+    """
     if path.exists():
+        if path.is_dir():
+            raise CacheError(f"--cache {path} is a folder: pass a file name such as {path / 'features.h5'}")
         try:
-            existing = open_cache(path)
-        except CacheError:
-            existing = None
+            existing, problem = open_cache(path), None
+        except CacheError as e:
+            existing, problem = None, str(e)
         if existing is not None and not fingerprint_differences(existing.fingerprint, fingerprint):
+            partial.remove()  # left over when a run was killed between its rename and cleanup
             return existing
-        if not force:
-            why = ("it is damaged" if existing is None else
-                   "it was made with other settings: " + "; ".join(
-                       fingerprint_differences(existing.fingerprint, fingerprint)))
-            raise CacheError(f"{path} exists and {why}. Pass --force to replace it or --cache OTHER.h5")
+        if existing is not None and not force:
+            diff = "; ".join(fingerprint_differences(existing.fingerprint, fingerprint))
+            raise CacheError(f"{path} was made with other settings ({diff}). "
+                             "Pass --force to replace it, or --cache OTHER.h5")
+        if existing is None and not force and not is_cache_file(path):
+            raise CacheError(f"{path} exists and is not a dogtl feature cache: pass --cache OTHER.h5, "
+                             "or --force to overwrite it")
+        log.warning("replacing %s (%s)", path, problem or "--force")
         path.unlink()
     if partial.exists():
         diff = fingerprint_differences(partial.fingerprint(), fingerprint)
@@ -117,7 +151,7 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
                 f"{partial.dir} holds an unfinished extraction with other settings ({'; '.join(diff)}). "
                 "Rerun it with those settings to finish it, or pass --force to discard it"
             )
-        if diff or force:
+        if diff:
             partial.remove()
     return None
 
@@ -126,56 +160,72 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     started = time.perf_counter()
     spec = get_backbone(config.backbone)
     image_size = check_image_size(spec, config.image_size)
+    from .distribute import agree, extraction_progress, make_strategy, replicated_infer, scope, worker
+    from .shards import shard_path
+
+    strategy = make_strategy(config.strategy)  # first: multi-worker must start before any TensorFlow work
     dataset = load_dataset(config.data)
+    # The split is drawn over every labelled image before any work, so an impossible split
+    # fails now, and an image's split does not depend on which other images were unreadable.
+    is_val = split_validation(dataset.labels, config.val_fraction, config.seed)
     fingerprint = make_fingerprint(config, dataset)
-    path = Path(config.cache)
+    shard = _shard(config)
+    # This run's block of each split's file numbers (all of them unless sharded).
+    lab, tst = range(len(dataset.ids)), range(len(dataset.test_ids))
+    if shard is not None:
+        lab, tst = shard.rows(len(lab)), shard.rows(len(tst))
+    path = worker(strategy).private_path(shard_path(config.cache, shard) if shard else config.cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = PartialCache(path)
     existing = _check_existing(path, partial, fingerprint, config.force)
+    agree(strategy, extraction_progress(existing, partial, {"labelled": config.passes, "test": config.tta_passes}),
+          "what is already extracted")
     if existing is not None:
         return ExtractSummary(path, "up to date", len(existing.ids), len(existing.test_ids),
                               existing.num_passes - 1, existing.num_test_passes - 1, existing.skipped,
                               time.perf_counter() - started, path.stat().st_size)
-    partial.start(fingerprint)
 
     import tensorflow as tf
 
     from .models import build_backbone
 
-    backbone = build_backbone(spec, config.weights, image_size)
-    infer = tf.function(lambda x: backbone(x, training=False), reduce_retracing=True)
+    with scope(strategy):  # the model's variables on every replica
+        backbone = build_backbone(spec, config.weights, image_size)  # a bad weights file fails before any write
+    partial.start(fingerprint)
+    infer = (tf.function(lambda x: backbone(x, training=False), reduce_retracing=True) if strategy is None
+             else replicated_infer(strategy, backbone))
     runner = _PassRunner(config, spec, image_size, partial, infer, progress)
-    runner.total = ((1 + config.passes) * len(dataset.ids)
-                    + (1 + config.tta_passes) * len(dataset.test_ids))
-
-    good = {}
-    for split, paths, extra in (("labelled", dataset.paths, config.passes),
-                                ("test", dataset.test_paths, config.tta_passes)):
-        good[split] = runner.clean_pass(split, paths)
-        for p in range(1, extra + 1):
-            runner.augmented_pass(split, paths, good[split], p)
+    # Positions are numbers within this run's block; augmentation keys are file numbers (block start + position).
+    good = runner.run({"labelled": (dataset.paths[lab.start:lab.stop], config.passes, lab.start),
+                       "test": (dataset.test_paths[tst.start:tst.stop], config.tta_passes, tst.start)},
+                      on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
+                      lambda split, readable: _check_readable(split, readable, dataset, config))
 
     skipped = [f"{dataset.paths[i]}\t{_reason(dataset.paths[i])}"
-               for i in sorted(set(range(len(dataset.ids))) - set(good["labelled"]))]
+               for i in sorted(set(lab) - {lab.start + k for k in good["labelled"]})]
     skipped += [f"{dataset.test_paths[i]}\t{_reason(dataset.test_paths[i])}"
-                for i in sorted(set(range(len(dataset.test_ids))) - set(good["test"]))]
-    rows = np.asarray(good["labelled"], dtype=np.int64)
-    labels = dataset.labels[rows]
-    if len(np.unique(labels)) < 2:
-        raise DataError(f"fewer than two classes have readable images in {config.data}")
+                for i in sorted(set(tst) - {tst.start + k for k in good["test"]})]
+    rows = np.asarray(good["labelled"], dtype=np.int64)  # positions in the block
     test_rows = np.asarray(good["test"], dtype=np.int64)
+    at, test_at = lab.start + rows, tst.start + test_rows  # file numbers
     write_cache(
         path, fingerprint=fingerprint, versions=versions(), classes=list(dataset.classes),
-        labelled={"ids": [dataset.ids[i] for i in rows], "labels": labels.astype(np.int32),
-                  "is_val": split_validation(labels, config.val_fraction, config.seed),
-                  "features": [runner.pass_loader("labelled", p, rows) for p in range(1 + config.passes)]},
-        test={"ids": [dataset.test_ids[i] for i in test_rows],
-              "features": [runner.pass_loader("test", p, test_rows) for p in range(1 + config.tta_passes)]},
+        labelled={"ids": [dataset.ids[i] for i in at], "labels": dataset.labels[at].astype(np.int32),
+                  "is_val": is_val[at], "index": at,
+                  "features": [runner.pass_chunks("labelled", p, rows) for p in range(1 + config.passes)]},
+        test={"ids": [dataset.test_ids[i] for i in test_at], "index": test_at,
+              "features": [runner.pass_chunks("test", p, test_rows) for p in range(1 + config.tta_passes)]},
         skipped=skipped,
     )
     partial.remove()
     return ExtractSummary(path, "written", len(rows), len(test_rows), config.passes, config.tta_passes,
-                          skipped, time.perf_counter() - started, path.stat().st_size)
+                          skipped, time.perf_counter() - started, path.stat().st_size, runner.resumed)
+
+
+def _check_readable(split, readable, dataset, config):
+    if split == "labelled" and len(np.unique(dataset.labels[np.asarray(readable, dtype=np.int64)])) < 2:
+        raise DataError(f"fewer than two classes have readable images in {config.data}: "
+                        "fix the images (see --on-bad-image)")
 
 
 def _reason(path) -> str:
@@ -185,73 +235,147 @@ def _reason(path) -> str:
 
 
 class _PassRunner:
-    """Runs the backbone over one pass at a time, saving each finished batch."""
+    """Runs the backbone over every pass, saving each finished batch.
+
+    All passes of both splits form one stream of batches (images.multi_pass_dataset), each
+    pass starting at its first unsaved batch. Every pass covers every file, positions being
+    file numbers; unreadable files are missing from every pass. Progress counts
+    image-passes: `total` is (1 + passes) x images (+ the test images' passes); skipped
+    images count as done, so the count ends exactly at `total`.
+    """
 
     def __init__(self, config, spec, image_size, partial, infer, progress):
         self.config, self.spec, self.image_size = config, spec, image_size
         self.partial, self.infer, self.progress = partial, infer, progress
-        self.total, self.done = 0, 0
+        self.total, self.done, self.resumed = 0, 0, 0
+        self.warned = False
 
-    def _run(self, split, pass_index, paths, positions, indices, fail_on_gap):
-        from .images import image_dataset
-
-        start = self.partial.covered(split, pass_index)
-        self.done += start if pass_index == 0 else min(start, len(positions))
-        self._report()
-        todo = [k for k, pos in enumerate(positions) if pos >= start]
-        if not todo:
-            return
-        ds = image_dataset([paths[k] for k in todo], self.spec, self.image_size,
-                           positions=[positions[k] for k in todo], indices=[indices[k] for k in todo],
-                           pass_index=pass_index, seed=self.config.seed,
-                           augmentation=self.config.augmentation, batch_size=self.config.batch_size)
-        expected = start
-        for pos, _, images in ds:
-            pos = pos.numpy()
-            if fail_on_gap and (pos[0] != expected or pos[-1] - pos[0] != len(pos) - 1):
-                self._fail(paths, expected, pos)
-            features = self.infer(images).numpy().astype(self.config.dtype)
-            self.partial.write(split, pass_index, pos, features)
-            self.done += int(pos[-1]) + 1 - expected
-            expected = int(pos[-1]) + 1
-            self._report()
-        if fail_on_gap and expected != len(positions):
-            self._fail(paths, expected, np.array([len(positions)]))
-
-    def _fail(self, paths, expected, pos):
-        missing = next(p for p in range(expected, int(pos[-1]) + 1) if p not in set(pos.tolist()))
-        raise DataError(f"{paths[missing]}: cannot read image ({_reason(paths[missing])}); "
-                        "fix or remove it, or pass --on-bad-image skip")
-
-    def _report(self):
+    def _advance(self, n: int, resumed: bool = False):
+        self.done += n
+        if resumed:
+            self.resumed += n
         if self.progress:
             self.progress(min(self.done, self.total), self.total)
 
-    def clean_pass(self, split, paths) -> list[int]:
-        """Pass 0 over every file; returns the indices of the readable ones."""
-        marker = f"{split}-readable.json"
-        good = self.partial.load_json(marker)
-        if good is None:
+    def run(self, splits: dict, on_clean_pass=None) -> dict:
+        """Extracts what is missing; returns {split: numbers of the readable files}.
+
+        `splits` maps a split to (paths, extra passes[, offset]): positions number `paths`
+        from 0, the augmentation key of position i is offset + i (a shard's file numbers).
+        """
+        from .images import multi_pass_dataset
+
+        self.good, self.on_clean_pass = {}, on_clean_pass
+        segments = []
+        for split, (paths, extra, *offset) in splits.items():
+            paths = [str(p) for p in paths]
             n = len(paths)
-            self._run(split, 0, paths, range(n), range(n), self.config.on_bad_image == "fail")
-            good = self.partial.read(split, 0)[0].tolist()
-            self.partial.save_json(marker, good)
-        else:
-            self.done += len(paths)
-        return good
+            self.total += (1 + extra) * n
+            readable = self.partial.load_json(f"{split}-readable.json")
+            if readable is not None:
+                self.good[split] = np.asarray(readable, dtype=np.int64)
+            for p in range(1 + extra):
+                start = n if (p == 0 and readable is not None) else min(self.partial.covered(split, p), n)
+                segments.append(_Segment(split, p, paths, start, offset=offset[0] if offset else 0))
+        self._advance(sum(s.start for s in segments), resumed=True)
 
-    def augmented_pass(self, split, paths, good, pass_index):
-        self._run(split, pass_index, [paths[i] for i in good], range(len(good)), good, False)
-        self.done += max(0, len(paths) - len(good))
+        ds = multi_pass_dataset([(s.pass_index, range(s.start, len(s.paths)),
+                                  range(s.offset + s.start, s.offset + len(s.paths)), s.paths[s.start:])
+                                 for s in segments],
+                                self.spec, self.image_size, seed=self.config.seed,
+                                augmentation=self.config.augmentation, batch_size=self.config.batch_size)
+        current = 0
+        for tag, pos, _, images in ds if ds is not None else []:
+            k = int(tag[0])
+            for s in segments[current:k]:
+                self._finish(s)
+            current = k
+            self._batch(segments[k], pos.numpy(), images)
+        for s in segments[current:]:
+            self._finish(s)
+        return {split: self.good[split].tolist() for split in splits}
 
-    def pass_loader(self, split, pass_index, rows):
-        """Loads one pass in file order of `rows` (pass 0 parts are keyed by file index)."""
-        def load():
-            positions, features = self.partial.read(split, pass_index)
-            expected = rows if pass_index == 0 else np.arange(len(rows))
-            if features is None:
-                features = np.zeros((0, self.spec.feature_dim), self.config.dtype)
-            if not np.array_equal(positions, expected):
-                raise CacheError(f"pass {pass_index} of {split} images is inconsistent; rerun with --force")
-            return features
-        return load
+    def _batch(self, s, pos, images):
+        if s.pass_index == 0:
+            if self.config.on_bad_image == "fail" and (pos[0] != s.expected or pos[-1] - pos[0] != len(pos) - 1):
+                self._fail(s, pos)
+        else:  # exactly the files readable in the clean pass
+            good = self.good[s.split]
+            if not np.array_equal(pos, good[(good >= s.expected) & (good <= pos[-1])]):
+                self._fail(s, pos)
+        features = self._store(self.infer(images).numpy())
+        self.partial.write(s.split, s.pass_index, pos, features)
+        self._advance(int(pos[-1]) + 1 - s.expected)
+        s.expected = int(pos[-1]) + 1
+
+    def _finish(self, s):
+        """After the last batch of a pass: unreadable files at its end, the clean pass's record."""
+        if s.finished:
+            return
+        s.finished = True
+        n = len(s.paths)
+        if s.pass_index == 0:
+            if self.config.on_bad_image == "fail" and s.expected != n:
+                self._fail(s, np.array([n]))
+            if s.split not in self.good:  # not yet recorded: this run finished the clean pass
+                self.good[s.split] = self.partial.positions(s.split, 0)
+                self.partial.save_json(f"{s.split}-readable.json", self.good[s.split].tolist())
+            if self.on_clean_pass:
+                self.on_clean_pass(s.split, self.good[s.split])
+        elif np.any(self.good[s.split] >= s.expected):
+            self._fail(s, np.array([n]))
+        self._advance(n - s.expected)
+
+    def _store(self, features: np.ndarray) -> np.ndarray:
+        """Features in the stored dtype; float16 overflow is an error, underflow a warning."""
+        stored = features.astype(self.config.dtype)
+        if not np.isfinite(stored).all():
+            raise DogtlError(f"backbone features reach {np.abs(features).max():.3g}, beyond --dtype "
+                             f"{self.config.dtype}: rerun with --dtype float32 --force")
+        if not self.warned and np.any(features) and not np.any(stored):
+            self.warned = True
+            log.warning("features are too small for %s (max %.3g) and are stored as zeros: "
+                        "use --dtype float32 (random 'none' weights often do this)",
+                        self.config.dtype, np.abs(features).max())
+        return stored
+
+    def _fail(self, s, pos):
+        seen = set(pos.tolist())
+        if s.pass_index == 0:
+            missing = next(p for p in range(s.expected, int(pos[-1]) + 1) if p not in seen)
+            raise DataError(f"{s.paths[missing]}: cannot read image ({_reason(s.paths[missing])}); "
+                            "rerun with --on-bad-image skip to go on without it (work done is kept)")
+        good = self.good[s.split]
+        missing = [int(p) for p in good[good >= s.expected] if p not in seen]
+        if missing:
+            raise DataError(f"{s.paths[missing[0]]}: readable in the clean pass but not in pass {s.pass_index} "
+                            f"({_reason(s.paths[missing[0]])}); did it change during the run? rerun with --force")
+        extra = next(int(p) for p in pos if p not in set(good.tolist()))
+        raise DataError(f"{s.paths[extra]}: unreadable in the clean pass but readable in pass {s.pass_index}; "
+                        "did it change during the run? rerun with --force")
+
+    def pass_chunks(self, split, pass_index, rows):
+        """A callable streaming one pass as (row numbers, features) blocks, one saved batch at a time."""
+        def chunks():
+            for positions, features in self.partial.iter_pass(split, pass_index):
+                at = np.searchsorted(rows, positions)  # positions are file numbers; rows the readable ones
+                if np.any(at >= len(rows)) or np.any(rows[np.minimum(at, len(rows) - 1)] != positions):
+                    raise CacheError(f"pass {pass_index} of {split} images is inconsistent; rerun with --force")
+                yield at, features
+        return chunks
+
+
+@dataclass
+class _Segment:
+    """One pass of one split, from its first unsaved position."""
+
+    split: str
+    pass_index: int
+    paths: list
+    start: int
+    expected: int = -1  # next position not yet accounted for
+    finished: bool = False
+    offset: int = 0  # augmentation key of position 0 (a shard's first file number)
+
+    def __post_init__(self):
+        self.expected = self.start

@@ -1,0 +1,176 @@
+"""Extraction images/s against the bare backbone forward pass, and peak memory against N.
+
+In one run, each measured in its own fresh process (so peak memory is its own):
+  bare      the frozen backbone (`models.build_backbone`, weights none) called by the same
+            tf.function as extraction on random tensors of the same size and batch;
+  pipeline  `extract.extract_features` over real JPEG files written by `dogtl.synthetic`
+            at the model's input size: tf.data decode + resize + augmentation (1 clean and
+            `--passes` augmented passes), backbone, float16, crash-safe batch files, HDF5.
+The pipeline's images/s is steady state: from the end of its first batch (which traces the
+model, like the bare side's untimed warm-up) to its last batch; the final HDF5 assembly
+is reported separately. Bare runs before, between and after the pipelines; each
+pipeline is compared with the mean of the bare runs just before and after it. CPU time
+per image (all threads) is printed too: unlike images/s it hardly depends on what else
+the machine runs, so bare/pipeline CPU time is the ratio to expect on a quiet machine
+whose cores the model keeps busy.
+Peak memory is the process's max RSS (and with --trace-python its peak Python-side
+allocation, numpy arrays included, via tracemalloc), for two image counts: flat means
+bounded memory.
+Target: ratio >= 0.95 on CPU.
+
+    python benchmarks/bench_extract.py            # xception at 299 px, 32 per batch, N = 64 and 256 (minutes)
+    python benchmarks/bench_extract.py --quick    # smoke run: resnet50 at 64 px, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: a load-independent measure of work done."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def worker_bare(args) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    from dogtl.backbones import get_backbone
+    from dogtl.models import build_backbone
+
+    spec = get_backbone(args.backbone)
+    model = build_backbone(spec, "none", args.image_size)
+    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # as extract.py
+    rng = np.random.default_rng(0)
+    batches = [tf.constant(rng.uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)),
+                           tf.float32) for _ in range(2)]
+    for b in batches:  # warm-up: tracing and first-call allocations
+        infer(b).numpy()
+    started, cpu = time.perf_counter(), cpu_seconds()
+    for k in range(args.bare_batches):
+        infer(batches[k % 2]).numpy().astype(np.float16)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    images = args.bare_batches * args.batch_size
+    return {"rate": images / seconds, "cpu_ms": 1000 * cpu / images, "rss_mb": peak_rss_mb()}
+
+
+def worker_pipeline(args) -> dict:
+    import tracemalloc
+
+    from dogtl.extract import ExtractConfig, extract_features
+
+    import tensorflow  # noqa: F401  (its import is not the pipeline's memory)
+
+    if args.trace_python:
+        tracemalloc.start()  # slows Python-side work: off unless asked for
+    marks = []
+
+    def progress(done, total):
+        marks.append((time.perf_counter(), done, total, cpu_seconds()))
+        if args.trace_python and done >= args.batch_size and len(marks) > 1 and marks[-2][1] < args.batch_size:
+            tracemalloc.reset_peak()  # from the first batch on: not the model's construction
+    config = ExtractConfig(data=args.data, cache=str(Path(args.data).parent / "features.h5"),
+                           backbone=args.backbone, weights="none", image_size=args.image_size,
+                           passes=args.passes, batch_size=args.batch_size, val_fraction=0.0)
+    started = time.perf_counter()
+    summary = extract_features(config, progress=progress)
+    ended = time.perf_counter()
+    py_peak = tracemalloc.get_traced_memory()[1] if args.trace_python else float("nan")
+    first = next(m for m in marks if m[1] >= args.batch_size)
+    last = next(m for m in marks if m[1] == m[2])
+    images = last[1] - first[1]
+    return {"rate": images / (last[0] - first[0]), "cpu_ms": 1000 * (last[3] - first[3]) / images,
+            "images": last[2],
+            "assembly_s": ended - last[0], "total_s": ended - started, "rss_mb": peak_rss_mb(),
+            "py_peak_mb": py_peak / 2**20, "file_mb": summary.file_bytes / 1e6}
+
+
+def run_worker(kind: str, args, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--backbone", args.backbone,
+           "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+           "--passes", str(args.passes), "--bare-batches", str(args.bare_batches)]
+    if args.trace_python:
+        cmd.append("--trace-python")
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small smoke run (resnet50, 64 px, few images)")
+    parser.add_argument("--backbone", default="xception")
+    parser.add_argument("--image-size", type=int, default=299)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--passes", type=int, default=1, help="augmented passes on top of the clean one")
+    parser.add_argument("--counts", type=int, nargs=2, default=[64, 256], help="two image counts")
+    parser.add_argument("--bare-batches", type=int, default=4, help="timed batches per bare run")
+    parser.add_argument("--trace-python", action="store_true",
+                        help="also report the pipeline's peak Python-side allocation (tracemalloc; slows it a little)")
+    parser.add_argument("--worker", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker_bare(args) if args.worker == "bare" else worker_pipeline(args)
+        print(json.dumps(result))
+        return
+    if args.quick:
+        args.backbone, args.image_size, args.batch_size, args.counts, args.bare_batches = "resnet50", 64, 16, [32, 96], 8
+
+    from dogtl.synthetic import make_kaggle_dataset
+
+    print(f"bench_extract: {args.backbone} (weights none) at {args.image_size} px, batch {args.batch_size}, "
+          f"1 clean + {args.passes} augmented passes, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {}
+        for n in args.counts:
+            per_class = -(-n // 4)
+            folders[n] = make_kaggle_dataset(Path(tmp) / f"n{n}" / "data", num_classes=4, per_class=per_class,
+                                             test_images=0, size=args.image_size, seed=n)
+        # bare, pipeline, bare, pipeline, bare: each pipeline is compared with the bare runs
+        # just before and after it, which halves the effect of a machine whose load drifts.
+        bare, pipes = [run_worker("bare", args)], {}
+        for n in args.counts:
+            pipes[n] = run_worker("pipeline", args, data=folders[n])
+            bare.append(run_worker("bare", args))
+    print("bare forward      : " + ", ".join(f"{b['rate']:.2f}" for b in bare) + " img/s, "
+          + ", ".join(f"{b['cpu_ms']:.0f}" for b in bare) + f" CPU-ms/img, peak RSS {max(b['rss_mb'] for b in bare):.0f} MB")
+    ratios, cpu_ratios = [], []
+    for k, (n, p) in enumerate(pipes.items()):
+        ref = (bare[k]["rate"] + bare[k + 1]["rate"]) / 2
+        ref_cpu = (bare[k]["cpu_ms"] + bare[k + 1]["cpu_ms"]) / 2
+        ratios.append(p["rate"] / ref)
+        cpu_ratios.append(ref_cpu / p["cpu_ms"])
+        print(f"pipeline N={n:<5d} : {p['rate']:8.2f} img/s  ratio {ratios[-1]:.3f} (bare {ref:.2f})  "
+              f"CPU {p['cpu_ms']:.0f} ms/img, ratio {cpu_ratios[-1]:.3f}  "
+              f"[{p['images']} image-passes, assembly {p['assembly_s']:.2f} s, total {p['total_s']:.1f} s]  "
+              f"peak RSS {p['rss_mb']:.0f} MB" + (f", peak Python {p['py_peak_mb']:.1f} MB" if args.trace_python else "")
+              + f", file {p['file_mb']:.1f} MB")
+    small, large = (pipes[n] for n in args.counts)
+    print(f"memory N={args.counts[0]} -> {args.counts[1]}: RSS {large['rss_mb'] - small['rss_mb']:+.0f} MB"
+          + (f", Python {large['py_peak_mb'] - small['py_peak_mb']:+.1f} MB" if args.trace_python else ""))
+    print(f"ratio pipeline / bare images/s (worst) = {min(ratios):.3f}  (target >= 0.95); "
+          f"bare / pipeline CPU time per image (worst) = {min(cpu_ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

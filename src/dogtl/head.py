@@ -1,0 +1,385 @@
+"""Stage two: train the dense head on cached features, with cyclical learning rates.
+
+`fit_head` trains on arrays in memory (what a sweep calls many times); `train_head`
+reads the cache, checks it, calls `fit_head` and writes the model, its metadata, the
+per-epoch history CSV and a PNG plot. Each epoch every training image contributes one of
+its cached passes (clean or augmented), drawn per image and epoch; validation always
+uses the clean pass. Training stops early on validation log loss and keeps the best
+epoch's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import CacheError, DogtlError
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("exp_range", "triangular", "triangular2", "constant")
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+# Batch size when none is given: the largest of AUTO_BATCH_SIZES that still gives an epoch of at
+# least AUTO_MIN_STEPS steps. Per-step overhead dominates a head epoch on CPU, so a Kaggle-size
+# cache (8,257 training images -> 64) trains ~2x faster per epoch than at the recipe's 16; on small
+# caches what limits learning is the number of steps, so they keep the recipe's 16.
+RECIPE_BATCH_SIZE = 16
+AUTO_BATCH_SIZES = (16, 32, 64)
+AUTO_MIN_STEPS = 100
+STEP_EPOCHS = 4  # default half cycle of the cyclical schedule, in epochs (the recipe: 2-8)
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+
+
+def resolve_batch_size(batch_size: int | None, num_rows: int) -> int:
+    """The batch size to use: `batch_size` if given, else the automatic choice (see AUTO_MIN_STEPS)."""
+    if batch_size is not None:
+        return batch_size
+    fitting = [b for b in AUTO_BATCH_SIZES if num_rows >= b * AUTO_MIN_STEPS]
+    return max(fitting, default=AUTO_BATCH_SIZES[0])
+
+
+def parse_hidden(value) -> tuple[int, ...]:
+    """'1024', '1024,512', 1024, [1024, 512], '' or 'none' (no hidden layer) -> a tuple of sizes."""
+    if value is None:
+        return ()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        items = [] if text in ("", "none", "0") else [s.strip() for s in text.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise DogtlError(f"--hidden {value!r}: give layer sizes like 1024 or 1024,512 (or 'none')")
+    try:
+        sizes = tuple(int(s) for s in items)
+    except (TypeError, ValueError):
+        raise DogtlError(f"--hidden {value!r}: give layer sizes like 1024 or 1024,512 (or 'none')") from None
+    if any(s < 1 for s in sizes):
+        raise DogtlError(f"--hidden {value!r}: layer sizes must be at least 1")
+    return sizes
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Every setting of a head training run; written into the model's metadata."""
+
+    cache: str = "cache/features.h5"
+    out: str = "models/head.keras"
+    epochs: int = 50
+    batch_size: int | None = None  # None: resolve_batch_size's automatic choice (16 to 64)
+    schedule: str = "exp_range"
+    base_lr: float = 1e-4
+    max_lr: float = 1e-3
+    step_size: int | None = None  # iterations per half cycle; None: STEP_EPOCHS epochs
+    gamma: float | None = None  # exp_range decay per iteration; None: 0.99994 per 16 images
+    optimizer: str = "rmsprop"
+    patience: int = 5  # 0: never stop early (the best epoch is still kept)
+    hidden: tuple = (1024,)
+    dropout: float = 0.5
+    input_dropout: float = 0.5
+    clean_only: bool = False
+    seed: int = 2018
+    force: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", parse_hidden(self.hidden))
+        _check_types(self)
+        if self.epochs < 1:
+            raise DogtlError(f"--epochs {self.epochs} must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise DogtlError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise DogtlError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise DogtlError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        for name in ("base_lr", "max_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise DogtlError(f"--{name.replace('_', '-')} {value}: learning rates must be positive numbers")
+        if self.schedule != "constant" and self.base_lr > self.max_lr:
+            raise DogtlError(f"--base-lr {self.base_lr} is above --max-lr {self.max_lr}: the cyclical schedule "
+                             "runs from base up to max; swap them")
+        if self.step_size is not None and self.step_size < 1:
+            raise DogtlError(f"--step-size {self.step_size} must be at least 1 iteration")
+        if self.gamma is not None and not 0 < self.gamma <= 1:
+            raise DogtlError(f"--gamma {self.gamma} must be in (0, 1]")
+        if self.patience < 0:
+            raise DogtlError(f"--patience {self.patience} must be >= 0 (0 never stops early)")
+        for name in ("dropout", "input_dropout"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise DogtlError(f"--{name.replace('_', '-')} {value} must be in [0, 1)")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+_TYPES = {"cache": str, "out": str, "epochs": int, "batch_size": (int, type(None)), "schedule": str, "base_lr": float,
+          "max_lr": float, "step_size": (int, type(None)), "gamma": (float, type(None)), "optimizer": str,
+          "patience": int, "dropout": float, "input_dropout": float, "clean_only": bool, "seed": int,
+          "force": bool}
+
+
+def _check_types(config: HeadConfig) -> None:
+    """Values from config files arrive untyped: refuse the wrong kind with the option's name."""
+    for name, kind in _TYPES.items():
+        value = getattr(config, name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, name, float(value))
+            ok = True
+        if not ok:
+            raise DogtlError(f"--{name.replace('_', '-')} {value!r}: expected {' or '.join(k.__name__ for k in kinds if k is not type(None))}")
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a TOML or JSON file: keys are option names with underscores (hyphens are
+    accepted too), optionally under a [train_head] table. Unknown keys are refused."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise DogtlError(f"--config {path}: no such file")
+    text = path.read_text()
+    as_json = path.suffix.lower() == ".json" or (path.suffix.lower() != ".toml" and text.lstrip().startswith("{"))
+    try:
+        values = json.loads(text) if as_json else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise DogtlError(f"--config {path}: not valid {'JSON' if as_json else 'TOML'} ({e})") from None
+    if not isinstance(values, dict):
+        raise DogtlError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
+    for section in ("train_head", "train-head"):
+        if isinstance(values.get(section), dict) and len(values) == 1:
+            values = values[section]
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    known = set(HeadConfig.option_names())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DogtlError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    return values
+
+
+@dataclass
+class FitResult:
+    model: object  # the Keras head with the best epoch's weights
+    history: "object"  # pandas DataFrame, HISTORY_COLUMNS
+    metrics: dict  # val_accuracy, val_log_loss, epochs_run, best_epoch, train_loss, train_accuracy
+    seconds_per_epoch: float
+    batch_size: int  # the one used (resolved when the settings leave it automatic)
+
+
+@dataclass
+class HeadResult:
+    model_path: Path
+    metrics: dict
+    history: "object"
+    history_path: Path
+    plot_path: Path
+    seconds: float
+    seconds_per_epoch: float
+    train_images: int
+    val_images: int
+    passes: int
+    batch_size: int
+
+
+def _schedule(config: HeadConfig, steps: int, batch_size: int):
+    from .schedules import RECIPE_GAMMA, CyclicLR
+
+    if config.schedule == "constant":
+        return config.base_lr
+    step_size = config.step_size or STEP_EPOCHS * steps
+    gamma = config.gamma if config.gamma is not None else RECIPE_GAMMA ** (batch_size / RECIPE_BATCH_SIZE)
+    return CyclicLR(config.base_lr, config.max_lr, step_size, mode=config.schedule, gamma=gamma)
+
+
+def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, steps: int, batch_size: int,
+                        learning_rate=None):
+    """The head of `config`, compiled with its optimizer and (cyclical) learning rate schedule."""
+    from .models import build_head
+    from .schedules import make_optimizer
+
+    model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
+                       dropout=config.dropout)
+    lr = _schedule(config, steps, batch_size) if learning_rate is None else learning_rate
+    model.compile(optimizer=make_optimizer(config.optimizer, lr), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model, lr
+
+
+def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> tuple[float, float]:
+    """(accuracy, multi-class log loss as scikit-learn defines it); nan if the outputs are not finite."""
+    from sklearn.metrics import log_loss
+
+    probs = np.asarray(probs, np.float64)
+    if not np.isfinite(probs).all():
+        return float("nan"), float("nan")
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    accuracy = float(np.mean(probs.argmax(axis=1) == labels))
+    return accuracy, float(log_loss(labels, probs, labels=list(range(num_classes))))
+
+
+def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.ndarray,
+             val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
+             on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Train a head from arrays: train_features [passes, rows, dim] (pass 0 clean), labels [rows],
+    val_features [rows, dim] (clean). Only the training settings of `config` are used (not
+    cache/out/force). Same inputs and seed give the same model on the same machine."""
+    import keras
+    import pandas as pd
+
+    from .trainloop import EpochRunner, steps_per_epoch
+
+    if train_features.ndim != 3 or val_features.ndim != 2 or train_features.shape[2] != val_features.shape[1]:
+        raise ValueError(f"features of shapes {train_features.shape} (train) and {val_features.shape} (val) "
+                         "do not fit: expected [passes, rows, dim] and [rows, dim]")
+    if not len(val_labels):
+        raise DogtlError("no validation images: early stopping and the metrics need some")
+    keras.utils.set_random_seed(config.seed)
+    batch_size = resolve_batch_size(config.batch_size, train_features.shape[1])
+    steps = steps_per_epoch(train_features.shape[1], batch_size)
+    model, lr = build_compiled_head(config, train_features.shape[2], num_classes, steps, batch_size)
+    runner = EpochRunner(model, train_features, train_labels, batch_size, config.seed)
+    val_labels = np.asarray(val_labels)
+
+    rows, best, best_epoch, best_weights, waited, seconds = [], math.inf, 0, None, 0, 0.0
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        losses, accuracy = runner.run(epoch)
+        val_accuracy, val_loss = scores(val_labels, runner.predict(val_features), num_classes)
+        seconds += time.perf_counter() - started
+        iteration = epoch * runner.steps - 1  # the last step of this epoch
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "accuracy": accuracy, "val_loss": val_loss,
+               "val_accuracy": val_accuracy, "lr": float(lr(iteration)) if callable(lr) else float(lr)}
+        rows.append(row)
+        if on_epoch:
+            on_epoch({**row, "epochs": config.epochs, "seconds": time.perf_counter() - started})
+        if not math.isfinite(row["loss"]) or not math.isfinite(val_loss):
+            log.warning("epoch %d: loss is not finite; training stopped (lower the learning rates)", epoch)
+            break
+        if val_loss < best:
+            best, best_epoch, best_weights, waited = val_loss, epoch, model.get_weights(), 0
+        else:
+            waited += 1
+            if config.patience and waited >= config.patience:
+                break
+    if best_weights is None:
+        raise DogtlError(f"training diverged in epoch 1 (loss {rows[0]['loss']}): lower --base-lr/--max-lr")
+    model.set_weights(best_weights)
+    val_accuracy, val_loss = scores(val_labels, runner.predict(val_features), num_classes)
+    best_row = rows[best_epoch - 1]
+    metrics = {"val_accuracy": val_accuracy, "val_log_loss": val_loss, "epochs_run": len(rows),
+               "best_epoch": best_epoch, "train_loss": best_row["loss"], "train_accuracy": best_row["accuracy"]}
+    return FitResult(model, pd.DataFrame(rows, columns=HISTORY_COLUMNS), metrics, seconds / len(rows), runner.batch)
+
+
+@dataclass
+class TrainingData:
+    """The arrays a head trains on, read from a cache: training rows with the passes
+    used, and the validation rows' clean pass."""
+
+    train_features: np.ndarray  # [passes, rows, dim], float16 if the cache stores float16
+    train_labels: np.ndarray
+    val_features: np.ndarray  # [rows, dim] float32
+    val_labels: np.ndarray
+    classes: list = field(default_factory=list)
+
+
+def load_training_data(cache, clean_only: bool = False) -> TrainingData:
+    """Split an opened cache into training passes and clean validation features, checking
+    that there is something to train and validate on."""
+    is_val = np.asarray(cache.is_val, bool)
+    train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if not len(val_rows):
+        raise CacheError(f"{cache.path}: has no validation images (extracted with --val-fraction 0?); "
+                         "re-extract with --val-fraction 0.1")
+    if not len(train_rows):
+        raise CacheError(f"{cache.path}: every labelled image is in the validation split; "
+                         "re-extract with a smaller --val-fraction")
+    if len(np.unique(cache.labels[train_rows])) < 2:
+        raise CacheError(f"{cache.path}: the training split holds fewer than two classes; add images")
+    store = np.float16 if cache.fingerprint.get("dtype") == "float16" else np.float32
+    passes = 1 if clean_only else cache.num_passes
+    train = np.empty((passes, len(train_rows), cache.feature_dim), store)
+    val = None
+    for p in range(passes):
+        block = cache.features("labelled", passes=[p])[0]
+        train[p] = block[train_rows]
+        if p == 0:
+            val = block[val_rows].astype(np.float32)
+    if not np.isfinite(val).all() or not all(np.isfinite(train[p]).all() for p in range(passes)):
+        raise CacheError(f"{cache.path}: features contain NaN or infinity; re-extract with --force")
+    return TrainingData(train, cache.labels[train_rows].astype(np.int32), val,
+                        cache.labels[val_rows].astype(np.int32), list(cache.classes))
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    return {"model": out, "metadata": out.with_suffix(".json"), "history": out.with_suffix(".history.csv"),
+            "plot": out.with_suffix(".png")}
+
+
+def check_outputs(out: str | Path, force: bool) -> dict[str, Path]:
+    """Refuse to overwrite any of the run's outputs without --force (before any training)."""
+    from .artifacts import check_writable
+
+    paths = output_paths(out)
+    if paths["model"].suffix == ".keras":
+        paths["model"].parent.mkdir(parents=True, exist_ok=True)
+    check_writable(paths["model"], force)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not force:
+        raise DogtlError(f"{existing[0]} exists: pass --force to overwrite it or choose another --out")
+    return paths
+
+
+def write_csv_atomic(frame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def train_head(config: HeadConfig, progress: Callable[[dict], None] | None = None) -> HeadResult:
+    """Train a head on a feature cache and write model, metadata, history CSV and plot.
+
+    `progress` gets one dict per epoch (HISTORY_COLUMNS plus epochs and seconds)."""
+    from .artifacts import save_model
+    from .cache import open_cache
+    from .plots import plot_history
+
+    started = time.perf_counter()
+    paths = check_outputs(config.out, config.force)
+    cache = open_cache(config.cache)
+    data = load_training_data(cache, config.clean_only)
+    log.info("training on %d images x %d passes, validating on %d", data.train_features.shape[1],
+             data.train_features.shape[0], len(data.val_labels))
+    fit = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels,
+                   len(cache.classes), on_epoch=progress)
+    fp = cache.fingerprint
+    metadata = {
+        "kind": "head", "classes": list(cache.classes), "backbone": fp.get("backbone"),
+        "weights": fp.get("weights"), "image_size": fp.get("image_size"),
+        "preprocessing": fp.get("preprocessing"), "feature_dim": cache.feature_dim,
+        "cache": str(cache.path), "cache_fingerprint": fp, "settings": asdict(config), "metrics": fit.metrics,
+        "train_images": int(data.train_features.shape[1]), "val_images": int(len(data.val_labels)),
+        "passes_used": int(data.train_features.shape[0]), "batch_size_used": fit.batch_size,
+        "history": paths["history"].name,
+    }
+    write_csv_atomic(fit.history, paths["history"])
+    plot_history(fit.history, paths["plot"])
+    save_model(fit.model, paths["model"], metadata)
+    return HeadResult(paths["model"], fit.metrics, fit.history, paths["history"], paths["plot"],
+                      time.perf_counter() - started, fit.seconds_per_epoch, int(data.train_features.shape[1]),
+                      int(len(data.val_labels)), int(data.train_features.shape[0]), fit.batch_size)

@@ -1,0 +1,67 @@
+"""PNG plots of training runs (matplotlib's Agg backend: no display needed), written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _figure(rows: int, width: float = 6.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, 1, figsize=(width, 2.6 * rows), sharex=True, squeeze=False)
+    return plt, fig, axes[:, 0]
+
+
+def _save(plt, fig, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_history(history, path) -> None:
+    """Per-epoch loss, accuracy (train and val) and learning rate, one panel each.
+    `history` is a DataFrame with columns epoch, loss, accuracy, val_loss, val_accuracy, lr
+    (missing columns are left out)."""
+    panels = [("log loss", ["loss", "val_loss"], False), ("accuracy", ["accuracy", "val_accuracy"], False),
+              ("learning rate", ["lr"], True)]
+    panels = [(t, [c for c in cols if c in history.columns], log) for t, cols, log in panels]
+    panels = [p for p in panels if p[1]]
+    plt, fig, axes = _figure(max(1, len(panels)))
+    x = history["epoch"] if "epoch" in history.columns else range(1, len(history) + 1)
+    for ax, (title, cols, log) in zip(axes, panels):
+        for c in cols:
+            ax.plot(x, history[c], marker="." if len(history) < 30 else None,
+                    label=c.replace("_", " ").replace("val", "validation"))
+        ax.set_ylabel(title)
+        if log and (history[cols[0]] > 0).all():
+            ax.set_yscale("log")
+        if len(cols) > 1:
+            ax.legend(loc="best", fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("epoch")
+    _save(plt, fig, path)
+
+
+def plot_lr_find(lrs, losses, smoothed, path, base_lr: float | None = None, max_lr: float | None = None) -> None:
+    """Training loss against learning rate (log scale) of a range test, with the suggested rates."""
+    plt, fig, axes = _figure(1, width=7.0)
+    ax = axes[0]
+    ax.plot(lrs, losses, alpha=0.3, label="loss per step")
+    ax.plot(lrs, smoothed, label="smoothed loss")
+    for value, name in ((base_lr, "suggested base"), (max_lr, "suggested max")):
+        if value:
+            ax.axvline(value, linestyle="--", color="grey")
+            ax.text(value, ax.get_ylim()[1], f" {name} {value:.0e}", rotation=90, va="top", fontsize="small")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training log loss")
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    _save(plt, fig, path)
