@@ -107,7 +107,7 @@ def main():
             fused = sum(r["fused"] for r in runs)
             best = min(r["metrics"]["val_log_loss"] for r in runs)
             print(f"{names[name]}: {len(runs)} trials x {epochs} epochs in {times[name]:.1f} s = "
-                  f"{60 * len(runs) / times[name]:.1f} trials/min ({fused} fused; best val log loss {best:.4f})")
+                  f"{60 * len(runs) / times[name]:.1f} trials/min ({fused} fused; best val log loss {best:.3g})")
         if runs is None:  # nothing timed: expand the trials with a zero-epoch dry listing
             raise SystemExit("give at least one contender")
         trials = len(runs)

@@ -49,13 +49,12 @@ def no_dropout_head(head: Path, out: Path) -> Path:
     return out
 
 
-def extract_with(strategy: str, root: Path, data: Path, weights: Path, name: str) -> Path:
+def extract_with(strategy: str, root: Path, data: Path, weights: Path, name: str, **changes) -> Path:
     from dogtl.extract import ExtractConfig, extract_features
 
-    path = root / name
-    extract_features(ExtractConfig(data=str(data), cache=str(path), weights=str(weights), strategy=strategy,
-                                   **EXTRACT))
-    return path
+    summary = extract_features(ExtractConfig(data=str(data), cache=str(root / name), weights=str(weights),
+                                             strategy=strategy, **{**EXTRACT, **changes}))
+    return summary.path
 
 
 def finetune_with(strategy: str, data: Path, weights: Path, cache: Path, head: Path, out: Path) -> dict:
@@ -83,7 +82,9 @@ def mirrored(root: Path, data: Path, weights: Path, cache: Path, head: Path) -> 
 
     strategy = make_strategy("mirrored")
     out = {"replicas": strategy.num_replicas_in_sync, "devices": list(strategy.extended.worker_devices)}
-    out["extract"] = compare_caches(cache, extract_with("mirrored", root, data, weights, "mirrored.h5"))
+    # 24 labelled images in batches of 23 and 1: odd batches are padded to 12 + 12 and 1 + 1.
+    out["extract"] = compare_caches(cache, extract_with("mirrored", root, data, weights, "mirrored.h5",
+                                                        batch_size=23))
     head = no_dropout_head(head, root / "models" / "head.keras")
     for name in ("default", "mirrored"):
         out[name] = finetune_with(name, data, weights, cache, head, root / f"{name}.keras")

@@ -183,3 +183,9 @@ def test_shard_rerun_is_up_to_date_and_other_shard_counts_are_separate(data, sha
     assert result.exit_code == 0 and "already up to date" in result.output
     assert_clean_error(run_cli("extract-features", "--data", data, "--cache", tmp_path / "f.h5", *ARGS,
                                "--shard", "4/3"), r"--shard 4/3")
+    # More shards than test images: a shard may hold none of them, and is still a complete cache.
+    result = run_cli("extract-features", "--data", data, "--cache", tmp_path / "f.h5", *ARGS, "--shard", "1/6")
+    assert result.exit_code == 0, result.output
+    part = open_cache(tmp_path / "f.shard-1-of-6.h5")
+    assert len(part.ids) == 2 and len(part.skipped) == 1  # images 0..2, image 2 unreadable
+    assert len(part.test_ids) == 0 and part.features("test").shape == (2, 0, 2048)

@@ -179,6 +179,21 @@ def test_fused_trials_match_fit_head_and_do_not_depend_on_their_group(tiny_cache
         np.testing.assert_allclose(fused.metrics["val_log_loss"], alone.metrics["val_log_loss"], rtol=1e-5)
 
 
+def test_trials_the_fused_path_cannot_reproduce_train_alone(tiny_cache, tmp_path, monkeypatch):
+    from dogtl import fusedheads
+    from dogtl.sweep import SweepConfig, run_sweep
+
+    def refuse(*args, **kwargs):
+        raise fusedheads.NotFusable("a head layer it does not know")
+
+    monkeypatch.setattr(fusedheads, "_initial_state", refuse)
+    result = run_sweep(SweepConfig(cache=str(tiny_cache), out=str(tmp_path / "s"), params=("max_lr=1e-3,3e-3",),
+                                   epochs=1))
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "s" / "trials").glob("*.json")]
+    assert result.runs == 2 and len(runs) == 2 and not any(r["fused"] for r in runs)
+    assert all(math.isfinite(v) for v in result.results["val_log_loss"])
+
+
 def test_plan_tasks_groups_fusable_trials_per_fold():
     from dogtl.sweep import plan_tasks
 

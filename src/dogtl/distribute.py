@@ -99,34 +99,35 @@ def read_tf_config(environ=None) -> tuple[dict, Worker]:
     return config, Worker(kind, index, sum(len(v) for v in cluster.values()), "chief" in cluster)
 
 
-_MULTI_WORKER: list = []
+_STRATEGIES: dict = {}
 
 
 def make_strategy(name: str):
     """The tf.distribute strategy for `--strategy NAME`; None for 'default' (no TensorFlow import).
 
-    For multi-worker, call this before any other TensorFlow work in the process: collective
-    ops must be configured when TensorFlow starts.
+    One per process and name: TensorFlow configures collectives once, and a second strategy's
+    collective ops can clash with the first's. For multi-worker, call this before any other
+    TensorFlow work in the process: collective ops must be configured when TensorFlow starts.
     """
     check_strategy(name)
     if name == "default":
         return None
     if name == "multi-worker":
         read_tf_config()  # a clear line instead of TensorFlow's errors, before it starts
+    if name in _STRATEGIES:
+        return _STRATEGIES[name]
     import tensorflow as tf
 
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices)
-    if _MULTI_WORKER:  # one per process: TensorFlow configures its collectives only once
-        return _MULTI_WORKER[0]
-    try:
-        _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
-        return _MULTI_WORKER[0]
-    except (RuntimeError, ValueError) as e:
-        raise DogtlError(f"--strategy multi-worker: cannot start ({str(e).splitlines()[0][:200]}); create no "
-                         "other TensorFlow state before it, and check TF_CONFIG on every host") from None
+        strategy = tf.distribute.MirroredStrategy([d.name for d in (gpus or tf.config.list_logical_devices("CPU"))])
+    else:
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as e:
+            raise DogtlError(f"--strategy multi-worker: cannot start ({str(e).splitlines()[0][:200]}); create no "
+                             "other TensorFlow state before it, and check TF_CONFIG on every host") from None
+    return _STRATEGIES.setdefault(name, strategy)
 
 
 def worker(strategy) -> Worker:
@@ -239,3 +240,25 @@ def data_sharding():
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return options
+
+
+def prepare_fit(model, strategy, element_spec) -> None:
+    """Work around Keras 3's `fit` under MultiWorkerMirroredStrategy (tensorflow/tensorflow#72388).
+
+    Keras learns input shapes by averaging one batch over the replicas, and averages each
+    step's scalar logs along an axis they lack; both fail with that strategy. So the model is
+    built from the dataset's element spec, and each step's logs are taken over this worker's
+    replicas, as for MirroredStrategy (Keras's metric variables are already summed over all
+    workers, so the logged loss is the global one; gradients are averaged over the global
+    batch by the optimizer). Other strategies are left alone.
+    """
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    from keras.src.backend.tensorflow import trainer
+
+    with strategy.scope():
+        model._symbolic_build(data_batch=element_spec)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    trainer._collective_all_reduce_multi_worker = lambda strategy: False

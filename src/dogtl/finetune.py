@@ -305,9 +305,13 @@ class _Run:
             log.info("resuming fine-tuning after epoch %d", resumed_from)
 
         if not state["stopped"] and state["epoch"] < c.epochs:
+            from .distribute import prepare_fit
+
             callback = _make_epoch_end()(self, state, resumed_from)
+            dataset = self._dataset(state["epoch"])
+            prepare_fit(model, self.strategy, dataset.element_spec)
             try:
-                model.fit(self._dataset(state["epoch"]), epochs=c.epochs, initial_epoch=state["epoch"],
+                model.fit(dataset, epochs=c.epochs, initial_epoch=state["epoch"],
                           steps_per_epoch=self.steps, callbacks=[callback], shuffle=False, verbose=0)
             except tf.errors.OpError as e:
                 message = getattr(e, "message", str(e)).strip().splitlines()

@@ -48,7 +48,7 @@ def fuse_key(config: HeadConfig):
     for f in fields(config):
         if f.name not in FUSABLE and getattr(config, f.name) != getattr(defaults, f.name):
             return None
-    return (tuple(config.hidden), int(config.batch_size), config.optimizer)
+    return (tuple(config.hidden), config.batch_size, config.optimizer)  # batch None: resolved per fold
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _private_python_random(seed: int):
             seed_generator.python_random = saved
 
 
-def _initial_state(config: HeadConfig, dim: int, num_classes: int, steps: int) -> dict:
+def _initial_state(config: HeadConfig, dim: int, num_classes: int, steps: int, batch_size: int) -> dict:
     """Build the trial's Keras head exactly as fit_head does and read its initial weights,
     normalisation constants, optimizer constants and learning-rate schedule."""
     import keras
@@ -101,7 +101,7 @@ def _initial_state(config: HeadConfig, dim: int, num_classes: int, steps: int) -
 
     with _private_python_random(config.seed):
         keras.utils.set_random_seed(config.seed)
-        model, lr = build_compiled_head(config, dim, num_classes, steps)
+        model, lr = build_compiled_head(config, dim, num_classes, steps, batch_size)
     names = [layer.name for layer in model.layers]
     expected = (["features", "head_bn", "head_dropout_in"]
                 + [n for k in range(len(config.hidden)) for n in (f"head_dense_{k}", f"head_dropout_{k}")]
@@ -186,15 +186,18 @@ class FusedHeads:
         self.num_train = int(len(train_rows))
         if self.num_train < 1:
             raise ValueError("no training rows")
-        self.batch = min(int(configs[0].batch_size), self.num_train)
+        from .head import resolve_batch_size
         from .trainloop import steps_per_epoch
 
-        self.steps = steps_per_epoch(self.num_train, self.batch)
+        batch_size = resolve_batch_size(configs[0].batch_size, self.num_train)  # as fit_head resolves it
+        self.batch = min(batch_size, self.num_train)
+        self.steps = steps_per_epoch(self.num_train, batch_size)
         self.val_features = np.asarray(val_features, np.float32)
         self.num_classes = int(num_classes)
         self.hidden = tuple(configs[0].hidden)
 
-        inits = [_initial_state(c, self.dim, num_classes, self.steps) for c in configs] if state is None else None
+        inits = ([_initial_state(c, self.dim, num_classes, self.steps, batch_size) for c in configs]
+                 if state is None else None)
         if inits is not None:
             self.opt_kind, self.opt_consts = _same([i["optimizer"] for i in inits], "optimizer")
             self.bn_eps = _same([i["bn_eps"] for i in inits], "BatchNorm epsilon")

@@ -68,7 +68,8 @@ class SweepConfig:
         if self.trials is not None and self.trials < 1:
             raise DogtlError(f"--trials {self.trials} must be at least 1")
         if self.folds is not None and self.folds < 2:
-            raise DogtlError(f"--folds {self.folds} must be at least 2 (leave it out to use the cache's validation split)")
+            raise DogtlError(f"--folds {self.folds} must be at least 2 "
+                             "(leave it out to use the cache's validation split)")
         if self.epochs is not None and self.epochs < 1:
             raise DogtlError(f"--epochs {self.epochs} must be at least 1")
         if self.jobs == 0 or self.jobs < -1:
@@ -98,7 +99,8 @@ class SweepResult:
 
 # -- folds -----------------------------------------------------------------------------------
 
-def make_folds(labels: np.ndarray, is_val: np.ndarray, folds: int | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def make_folds(labels: np.ndarray, is_val: np.ndarray, folds: int | None,
+               seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, validation rows) per fold: the cache's own split, or K stratified,
     disjoint folds covering every labelled row once."""
     from sklearn.model_selection import StratifiedKFold
@@ -240,10 +242,11 @@ def _set_threads(threads: int | None, host_threads: dict | None = None) -> None:
 
 
 def _record(unit: dict, outcome, n_train: int, n_val: int, dim: int, num_classes: int, fused: bool) -> dict:
+    from .head import resolve_batch_size
     from .trainloop import steps_per_epoch
 
     config = HeadConfig(**unit["settings"])
-    batch = min(config.batch_size, n_train)
+    batch = min(resolve_batch_size(config.batch_size, n_train), n_train)
     epochs = int(outcome["metrics"].get("epochs_run") or 0)
     per_row = head_macs(dim, config.hidden, num_classes)
     macs = epochs * (3 * steps_per_epoch(n_train, batch) * batch + n_val) * per_row
@@ -253,7 +256,7 @@ def _record(unit: dict, outcome, n_train: int, n_val: int, dim: int, num_classes
 def run_task(task: dict, on_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Train the runs of one task (one fold; several trials, fused when they can be) and return
     their records. Runs on a joblib/dask worker or in the calling process."""
-    from .fusedheads import TrialOutcome, fuse_key, train_fused
+    from .fusedheads import NotFusable, TrialOutcome, fuse_key, train_fused
     from .head import fit_head
 
     _set_threads(task.get("threads"), task.get("host_threads"))
@@ -272,10 +275,13 @@ def run_task(task: dict, on_done: Callable[[dict], None] | None = None) -> list[
         if on_done:
             on_done(record)
 
-    if task["fuse"] and len(units) >= 1 and fuse_key(configs[0]) is not None:
-        train_fused(configs, data.as_tensor(), data.labels, train_rows, val_rows, data.num_classes,
-                    on_done=lambda i, outcome: done(units[i], outcome, True))
-        return records
+    if task["fuse"] and fuse_key(configs[0]) is not None:
+        try:
+            train_fused(configs, data.as_tensor(), data.labels, train_rows, val_rows, data.num_classes,
+                        on_done=lambda i, outcome: done(units[i], outcome, True))
+            return records
+        except NotFusable as e:  # raised before any training: train them one by one instead
+            log.warning("training %d trial(s) one at a time: the fused path does not reproduce %s", len(units), e)
     val_x = data.features[0, val_rows].astype(np.float32)
     val_y, train_y = data.labels[val_rows], data.labels[train_rows]
     for unit, config in zip(units, configs):
