@@ -40,14 +40,35 @@ def head_seconds_per_epoch(data, num_classes: int, batch_size: int, epochs: int)
     return statistics.median(times[1:])
 
 
+def ablation_seconds_per_epoch(data, num_classes: int, batch_size: int, epochs: int, **switches) -> float:
+    """The compiled epoch loop (training only) with one of its speed-ups switched off."""
+    import keras
+
+    from dogtl.head import HeadConfig, build_compiled_head
+    from dogtl.trainloop import EpochRunner
+
+    keras.utils.set_random_seed(0)
+    config = HeadConfig(batch_size=batch_size)
+    model, _ = build_compiled_head(config, data.train_features.shape[2], num_classes,
+                                   config.resolve(data.train_features.shape[1]))
+    runner = EpochRunner(model, data.train_features, data.train_labels, batch_size, 0, **switches)
+    times = []
+    for epoch in range(epochs):
+        t = time.perf_counter()
+        runner.run(epoch)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def plain_fit_seconds(data, num_classes: int, batch_size: int, epochs: int) -> float:
     import keras
 
     from dogtl.head import HeadConfig, build_compiled_head
 
     keras.utils.set_random_seed(0)
-    model, _ = build_compiled_head(HeadConfig(batch_size=batch_size), data.train_features.shape[2], num_classes, 100,
-                                   batch_size)
+    config = HeadConfig(batch_size=batch_size)
+    model, _ = build_compiled_head(config, data.train_features.shape[2], num_classes,
+                                   config.resolve(data.train_features.shape[1]))
     x = data.train_features[0].astype(np.float32)
     times = []
     for _ in range(epochs):
@@ -85,6 +106,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=4, help="epochs timed per setting (the first is dropped)")
     parser.add_argument("--online-steps", type=int, default=3, help="online recipe steps timed")
     parser.add_argument("--skip-online", action="store_true", help="do not time the online recipe")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time the epoch loop at batch 16 without each of its two speed-ups")
     args = parser.parse_args()
 
     from dogtl.cache import open_cache
@@ -108,6 +131,8 @@ def main():
         load_s = time.perf_counter() - t
         rows = data.train_features.shape[1]
         default_batch = resolve_batch_size(None, rows)
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (others' work slows "
+              "every line below; compare ratios)")
         print(f"synthetic cache: {n} x {dim} features, {classes} classes, 1 clean + {passes} augmented passes "
               f"({rows} train / {len(data.val_labels)} val rows); written in {write_s:.1f} s, loaded in {load_s:.1f} s")
 
@@ -119,6 +144,12 @@ def main():
         ours = head_seconds_per_epoch(data, classes, None, epochs)  # the automatic default
         print(f"dogtl head epoch, default batch {default_batch}: {ours:.2f} s/epoch (target <= 1.5 s; "
               f"{fit16 / ours:.1f}x faster than model.fit at batch {RECIPE_BATCH_SIZE})")
+
+        if args.ablation:
+            for label, switches in (("all speed-ups", {}), ("no XLA optimizer update", {"jit_optimizer": False}),
+                                    ("no fast MatMul gradient", {"fast_matmul_grad": False})):
+                s = ablation_seconds_per_epoch(data, classes, RECIPE_BATCH_SIZE, epochs, **switches)
+                print(f"  ablation, batch {RECIPE_BATCH_SIZE}, training only, {label}: {s:.2f} s/epoch")
 
         t = time.perf_counter()
         found = lr_find(LRFindConfig(cache=str(path), out=str(Path(tmp) / "lr.png")))
@@ -134,6 +165,7 @@ def main():
           f"{online_steps} steps timed): {per_image:.3f} s/image -> {online:.0f} s per epoch of {n} images")
     print(f"speed-up over the online recipe: {online / ours:.0f}x at the default batch {default_batch} "
           f"(target >= 1000x), {online / ours16:.0f}x at batch {RECIPE_BATCH_SIZE}")
+    print(f"machine load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,17 @@ def test_grid_drops_combinations_train_head_refuses_and_layers_parameter():
     assert [trial_config({}, t).hidden for t in trials] == [(), (256, 256)]
 
 
+def test_trials_whose_default_rates_do_not_resolve_are_dropped():
+    from dogtl.sweep import _resolvable
+
+    trials, _ = grid(build_space(None, ["max_lr=5e-5,1e-3"]), {})  # default base_lr: 1e-4 at batch 16
+    kept, configs, refused = _resolvable(trials, {}, [1000, 900])
+    assert kept == [{"max_lr": 1e-3}] and configs[0].max_lr == 1e-3
+    assert len(refused) == 1 and "--base-lr" in refused[0]
+    with pytest.raises(DogtlError, match="no trial of the space"):
+        _resolvable(trials[:1], {}, [1000])
+
+
 def test_random_sampling_is_seeded_distinct_and_in_range():
     space = build_space(None, ["max_lr=log:1e-4..1e-2", "dropout=0.1..0.6", "patience=1..9", "hidden=64,128"])
     a, _ = sample(space, {}, 12, seed=5)

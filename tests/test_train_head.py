@@ -45,7 +45,7 @@ def test_learns_better_than_chance(trained):
     assert result.metrics["val_accuracy"] >= 0.8  # chance: 0.25
     assert result.metrics["val_log_loss"] < 0.5 * math.log(4)
     assert result.train_images == 180 and result.val_images == 60 and result.passes == 3
-    assert result.batch_size == 16
+    assert result.resolved.batch_size == 16
 
 
 def test_outputs_and_metadata(trained, separable):
@@ -109,6 +109,30 @@ def test_same_seed_same_metrics(arrays):
     assert a.metrics == b.metrics
     pd.testing.assert_frame_equal(a.history, b.history)
     assert not a.history.loss.equals(c.history.loss)
+
+
+def test_speed_ups_do_not_change_the_maths():
+    """The XLA optimizer update and the fast MatMul gradient give what plain Keras and TF's own
+    MatMul gradient give (same seed, so same dropout masks and batches)."""
+    import keras
+
+    from dogtl.head import build_compiled_head
+    from dogtl.trainloop import EpochRunner
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((2, 40, 12)).astype("float32"), rng.integers(0, 3, 40)
+    config = HeadConfig(batch_size=8, hidden=(6,), base_lr=1e-3, max_lr=1e-2, step_size=3)
+    weights = []
+    for switches in ({}, {"jit_optimizer": False}, {"fast_matmul_grad": False}):
+        keras.utils.set_random_seed(1)
+        model, _ = build_compiled_head(config, 12, 3, config.resolve(40))
+        runner = EpochRunner(model, x, y, 8, seed=1, **switches)
+        runner.run(1)
+        runner.run(2)
+        weights.append(model.get_weights())
+    for other in weights[1:]:
+        for a, b in zip(weights[0], other):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 
 
 def test_epoch_plan_draws_every_pass_and_every_row():
@@ -227,6 +251,20 @@ def test_automatic_batch_size():
     # The recipe's 16 unless an epoch keeps >= 100 steps at 32 or 64 (Kaggle: 8,257 training images).
     assert [resolve_batch_size(None, n) for n in (48, 3199, 3200, 6400, 8257, 10 ** 6)] == [16, 16, 32, 64, 64, 64]
     assert resolve_batch_size(8, 10 ** 6) == 8
+
+
+def test_default_learning_rates_scale_with_the_batch():
+    """The recipe's rates at 16; at an automatic 64, sqrt(4) = 2x, and the same exp_range decay per epoch."""
+    small, big = HeadConfig().resolve(48), HeadConfig().resolve(8257)
+    assert (small.batch_size, small.base_lr, small.max_lr) == (16, pytest.approx(1e-4), pytest.approx(1e-3))
+    assert small.steps_per_epoch == 3 and small.step_size == 12 and small.gamma == pytest.approx(0.99994)
+    assert (big.batch_size, big.base_lr, big.max_lr) == (64, pytest.approx(2e-4), pytest.approx(2e-3))
+    assert big.steps_per_epoch == 130 and big.step_size == 4 * 130
+    assert big.gamma ** 130 == pytest.approx(0.99994 ** (130 * 4))
+    given = HeadConfig(base_lr=3e-4, max_lr=5e-4, batch_size=64, step_size=7, gamma=0.5).resolve(8257)
+    assert (given.base_lr, given.max_lr, given.step_size, given.gamma) == (3e-4, 5e-4, 7, 0.5)
+    with pytest.raises(DogtlError, match=r"--base-lr 0.005 is above --max-lr 0.002 \(the default at batch 64\)"):
+        HeadConfig(base_lr=5e-3).resolve(8257)
 
 
 def test_constant_schedule_ignores_max_and_hidden_parsing():

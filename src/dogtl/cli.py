@@ -336,10 +336,10 @@ def train_head_cmd(
     cache: Path = typer.Option(Path("cache/features.h5"), help="Feature cache written by extract-features."),
     out: Path = typer.Option(Path("models/head.keras"), help="Model to write; its .json metadata, .history.csv and .png plot go beside it."),
     epochs: int = typer.Option(50, help="Most epochs to run (early stopping usually ends sooner)."),
-    batch_size: Optional[int] = typer.Option(None, help="Feature vectors per step. Default: the recipe's 16, raised to 32 or 64 while an epoch keeps at least 100 steps (64 for a Kaggle-size cache: ~2x faster per epoch, same validation log loss)."),
+    batch_size: Optional[int] = typer.Option(None, help="Feature vectors per step. Default: the recipe's 16, raised to 32 or 64 while an epoch keeps at least 100 steps (64 for a Kaggle-size cache: ~2x faster per epoch)."),
     schedule: str = typer.Option("exp_range", help="Learning-rate schedule: exp_range, triangular, triangular2 (cyclical, Smith 2017) or constant (--base-lr throughout)."),
-    base_lr: float = typer.Option(1e-4, help="Lowest learning rate of the cycle (the rate of --schedule constant)."),
-    max_lr: float = typer.Option(1e-3, help="Peak learning rate of the cycle (`dogtl lr-find` suggests one)."),
+    base_lr: Optional[float] = typer.Option(None, help="Lowest learning rate of the cycle, the rate of --schedule constant. Default: the recipe's 1e-4 at batch 16, times sqrt(batch size / 16)."),
+    max_lr: Optional[float] = typer.Option(None, help="Peak learning rate of the cycle (`dogtl lr-find` suggests one). Default: the recipe's 1e-3 at batch 16, times sqrt(batch size / 16)."),
     step_size: Optional[int] = typer.Option(None, help="Iterations per half cycle (default: 4 epochs' worth; the recipe uses 2-8 epochs)."),
     gamma: Optional[float] = typer.Option(None, help="exp_range: the cycle's amplitude is multiplied by gamma every iteration (default: 0.99994 per 16 images, the recipe's decay per epoch at any batch size)."),
     optimizer: str = typer.Option("rmsprop", help="rmsprop (rho 0.9, the recipe's), adam, or sgd (momentum 0.9)."),
@@ -376,9 +376,10 @@ def train_head_cmd(
 
     result = train_head(settings, progress=report)
     m = result.metrics
-    typer.echo(f"trained on {result.train_images} images x {result.passes} pass(es), validated on "
-               f"{result.val_images}; best epoch {m['best_epoch']} of {m['epochs_run']} "
-               f"({result.seconds_per_epoch:.2f} s/epoch)")
+    r = result.resolved
+    typer.echo(f"trained on {result.train_images} images x {result.passes} pass(es) at batch {r.batch_size}, "
+               f"lr {r.base_lr:.2g}..{r.max_lr:.2g}, validated on {result.val_images}; best epoch "
+               f"{m['best_epoch']} of {m['epochs_run']} ({result.seconds_per_epoch:.2f} s/epoch)")
     typer.echo(f"validation accuracy {m['val_accuracy']:.4f}  log loss {m['val_log_loss']:.4f}")
     typer.echo(f"wrote {result.model_path} (+ {result.model_path.with_suffix('.json').name}), "
                f"{result.history_path}, {result.plot_path} in {result.seconds:.0f} s")

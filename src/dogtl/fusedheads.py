@@ -91,7 +91,7 @@ def _private_python_random(seed: int):
             seed_generator.python_random = saved
 
 
-def _initial_state(config: HeadConfig, dim: int, num_classes: int, steps: int, batch_size: int) -> dict:
+def _initial_state(config: HeadConfig, dim: int, num_classes: int, resolved) -> dict:
     """Build the trial's Keras head exactly as fit_head does and read its initial weights,
     normalisation constants, optimizer constants and learning-rate schedule."""
     import keras
@@ -101,7 +101,7 @@ def _initial_state(config: HeadConfig, dim: int, num_classes: int, steps: int, b
 
     with _private_python_random(config.seed):
         keras.utils.set_random_seed(config.seed)
-        model, lr = build_compiled_head(config, dim, num_classes, steps, batch_size)
+        model, lr = build_compiled_head(config, dim, num_classes, resolved)
     names = [layer.name for layer in model.layers]
     expected = (["features", "head_bn", "head_dropout_in"]
                 + [n for k in range(len(config.hidden)) for n in (f"head_dense_{k}", f"head_dropout_{k}")]
@@ -186,17 +186,13 @@ class FusedHeads:
         self.num_train = int(len(train_rows))
         if self.num_train < 1:
             raise ValueError("no training rows")
-        from .head import resolve_batch_size
-        from .trainloop import steps_per_epoch
-
-        batch_size = resolve_batch_size(configs[0].batch_size, self.num_train)  # as fit_head resolves it
-        self.batch = min(batch_size, self.num_train)
-        self.steps = steps_per_epoch(self.num_train, batch_size)
+        resolved = [c.resolve(self.num_train) for c in configs]  # automatic settings, as fit_head resolves them
+        self.batch, self.steps = resolved[0].batch_size, resolved[0].steps_per_epoch
         self.val_features = np.asarray(val_features, np.float32)
         self.num_classes = int(num_classes)
         self.hidden = tuple(configs[0].hidden)
 
-        inits = ([_initial_state(c, self.dim, num_classes, self.steps, batch_size) for c in configs]
+        inits = ([_initial_state(c, self.dim, num_classes, r) for c, r in zip(configs, resolved)]
                  if state is None else None)
         if inits is not None:
             self.opt_kind, self.opt_consts = _same([i["optimizer"] for i in inits], "optimizer")

@@ -27,11 +27,16 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("exp_range", "triangular", "triangular2", "constant")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
+# The reference recipe: batch 16, RMSprop between 1e-4 and 1e-3.
+RECIPE_BATCH_SIZE, RECIPE_BASE_LR, RECIPE_MAX_LR = 16, 1e-4, 1e-3
 # Batch size when none is given: the largest of AUTO_BATCH_SIZES that still gives an epoch of at
 # least AUTO_MIN_STEPS steps. Per-step overhead dominates a head epoch on CPU, so a Kaggle-size
-# cache (8,257 training images -> 64) trains ~2x faster per epoch than at the recipe's 16; on small
-# caches what limits learning is the number of steps, so they keep the recipe's 16.
-RECIPE_BATCH_SIZE = 16
+# cache (8,257 training images -> 64) trains ~2x faster per epoch than at the recipe's 16; small
+# caches, where the number of steps limits learning, keep 16. Learning rates left to their
+# defaults are the recipe's scaled by sqrt(batch / 16) (the square-root rule for adaptive
+# optimizers): on demo-like features of Kaggle size, batch 64 at the recipe's own rates gave a
+# worse validation log loss than batch 16, and with scaled rates a better one
+# (benchmarks/batch_quality.py measures it).
 AUTO_BATCH_SIZES = (16, 32, 64)
 AUTO_MIN_STEPS = 100
 STEP_EPOCHS = 4  # default half cycle of the cyclical schedule, in epochs (the recipe: 2-8)
@@ -77,8 +82,8 @@ class HeadConfig:
     epochs: int = 50
     batch_size: int | None = None  # None: resolve_batch_size's automatic choice (16 to 64)
     schedule: str = "exp_range"
-    base_lr: float = 1e-4
-    max_lr: float = 1e-3
+    base_lr: float | None = None  # None: 1e-4 * sqrt(batch / 16)
+    max_lr: float | None = None  # None: 1e-3 * sqrt(batch / 16)
     step_size: int | None = None  # iterations per half cycle; None: STEP_EPOCHS epochs
     gamma: float | None = None  # exp_range decay per iteration; None: 0.99994 per 16 images
     optimizer: str = "rmsprop"
@@ -103,11 +108,10 @@ class HeadConfig:
             raise DogtlError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         for name in ("base_lr", "max_lr"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise DogtlError(f"--{name.replace('_', '-')} {value}: learning rates must be positive numbers")
-        if self.schedule != "constant" and self.base_lr > self.max_lr:
-            raise DogtlError(f"--base-lr {self.base_lr} is above --max-lr {self.max_lr}: the cyclical schedule "
-                             "runs from base up to max; swap them")
+        if self.base_lr is not None and self.max_lr is not None:
+            _check_range(self.schedule, self.base_lr, self.max_lr, "")
         if self.step_size is not None and self.step_size < 1:
             raise DogtlError(f"--step-size {self.step_size} must be at least 1 iteration")
         if self.gamma is not None and not 0 < self.gamma <= 1:
@@ -123,9 +127,42 @@ class HeadConfig:
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def resolve(self, num_rows: int) -> "Resolved":
+        """The values the automatic settings take for a training set of `num_rows` images."""
+        from .schedules import RECIPE_GAMMA
+        from .trainloop import steps_per_epoch
 
-_TYPES = {"cache": str, "out": str, "epochs": int, "batch_size": (int, type(None)), "schedule": str, "base_lr": float,
-          "max_lr": float, "step_size": (int, type(None)), "gamma": (float, type(None)), "optimizer": str,
+        batch = min(resolve_batch_size(self.batch_size, num_rows), num_rows)
+        scale = math.sqrt(batch / RECIPE_BATCH_SIZE)
+        base = self.base_lr if self.base_lr is not None else RECIPE_BASE_LR * scale
+        top = self.max_lr if self.max_lr is not None else RECIPE_MAX_LR * scale
+        if self.base_lr is None or self.max_lr is None:
+            _check_range(self.schedule, base, top, f" (the default at batch {batch})")
+        steps = steps_per_epoch(num_rows, batch)
+        gamma = self.gamma if self.gamma is not None else RECIPE_GAMMA ** (batch / RECIPE_BATCH_SIZE)
+        return Resolved(batch, steps, base, top, self.step_size or STEP_EPOCHS * steps, gamma)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run actually used (written into the metadata next to the settings)."""
+
+    batch_size: int
+    steps_per_epoch: int
+    base_lr: float
+    max_lr: float
+    step_size: int
+    gamma: float
+
+
+def _check_range(schedule: str, base: float, top: float, note: str) -> None:
+    if schedule != "constant" and base > top:
+        raise DogtlError(f"--base-lr {base:g} is above --max-lr {top:g}{note}: the cyclical schedule runs "
+                         "from base up to max; lower --base-lr or raise --max-lr")
+
+
+_TYPES = {"cache": str, "out": str, "epochs": int, "batch_size": (int, type(None)), "schedule": str,
+          "base_lr": (float, type(None)), "max_lr": (float, type(None)), "step_size": (int, type(None)), "gamma": (float, type(None)), "optimizer": str,
           "patience": int, "dropout": float, "input_dropout": float, "clean_only": bool, "seed": int,
           "force": bool}
 
@@ -177,7 +214,7 @@ class FitResult:
     history: "object"  # pandas DataFrame, HISTORY_COLUMNS
     metrics: dict  # val_accuracy, val_log_loss, epochs_run, best_epoch, train_loss, train_accuracy
     seconds_per_epoch: float
-    batch_size: int  # the one used (resolved when the settings leave it automatic)
+    resolved: Resolved  # batch size, learning rates, step size and gamma actually used
 
 
 @dataclass
@@ -192,28 +229,27 @@ class HeadResult:
     train_images: int
     val_images: int
     passes: int
-    batch_size: int
+    resolved: Resolved
 
 
-def _schedule(config: HeadConfig, steps: int, batch_size: int):
-    from .schedules import RECIPE_GAMMA, CyclicLR
+def _schedule(config: HeadConfig, r: Resolved):
+    from .schedules import CyclicLR
 
     if config.schedule == "constant":
-        return config.base_lr
-    step_size = config.step_size or STEP_EPOCHS * steps
-    gamma = config.gamma if config.gamma is not None else RECIPE_GAMMA ** (batch_size / RECIPE_BATCH_SIZE)
-    return CyclicLR(config.base_lr, config.max_lr, step_size, mode=config.schedule, gamma=gamma)
+        return r.base_lr
+    return CyclicLR(r.base_lr, r.max_lr, r.step_size, mode=config.schedule, gamma=r.gamma)
 
 
-def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, steps: int, batch_size: int,
+def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, resolved: Resolved,
                         learning_rate=None):
-    """The head of `config`, compiled with its optimizer and (cyclical) learning rate schedule."""
+    """The head of `config`, compiled with its optimizer and (cyclical) learning rate schedule
+    (or `learning_rate`, a rate or Keras schedule, instead)."""
     from .models import build_head
     from .schedules import make_optimizer
 
     model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
                        dropout=config.dropout)
-    lr = _schedule(config, steps, batch_size) if learning_rate is None else learning_rate
+    lr = _schedule(config, resolved) if learning_rate is None else learning_rate
     model.compile(optimizer=make_optimizer(config.optimizer, lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     return model, lr
@@ -240,18 +276,17 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
     import keras
     import pandas as pd
 
-    from .trainloop import EpochRunner, steps_per_epoch
+    from .trainloop import EpochRunner
 
     if train_features.ndim != 3 or val_features.ndim != 2 or train_features.shape[2] != val_features.shape[1]:
         raise ValueError(f"features of shapes {train_features.shape} (train) and {val_features.shape} (val) "
                          "do not fit: expected [passes, rows, dim] and [rows, dim]")
     if not len(val_labels):
         raise DogtlError("no validation images: early stopping and the metrics need some")
+    resolved = config.resolve(train_features.shape[1])
     keras.utils.set_random_seed(config.seed)
-    batch_size = resolve_batch_size(config.batch_size, train_features.shape[1])
-    steps = steps_per_epoch(train_features.shape[1], batch_size)
-    model, lr = build_compiled_head(config, train_features.shape[2], num_classes, steps, batch_size)
-    runner = EpochRunner(model, train_features, train_labels, batch_size, config.seed)
+    model, lr = build_compiled_head(config, train_features.shape[2], num_classes, resolved)
+    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed)
     val_labels = np.asarray(val_labels)
 
     rows, best, best_epoch, best_weights, waited, seconds = [], math.inf, 0, None, 0, 0.0
@@ -276,13 +311,14 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
             if config.patience and waited >= config.patience:
                 break
     if best_weights is None:
-        raise DogtlError(f"training diverged in epoch 1 (loss {rows[0]['loss']}): lower --base-lr/--max-lr")
+        raise DogtlError(f"training diverged in epoch 1 (loss {rows[0]['loss']}): lower --base-lr/--max-lr "
+                     f"(they were {resolved.base_lr:g} and {resolved.max_lr:g})")
     model.set_weights(best_weights)
     val_accuracy, val_loss = scores(val_labels, runner.predict(val_features), num_classes)
     best_row = rows[best_epoch - 1]
     metrics = {"val_accuracy": val_accuracy, "val_log_loss": val_loss, "epochs_run": len(rows),
                "best_epoch": best_epoch, "train_loss": best_row["loss"], "train_accuracy": best_row["accuracy"]}
-    return FitResult(model, pd.DataFrame(rows, columns=HISTORY_COLUMNS), metrics, seconds / len(rows), runner.batch)
+    return FitResult(model, pd.DataFrame(rows, columns=HISTORY_COLUMNS), metrics, seconds / len(rows), resolved)
 
 
 @dataclass
@@ -374,7 +410,7 @@ def train_head(config: HeadConfig, progress: Callable[[dict], None] | None = Non
         "preprocessing": fp.get("preprocessing"), "feature_dim": cache.feature_dim,
         "cache": str(cache.path), "cache_fingerprint": fp, "settings": asdict(config), "metrics": fit.metrics,
         "train_images": int(data.train_features.shape[1]), "val_images": int(len(data.val_labels)),
-        "passes_used": int(data.train_features.shape[0]), "batch_size_used": fit.batch_size,
+        "passes_used": int(data.train_features.shape[0]), "resolved": asdict(fit.resolved),
         "history": paths["history"].name,
     }
     write_csv_atomic(fit.history, paths["history"])
@@ -382,4 +418,4 @@ def train_head(config: HeadConfig, progress: Callable[[dict], None] | None = Non
     save_model(fit.model, paths["model"], metadata)
     return HeadResult(paths["model"], fit.metrics, fit.history, paths["history"], paths["plot"],
                       time.perf_counter() - started, fit.seconds_per_epoch, int(data.train_features.shape[1]),
-                      int(len(data.val_labels)), int(data.train_features.shape[0]), fit.batch_size)
+                      int(len(data.val_labels)), int(data.train_features.shape[0]), fit.resolved)

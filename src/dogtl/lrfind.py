@@ -90,15 +90,15 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
     """(rates, losses, diverged): one training step per rate, rates growing exponentially."""
     import keras
 
-    from .head import build_compiled_head, resolve_batch_size
+    from .head import build_compiled_head
     from .trainloop import EpochRunner
 
     keras.utils.set_random_seed(config.seed)
     rate = (end_lr / start_lr) ** (1.0 / (steps - 1))
     ramp = keras.optimizers.schedules.ExponentialDecay(start_lr, decay_steps=1, decay_rate=rate)
-    batch_size = resolve_batch_size(config.batch_size, train_features.shape[1])
-    model, _ = build_compiled_head(config, train_features.shape[2], num_classes, 1, batch_size, learning_rate=ramp)
-    runner = EpochRunner(model, train_features, train_labels, batch_size, config.seed)
+    resolved = config.resolve(train_features.shape[1])
+    model, _ = build_compiled_head(config, train_features.shape[2], num_classes, resolved, learning_rate=ramp)
+    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed)
     losses: list[float] = []
     diverged, call = False, 0
     while len(losses) < steps and not diverged:

@@ -55,6 +55,9 @@ def plot_lr_find(lrs, losses, smoothed, path, base_lr: float | None = None, max_
     ax = axes[0]
     ax.plot(lrs, losses, alpha=0.3, label="loss per step")
     ax.plot(lrs, smoothed, label="smoothed loss")
+    finite = [v for v in smoothed if v == v and abs(v) != float("inf")]
+    if finite:  # single exploding steps would squash the curve that matters
+        ax.set_ylim(min(0.0, min(finite)), 1.1 * max(finite))
     for value, name in ((base_lr, "suggested base"), (max_lr, "suggested max")):
         if value:
             ax.axvline(value, linestyle="--", color="grey")

@@ -242,14 +242,11 @@ def _set_threads(threads: int | None, host_threads: dict | None = None) -> None:
 
 
 def _record(unit: dict, outcome, n_train: int, n_val: int, dim: int, num_classes: int, fused: bool) -> dict:
-    from .head import resolve_batch_size
-    from .trainloop import steps_per_epoch
-
     config = HeadConfig(**unit["settings"])
-    batch = min(resolve_batch_size(config.batch_size, n_train), n_train)
+    resolved = config.resolve(n_train)
     epochs = int(outcome["metrics"].get("epochs_run") or 0)
     per_row = head_macs(dim, config.hidden, num_classes)
-    macs = epochs * (3 * steps_per_epoch(n_train, batch) * batch + n_val) * per_row
+    macs = epochs * (3 * resolved.steps_per_epoch * resolved.batch_size + n_val) * per_row
     return {**unit, **outcome, "fused": fused, "macs": macs, "train_images": n_train, "val_images": n_val}
 
 
@@ -331,6 +328,25 @@ def _spec(config: SweepConfig, space: SearchSpace, cache_path: Path, fingerprint
     return {"cache": str(cache_path.resolve()), "cache_fingerprint": _digest(fingerprint)[:16],
             "space": space.to_json(), "trials": config.trials, "folds": config.folds,
             "seed": config.seed, "base": {k: v for k, v in base.items() if k != "cache"}}
+
+
+def _resolvable(trials: list[dict], base: dict, train_sizes: list[int]):
+    """The trials whose automatic settings resolve on every fold (a default base rate, scaled with
+    the batch size, may land above a searched max rate), with their HeadConfigs; and why others not."""
+    kept, configs, refused = [], [], []
+    for trial in trials:
+        config = trial_config(base, trial)
+        try:
+            for rows in train_sizes:
+                config.resolve(rows)
+        except DogtlError as e:
+            refused.append(str(e))
+            continue
+        kept.append(trial)
+        configs.append(config)
+    if not kept:
+        raise DogtlError(f"no trial of the space is a valid train-head setting here (e.g. {refused[0]})")
+    return kept, configs, refused
 
 
 def _prepare_out(config: SweepConfig, spec: dict) -> Path:
@@ -573,7 +589,6 @@ def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = Non
         trials, dropped = grid(space, base)
     else:
         trials, dropped = [{}], []
-    configs = [trial_config(base, t) for t in trials]
     folds = make_folds(cache.labels, cache.is_val, config.folds, config.seed)
     for f, (train_rows, val_rows) in enumerate(folds):
         if not len(val_rows):
@@ -581,6 +596,8 @@ def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = Non
                              "pass --folds K or re-extract with --val-fraction 0.1")
         if len(np.unique(cache.labels[train_rows])) < 2:
             raise DogtlError(f"{cache.path}: the training rows hold fewer than two classes; add images")
+    trials, configs, refused = _resolvable(trials, base, [len(train) for train, _ in folds])
+    dropped += refused
     spec = _spec(config, space, cache.path, cache.fingerprint, base)
     out = _prepare_out(config, spec)
     trial_dir = out / "trials"

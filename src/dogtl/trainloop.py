@@ -5,9 +5,9 @@ maths. Here every feature pass lives in one tensor, the epoch's order and pass c
 are drawn in-graph with stateless random ops keyed by (seed, epoch), and the step loop
 runs in-graph. The Keras model and its compiled optimizer still do the maths (so the
 saved model is an ordinary Keras model), with two speed-ups measured on CPU
-(benchmarks/bench_head.py):
+(`benchmarks/bench_head.py --ablation`); both can be switched off and give the same numbers:
 - The optimizer update is XLA-compiled: one fused pass over each weight instead of
-  about ten separate element-wise ops (RMSprop: ~3x less time at batch 16).
+  about ten separate element-wise ops (RMSprop: 2-5x less time per update).
 - The gradient of the Dense layers' MatMul w.r.t. their input, grad @ W^T, is computed
   as (W @ grad^T)^T, same sums: TF's CPU kernel for a transposed 2048x1024 right-hand
   side is ~6x slower than the untransposed one. This needs graph gradients
@@ -79,7 +79,7 @@ class EpochRunner:
     """
 
     def __init__(self, model, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                 jit_optimizer: bool = True):
+                 jit_optimizer: bool = True, fast_matmul_grad: bool = True):
         import keras
         import tensorflow as tf
 
@@ -91,6 +91,7 @@ class EpochRunner:
         self.batch = min(int(batch_size), self.num_rows)
         self.steps = steps_per_epoch(self.num_rows, self.batch)
         self.seed = int(seed)
+        self.overrides = {"MatMul": FAST_MATMUL_GRAD} if fast_matmul_grad else {}
         self.features = tf.convert_to_tensor(features)
         self.labels = tf.convert_to_tensor(np.asarray(labels, np.int32))
         self.loss_fn = keras.losses.SparseCategoricalCrossentropy()
@@ -105,7 +106,7 @@ class EpochRunner:
     def _step(self, x, y):
         import tensorflow as tf
 
-        with tf.compat.v1.get_default_graph().gradient_override_map({"MatMul": FAST_MATMUL_GRAD}):
+        with tf.compat.v1.get_default_graph().gradient_override_map(self.overrides):
             probs = self.model(x, training=True)
         loss = self.loss_fn(y, probs)
         self._apply(tf.gradients(loss, self._variables))
