@@ -66,7 +66,8 @@ def compare(cache: Path, seeds: range, epochs: int) -> None:
                            len(c.classes))
             runs[label].append(fit.metrics["val_log_loss"])
             r = fit.resolved
-            print(f"  {cache.stem}: {label:>15} (batch {r.batch_size}, lr {r.base_lr:.2g}..{r.max_lr:.2g}) seed {seed}: "
+            print(f"  {cache.stem}: {label:>15} (batch {r.batch_size}, lr {r.base_lr:.2g}..{r.max_lr:.2g}) "
+                  f"seed {seed}: "
                   f"val log loss {fit.metrics['val_log_loss']:.4f}, accuracy {fit.metrics['val_accuracy']:.4f}, "
                   f"best epoch {fit.metrics['best_epoch']}, {fit.seconds_per_epoch:.2f} s/epoch", flush=True)
     base, new = runs["recipe batch 16"], runs["default"]

@@ -272,6 +272,9 @@ def test_constant_schedule_ignores_max_and_hidden_parsing():
     assert HeadConfig(hidden="512, 256").hidden == (512, 256)
     assert HeadConfig(hidden="none").hidden == () and HeadConfig(hidden=[64]).hidden == (64,)
     assert HeadConfig(base_lr=1, max_lr=2).base_lr == 1.0  # ints from a config file become floats
+    grid = HeadConfig(epochs=np.int64(3), batch_size=np.int32(8), dropout=np.float32(0.25))  # a numpy sweep grid
+    assert (grid.epochs, grid.batch_size, grid.dropout) == (3, 8, 0.25) and type(grid.epochs) is int
+    assert json.dumps(asdict(grid))
 
 
 @pytest.mark.parametrize("args, needle", [

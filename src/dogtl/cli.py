@@ -464,7 +464,7 @@ class TrialProgress:
 @friendly_errors
 def sweep_cmd(
     cache: Path = typer.Option(Path("cache/features.h5"), help="Feature cache written by extract-features."),
-    space: Optional[Path] = typer.Option(None, help="TOML or JSON file: train-head setting = [candidates], e.g. max_lr = [1e-3, 3e-3]; {low = 0.2, high = 0.6, log = false} is a range (random search); a single value is fixed."),
+    space: Optional[Path] = typer.Option(None, help="TOML or JSON file: train-head setting = list of candidates, e.g. max_lr = [1e-3, 3e-3]; {low = 0.2, high = 0.6, log = false} is a range (random search); a single value is fixed."),
     param: Optional[list[str]] = typer.Option(None, "--param", help="name=v1,v2,... (repeatable; replaces the file's entry): any train-head setting (hidden=512,1024x512,none; max_lr=1e-3,3e-3; optimizer=adam,rmsprop; ...) or layers=1,2; name=low..high or name=log:low..high is a range."),
     trials: Optional[int] = typer.Option(None, help="Random search: this many trials, drawn with --seed (default: every combination of the grid)."),
     folds: Optional[int] = typer.Option(None, help="Stratified K-fold cross-validation over all labelled images, reporting mean and spread (default: the cache's validation split)."),

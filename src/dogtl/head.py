@@ -60,7 +60,7 @@ def parse_hidden(value) -> tuple[int, ...]:
     elif isinstance(value, str):
         text = value.strip().lower()
         items = [] if text in ("", "none", "0") else [s.strip() for s in text.split(",")]
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple, np.ndarray)):
         items = list(value)
     else:
         raise DogtlError(f"--hidden {value!r}: give layer sizes like 1024 or 1024,512 (or 'none')")
@@ -162,7 +162,8 @@ def _check_range(schedule: str, base: float, top: float, note: str) -> None:
 
 
 _TYPES = {"cache": str, "out": str, "epochs": int, "batch_size": (int, type(None)), "schedule": str,
-          "base_lr": (float, type(None)), "max_lr": (float, type(None)), "step_size": (int, type(None)), "gamma": (float, type(None)), "optimizer": str,
+          "base_lr": (float, type(None)), "max_lr": (float, type(None)), "step_size": (int, type(None)),
+          "gamma": (float, type(None)), "optimizer": str,
           "patience": int, "dropout": float, "input_dropout": float, "clean_only": bool, "seed": int,
           "force": bool}
 
@@ -171,13 +172,17 @@ def _check_types(config: HeadConfig) -> None:
     """Values from config files arrive untyped: refuse the wrong kind with the option's name."""
     for name, kind in _TYPES.items():
         value = getattr(config, name)
+        if isinstance(value, (np.integer, np.floating, np.bool_)):  # e.g. from a numpy sweep grid
+            value = value.item()
+            object.__setattr__(config, name, value)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(config, name, float(value))
             ok = True
         if not ok:
-            raise DogtlError(f"--{name.replace('_', '-')} {value!r}: expected {' or '.join(k.__name__ for k in kinds if k is not type(None))}")
+            wanted = " or ".join(k.__name__ for k in kinds if k is not type(None))
+            raise DogtlError(f"--{name.replace('_', '-')} {value!r}: expected {wanted}")
 
 
 def load_config_file(path: str | Path) -> dict:
