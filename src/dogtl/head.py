@@ -10,7 +10,6 @@ epoch's weights.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -188,19 +187,9 @@ def _check_types(config: HeadConfig) -> None:
 def load_config_file(path: str | Path) -> dict:
     """Settings from a TOML or JSON file: keys are option names with underscores (hyphens are
     accepted too), optionally under a [train_head] table. Unknown keys are refused."""
-    import tomllib
+    from .settingsfile import read_table
 
-    path = Path(path)
-    if not path.is_file():
-        raise DogtlError(f"--config {path}: no such file")
-    text = path.read_text()
-    as_json = path.suffix.lower() == ".json" or (path.suffix.lower() != ".toml" and text.lstrip().startswith("{"))
-    try:
-        values = json.loads(text) if as_json else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise DogtlError(f"--config {path}: not valid {'JSON' if as_json else 'TOML'} ({e})") from None
-    if not isinstance(values, dict):
-        raise DogtlError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
+    values = read_table(path, f"--config {path}", "a table of settings")
     for section in ("train_head", "train-head"):
         if isinstance(values.get(section), dict) and len(values) == 1:
             values = values[section]

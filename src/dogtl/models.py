@@ -33,8 +33,6 @@ def build_backbone(spec: BackboneSpec, weights: str, image_size: int):
     """The frozen backbone with global average pooling: images -> feature_dim vectors."""
     import importlib
 
-    import keras
-
     module = importlib.import_module(f"keras.applications.{spec.module}")
     constructor = getattr(module, spec.constructor)
     kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))

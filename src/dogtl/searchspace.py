@@ -284,20 +284,10 @@ def parse_param_option(text: str) -> Param:
 
 def load_space_file(path: str | Path) -> list[Param]:
     """Parameters from a TOML or JSON file: a table of name = candidates (optionally under [space])."""
-    import tomllib
+    from .settingsfile import read_table
 
-    path = Path(path)
     source = f"--space {path}"
-    if not path.is_file():
-        raise DogtlError(f"{source}: no such file")
-    text = path.read_text()
-    as_json = path.suffix.lower() == ".json" or (path.suffix.lower() != ".toml" and text.lstrip().startswith("{"))
-    try:
-        table = json.loads(text) if as_json else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise DogtlError(f"{source}: not valid {'JSON' if as_json else 'TOML'} ({e})") from None
-    if not isinstance(table, dict):
-        raise DogtlError(f"{source}: expected a table of parameter = values, got {type(table).__name__}")
+    table = read_table(path, source, "a table of parameter = values")
     if set(table) == {"space"} and isinstance(table["space"], dict):
         table = table["space"]
     if not table:
