@@ -183,6 +183,20 @@ def _fill_pass(ds, p: int, source, n: int, dim: int, where: str) -> None:
         raise CacheError(f"{where} pass {p}: {filled} of {n} rows saved; {RESUME_HINT}")
 
 
+def write_header(f, fingerprint: dict, versions: dict, classes, skipped) -> None:
+    """The attributes and class/skipped lists every cache file starts with (marked incomplete)."""
+    import h5py
+
+    strings = h5py.string_dtype()
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["complete"] = False
+    f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    f.attrs["versions"] = json.dumps(versions, sort_keys=True)
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=strings)
+    f.create_dataset("skipped", data=np.array(list(skipped), dtype=object), dtype=strings)
+
+
 def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, labelled: dict,
                 test: dict, skipped: list[str]) -> None:
     """Write the complete cache atomically.
@@ -199,13 +213,7 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
     str_dtype = h5py.string_dtype()
     dim = int(fingerprint["feature_dim"])
     with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["complete"] = False
-        f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
-        f.attrs["versions"] = json.dumps(versions, sort_keys=True)
-        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=str_dtype)
-        f.create_dataset("skipped", data=np.array(list(skipped), dtype=object), dtype=str_dtype)
+        write_header(f, fingerprint, versions, classes, skipped)
         for split, arrays in (("labelled", labelled), ("test", test)):
             g = f.create_group(split)
             n = len(arrays["ids"])

@@ -111,7 +111,18 @@ def extract_features_cmd(
     _print_extract_summary(summary)
 
 
-class ImageProgress:
+class _RichBar:
+    """Context-manager plumbing shared by the progress bars below (they set self.progress)."""
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+class ImageProgress(_RichBar):
     """A rich progress bar with images/s and ETA, fed by (done, total) callbacks."""
 
     def __init__(self, description: str):
@@ -126,12 +137,6 @@ class ImageProgress:
         self.description = description
         self.task = None
 
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
 
     def update(self, done: int, total: int):
         if self.task is None:
@@ -418,7 +423,7 @@ def lr_find_cmd(
     typer.echo(f"wrote {r.plot_path}")
 
 
-class TrialProgress:
+class TrialProgress(_RichBar):
     """A rich progress bar across a sweep's trials (fed by run_sweep's progress callback), with
     one line per finished trial above it."""
 
@@ -430,12 +435,6 @@ class TrialProgress:
                                  TimeRemainingColumn(), disable=not sys.stderr.isatty())
         self.task = None
 
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
 
     def update(self, event: dict):
         best = f"{event['best']:.4f}" if event["best"] != float("inf") else "-"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import (FORMAT, FORMAT_VERSION, SPLITS, fingerprint_differences, open_cache,
+from .cache import (SPLITS, write_header, fingerprint_differences, open_cache,
                     write_cache)
 from .errors import CacheError, DogtlError
 
@@ -218,14 +218,8 @@ def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, ski
     strings = h5py.string_dtype()
     dim, dtype = int(fingerprint["feature_dim"]), fingerprint.get("dtype", "float32")
     with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["complete"] = False
-        f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
-        f.attrs["versions"] = json.dumps(versions, sort_keys=True)
+        write_header(f, fingerprint, versions, classes, skipped)
         f.attrs["merged_from"] = json.dumps([str(_source_name(out, p.cache.path)) for p in parts])
-        f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=strings)
-        f.create_dataset("skipped", data=np.array(list(skipped), dtype=object), dtype=strings)
         for split in SPLITS:
             g = f.create_group(split)
             for key, value in arrays[split].items():
