@@ -15,8 +15,8 @@ from dogtl.head import HeadConfig
 from dogtl.searchspace import build_space, grid, load_space_file, parse_param_option, sample, trial_config
 
 TINY = dict(num_images=120, num_classes=3, dim=16, passes=2, val_fraction=0.25, dtype="float16", seed=3)
-# dropout 0: a fused trial then equals fit_head (and train-head) to float rounding
-NO_DROPOUT = ["--param", "dropout=0", "--param", "input_dropout=0"]
+# dropout 0 and float32 matmuls: a fused trial then equals fit_head (and train-head) to float rounding
+NO_DROPOUT = ["--param", "dropout=0", "--param", "input_dropout=0", "--param", "precision=float32"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,17 @@ def test_grid_expands_every_combination_in_order():
     assert space.searched == ["hidden", "max_lr"]
     assert trial_config({"epochs": 7}, trials[2]) == HeadConfig(epochs=7, hidden=(16, 8), max_lr=1e-3,
                                                                  optimizer="adam")
+
+
+def test_label_smoothing_weight_decay_and_precision_are_searchable():
+    space = build_space(None, ["label_smoothing=0,0.1", "weight_decay=0,1e-2", "precision=float32,bfloat16"])
+    trials, dropped = grid(space, {})
+    assert len(trials) == 8 and not dropped
+    configs = [trial_config({}, t) for t in trials]
+    assert {(c.label_smoothing, c.weight_decay, c.precision) for c in configs} == {
+        (e, w, p) for e in (0.0, 0.1) for w in (0.0, 1e-2) for p in ("float32", "bfloat16")}
+    with pytest.raises(DogtlError, match="label_smoothing"):
+        build_space(None, ["label_smoothing=low"])
 
 
 def test_grid_drops_combinations_train_head_refuses_and_layers_parameter():
@@ -152,28 +163,43 @@ def test_folds_are_stratified_disjoint_and_cover_every_row():
 
 # -- fused training --------------------------------------------------------------------------
 
-def test_fused_trials_match_fit_head_and_do_not_depend_on_their_group(tiny_cache):
+@pytest.mark.parametrize("precision, rtol", [("float32", 1e-5), ("bfloat16", 5e-3)])
+def test_fused_trials_match_fit_head(tiny_cache, precision, rtol):
     from dogtl.cache import open_cache
-    from dogtl.fusedheads import fuse_key, train_fused
+    from dogtl.fusedheads import train_fused
     from dogtl.head import fit_head, load_training_data
     from dogtl.sweep import load_labelled
 
     cache = open_cache(tiny_cache)
     features, data = load_labelled(cache), load_training_data(cache)
     train_rows, val_rows = np.flatnonzero(~cache.is_val), np.flatnonzero(cache.is_val)
-    common = dict(epochs=3, batch_size=16, hidden=(8,), dropout=0.0, input_dropout=0.0, patience=0)
+    common = dict(epochs=3, batch_size=16, hidden=(8,), dropout=0.0, input_dropout=0.0, patience=0,
+                  precision=precision)
     configs = [HeadConfig(optimizer="rmsprop", schedule="exp_range", seed=1, **common),
-               HeadConfig(optimizer="adam", schedule="triangular", max_lr=3e-3, seed=2, **common),
-               HeadConfig(optimizer="sgd", schedule="triangular2", clean_only=True, seed=3, **common),
-               HeadConfig(optimizer="rmsprop", schedule="constant", base_lr=1e-3, seed=4, **common)]
+               HeadConfig(optimizer="adam", schedule="triangular", max_lr=3e-3, seed=2, label_smoothing=0.2,
+                          **common),
+               HeadConfig(optimizer="sgd", schedule="triangular2", clean_only=True, seed=3, weight_decay=3.0,
+                          **common),
+               HeadConfig(optimizer="rmsprop", schedule="constant", base_lr=1e-3, seed=4, label_smoothing=0.1,
+                          weight_decay=1.0, **common)]
     for config in configs:
         ref = fit_head(config, data.train_features[:1] if config.clean_only else data.train_features,
                        data.train_labels, data.val_features, data.val_labels, 3)
         (fused,) = train_fused([config], features, cache.labels, train_rows, val_rows, 3)
         assert fused.metrics["epochs_run"] == 3 and fused.metrics["best_epoch"] == ref.metrics["best_epoch"]
-        np.testing.assert_allclose([r["val_loss"] for r in fused.history], ref.history["val_loss"], rtol=1e-5)
-        np.testing.assert_allclose([r["loss"] for r in fused.history], ref.history["loss"], rtol=1e-5)
+        np.testing.assert_allclose([r["val_loss"] for r in fused.history], ref.history["val_loss"], rtol=rtol)
+        np.testing.assert_allclose([r["loss"] for r in fused.history], ref.history["loss"], rtol=rtol)
         np.testing.assert_allclose([r["lr"] for r in fused.history], ref.history["lr"], rtol=1e-5)
+
+
+def test_fused_trials_do_not_depend_on_their_group(tiny_cache):
+    from dogtl.cache import open_cache
+    from dogtl.fusedheads import fuse_key, train_fused
+    from dogtl.sweep import load_labelled
+
+    cache = open_cache(tiny_cache)
+    features = load_labelled(cache)
+    train_rows, val_rows = np.flatnonzero(~cache.is_val), np.flatnonzero(cache.is_val)
     # a group (with dropout, different epochs and patience) gives each trial what it gets alone
     group = [HeadConfig(epochs=e, batch_size=16, hidden=(8,), patience=p, seed=s, dropout=d, max_lr=m)
              for e, p, s, d, m in [(4, 0, 1, 0.5, 1e-3), (1, 0, 2, 0.2, 3e-3), (2, 0, 5, 0.3, 1e-3),

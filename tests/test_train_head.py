@@ -88,6 +88,66 @@ def test_best_weights_are_restored_and_saved(trained, arrays):
         "InputLayer", "BatchNormalization", "Dropout", "Dense", "Dropout", "Dense"]
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_precision_trains_alike_and_saves_a_float32_model(separable, arrays, tmp_path, precision):
+    """bfloat16 matmuls learn what float32 ones do; either way the saved head computes in float32
+    and its validation scores are the ones reported."""
+    from dogtl.artifacts import load_model
+    from dogtl.head import scores
+
+    out = tmp_path / "head.keras"
+    result = train_head(HeadConfig(cache=str(separable), out=str(out), epochs=6, patience=0, seed=3,
+                                   precision=precision, **FAST))
+    assert result.resolved.precision == precision
+    assert json.loads(out.with_suffix(".json").read_text())["resolved"]["precision"] == precision
+    model, _ = load_model(out)
+    assert all(layer.compute_dtype == "float32" for layer in model.layers)
+    accuracy, loss = scores(arrays.val_labels, model.predict(arrays.val_features, verbose=0), 4)
+    assert loss == pytest.approx(result.metrics["val_log_loss"], rel=1e-5)
+    history = pd.read_csv(result.history_path)
+    assert history.val_loss.min() == pytest.approx(result.metrics["val_log_loss"], rel=1e-6)
+    reference = fit_head(HeadConfig(epochs=6, patience=0, seed=3, precision="float32", **FAST),
+                         arrays.train_features, arrays.train_labels, arrays.val_features, arrays.val_labels, 4)
+    assert result.metrics["val_log_loss"] == pytest.approx(reference.metrics["val_log_loss"], rel=0.05)
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    from dogtl import precision
+
+    assert precision.resolve_precision("float32", 128) == "float32"
+    assert precision.resolve_precision("bfloat16", 16) == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(precision, "native_bfloat16", lambda native=native: native)
+        assert precision.resolve_precision("auto", 64) == expected
+        assert HeadConfig().resolve(9200).precision == expected
+        assert HeadConfig().resolve(1000).precision == "float32"  # batch 16: float32 is faster
+
+
+def test_label_smoothing_raises_the_training_loss_only(arrays):
+    """Smoothed targets cannot be met exactly, so the training loss stays higher; validation
+    log loss is always the plain one."""
+    runs = {e: fit_head(HeadConfig(epochs=4, patience=0, seed=3, label_smoothing=e, **FAST), arrays.train_features,
+                        arrays.train_labels, arrays.val_features, arrays.val_labels, 4) for e in (0.0, 0.3)}
+    plain, smoothed = runs[0.0].history, runs[0.3].history
+    targets = np.array([1 - 0.3 + 0.3 / 4] + [0.3 / 4] * 3)
+    assert (smoothed.loss >= -(targets * np.log(targets)).sum() - 1e-4).all()  # their entropy: the least loss
+    assert smoothed.loss.iloc[-1] > plain.loss.iloc[-1] + 0.3
+    assert smoothed.val_accuracy.iloc[-1] >= 0.8
+
+
+def test_weight_decay_shrinks_the_kernels_only(arrays):
+    def norms(decay):
+        fit = fit_head(HeadConfig(epochs=3, patience=0, seed=3, weight_decay=decay, dropout=0.0, input_dropout=0.0,
+                                  **FAST),
+                       arrays.train_features, arrays.train_labels, arrays.val_features, arrays.val_labels, 4)
+        return {w.path: float(np.linalg.norm(w.numpy())) for w in fit.model.trainable_weights}
+
+    plain, decayed = norms(0.0), norms(30.0)
+    kernels = [k for k in plain if k.endswith("kernel")]
+    assert len(kernels) == 2 and all(decayed[k] < 0.9 * plain[k] for k in kernels)
+    assert any(k.endswith("bias") for k in plain)
+
+
 def test_early_stopping_on_val_log_loss():
     """Random labels: nothing to learn, validation loss stops improving, training stops `patience` later."""
     rng = np.random.default_rng(0)
@@ -240,6 +300,9 @@ def test_missing_incomplete_and_foreign_caches(tmp_path):
     ({"gamma": 1.5}, "--gamma 1.5"),
     ({"dropout": 1.0}, "--dropout 1.0"),
     ({"hidden": "512,x"}, "--hidden"),
+    ({"label_smoothing": 1.0}, "--label-smoothing 1.0"),
+    ({"weight_decay": -0.1}, "--weight-decay -0.1"),
+    ({"precision": "float16"}, "--precision 'float16'"),
     ({"epochs": "ten"}, "--epochs 'ten': expected int"),
 ])
 def test_bad_settings(changes, needle):
@@ -248,23 +311,24 @@ def test_bad_settings(changes, needle):
 
 
 def test_automatic_batch_size():
-    # The recipe's 16 unless an epoch keeps >= 100 steps at 32 or 64 (Kaggle: 8,257 training images).
-    assert [resolve_batch_size(None, n) for n in (48, 3199, 3200, 6400, 8257, 10 ** 6)] == [16, 16, 32, 64, 64, 64]
+    # The recipe's 16 unless an epoch keeps >= 64 steps at 32, 64 or 128 (Kaggle: 9,200 training images).
+    assert ([resolve_batch_size(None, n) for n in (48, 2047, 2048, 4096, 8191, 8192, 9200, 10 ** 6)]
+            == [16, 16, 32, 64, 64, 128, 128, 128])
     assert resolve_batch_size(8, 10 ** 6) == 8
 
 
 def test_default_learning_rates_scale_with_the_batch():
     """The recipe's rates at 16; at an automatic 64, sqrt(4) = 2x, and the same exp_range decay per epoch."""
-    small, big = HeadConfig().resolve(48), HeadConfig().resolve(8257)
+    small, big = HeadConfig().resolve(48), HeadConfig().resolve(5000)
     assert (small.batch_size, small.base_lr, small.max_lr) == (16, pytest.approx(1e-4), pytest.approx(1e-3))
     assert small.steps_per_epoch == 3 and small.step_size == 12 and small.gamma == pytest.approx(0.99994)
     assert (big.batch_size, big.base_lr, big.max_lr) == (64, pytest.approx(2e-4), pytest.approx(2e-3))
-    assert big.steps_per_epoch == 130 and big.step_size == 4 * 130
-    assert big.gamma ** 130 == pytest.approx(0.99994 ** (130 * 4))
+    assert big.steps_per_epoch == 79 and big.step_size == 4 * 79
+    assert big.gamma ** 79 == pytest.approx(0.99994 ** (79 * 4))
     given = HeadConfig(base_lr=3e-4, max_lr=5e-4, batch_size=64, step_size=7, gamma=0.5).resolve(8257)
     assert (given.base_lr, given.max_lr, given.step_size, given.gamma) == (3e-4, 5e-4, 7, 0.5)
     with pytest.raises(DogtlError, match=r"--base-lr 0.005 is above --max-lr 0.002 \(the default at batch 64\)"):
-        HeadConfig(base_lr=5e-3).resolve(8257)
+        HeadConfig(base_lr=5e-3).resolve(5000)
 
 
 def test_constant_schedule_ignores_max_and_hidden_parsing():

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # HeadConfig settings whose effect this module reproduces; any other setting must keep its default.
 FUSABLE = {"cache", "out", "force", "epochs", "batch_size", "schedule", "base_lr", "max_lr", "step_size", "gamma",
-           "optimizer", "patience", "hidden", "dropout", "input_dropout", "clean_only", "seed"}
+           "optimizer", "patience", "hidden", "dropout", "input_dropout", "clean_only", "label_smoothing",
+           "weight_decay", "precision", "seed"}
 _MODES = {"constant": 0, "triangular": 1, "triangular2": 2, "exp_range": 3}
 VAL_CHUNK = 2048  # validation rows per inference call
 
@@ -48,7 +49,8 @@ def fuse_key(config: HeadConfig):
     for f in fields(config):
         if f.name not in FUSABLE and getattr(config, f.name) != getattr(defaults, f.name):
             return None
-    return (tuple(config.hidden), config.batch_size, config.optimizer)  # batch None: resolved per fold
+    # batch None (and so the precision "auto" picks): resolved per fold
+    return (tuple(config.hidden), config.batch_size, config.optimizer, config.precision)
 
 
 @dataclass
@@ -127,7 +129,9 @@ def _initial_state(config: HeadConfig, dim: int, num_classes: int, resolved) -> 
             raise NotFusable(f"dropout layer {layer.name}")
 
     opt = model.optimizer
-    if any(getattr(opt, a, None) for a in ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm")) \
+    if abs((opt.weight_decay or 0.0) - config.weight_decay) > 1e-12:
+        raise NotFusable("weight decay")
+    if any(getattr(opt, a, None) for a in ("clipnorm", "clipvalue", "global_clipnorm")) \
             or getattr(opt, "use_ema", False) or getattr(opt, "loss_scale_factor", None) \
             or (getattr(opt, "gradient_accumulation_steps", None) or 1) > 1:
         raise NotFusable("optimizer options")
@@ -227,6 +231,9 @@ class FusedHeads:
         self.iteration = tf.Variable(int(iteration), dtype=tf.int64, trainable=False, name="iteration")
         self.seeds = [int(c.seed) for c in configs]
         self.passes = [1 if c.clean_only else self.num_passes_total for c in configs]
+        self.precision = resolved[0].precision
+        self.smoothing = np.array([c.label_smoothing for c in configs], np.float32)
+        self.decay = tf.constant([c.weight_decay for c in configs], tf.float32)
         self.input_rates = tf.constant([[[float(c.input_dropout)]] for c in configs], tf.float32)
         self.rates = tf.constant([[[float(c.dropout)]] for c in configs], tf.float32)
         # autograph=False: the graphs are written with explicit loops, and converting them
@@ -279,7 +286,11 @@ class FusedHeads:
         if training:
             h = self._dropout(h, self.input_rates, iteration, 0)
         for k, (w, b) in enumerate(zip(self.kernels, self.biases)):
-            h = tf.matmul(h, w) + b[:, None]
+            if training and k < len(self.hidden) and self.precision == "bfloat16":  # Keras's mixed_bfloat16 Dense
+                bf16 = tf.bfloat16
+                h = tf.cast(tf.matmul(tf.cast(h, bf16), tf.cast(w, bf16)) + tf.cast(b, bf16)[:, None], tf.float32)
+            else:
+                h = tf.matmul(h, w) + b[:, None]
             if k < len(self.hidden):
                 h = tf.nn.relu(h)
                 if training:
@@ -294,6 +305,8 @@ class FusedHeads:
         step = tf.cast(self.iteration + 1, tf.float32)
         for var, grad, slots in zip(self.trainables, grads, self.slots):
             rate = tf.reshape(lr, [-1] + [1] * (len(var.shape) - 1))
+            if any(var is kernel for kernel in self.kernels):  # decoupled weight decay, as Keras applies it
+                var.assign(var - var * tf.reshape(self.decay, rate.shape) * rate)
             if self.opt_kind == "rmsprop":
                 (velocity,) = slots
                 velocity.assign(c["rho"] * velocity + (1.0 - c["rho"]) * tf.square(grad))
@@ -330,7 +343,13 @@ class FusedHeads:
             lr = self.learning_rates(iteration)
             with tf.GradientTape() as tape:
                 logits = self._forward(x, True, iteration)
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), axis=1)  # [T]
+                if self.smoothing.any():  # Keras's label smoothing: (1 - e) one-hot + e / classes
+                    e = self.smoothing[:, None, None]
+                    targets = tf.one_hot(y, self.num_classes) * (1.0 - e) + e / self.num_classes
+                    loss = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+                else:
+                    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+                loss = tf.reduce_mean(loss, axis=1)  # [T]
                 total = tf.reduce_sum(loss)
             self._apply(tape.gradient(total, self.trainables), lr)
             hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.int32), 1)

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import CacheError, DogtlError
+from .precision import PRECISIONS, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,15 @@ OPTIMIZERS = ("rmsprop", "adam", "sgd")
 # The reference recipe: batch 16, RMSprop between 1e-4 and 1e-3.
 RECIPE_BATCH_SIZE, RECIPE_BASE_LR, RECIPE_MAX_LR = 16, 1e-4, 1e-3
 # Batch size when none is given: the largest of AUTO_BATCH_SIZES that still gives an epoch of at
-# least AUTO_MIN_STEPS steps. Per-step overhead dominates a head epoch on CPU, so a Kaggle-size
-# cache (8,257 training images -> 64) trains ~2x faster per epoch than at the recipe's 16; small
-# caches, where the number of steps limits learning, keep 16. Learning rates left to their
-# defaults are the recipe's scaled by sqrt(batch / 16) (the square-root rule for adaptive
-# optimizers): on demo-like features of Kaggle size, batch 64 at the recipe's own rates gave a
-# worse validation log loss than batch 16, and with scaled rates a better one
-# (benchmarks/batch_quality.py measures it).
-AUTO_BATCH_SIZES = (16, 32, 64)
-AUTO_MIN_STEPS = 100
+# least AUTO_MIN_STEPS steps. Per-step costs (optimizer update, small matmuls) dominate a head
+# epoch on CPU, so a Kaggle-size cache (9,200 training images -> 128) trains ~2x faster per
+# epoch than at 64 and ~4x faster than at the recipe's 16; small caches, where the number of
+# steps limits learning, keep 16. Learning rates left to their defaults are the recipe's scaled
+# by sqrt(batch / 16) (the square-root rule for adaptive optimizers): on demo-like features of
+# Kaggle size, batch 64 at the recipe's own rates gave a worse validation log loss than batch
+# 16, and with scaled rates a better one (benchmarks/batch_quality.py measures it, also for 128).
+AUTO_BATCH_SIZES = (16, 32, 64, 128)
+AUTO_MIN_STEPS = 64
 STEP_EPOCHS = 4  # default half cycle of the cyclical schedule, in epochs (the recipe: 2-8)
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
 
@@ -79,7 +80,7 @@ class HeadConfig:
     cache: str = "cache/features.h5"
     out: str = "models/head.keras"
     epochs: int = 50
-    batch_size: int | None = None  # None: resolve_batch_size's automatic choice (16 to 64)
+    batch_size: int | None = None  # None: resolve_batch_size's automatic choice (16 to 128)
     schedule: str = "exp_range"
     base_lr: float | None = None  # None: 1e-4 * sqrt(batch / 16)
     max_lr: float | None = None  # None: 1e-3 * sqrt(batch / 16)
@@ -91,6 +92,9 @@ class HeadConfig:
     dropout: float = 0.5
     input_dropout: float = 0.5
     clean_only: bool = False
+    label_smoothing: float = 0.0  # training loss only; validation log loss is never smoothed
+    weight_decay: float = 0.0  # decoupled, on the Dense kernels: each step w -= lr * weight_decay * w
+    precision: str = "auto"  # hidden-layer matmuls: auto (bfloat16 where the CPU has it), float32, bfloat16
     seed: int = 2018
     force: bool = False
 
@@ -117,10 +121,14 @@ class HeadConfig:
             raise DogtlError(f"--gamma {self.gamma} must be in (0, 1]")
         if self.patience < 0:
             raise DogtlError(f"--patience {self.patience} must be >= 0 (0 never stops early)")
-        for name in ("dropout", "input_dropout"):
+        for name in ("dropout", "input_dropout", "label_smoothing"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise DogtlError(f"--{name.replace('_', '-')} {value} must be in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise DogtlError(f"--weight-decay {self.weight_decay} must be a number >= 0")
+        if self.precision not in PRECISIONS:
+            raise DogtlError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -139,7 +147,8 @@ class HeadConfig:
             _check_range(self.schedule, base, top, f" (the default at batch {batch})")
         steps = steps_per_epoch(num_rows, batch)
         gamma = self.gamma if self.gamma is not None else RECIPE_GAMMA ** (batch / RECIPE_BATCH_SIZE)
-        return Resolved(batch, steps, base, top, self.step_size or STEP_EPOCHS * steps, gamma)
+        return Resolved(batch, steps, base, top, self.step_size or STEP_EPOCHS * steps, gamma,
+                        resolve_precision(self.precision, batch))
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,7 @@ class Resolved:
     max_lr: float
     step_size: int
     gamma: float
+    precision: str  # float32 or bfloat16
 
 
 def _check_range(schedule: str, base: float, top: float, note: str) -> None:
@@ -163,8 +173,8 @@ def _check_range(schedule: str, base: float, top: float, note: str) -> None:
 _TYPES = {"cache": str, "out": str, "epochs": int, "batch_size": (int, type(None)), "schedule": str,
           "base_lr": (float, type(None)), "max_lr": (float, type(None)), "step_size": (int, type(None)),
           "gamma": (float, type(None)), "optimizer": str,
-          "patience": int, "dropout": float, "input_dropout": float, "clean_only": bool, "seed": int,
-          "force": bool}
+          "patience": int, "dropout": float, "input_dropout": float, "clean_only": bool,
+          "label_smoothing": float, "weight_decay": float, "precision": str, "seed": int, "force": bool}
 
 
 def _check_types(config: HeadConfig) -> None:
@@ -242,10 +252,13 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
     from .schedules import make_optimizer
 
     model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
-                       dropout=config.dropout)
+                       dropout=config.dropout, precision=resolved.precision)
     lr = _schedule(config, resolved) if learning_rate is None else learning_rate
-    model.compile(optimizer=make_optimizer(config.optimizer, lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+    optimizer = make_optimizer(config.optimizer, lr, **decay)
+    if decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model, lr
 
 
@@ -270,6 +283,7 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
     import keras
     import pandas as pd
 
+    from .models import set_head_precision
     from .trainloop import EpochRunner
 
     if train_features.ndim != 3 or val_features.ndim != 2 or train_features.shape[2] != val_features.shape[1]:
@@ -280,7 +294,8 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
     resolved = config.resolve(train_features.shape[1])
     keras.utils.set_random_seed(config.seed)
     model, lr = build_compiled_head(config, train_features.shape[2], num_classes, resolved)
-    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed)
+    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed,
+                         label_smoothing=config.label_smoothing, precision=resolved.precision)
     val_labels = np.asarray(val_labels)
 
     rows, best, best_epoch, best_weights, waited, seconds = [], math.inf, 0, None, 0, 0.0
@@ -308,6 +323,7 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
         raise DogtlError(f"training diverged in epoch 1 (loss {rows[0]['loss']}): lower --base-lr/--max-lr "
                      f"(they were {resolved.base_lr:g} and {resolved.max_lr:g})")
     model.set_weights(best_weights)
+    set_head_precision(model, "float32")  # the saved head computes like any other float32 model
     val_accuracy, val_loss = scores(val_labels, runner.predict(val_features), num_classes)
     best_row = rows[best_epoch - 1]
     metrics = {"val_accuracy": val_accuracy, "val_log_loss": val_loss, "epochs_run": len(rows),

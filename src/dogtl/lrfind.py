@@ -98,7 +98,8 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
     ramp = keras.optimizers.schedules.ExponentialDecay(start_lr, decay_steps=1, decay_rate=rate)
     resolved = config.resolve(train_features.shape[1])
     model, _ = build_compiled_head(config, train_features.shape[2], num_classes, resolved, learning_rate=ramp)
-    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed)
+    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed,
+                         precision=resolved.precision)
     losses: list[float] = []
     diverged, call = False, 0
     while len(losses) < steps and not diverged:

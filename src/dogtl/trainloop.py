@@ -74,12 +74,15 @@ class EpochRunner:
     """Trains a compiled Keras model on `features` [passes, rows, dim] and `labels` [rows].
 
     Each call of `run` is one epoch (or its first `max_steps` steps) in one graph call.
-    The model must be compiled with its optimizer; its loss is sparse categorical
-    cross-entropy on softmax outputs.
+    The model must be compiled with its optimizer; its loss is categorical cross-entropy on
+    softmax outputs, with `label_smoothing` (Keras's definition) if given. Training runs the
+    head's hidden layers at `precision`, predictions always in float32, so that validation
+    scores are those of the float32 model that gets saved.
     """
 
     def __init__(self, model, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                 jit_optimizer: bool = True, fast_matmul_grad: bool = True):
+                 jit_optimizer: bool = True, fast_matmul_grad: bool = True, label_smoothing: float = 0.0,
+                 precision: str = "float32"):
         import keras
         import tensorflow as tf
 
@@ -91,10 +94,13 @@ class EpochRunner:
         self.batch = min(int(batch_size), self.num_rows)
         self.steps = steps_per_epoch(self.num_rows, self.batch)
         self.seed = int(seed)
+        self.precision = precision
         self.overrides = {"MatMul": FAST_MATMUL_GRAD} if fast_matmul_grad else {}
         self.features = tf.convert_to_tensor(features)
         self.labels = tf.convert_to_tensor(np.asarray(labels, np.int32))
-        self.loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        self.label_smoothing = float(label_smoothing)
+        self.loss_fn = (keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing)
+                        if self.label_smoothing else keras.losses.SparseCategoricalCrossentropy())
         variables = model.trainable_variables
         self.optimizer.build(variables)
         self._variables = variables
@@ -108,7 +114,7 @@ class EpochRunner:
 
         with tf.compat.v1.get_default_graph().gradient_override_map(self.overrides):
             probs = self.model(x, training=True)
-        loss = self.loss_fn(y, probs)
+        loss = self.loss_fn(tf.one_hot(y, tf.shape(probs)[-1]) if self.label_smoothing else y, probs)
         self._apply(tf.gradients(loss, self._variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.int32))
         return loss, correct
@@ -133,13 +139,19 @@ class EpochRunner:
         """Train one epoch: (loss of every step, training accuracy over the epoch)."""
         import tensorflow as tf
 
+        from .models import set_head_precision
+
+        set_head_precision(self.model, self.precision)  # (only read when a graph is traced)
         n = self.steps if max_steps is None else max(1, min(int(max_steps), self.steps))
         losses, correct = self._epoch(self.features, self.labels, tf.constant(epoch, tf.int64),
                                       tf.constant(n, tf.int32))
         return losses.numpy(), int(correct) / (n * self.batch)
 
     def predict(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """Softmax outputs in inference mode (no dropout, BatchNorm moving statistics)."""
+        """Softmax outputs in inference mode (no dropout, BatchNorm moving statistics), in float32."""
+        from .models import set_head_precision
+
+        set_head_precision(self.model, "float32")
         parts = [self._predict(np.asarray(x[i:i + batch_size], np.float32)).numpy()
                  for i in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, self.model.output_shape[-1]), np.float32)
