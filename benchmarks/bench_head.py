@@ -122,8 +122,8 @@ def online_seconds_per_image(folder: Path, jpeg_size: int, image_size: int, num_
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced sizes: a smoke test of this script")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs timed per setting (the first is dropped)")
-    parser.add_argument("--online-steps", type=int, default=6, help="online recipe steps timed")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs timed per setting (the first is dropped)")
+    parser.add_argument("--online-steps", type=int, default=10, help="online recipe steps timed")
     parser.add_argument("--skip-online", action="store_true", help="do not time the online recipe")
     parser.add_argument("--ablation", action="store_true",
                         help="also time the epoch loop at batch 16 without each of its two speed-ups")
