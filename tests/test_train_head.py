@@ -109,6 +109,8 @@ def test_precision_trains_alike_and_saves_a_float32_model(separable, arrays, tmp
     reference = fit_head(HeadConfig(epochs=6, patience=0, seed=3, precision="float32", **FAST),
                          arrays.train_features, arrays.train_labels, arrays.val_features, arrays.val_labels, 4)
     assert result.metrics["val_log_loss"] == pytest.approx(reference.metrics["val_log_loss"], rel=0.05)
+    same = np.allclose(history.loss, reference.history.loss, rtol=1e-6)
+    assert same == (precision == "float32")  # bfloat16 really multiplied in bfloat16
 
 
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):

@@ -252,7 +252,7 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
     from .schedules import make_optimizer
 
     model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
-                       dropout=config.dropout, precision=resolved.precision)
+                       dropout=config.dropout)
     lr = _schedule(config, resolved) if learning_rate is None else learning_rate
     decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
     optimizer = make_optimizer(config.optimizer, lr, **decay)

@@ -76,29 +76,26 @@ def _seeded(build, seed: int = RANDOM_INIT_SEED):
 
 
 def build_head(input_dim: int, num_classes: int, hidden=(1024,), input_dropout: float = 0.5,
-               dropout: float = 0.5, name: str = "head", precision: str = "float32"):
-    """BatchNorm -> Dropout -> [Dense relu -> Dropout]* -> softmax, on pooled features.
-
-    precision "bfloat16" multiplies in the hidden Dense layers in bfloat16 (weights stay
-    float32; see `set_head_precision`); normalisation and the softmax layer stay float32."""
+               dropout: float = 0.5, name: str = "head"):
+    """BatchNorm -> Dropout -> [Dense relu -> Dropout]* -> softmax, on pooled features."""
     import keras
     from keras import layers
 
-    hidden_dtype = {"float32": None, "bfloat16": "mixed_bfloat16"}[precision]
     inputs = keras.Input((input_dim,), name="features")
     x = layers.BatchNormalization(name="head_bn")(inputs)
     x = layers.Dropout(input_dropout, name="head_dropout_in")(x)
     for k, units in enumerate(hidden):
-        x = layers.Dense(units, activation="relu", name=f"head_dense_{k}", dtype=hidden_dtype)(x)
+        x = layers.Dense(units, activation="relu", name=f"head_dense_{k}")(x)
         x = layers.Dropout(dropout, name=f"head_dropout_{k}")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="head_softmax")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
 def set_head_precision(model, precision: str) -> None:
-    """Switch the hidden Dense layers' compute dtype in place (the weights are float32 either
-    way): heads train in bfloat16 where that is faster but are saved as float32 models,
-    so fine-tuning and prediction never depend on how the head was trained."""
+    """Switch the hidden Dense layers' matmuls to `precision` (float32 or bfloat16) in place;
+    weights, normalisation and softmax stay float32. Heads train in bfloat16 where that is
+    faster but predict and are saved in float32, so fine-tuning and prediction never depend
+    on how the head was trained. Takes effect when a graph is next traced."""
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[precision]
     for layer in model.layers:
         if layer.name.startswith("head_dense_"):

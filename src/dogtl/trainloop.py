@@ -141,7 +141,7 @@ class EpochRunner:
 
         from .models import set_head_precision
 
-        set_head_precision(self.model, self.precision)  # (only read when a graph is traced)
+        set_head_precision(self.model, self.precision)
         n = self.steps if max_steps is None else max(1, min(int(max_steps), self.steps))
         losses, correct = self._epoch(self.features, self.labels, tf.constant(epoch, tf.int64),
                                       tf.constant(n, tf.int32))
