@@ -329,9 +329,14 @@ def demo_cmd(
         typer.echo(f"  {what:22s} {path}")
 
 
-_HIDDEN_HELP = "Hidden Dense relu layers of the head, comma-separated sizes (e.g. 1024 or 1024,512), or 'none'."
-_CLEAN_ONLY_HELP = ("Train on the clean pass only. By default, every epoch each training image contributes one of "
-                    "its cached passes (clean or augmented), drawn at random per image and epoch.")
+# The head options train-head and lr-find share.
+_HIDDEN = typer.Option("1024", help="Hidden Dense relu layers of the head, comma-separated sizes (e.g. 1024 or "
+                                    "1024,512), or 'none'.")
+_DROPOUT = typer.Option(0.5, help="Dropout rate after each hidden layer.")
+_INPUT_DROPOUT = typer.Option(0.5, help="Dropout rate on the batch-normalised input features.")
+_CLEAN_ONLY = typer.Option(False, "--clean-only", help=(
+    "Train on the clean pass only. By default, every epoch each training image contributes one of its cached "
+    "passes (clean or augmented), drawn at random per image and epoch."))
 
 
 @app.command("train-head")
@@ -349,10 +354,10 @@ def train_head_cmd(
     gamma: Optional[float] = typer.Option(None, help="exp_range: the cycle's amplitude is multiplied by gamma every iteration (default: 0.99994 per 16 images, the recipe's decay per epoch at any batch size)."),
     optimizer: str = typer.Option("rmsprop", help="rmsprop (rho 0.9, the recipe's), adam, or sgd (momentum 0.9)."),
     patience: int = typer.Option(5, help="Stop after this many epochs without a better validation log loss (0: never); the best epoch's weights are kept."),
-    hidden: str = typer.Option("1024", help=_HIDDEN_HELP),
-    dropout: float = typer.Option(0.5, help="Dropout rate after each hidden layer."),
-    input_dropout: float = typer.Option(0.5, help="Dropout rate on the batch-normalised input features."),
-    clean_only: bool = typer.Option(False, "--clean-only", help=_CLEAN_ONLY_HELP),
+    hidden: str = _HIDDEN,
+    dropout: float = _DROPOUT,
+    input_dropout: float = _INPUT_DROPOUT,
+    clean_only: bool = _CLEAN_ONLY,
     label_smoothing: float = typer.Option(0.0, help="Smooth the training targets: (1 - e) on the true class, e spread over all classes (0.1 is common). Validation log loss is never smoothed."),
     weight_decay: float = typer.Option(0.0, help="Decoupled weight decay on the Dense kernels: every step w -= lr * weight_decay * w (0: none)."),
     precision: str = typer.Option("auto", help="Number format of the hidden layers' matrix products: auto (bfloat16 at batches of 64 and up on CPUs that multiply it in hardware, ~1.4x faster per epoch there; float32 elsewhere), float32 or bfloat16. Weights, normalisation and softmax stay float32, and the saved model is float32."),
@@ -404,10 +409,10 @@ def lr_find_cmd(
     start_lr: float = typer.Option(1e-7, help="First (tiny) learning rate of the ramp."),
     end_lr: float = typer.Option(1.0, help="Last (large) learning rate of the ramp, if the loss has not diverged before."),
     steps: int = typer.Option(300, help="Steps of the exponential ramp from --start-lr to --end-lr."),
-    hidden: str = typer.Option("1024", help=_HIDDEN_HELP),
-    dropout: float = typer.Option(0.5, help="Dropout rate after each hidden layer."),
-    input_dropout: float = typer.Option(0.5, help="Dropout rate on the batch-normalised input features."),
-    clean_only: bool = typer.Option(False, "--clean-only", help=_CLEAN_ONLY_HELP),
+    hidden: str = _HIDDEN,
+    dropout: float = _DROPOUT,
+    input_dropout: float = _INPUT_DROPOUT,
+    clean_only: bool = _CLEAN_ONLY,
     seed: int = typer.Option(2018, help="Seed of initialisation, dropout and pass sampling."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing plot."),
 ):

@@ -125,7 +125,6 @@ def lr_find(config: LRFindConfig) -> LRFindResult:
 
     started = time.perf_counter()
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not config.force:
         raise DogtlError(f"{out} exists: pass --force to overwrite it or choose another --out")
     cache = open_cache(config.cache)
@@ -136,6 +135,7 @@ def lr_find(config: LRFindConfig) -> LRFindResult:
         raise DogtlError(f"the loss diverged at once (from {config.start_lr:g}): pass a smaller --start-lr")
     smoothed = smooth(losses)
     at_min, base_lr, max_lr = suggest(lrs, smoothed)
+    out.parent.mkdir(parents=True, exist_ok=True)
     plot_lr_find(lrs, losses, smoothed, out, base_lr=base_lr, max_lr=max_lr)
     return LRFindResult(out, lrs, losses, smoothed, at_min, base_lr, max_lr, diverged,
                         time.perf_counter() - started)
