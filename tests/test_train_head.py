@@ -432,3 +432,38 @@ def test_cli_defaults_match_the_library_and_help_teaches():
                    "--step-size", "--optimizer", "--patience", "--config", "--force", "--clean-only", "--hidden"):
         assert option in text, option
     assert "--start-lr" in run_cli("lr-find", "--help").stdout
+
+
+def test_head_weights_depend_on_the_seed_alone_while_other_threads_draw_random_numbers():
+    """Sweep workers may build heads in threads (joblib threading, Dask): another thread drawing
+    from Python's global `random` must not change a head's initial weights or dropout seeds."""
+    import random
+    import threading
+
+    from dogtl.head import build_compiled_head
+
+    config = HeadConfig(seed=7, **FAST)
+    resolved = config.resolve(160)
+
+    def weights():
+        model, _ = build_compiled_head(config, 32, 4, resolved)
+        seeds = [np.asarray(layer.seed_generator.state) for layer in model.layers if hasattr(layer, "seed_generator")]
+        return model.get_weights() + seeds
+
+    alone = weights()
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            random.random()
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        crowded = [weights() for _ in range(3)]
+    finally:
+        stop.set()
+        drawer.join()
+    assert len(alone) > 8  # kernels, biases, BatchNorm, and the dropout layers' seed states
+    for other in crowded:
+        assert all(np.array_equal(a, b) for a, b in zip(alone, other))

@@ -328,7 +328,8 @@ class _PassRunner:
 
     def _store(self, features: np.ndarray) -> np.ndarray:
         """Features in the stored dtype; float16 overflow is an error, underflow a warning."""
-        stored = features.astype(self.config.dtype)
+        with np.errstate(over="ignore"):  # reported below, as one error naming the fix
+            stored = features.astype(self.config.dtype)
         if not np.isfinite(stored).all():
             raise DogtlError(f"backbone features reach {np.abs(features).max():.3g}, beyond --dtype "
                              f"{self.config.dtype}: rerun with --dtype float32 --force")

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -68,31 +65,6 @@ class NotFusable(Exception):
     """The Keras head or optimizer built for a trial is not one this module reproduces."""
 
 
-_BUILD_LOCK = threading.Lock()
-
-
-@contextmanager
-def _private_python_random(seed: int):
-    """Keras draws the seeds of unseeded initialisers from Python's global `random`, which other
-    threads of the process (a Dask worker's) draw from too, so the same seed could give other
-    weights. During the build, Keras gets a private generator with the very sequence
-    `random.seed(seed)` gives the global one: the same weights as fit_head, whatever else runs."""
-    try:
-        from keras.src.random import seed_generator
-    except ImportError:  # another Keras layout: fall back to the global generator
-        seed_generator = None
-    if seed_generator is None or not hasattr(seed_generator, "python_random"):
-        yield
-        return
-    with _BUILD_LOCK:
-        saved = seed_generator.python_random
-        seed_generator.python_random = random.Random(seed)
-        try:
-            yield
-        finally:
-            seed_generator.python_random = saved
-
-
 def _initial_state(config: HeadConfig, dim: int, num_classes: int, resolved) -> dict:
     """Build the trial's Keras head exactly as fit_head does and read its initial weights,
     normalisation constants, optimizer constants and learning-rate schedule."""
@@ -101,9 +73,7 @@ def _initial_state(config: HeadConfig, dim: int, num_classes: int, resolved) -> 
     from .head import build_compiled_head
     from .schedules import CyclicLR
 
-    with _private_python_random(config.seed):
-        keras.utils.set_random_seed(config.seed)
-        model, lr = build_compiled_head(config, dim, num_classes, resolved)
+    model, lr = build_compiled_head(config, dim, num_classes, resolved)
     names = [layer.name for layer in model.layers]
     expected = (["features", "head_bn", "head_dropout_in"]
                 + [n for k in range(len(config.hidden)) for n in (f"head_dense_{k}", f"head_dropout_{k}")]

@@ -93,7 +93,6 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
     from .head import build_compiled_head
     from .trainloop import EpochRunner
 
-    keras.utils.set_random_seed(config.seed)
     rate = (end_lr / start_lr) ** (1.0 / (steps - 1))
     ramp = keras.optimizers.schedules.ExponentialDecay(start_lr, decay_steps=1, decay_rate=rate)
     resolved = config.resolve(train_features.shape[1])
