@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -34,34 +35,41 @@ FULL_SPACE = ["max_lr=5e-4,1e-3,2e-3,4e-3", "dropout=0.3,0.5", "input_dropout=0.
 QUICK_SPACE = ["max_lr=1e-3,4e-3", "dropout=0.3,0.5", "patience=0"]
 
 
-def matmul_rate(seconds: float = 3.0, n: int = 2048) -> float:
-    """Best float32 multiply-adds per second of an n x n x n matmul on every core, in a fresh process."""
+def best_seconds_in_fresh_process(setup: str, timed: str, seconds: float) -> float:
+    """Best wall time of the statements `timed` (their last line an expression of tensors), after
+    `setup`, repeated for `seconds` in a fresh TensorFlow process."""
     code = f"""
 import os, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import tensorflow as tf
-a = tf.random.normal([{n}, {n}]); b = tf.random.normal([{n}, {n}])
-f = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
-f(a, b).numpy()
+{setup}
+def once():
+{textwrap.indent(timed, "    ")}
+def run():
+    r = once(); [v.numpy() for v in (r if isinstance(r, (list, tuple)) else [r])]
+run()
 best, end = 1e9, time.perf_counter() + {seconds}
 while time.perf_counter() < end:
-    t = time.perf_counter(); f(a, b).numpy(); best = min(best, time.perf_counter() - t)
-print({n} ** 3 / best)
+    t = time.perf_counter(); run(); best = min(best, time.perf_counter() - t)
+print(best)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_rate(seconds: float = 3.0, n: int = 2048) -> float:
+    """Best float32 multiply-adds per second of an n x n x n matmul on every core."""
+    setup = f"""a = tf.random.normal([{n}, {n}]); b = tf.random.normal([{n}, {n}])
+f = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))"""
+    return n ** 3 / best_seconds_in_fresh_process(setup, "return f(a, b)", seconds)
 
 
 def kernels_alone(trials: int, batch: int, dim: int, hidden: int, precision: str, seconds: float = 2.0) -> float:
     """Seconds per training step of `trials` heads fused, for the work no implementation can skip:
     the first hidden layer's three matmuls (forward, kernel gradient, input gradient, which
     BatchNorm's scale and offset need) in the trials' precision, and the RMSprop update of its
-    kernel (XLA-fused, as dogtl runs it). Each timed alone, best of `seconds`, in a fresh process."""
-    code = f"""
-import os, time
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import tensorflow as tf
-T, B, D, H = {trials}, {batch}, {dim}, {hidden}
+    kernel (XLA-fused, as dogtl runs it). Each timed alone."""
+    setup = f"""T, B, D, H = {trials}, {batch}, {dim}, {hidden}
 dt = tf.bfloat16 if "{precision}" == "bfloat16" else tf.float32
 x, w, dh = (tf.cast(tf.random.normal(s), dt) for s in ([T, B, D], [T, D, H], [T, B, H]))
 matmuls = tf.function(lambda: [tf.reduce_sum(y[:, :1]) for y in (
@@ -72,17 +80,9 @@ grad = tf.random.normal([T, D, H])
 def update(grad):
     velocity.assign(0.9 * velocity + 0.1 * tf.square(grad))
     kernel.assign_sub(1e-3 * grad / tf.sqrt(velocity + 1e-7))
-    return kernel[0, 0, 0]
-def best(f, *a):
-    f(*a); b, end = 1e9, time.perf_counter() + {seconds}
-    while time.perf_counter() < end:
-        t = time.perf_counter(); r = f(*a); [v.numpy() for v in (r if isinstance(r, list) else [r])]
-        b = min(b, time.perf_counter() - t)
-    return b
-print(best(matmuls) + best(update, grad))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return kernel[0, 0, 0]"""
+    return (best_seconds_in_fresh_process(setup, "return matmuls()", seconds)
+            + best_seconds_in_fresh_process(setup, "return update(grad)", seconds))
 
 
 def dogtl(*args) -> float:
@@ -149,10 +149,11 @@ def main():
         macs = sum(r["macs"] for r in runs)
         floor = macs / rate
         print(f"compute floor: {macs / 1e12:.2f} T multiply-adds / {rate / 1e9:.1f} GMAC/s = {floor:.1f} s")
-        resolved = [HeadConfig(**r["settings"]).resolve(r["train_images"]) for r in runs]
-        first = HeadConfig(**runs[0]["settings"])
+        trial_configs = [HeadConfig(**r["settings"]) for r in runs]
+        resolved = [c.resolve(r["train_images"]) for c, r in zip(trial_configs, runs)]
         fuse = min(DEFAULT_FUSE, trials)
-        per_step = kernels_alone(fuse, resolved[0].batch_size, dim, first.hidden[0], resolved[0].precision)
+        per_step = kernels_alone(fuse, resolved[0].batch_size, dim, trial_configs[0].hidden[0],
+                                 resolved[0].precision)
         trial_steps = sum(r.steps_per_epoch * epochs for r in resolved)
         kernel_floor = per_step / fuse * trial_steps
         print(f"kernels alone: the first hidden layer's 3 matmuls ({resolved[0].precision}) and RMSprop kernel "
