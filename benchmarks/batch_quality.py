@@ -29,11 +29,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def make_cache(root: Path, name: str, classes: int, per_class: int, passes: int, val_fraction: float) -> Path:
-    from dogtl.backbones import get_backbone
-    from dogtl.extract import ExtractConfig, extract_features
-    from dogtl.images import image_dataset
-    from dogtl.models import build_backbone, calibrate_batchnorm
-    from dogtl.synthetic import make_kaggle_dataset
+    from dogtl.features.backbones import get_backbone
+    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.data.images import image_dataset
+    from dogtl.core.models import build_backbone, calibrate_batchnorm
+    from dogtl.data.synthetic import make_kaggle_dataset
 
     cache = root / f"{name}.h5"
     if cache.exists():
@@ -55,8 +55,9 @@ def make_cache(root: Path, name: str, classes: int, per_class: int, passes: int,
 
 def compare(cache: Path, seeds: range, epochs: int, default_rows: int | None = None) -> None:
     """default_rows: train as the default does for that many training images (None: this cache's)."""
-    from dogtl.cache import open_cache
-    from dogtl.head import RECIPE_BATCH_SIZE, HeadConfig, fit_head, load_training_data, resolve_batch_size
+    from dogtl.features.cache import open_cache
+    from dogtl.head.settings import RECIPE_BATCH_SIZE, HeadConfig, resolve_batch_size
+    from dogtl.head.train import fit_head, load_training_data
 
     c = open_cache(cache)
     d = load_training_data(c)

@@ -51,8 +51,8 @@ def worker_bare(args) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from dogtl.backbones import get_backbone
-    from dogtl.models import build_backbone
+    from dogtl.features.backbones import get_backbone
+    from dogtl.core.models import build_backbone
 
     spec = get_backbone(args.backbone)
     model = build_backbone(spec, "none", args.image_size)
@@ -73,7 +73,7 @@ def worker_bare(args) -> dict:
 def worker_pipeline(args) -> dict:
     import tracemalloc
 
-    from dogtl.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import ExtractConfig, extract_features
 
     import tensorflow  # noqa: F401  (its import is not the pipeline's memory)
 
@@ -136,7 +136,7 @@ def main():
     if args.quick:
         args.backbone, args.image_size, args.batch_size, args.counts, args.bare_batches = "resnet50", 64, 16, [32, 96], 8
 
-    from dogtl.synthetic import make_kaggle_dataset
+    from dogtl.data.synthetic import make_kaggle_dataset
 
     print(f"bench_extract: {args.backbone} (weights none) at {args.image_size} px, batch {args.batch_size}, "
           f"1 clean + {args.passes} augmented passes, {os.cpu_count()} CPUs")

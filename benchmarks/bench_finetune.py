@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 
 
 def build_model(spec, size: int, num_classes: int, blocks: int):
-    from dogtl.models import build_backbone, build_head, compose, freeze_batchnorm, unfreeze_top_blocks
-    from dogtl.schedules import make_optimizer
+    from dogtl.core.models import build_backbone, build_head, compose, freeze_batchnorm, unfreeze_top_blocks
+    from dogtl.head.schedules import make_optimizer
 
     backbone = build_backbone(spec, "none", size)
     unfreeze_top_blocks(backbone, spec, blocks)
@@ -43,7 +43,7 @@ def build_model(spec, size: int, num_classes: int, blocks: int):
 
 def in_memory(paths, spec, size: int) -> np.ndarray:
     """The plain recipe's input: all images decoded into one array (same pixels as dogtl's clean pass)."""
-    from dogtl.images import image_dataset
+    from dogtl.data.images import image_dataset
 
     x = np.empty((len(paths), size, size, 3), np.float32)
     for pos, _, images in image_dataset(paths, spec, size, batch_size=64, skip_bad=False):
@@ -75,10 +75,10 @@ def main(argv=None) -> int:
 
     import keras
 
-    from dogtl.augment import AugmentConfig
-    from dogtl.backbones import get_backbone
-    from dogtl.finetune import training_dataset
-    from dogtl.synthetic import make_kaggle_dataset
+    from dogtl.data.augment import AugmentConfig
+    from dogtl.features.backbones import get_backbone
+    from dogtl.finetune.train import training_dataset
+    from dogtl.data.synthetic import make_kaggle_dataset
 
     spec = get_backbone(args.backbone)
     classes = 4

@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 
 def head_seconds_per_epoch(data, num_classes: int, batch_size: int, epochs: int, precision: str = "auto") -> float:
     """Median seconds per epoch (training + validation) after the first (tracing) epoch."""
-    from dogtl.head import HeadConfig, fit_head
+    from dogtl.head.settings import HeadConfig
+    from dogtl.head.train import fit_head
 
     times = []
     config = HeadConfig(epochs=epochs, batch_size=batch_size, patience=0, precision=precision)
@@ -48,8 +49,9 @@ def ablation_seconds_per_epoch(data, num_classes: int, batch_size: int, epochs: 
     """The compiled epoch loop (training only) with one of its speed-ups switched off."""
     import keras
 
-    from dogtl.head import HeadConfig, build_compiled_head
-    from dogtl.trainloop import EpochRunner
+    from dogtl.head.settings import HeadConfig
+    from dogtl.head.train import build_compiled_head
+    from dogtl.head.trainloop import EpochRunner
 
     keras.utils.set_random_seed(0)
     config = HeadConfig(batch_size=batch_size)
@@ -67,7 +69,8 @@ def ablation_seconds_per_epoch(data, num_classes: int, batch_size: int, epochs: 
 def plain_fit_seconds(data, num_classes: int, batch_size: int, epochs: int) -> float:
     import keras
 
-    from dogtl.head import HeadConfig, build_compiled_head
+    from dogtl.head.settings import HeadConfig
+    from dogtl.head.train import build_compiled_head
 
     keras.utils.set_random_seed(0)
     config = HeadConfig(batch_size=batch_size)
@@ -91,11 +94,11 @@ def online_seconds_per_image(folder: Path, jpeg_size: int, image_size: int, num_
     import keras
     import tensorflow as tf
 
-    from dogtl.augment import AugmentConfig
-    from dogtl.backbones import get_backbone
-    from dogtl.images import image_dataset
-    from dogtl.models import build_backbone, build_head, compose
-    from dogtl.synthetic import make_kaggle_dataset
+    from dogtl.data.augment import AugmentConfig
+    from dogtl.features.backbones import get_backbone
+    from dogtl.data.images import image_dataset
+    from dogtl.core.models import build_backbone, build_head, compose
+    from dogtl.data.synthetic import make_kaggle_dataset
 
     count = (steps + 1) * batch_size
     root = make_kaggle_dataset(folder, num_classes=4, per_class=-(-count // 4), test_images=0, size=jpeg_size)
@@ -129,11 +132,12 @@ def main():
                         help="also time the epoch loop at batch 16 without each of its two speed-ups")
     args = parser.parse_args()
 
-    from dogtl.cache import open_cache
-    from dogtl.head import RECIPE_BATCH_SIZE, load_training_data, resolve_batch_size
-    from dogtl.lrfind import LRFindConfig, lr_find
-    from dogtl.precision import resolve_precision
-    from dogtl.synthetic_features import write_feature_cache
+    from dogtl.features.cache import open_cache
+    from dogtl.head.settings import RECIPE_BATCH_SIZE, resolve_batch_size
+    from dogtl.head.train import load_training_data
+    from dogtl.head.lrfind import LRFindConfig, lr_find
+    from dogtl.head.precision import resolve_precision
+    from dogtl.features.synthetic import write_feature_cache
 
     if args.quick:
         n, dim, classes, passes, image_size, jpeg_size, online_steps, online_batch = 600, 256, 20, 5, 71, 96, 1, 4

@@ -107,9 +107,9 @@ def main():
                         help="comma-separated sweep variants to time: fuse1, fused, jobs2")
     args = parser.parse_args()
 
-    from dogtl.head import HeadConfig
-    from dogtl.sweep import DEFAULT_FUSE, write_best_config
-    from dogtl.synthetic_features import write_feature_cache
+    from dogtl.head.settings import HeadConfig
+    from dogtl.sweep.run import DEFAULT_FUSE, write_best_config
+    from dogtl.features.synthetic import write_feature_cache
 
     if args.quick:
         n, dim, classes, passes, space, epochs = 600, 256, 20, 5, QUICK_SPACE, args.epochs or 3

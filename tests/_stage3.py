@@ -27,7 +27,7 @@ class Pipeline:
 
 
 def head_metadata(cache, backbone: str, size: int, cache_path) -> dict:
-    from dogtl.backbones import get_backbone
+    from dogtl.features.backbones import get_backbone
 
     spec = get_backbone(backbone)
     return {"kind": "head", "classes": list(cache.classes), "backbone": spec.name,
@@ -39,13 +39,13 @@ def head_metadata(cache, backbone: str, size: int, cache_path) -> dict:
 def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE) -> Pipeline:
     import keras
 
-    from dogtl import artifacts
-    from dogtl.backbones import get_backbone
-    from dogtl.cache import open_cache
-    from dogtl.extract import ExtractConfig, extract_features
-    from dogtl.images import image_dataset
-    from dogtl.models import build_backbone, build_head, calibrate_batchnorm
-    from dogtl.synthetic import make_kaggle_dataset
+    from dogtl.core import artifacts
+    from dogtl.features.backbones import get_backbone
+    from dogtl.features.cache import open_cache
+    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.data.images import image_dataset
+    from dogtl.core.models import build_backbone, build_head, calibrate_batchnorm
+    from dogtl.data.synthetic import make_kaggle_dataset
 
     root = Path(root)
     data = make_kaggle_dataset(root / "data", num_classes=3, per_class=8, test_images=4, size=size, seed=3)

@@ -47,7 +47,7 @@ def cli():
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """Kaggle layout: 3 classes x 8 train images (48 px), 4 test images, sample_submission.csv."""
-    from dogtl.synthetic import make_kaggle_dataset
+    from dogtl.data.synthetic import make_kaggle_dataset
 
     return make_kaggle_dataset(tmp_path_factory.mktemp("data") / "data", num_classes=3, per_class=8,
                                test_images=4, size=48, seed=0)
@@ -74,7 +74,7 @@ def stage3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finetuned(stage3, tmp_path_factory):
     """A one-epoch fine-tuning of the `stage3` head (read-only!): the FinetuneResult."""
-    from dogtl.finetune import FinetuneConfig, finetune
+    from dogtl.finetune.train import FinetuneConfig, finetune
 
     out = tmp_path_factory.mktemp("finetuned") / "finetuned.keras"
     return finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from dogtl import demo
-from dogtl.errors import DogtlError
+from dogtl.core.errors import DogtlError
 
 SMALL = dict(backbone="mobilenet_v2", image_size=32, classes=3, per_class=8, test_images=3, source_size=48,
              passes=1, head_epochs=3, finetune_epochs=1, batch_size=8)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import DogtlError
+from dogtl.core.errors import DogtlError
 
 log = logging.getLogger(__name__)
 Note = Callable[[str], None]
@@ -75,8 +75,8 @@ def _cached_imagenet(module: str) -> bool:
 def _random_backbone(spec, image_size: int, data: Path, path: Path, images: int = 32) -> Path:
     """A randomly initialised backbone whose BatchNorm statistics come from the demo's images,
     saved as a local weights file so every stage rebuilds exactly the same backbone."""
-    from .images import image_dataset
-    from .models import build_backbone, calibrate_batchnorm
+    from dogtl.data.images import image_dataset
+    from dogtl.core.models import build_backbone, calibrate_batchnorm
 
     backbone = build_backbone(spec, "none", image_size)
     files = sorted((data / "train").iterdir())
@@ -88,13 +88,14 @@ def _random_backbone(spec, image_size: int, data: Path, path: Path, images: int 
 
 
 def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
-    from .backbones import get_backbone
-    from .evaluate import EvaluateConfig, evaluate
-    from .extract import ExtractConfig, extract_features
-    from .finetune import FinetuneConfig, finetune
-    from .head import HeadConfig, train_head
-    from .predict import PredictConfig, predict_submission
-    from .synthetic import make_kaggle_dataset
+    from dogtl.features.backbones import get_backbone
+    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.finetune.train import FinetuneConfig, finetune
+    from dogtl.head.settings import HeadConfig
+    from dogtl.head.train import train_head
+    from dogtl.evaluation.predict import PredictConfig, predict_submission
+    from dogtl.data.synthetic import make_kaggle_dataset
 
     say = note or (lambda line: None)
     started = time.perf_counter()

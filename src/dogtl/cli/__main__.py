@@ -1,0 +1,3 @@
+from dogtl.cli import main
+
+main()

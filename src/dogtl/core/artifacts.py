@@ -1,0 +1,77 @@
+"""Saving and loading trained models together with the metadata that binds them.
+
+A model `models/head.keras` has its metadata beside it in `models/head.json`: what
+kind of model it is, its classes, the backbone/weights/image size/preprocessing that
+its inputs come from, the cache fingerprint, the settings used and final metrics.
+Both files are written to temporary names and renamed, so a crash leaves either the
+old pair or the new pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dogtl.core.errors import DogtlError
+
+
+def metadata_path(model_path: str | Path) -> Path:
+    return Path(model_path).with_suffix(".json")
+
+
+def check_writable(path: str | Path, force: bool) -> Path:
+    """Refuse to overwrite without --force, and name a missing output folder."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise DogtlError(f"{path}: model files must end in .keras")
+    if not path.parent.is_dir():
+        raise DogtlError(f"{path}: folder '{path.parent}' does not exist; create it or choose another --out")
+    if path.exists() and not force:
+        raise DogtlError(f"{path} exists: pass --force to overwrite it or choose another --out")
+    return path
+
+
+def write_json_atomic(path: str | Path, value) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def save_model(model, path: str | Path, metadata: dict) -> None:
+    """Atomically write model + metadata (the caller has already checked overwriting)."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    model.save(tmp)
+    write_json_atomic(metadata_path(path).with_suffix(".json.tmp"), metadata)
+    os.replace(tmp, path)
+    os.replace(metadata_path(path).with_suffix(".json.tmp"), metadata_path(path))
+
+
+def load_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise DogtlError(f"{path}: no such model file; train one first or pass --model/--head FILE")
+    meta = metadata_path(path)
+    if not meta.exists():
+        raise DogtlError(f"{path}: its metadata {meta.name} is missing; dogtl needs both files side by side")
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise DogtlError(f"{meta}: damaged metadata ({e}); retrain the model") from None
+
+
+def load_model(path: str | Path, compile: bool = True):
+    """(keras model, metadata). Imports dogtl's custom objects so schedules load too.
+    compile=False skips the optimizer (for models used only to predict or to build on)."""
+    import keras
+
+    from dogtl.head import schedules  # noqa: F401  registers the cyclical LR schedule with Keras
+
+    metadata = load_metadata(path)
+    try:
+        model = keras.saving.load_model(path, compile=compile)
+    except Exception as e:  # Keras raises many kinds for a bad zip or config
+        raise DogtlError(f"{path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
+    return model, metadata

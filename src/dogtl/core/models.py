@@ -1,0 +1,214 @@
+"""Every Keras model dogtl uses is built here, from plain values."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from dogtl.features.backbones import BackboneSpec
+from dogtl.core.errors import DogtlError
+
+log = logging.getLogger(__name__)
+RANDOM_INIT_SEED = 1234
+
+
+def weights_identity(weights: str) -> str:
+    """What goes into fingerprints: 'imagenet', 'none' or the local file's content hash."""
+    if weights in ("imagenet", "none"):
+        return weights
+    path = Path(weights)
+    if not path.is_file():
+        raise DogtlError(
+            f"--weights {weights}: no such file; pass 'imagenet', 'none' or a path to a local weights file"
+        )
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"file:{path.name}:sha256:{h.hexdigest()[:16]}"
+
+
+def build_backbone(spec: BackboneSpec, weights: str, image_size: int):
+    """The frozen backbone with global average pooling: images -> feature_dim vectors."""
+    import importlib
+
+    module = importlib.import_module(f"keras.applications.{spec.module}")
+    constructor = getattr(module, spec.constructor)
+    kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
+    try:
+        if weights == "none":
+            model = _seeded(lambda: constructor(weights=None, **kwargs))
+        elif weights == "imagenet":
+            model = constructor(weights="imagenet", **kwargs)
+        else:
+            model = constructor(weights=None, **kwargs)
+            model.load_weights(weights)
+    except DogtlError:
+        raise
+    except Exception as e:  # Keras raises many types for bad files and failed downloads
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if weights == "imagenet":
+            raise DogtlError(
+                f"cannot get ImageNet weights for {spec.name} ({reason}): offline? pass --weights PATH "
+                "to a local weights file, or --weights none"
+            ) from None
+        raise DogtlError(
+            f"--weights {weights}: not usable for {spec.name} without its top at {image_size} px "
+            f"({reason}); pass the matching '*_notop.h5' / '.weights.h5' file"
+        ) from None
+    model.trainable = False
+    log.info("built %s (%s weights) at %d px", spec.name, weights, image_size)
+    return model
+
+
+def _seeded(build, seed: int = RANDOM_INIT_SEED):
+    """Build with a fixed initialisation seed, so `--weights none` gives the same backbone in
+    every process (a resumed extraction and a later fine-tuning see the same random weights)."""
+    import random
+
+    state = random.getstate()  # Keras draws unseeded initialisers' seeds from Python's `random`
+    random.seed(seed)
+    try:
+        return build()
+    finally:
+        random.setstate(state)
+
+
+def build_head(input_dim: int, num_classes: int, hidden=(1024,), input_dropout: float = 0.5,
+               dropout: float = 0.5, name: str = "head"):
+    """BatchNorm -> Dropout -> [Dense relu -> Dropout]* -> softmax, on pooled features."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((input_dim,), name="features")
+    x = layers.BatchNormalization(name="head_bn")(inputs)
+    x = layers.Dropout(input_dropout, name="head_dropout_in")(x)
+    for k, units in enumerate(hidden):
+        x = layers.Dense(units, activation="relu", name=f"head_dense_{k}")(x)
+        x = layers.Dropout(dropout, name=f"head_dropout_{k}")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="head_softmax")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def set_head_precision(model, precision: str) -> None:
+    """Switch the hidden Dense layers' matmuls to `precision` (float32 or bfloat16) in place;
+    weights, normalisation and softmax stay float32. Heads train in bfloat16 where that is
+    faster but predict and are saved in float32, so fine-tuning and prediction never depend
+    on how the head was trained. Takes effect when a graph is next traced."""
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[precision]
+    for layer in model.layers:
+        if layer.name.startswith("head_dense_"):
+            layer.dtype_policy = policy
+
+
+def top_blocks_start(layer_names: list[str], spec: BackboneSpec, n: int) -> int:
+    """Index of the first layer of the backbone's top `n` blocks (len(layer_names) when n == 0).
+
+    For Xception, n=2 gives the first layer of block13: the reference recipe's
+    "freeze the first 116 layers". Everything from there up is unfrozen, including
+    unprefixed residual layers inside those blocks.
+    """
+    blocks = spec.blocks
+    if not 0 <= n <= len(blocks):
+        raise DogtlError(
+            f"--trainable-blocks {n}: {spec.name} has {len(blocks)} blocks; choose 0 to {len(blocks)}"
+        )
+    if n == 0:
+        return len(layer_names)
+    if spec.block_anchor == "after":
+        if n == len(blocks):
+            return 1  # everything but the input layer
+        name = blocks[-n - 1]
+        matches = [i + 1 for i, layer in enumerate(layer_names) if layer == name]
+    else:
+        prefix = blocks[-n]
+        matches = [i for i, layer in enumerate(layer_names) if layer.startswith(prefix)]
+    if not matches:
+        raise DogtlError(
+            f"{spec.name}: no layer named like {blocks[-n - 1] if spec.block_anchor == 'after' else blocks[-n]!r} "
+            "in this Keras version; fine-tuning cannot find its blocks (use --trainable-blocks 0)"
+        )
+    return matches[0]
+
+
+def is_batchnorm(layer) -> bool:
+    from keras import layers
+
+    return isinstance(layer, layers.BatchNormalization)
+
+
+def unfreeze_top_blocks(backbone, spec: BackboneSpec, n: int) -> list[str]:
+    """Make the top `n` blocks trainable, all else frozen; BatchNorm always stays frozen.
+
+    Keras 3 runs a frozen BatchNormalization layer in inference mode (moving statistics)
+    even inside `fit`, which is what keeps fine-tuning from wrecking the features. The
+    caller must compile after this. Returns the names of layers with trainable weights.
+    """
+    names = [layer.name for layer in backbone.layers]
+    start = top_blocks_start(names, spec, n)
+    backbone.trainable = True
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i >= start and not is_batchnorm(layer)
+    if not any(layer.trainable for layer in backbone.layers):
+        backbone.trainable = False
+    return [layer.name for layer in backbone.layers if layer.trainable and layer.trainable_weights]
+
+
+def freeze_batchnorm(model) -> None:
+    """Freeze every BatchNormalization layer, nested models included (inference mode in fit)."""
+    for layer in getattr(model, "layers", []):
+        if is_batchnorm(layer):
+            layer.trainable = False
+        else:
+            freeze_batchnorm(layer)
+
+
+def compose(backbone, head, name: str = "finetuned"):
+    """images -> backbone (with its global average pooling) -> the head model object itself.
+
+    Using the trained head object (not a copy of its architecture) carries its weights over
+    exactly, so before any training step the composed model equals the head on cached features.
+    """
+    import keras
+
+    feature_dim = backbone.output.shape[-1]
+    head_dim = head.input.shape[-1] if not isinstance(head.input, list) else head.input[0].shape[-1]
+    if head_dim != feature_dim:
+        raise DogtlError(
+            f"the head takes {head_dim} features but {backbone.name} gives {feature_dim}: "
+            "the head was trained on another backbone; train a head on this backbone's cache"
+        )
+    size = backbone.input.shape[1:]
+    inputs = keras.Input(tuple(size), name="image")
+    outputs = head(backbone(inputs, training=False))
+    return keras.Model(inputs, outputs, name=name)
+
+
+def calibrate_batchnorm(model, images) -> None:
+    """Set every BatchNorm layer's moving statistics to those of `images` (one forward pass).
+
+    A randomly initialised backbone keeps BatchNorm's initial statistics (mean 0, variance 1),
+    so its activations shrink layer after layer and its features are near-constant. With the
+    statistics of real (preprocessed) images every layer is normalised and random features
+    carry signal: used for the offline demo and the tests, never for ImageNet weights.
+    """
+    layers = []
+
+    def collect(layer):
+        for sub in getattr(layer, "layers", []):
+            if is_batchnorm(sub):
+                layers.append(sub)
+            else:
+                collect(sub)
+
+    collect(model)
+    saved = [(layer, layer.trainable, layer.momentum) for layer in layers]
+    was_trainable = model.trainable
+    model.trainable = True
+    for layer in layers:
+        layer.momentum = 0.0  # moving statistics := this batch's statistics
+    model(images, training=True)
+    model.trainable = was_trainable
+    for layer, trainable, momentum in saved:
+        layer.trainable, layer.momentum = trainable, momentum

@@ -1,0 +1,188 @@
+"""Validation reports: accuracy, log loss, top-k, per-class accuracy, most confused pairs.
+
+A head model is evaluated on its cache's clean validation features (seconds); a fine-tuned
+model (or a head with --data) on the validation images, through the extraction pipeline.
+Writes `<prefix>.eval.json`, `<prefix>.eval.csv` (per class) and `<prefix>.eval.png`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from dogtl.core.errors import DataError
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str = "models/finetuned.keras"
+    data: str | None = None  # images of the validation split; a head uses its cache when None
+    cache: str | None = None  # default: the cache recorded with the model (it holds the split)
+    out: str | None = None  # report prefix; default: the model path without .keras
+    weights: str | None = None  # only for backbones built from a local weights file
+    top_k: int = 5
+    confused: int = 10  # most confused pairs to list
+    batch_size: int = 32
+    force: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.confused < 1 or self.batch_size < 1:
+            raise ValueError("--top-k, --confused and --batch-size must be at least 1")
+
+
+@dataclass
+class Report:
+    model: Path
+    source: str  # "cached features" or "images"
+    images: int
+    accuracy: float
+    log_loss: float
+    top_k: int
+    top_k_accuracy: float
+    per_class: pd.DataFrame  # class, images, correct, accuracy
+    confused: list[dict] = field(default_factory=list)  # true, predicted, count, fraction
+    json_path: Path | None = None
+    csv_path: Path | None = None
+    png_path: Path | None = None
+
+
+def report_paths(model: str | Path, out: str | None) -> tuple[Path, Path, Path]:
+    prefix = Path(out) if out else Path(model).with_suffix("")
+    return tuple(prefix.with_name(prefix.name + ext) for ext in (".eval.json", ".eval.csv", ".eval.png"))
+
+
+def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], top_k: int = 5,
+                   confused: int = 10) -> dict:
+    """All numbers of a report from probabilities [n, C] and true labels (pure, no files)."""
+    from sklearn.metrics import confusion_matrix
+
+    from dogtl.evaluation.metrics import log_loss
+
+    num_classes = len(classes)
+    labels = np.asarray(labels)
+    predicted = np.argmax(probs, axis=1)
+    k = min(top_k, num_classes)
+    matrix = confusion_matrix(labels, predicted, labels=range(num_classes))
+    counts = matrix.sum(axis=1)
+    per_class = pd.DataFrame({"class": classes, "images": counts, "correct": np.diag(matrix),
+                              "accuracy": np.where(counts > 0, np.diag(matrix) / np.maximum(counts, 1), np.nan)})
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    pairs = []
+    for flat in np.argsort(-off, axis=None, kind="stable")[:confused]:
+        t, p = np.unravel_index(flat, off.shape)
+        if off[t, p] == 0:
+            break
+        pairs.append({"true": classes[t], "predicted": classes[p], "count": int(off[t, p]),
+                      "fraction": float(off[t, p] / counts[t])})
+    return {
+        "images": int(len(labels)),
+        "accuracy": float(np.mean(predicted == labels)),
+        "log_loss": log_loss(labels, probs, num_classes),
+        "top_k": k,
+        "top_k_accuracy": float(np.mean(np.any(np.argsort(-probs, axis=1)[:, :k] == labels[:, None], axis=1))),
+        "per_class": per_class, "confused": pairs, "matrix": matrix,
+    }
+
+
+def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report:
+    from dogtl.core.artifacts import write_json_atomic
+    from dogtl.core.modelinfo import check_metadata, open_model_cache
+    from dogtl.evaluation.predict import check_output, write_csv_atomic
+
+    meta, spec, size = check_metadata(config.model)
+    paths = report_paths(config.model, config.out)
+    for p in paths:
+        check_output(p, config.force, what="--out prefix")
+    cache = open_model_cache(meta, config.cache)
+    if not cache.is_val.any():
+        raise DataError(f"{cache.path} has no validation split (--val-fraction 0): nothing to evaluate on")
+    classes = list(meta["classes"])
+    if meta["kind"] == "head" and config.data is None:
+        probs, labels, source = _on_cache(config, meta, cache), cache.labels[cache.is_val], "cached features"
+    else:
+        probs, labels, source = _on_images(config, meta, cache, progress)
+    numbers = metrics_report(probs, labels, classes, config.top_k, config.confused)
+    json_path, csv_path, png_path = paths
+    write_csv_atomic(numbers["per_class"], csv_path)
+    _plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path)
+    summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
+    summary.update(model=str(config.model), kind=meta["kind"], source=source,
+                   per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path))
+    write_json_atomic(json_path, summary)
+    return Report(Path(config.model), source, numbers["images"], numbers["accuracy"], numbers["log_loss"],
+                  numbers["top_k"], numbers["top_k_accuracy"], numbers["per_class"], numbers["confused"],
+                  json_path, csv_path, png_path)
+
+
+def _on_cache(config, meta, cache):
+    from dogtl.core.artifacts import load_model
+    from dogtl.core.modelinfo import check_model_matches
+
+    head, _ = load_model(config.model, compile=False)
+    check_model_matches(head, meta, config.model)
+    features = cache.features("labelled", passes=[0])[0][cache.is_val]
+    return head.predict(features, batch_size=1024, verbose=0)
+
+
+def _on_images(config, meta, cache, progress):
+    from dogtl.data.folders import load_dataset
+    from dogtl.core.modelinfo import split_paths
+    from dogtl.evaluation.predict import load_image_model, predict_images
+
+    val = split_paths(cache, load_dataset(config.data or "data"))["val"]
+    model, meta, spec, size = load_image_model(config.model, config.weights)
+    probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress)
+    if not ok.all():
+        bad = val["paths"][int(np.flatnonzero(~ok)[0])]
+        raise DataError(f"{bad}: cannot read this validation image any more; fix it or extract again")
+    return probs, val["labels"], "images"
+
+
+def _plot_confusion(matrix: np.ndarray, classes: list[str], confused: list[dict], path: Path,
+                    max_classes: int = 12) -> None:
+    """Row-normalised confusion among the classes of the most confused pairs."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = []
+    for pair in confused:
+        for name in (pair["true"], pair["predicted"]):
+            if name not in chosen and len(chosen) < max_classes:
+                chosen.append(name)
+    if not chosen:
+        chosen = classes[:max_classes]
+    idx = [classes.index(c) for c in chosen]
+    sub = matrix[np.ix_(idx, idx)].astype(float)
+    rows = matrix[idx].sum(axis=1, keepdims=True).astype(float)
+    sub = np.divide(sub, rows, out=np.zeros_like(sub), where=rows > 0)
+    size = 2.5 + 0.45 * len(chosen)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(chosen)), chosen, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(chosen)), chosen, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("most confused classes\n(fraction of each true class)", fontsize=9)
+    for i in range(len(chosen)):
+        for j in range(len(chosen)):
+            if sub[i, j] > 0:
+                ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if sub[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+

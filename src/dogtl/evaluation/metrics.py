@@ -1,0 +1,42 @@
+"""The scores every stage reports: accuracy and the Kaggle metric, multi-class log loss.
+
+One definition for train-head, sweeps, fine-tuning and evaluate: scikit-learn's log loss on
+rows clipped to [1e-15, 1] and renormalised (what Kaggle does with a submission). A model
+whose outputs are not finite (diverged training) scores an infinitely bad log loss, so it
+is never kept as the best.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLIP = 1e-15
+
+
+def clip_rows(probs: np.ndarray) -> np.ndarray:
+    """Rows clipped to [1e-15, 1] and renormalised to sum to 1 (safe for log loss)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), CLIP, 1.0)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Fraction of rows whose most probable class is the label; rows with non-finite outputs count as wrong."""
+    probs = np.asarray(probs)
+    finite = np.isfinite(probs).all(axis=1)
+    return float(np.mean((np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1) == np.asarray(labels)) & finite))
+
+
+def log_loss(labels: np.ndarray, probs: np.ndarray, num_classes: int | None = None) -> float:
+    """Multi-class log loss, Kaggle's way; inf when any output is not finite."""
+    from sklearn.metrics import log_loss as sklearn_log_loss
+
+    probs = np.asarray(probs)
+    if not np.isfinite(probs).all():
+        return float("inf")
+    num_classes = probs.shape[1] if num_classes is None else num_classes
+    return float(sklearn_log_loss(labels, clip_rows(probs), labels=list(range(num_classes))))
+
+
+def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int | None = None) -> dict:
+    """{"val_accuracy", "val_log_loss"} of predictions on validation rows."""
+    return {"val_accuracy": accuracy(labels, probs), "val_log_loss": log_loss(labels, probs, num_classes)}

@@ -1,0 +1,291 @@
+"""Predictions: Kaggle submissions for a test folder, top-k classes for single images.
+
+A fine-tuned model reads the test images. A head model uses the cached test features of
+its cache when they are there (seconds), otherwise it runs behind the same backbone that
+made its features. Rows are clipped to [1e-15, 1] and renormalised (the Kaggle metric is
+log loss), columns follow sample_submission.csv exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
+from dogtl.core.errors import DataError, DogtlError
+from dogtl.evaluation.metrics import clip_rows
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+DEFAULT_MODELS = ("models/finetuned.keras", "models/head.keras")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str | None = None  # default: models/finetuned.keras, else models/head.keras
+    data: str = "data"
+    images: tuple[str, ...] = ()  # when given: top-k for these files instead of a submission
+    cache: str | None = None  # default: the cache recorded with a head model
+    use_cache: bool = True  # head models: cached test features when they fit (else images)
+    out: str = "submission.csv"
+    tta: bool = False
+    tta_passes: int = 4  # augmented passes computed when they are not cached
+    top_k: int = 5
+    batch_size: int = 32
+    weights: str | None = None  # only for backbones built from a local weights file
+    on_bad_image: str = "skip"  # skip | uniform | fail
+    force: bool = False
+
+    def __post_init__(self):
+        if self.on_bad_image not in ("skip", "uniform", "fail"):
+            raise ValueError(f"--on-bad-image {self.on_bad_image!r} must be 'skip', 'uniform' or 'fail'")
+        if self.tta_passes < 1:
+            raise ValueError(f"--tta-passes {self.tta_passes} must be at least 1")
+        if self.top_k < 1 or self.batch_size < 1:
+            raise ValueError("--top-k and --batch-size must be at least 1")
+
+
+@dataclass
+class Submission:
+    path: Path
+    model: Path
+    rows: int
+    columns: list[str]
+    source: str  # "cached features" or "images"
+    passes: int
+    skipped: list[str] = field(default_factory=list)  # "path\treason"
+    filled: int = 0  # rows written with uniform probabilities for unreadable images
+
+
+@dataclass
+class TopK:
+    path: str
+    classes: list[str]
+    probabilities: list[float]
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def resolve_model(model: str | None) -> Path:
+    if model is not None:
+        return Path(model)
+    for candidate in DEFAULT_MODELS:
+        if Path(candidate).exists():
+            return Path(candidate)
+    raise DogtlError("no model found at models/finetuned.keras or models/head.keras: "
+                     "train one first or pass --model FILE")
+
+
+def load_image_model(path, weights: str | None = None):
+    """(model on preprocessed images, metadata, spec, image size) for a head or fine-tuned file."""
+    from dogtl.core.artifacts import load_model
+    from dogtl.core.modelinfo import backbone_weights, check_metadata, check_model_matches
+    from dogtl.core.models import build_backbone, compose
+
+    meta, spec, size = check_metadata(path)
+    if meta["kind"] == "head":
+        backbone = build_backbone(spec, backbone_weights(meta, weights), size)
+    model, _ = load_model(path, compile=False)
+    check_model_matches(model, meta, path)
+    if meta["kind"] == "head":
+        model = compose(backbone, model, name="head_on_images")
+    return model, meta, spec, size
+
+
+def inference_fn(model):
+    """model(x, training=False) as one tf.function per model, traced once per batch shape."""
+    fn = _INFERENCE.get(model)
+    if fn is None:
+        import tensorflow as tf
+
+        fn = _INFERENCE[model] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return fn
+
+
+def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: int = 0, seed: int = 0,
+                   augmentation=None, batch_size: int = 32, progress: Progress | None = None):
+    """Class probabilities [n, C] for image files (rows of unreadable ones are NaN) and a read mask.
+
+    Uses the pipeline of extraction, so the pixels are the ones the head was trained on;
+    pass p > 0 is the same augmentation as the cache's pass p for the same indices.
+    """
+    from dogtl.data.images import image_dataset
+
+    n = len(paths)
+    num_classes = model.output.shape[-1]
+    probs = np.full((n, num_classes), np.nan)
+    ok = np.zeros(n, dtype=bool)
+    if n == 0:
+        return probs, ok
+    ds = image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
+                       augmentation=augmentation, batch_size=batch_size, skip_bad=True)
+    infer = inference_fn(model)
+    for positions, _, images in ds:
+        positions = positions.numpy()
+        probs[positions] = np.asarray(infer(images), dtype=np.float64)
+        ok[positions] = True
+        done = int(positions[-1]) + 1
+        if progress:
+            progress(done, n)
+    return probs, ok
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path, **kwargs) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False, **kwargs)
+    os.replace(tmp, path)
+
+
+def check_output(path: str | Path, force: bool, what: str = "--out") -> Path:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DogtlError(f"{path}: folder '{path.parent}' does not exist; create it or choose another {what}")
+    if path.exists() and not force:
+        raise DogtlError(f"{path} exists: pass --force to overwrite it or choose another {what}")
+    return path
+
+
+def test_images(root: str | Path):
+    """(ids, paths, sample_submission or None) of a data folder's test/ images."""
+    root = Path(root)
+    test = root / "test"
+    if not test.is_dir():
+        raise DataError(f"{test} not found: a submission needs the test images in {test}/ "
+                        "(or pass image paths to see their top classes)")
+    paths = sorted(p for p in test.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{test} holds no .jpg/.png/.gif/.bmp images")
+    sample = root / SAMPLE_SUBMISSION
+    return [p.stem for p in paths], paths, sample if sample.exists() else None
+
+
+# ----------------------------------------------------------------------------- submission
+
+def predict_submission(config: PredictConfig, progress: Progress | None = None) -> Submission:
+    from dogtl.data.images import decode_error
+    from dogtl.core.modelinfo import check_metadata
+
+    model_path = resolve_model(config.model)
+    meta, spec, size = check_metadata(model_path)
+    out = check_output(config.out, config.force)
+    ids, paths, sample = test_images(config.data)
+    classes = list(meta["classes"])
+    columns = check_submission_columns(sample, classes) if sample is not None else sorted(classes)
+
+    probs, ok, source, passes = None, None, "images", 0
+    if meta["kind"] == "head" and config.use_cache:
+        probs, ok, passes = _from_cache(config, meta, model_path, ids, paths)
+        if probs is not None:
+            source = "cached features"
+    if probs is None:
+        probs, ok, passes = _from_images(config, model_path, meta, spec, size, paths, progress)
+
+    skipped = [f"{paths[i]}\t{decode_error(paths[i]) or 'unreadable'}" for i in np.flatnonzero(~ok)]
+    if skipped and config.on_bad_image == "fail":
+        first = skipped[0].replace("\t", ": cannot read image (", 1)
+        raise DataError(f"{first}); {len(skipped)} unreadable test image(s): fix or remove them, "
+                        "or pass --on-bad-image skip/uniform")
+    filled = 0
+    if config.on_bad_image == "uniform":
+        probs[~ok] = 1.0 / len(classes)
+        filled, ok = int((~ok).sum()), np.ones_like(ok)
+    order = [classes.index(c) for c in columns]
+    table = pd.DataFrame(clip_rows(probs[ok][:, order]), columns=columns)
+    table.insert(0, "id", [i for i, good in zip(ids, ok) if good])
+    write_csv_atomic(table, out, float_format="%.8g")
+    return Submission(out, model_path, len(table), columns, source, passes, skipped, filled)
+
+
+def _from_cache(config, meta, model_path, ids, paths):
+    """Head predictions from the cache's test features; (None, None, 0) when it cannot serve them."""
+    from dogtl.core.artifacts import load_model
+    from dogtl.core.modelinfo import check_model_matches, open_model_cache
+
+    cache = open_model_cache(meta, config.cache, required=config.cache is not None)
+    if cache is None:
+        log.info("no cache for %s: computing features from the images", model_path)
+        return None, None, 0
+    skipped_ids = {Path(line.split("\t")[0]).stem for line in cache.skipped
+                   if Path(line.split("\t")[0]).parent.name == "test"}
+    if set(cache.test_ids) | skipped_ids != set(ids) or len(cache.test_ids) == 0:
+        log.warning("%s was made from other test images than %s/test: computing from the images",
+                    cache.path, config.data)
+        return None, None, 0
+    if config.tta and cache.num_test_passes < 2:
+        log.info("%s holds no test-time augmentation passes: computing them from the images", cache.path)
+        return None, None, 0
+    head, _ = load_model(model_path, compile=False)
+    check_model_matches(head, meta, model_path)
+    passes = list(range(cache.num_test_passes)) if config.tta else [0]
+    features = cache.features("test", passes=passes)
+    mean = np.mean([head.predict(f, batch_size=1024, verbose=0) for f in features], axis=0)
+    where = {image_id: k for k, image_id in enumerate(cache.test_ids)}
+    probs = np.full((len(ids), mean.shape[1]), np.nan)
+    ok = np.array([i in where for i in ids])
+    probs[ok] = mean[[where[i] for i in ids if i in where]]
+    return probs, ok, len(passes)
+
+
+def _augmentation_of(meta):
+    """The augmentation settings and seed recorded with the model's cache (defaults if none)."""
+    from dogtl.data.augment import AugmentConfig
+
+    fingerprint = meta.get("cache_fingerprint") or {}
+    aug = fingerprint.get("augmentation")
+    return (AugmentConfig(**aug) if aug else AugmentConfig()), int(fingerprint.get("seed", 0))
+
+
+def _from_images(config, model_path, meta, spec, size, paths, progress):
+    model, meta, spec, size = load_image_model(model_path, config.weights)
+    augmentation, seed = _augmentation_of(meta)
+    passes = 1 + (config.tta_passes if config.tta else 0)
+    total, runs = [], []
+    for p in range(passes):
+        def step(done, n, p=p):
+            if progress:
+                progress(p * n + done, passes * n)
+        probs, ok = predict_images(model, paths, spec, size, pass_index=p, seed=seed,
+                                   augmentation=augmentation, batch_size=config.batch_size, progress=step)
+        total.append(probs)
+        runs.append(ok)
+    ok = np.logical_and.reduce(runs)
+    return np.mean(total, axis=0), ok, passes
+
+
+# ----------------------------------------------------------------------------- single images
+
+def predict_top_k(config: PredictConfig, progress: Progress | None = None) -> list[TopK]:
+    """Top-k classes with probabilities for each file in config.images."""
+    from dogtl.data.images import decode_error
+
+    model_path = resolve_model(config.model)
+    paths = [Path(p) for p in config.images]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise DataError(f"no such image file: {', '.join(absent[:3])}")
+    model, meta, spec, size = load_image_model(model_path, config.weights)
+    augmentation, seed = _augmentation_of(meta)
+    passes = 1 + (config.tta_passes if config.tta else 0)
+    runs = [predict_images(model, paths, spec, size, pass_index=p, seed=seed, augmentation=augmentation,
+                           batch_size=config.batch_size, progress=progress) for p in range(passes)]
+    probs = np.mean([r[0] for r in runs], axis=0)
+    ok = np.logical_and.reduce([r[1] for r in runs])
+    classes = list(meta["classes"])
+    k = min(config.top_k, len(classes))
+    results = []
+    for path, row, good in zip(paths, probs, ok):
+        if not good:
+            results.append(TopK(str(path), [], [], decode_error(path) or "unreadable"))
+            continue
+        top = np.argsort(-row)[:k]
+        results.append(TopK(str(path), [classes[j] for j in top], [float(row[j]) for j in top]))
+    return results

@@ -1,0 +1,361 @@
+"""The feature cache: the only code that touches its files.
+
+While extracting, finished batches are saved as small files in `<cache>.partial/`,
+each written to a temporary name and renamed, so a kill at any moment loses at most
+the batch in flight. When every pass is done they are streamed, one part file
+at a time, into one HDF5 file written as `<cache>.tmp` and renamed: a file at the cache
+path is always complete, and memory never holds more than one batch of features.
+
+HDF5 schema (readable with plain h5py):
+  attrs:  format="dogtl-features", format_version=1, complete=True,
+          fingerprint=<JSON of every setting that produced it>, versions=<JSON>
+  classes                 (C,)           class names, sorted; labels index into it
+  labelled/ids            (N,)           image ids (Kaggle id or "<class>/<stem>")
+  labelled/labels         (N,)  int32
+  labelled/is_val         (N,)  bool     the validation split every later stage uses
+  labelled/index          (N,)  int64    the image's number in the data folder's file list
+                                         (its augmentation key)
+  labelled/features       (1+K, N, D)    pass 0 clean, passes 1..K augmented
+  test/ids                (M,)
+  test/index              (M,)  int64
+  test/features           (1+T, M, D)    pass 0 clean, 1..T test-time augmentation
+  skipped                 (S,)           "path<TAB>reason" for images that could not be read
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dogtl.core.errors import CacheError
+
+FORMAT = "dogtl-features"
+FORMAT_VERSION = 1
+SPLITS = ("labelled", "test")
+RESUME_HINT = "incomplete, run extract-features again to resume"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Settings that do not change the features: differences are reported, never refused.
+INFORMATIONAL = {"versions", "batch_size"}
+_HINTS = {"file_list": " (images, labels or files changed)", "num_images": " (labelled images)",
+          "num_test_images": " (test images)"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _comparable(key: str, value):
+    # A local weights file is identified by its content; its name may change.
+    if key == "weights" and isinstance(value, str) and value.startswith("file:"):
+        return value.rsplit(":sha256:", 1)[-1]
+    return value
+
+
+def fingerprint_differences(stored: dict, wanted: dict) -> list[str]:
+    """One 'setting: cache has X, now Y' line per setting that changes the features."""
+    stored, wanted = _flat(stored), _flat(wanted)
+    keys = sorted(k for k in set(stored) | set(wanted) if k.split(".")[0] not in INFORMATIONAL)
+    return [f"{k}{_HINTS.get(k, '')}: cache has {stored.get(k)!r}, now {wanted.get(k)!r}"
+            for k in keys if _comparable(k, stored.get(k)) != _comparable(k, wanted.get(k))]
+
+
+def partial_dir(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+class PartialCache:
+    """Finished batches of an extraction in progress, as crash-safe .npz files."""
+
+    PART = re.compile(r"^(labelled|test)-p(\d+)-(\d{9})-(\d{9})\.npz$")
+
+    def __init__(self, path: Path):
+        self.dir = partial_dir(path)
+
+    def exists(self) -> bool:
+        return (self.dir / "fingerprint.json").exists()
+
+    def start(self, fingerprint: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.dir / "fingerprint.json", json.dumps(fingerprint, sort_keys=True, indent=1))
+
+    def fingerprint(self) -> dict:
+        try:
+            return json.loads((self.dir / "fingerprint.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CacheError(f"{self.dir}: damaged progress files ({e}); rerun with --force to start over") from None
+
+    def _parts(self, split: str, pass_index: int) -> list[tuple[int, int, Path]]:
+        parts = []
+        for p in self.dir.iterdir():
+            m = self.PART.match(p.name)
+            if m and m[1] == split and int(m[2]) == pass_index:
+                parts.append((int(m[3]), int(m[4]), p))
+        return sorted(parts)
+
+    def covered(self, split: str, pass_index: int) -> int:
+        """Every position before this one is done (saved, or found unreadable)."""
+        return max((end for _, end, _ in self._parts(split, pass_index)), default=0)
+
+    def write(self, split: str, pass_index: int, positions: np.ndarray, features: np.ndarray) -> None:
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        name = f"{split}-p{pass_index}-{start:09d}-{end:09d}.npz"
+        tmp = self.dir / (name + ".tmp")
+        # No fsync: once renamed, a batch survives any kill of this process (the kernel holds it),
+        # and fsyncing every batch stalls the model on a busy disk. A batch damaged by an OS crash
+        # fails its zip CRC check when read and is then removed and redone.
+        with open(tmp, "wb") as f:
+            np.savez(f, positions=positions, features=features)
+        os.replace(tmp, self.dir / name)
+
+    def _load(self, part: Path, *keys):
+        try:
+            with np.load(part) as z:
+                return tuple(z[k] for k in keys)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            part.unlink(missing_ok=True)  # a damaged batch is simply redone on the next run
+            raise CacheError(f"{part}: damaged batch removed ({e}); {RESUME_HINT}") from None
+
+    def positions(self, split: str, pass_index: int) -> np.ndarray:
+        """The saved positions of one pass, in order (features are not read)."""
+        chunks = [self._load(p, "positions")[0] for _, _, p in self._parts(split, pass_index)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+
+    def iter_pass(self, split: str, pass_index: int):
+        """(positions, features) of one pass, one saved batch at a time, in order."""
+        for _, _, p in self._parts(split, pass_index):
+            yield self._load(p, "positions", "features")
+
+    def save_json(self, name: str, value) -> None:
+        _atomic_write_text(self.dir / name, json.dumps(value))
+
+    def load_json(self, name: str):
+        p = self.dir / name
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fill_pass(ds, p: int, source, n: int, dim: int, where: str) -> None:
+    """Copy one pass into ds[p]: an array [n, dim], or (rows, block) chunks in row order."""
+    value = source() if callable(source) else source
+    if hasattr(value, "shape"):
+        value = np.asarray(value)
+        if value.shape != (n, dim):
+            raise ValueError(f"{where} pass {p}: features of shape {value.shape}, expected {(n, dim)}")
+        if n:
+            ds[p] = value
+        return
+    filled = 0
+    for rows, block in value:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            continue
+        if rows[0] != filled or np.any(np.diff(rows) != 1) or block.shape != (len(rows), dim):
+            raise CacheError(f"{where} pass {p}: saved batches are inconsistent (rows {rows[0]}.."
+                             f"{rows[-1]} after {filled}); rerun extract-features with --force")
+        ds[p, filled:filled + len(rows)] = block
+        filled += len(rows)
+    if filled != n:
+        raise CacheError(f"{where} pass {p}: {filled} of {n} rows saved; {RESUME_HINT}")
+
+
+def write_header(f, fingerprint: dict, versions: dict, classes, skipped) -> None:
+    """The attributes and class/skipped lists every cache file starts with (marked incomplete)."""
+    import h5py
+
+    strings = h5py.string_dtype()
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["complete"] = False
+    f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    f.attrs["versions"] = json.dumps(versions, sort_keys=True)
+    f.create_dataset("classes", data=np.array(list(classes), dtype=object), dtype=strings)
+    f.create_dataset("skipped", data=np.array(list(skipped), dtype=object), dtype=strings)
+
+
+def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, labelled: dict,
+                test: dict, skipped: list[str]) -> None:
+    """Write the complete cache atomically.
+
+    `labelled`/`test` map dataset names to arrays ("ids" as strings). Their "features" entry
+    is a list with one item per pass: an array [rows, dim], or a callable returning such an
+    array or an iterable of (row numbers, feature block) in row order, so a pass is copied
+    one batch at a time and memory does not grow with the number of images.
+    """
+    import h5py
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    str_dtype = h5py.string_dtype()
+    dim = int(fingerprint["feature_dim"])
+    with h5py.File(tmp, "w") as f:
+        write_header(f, fingerprint, versions, classes, skipped)
+        for split, arrays in (("labelled", labelled), ("test", test)):
+            g = f.create_group(split)
+            n = len(arrays["ids"])
+            for key, value in arrays.items():
+                if key == "features":
+                    continue
+                if key == "ids":
+                    g.create_dataset(key, data=np.array(list(value), dtype=object), dtype=str_dtype)
+                else:
+                    g.create_dataset(key, data=np.asarray(value))
+            passes = arrays["features"]
+            ds = g.create_dataset("features", shape=(len(passes), n, dim),
+                                  dtype=fingerprint.get("dtype", "float32"),
+                                  chunks=(1, max(1, min(n, 1024)), dim) if n else None)
+            for p, source in enumerate(passes):
+                _fill_pass(ds, p, source, n, dim, split)
+        f.attrs["complete"] = True
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class FeatureCache:
+    """A complete cache, opened for reading. Features are read on demand."""
+
+    path: Path
+    fingerprint: dict
+    versions: dict
+    classes: list[str]
+    ids: np.ndarray
+    labels: np.ndarray
+    is_val: np.ndarray
+    test_ids: np.ndarray
+    skipped: list[str]
+    shapes: dict = field(default_factory=dict)
+
+    @property
+    def num_passes(self) -> int:
+        """Labelled passes, clean included."""
+        return self.shapes["labelled"][0]
+
+    @property
+    def num_test_passes(self) -> int:
+        return self.shapes["test"][0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.shapes["labelled"][2]
+
+    def features(self, split: str = "labelled", passes=None) -> np.ndarray:
+        """float32 features [passes, rows, dim] of `split` ("labelled" or "test")."""
+        import h5py
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        total = self.shapes[split][0]
+        wanted = list(range(total)) if passes is None else [int(p) for p in passes]
+        bad = [p for p in wanted if not 0 <= p < total]
+        if bad:
+            raise ValueError(f"{self.path}: {split} features have passes 0..{total - 1}, not {bad}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                ds = f[split]["features"]
+                out = np.empty((len(wanted), ds.shape[1], ds.shape[2]), np.float32)
+                for k, p in enumerate(wanted):
+                    out[k] = ds[p]
+        except (OSError, KeyError) as e:
+            raise CacheError(f"{self.path}: damaged or {RESUME_HINT} ({str(e)[:120]})") from None
+        return out
+
+
+def is_cache_file(path: Path) -> bool:
+    """Whether the file looks like an HDF5 file (ours, possibly damaged) rather than a foreign file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def open_cache(path: str | Path) -> FeatureCache:
+    """Open a complete cache, or raise CacheError saying what is wrong and what to do."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        if PartialCache(path).exists():
+            raise CacheError(f"{path}: {RESUME_HINT}")
+        raise CacheError(f"{path}: no feature cache there; run `dogtl extract-features` first (or pass --cache FILE)")
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not a feature cache: pass --cache FILE")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise CacheError(f"{path}: not a dogtl feature cache; pass the file written by extract-features")
+            if not f.attrs.get("complete", False):
+                raise CacheError(f"{path}: {RESUME_HINT}")
+            cache = FeatureCache(
+                path=path,
+                fingerprint=json.loads(f.attrs["fingerprint"]),
+                versions=json.loads(f.attrs["versions"]),
+                classes=list(f["classes"].asstr()[:]),
+                ids=f["labelled/ids"].asstr()[:],
+                labels=f["labelled/labels"][:],
+                is_val=f["labelled/is_val"][:].astype(bool),
+                test_ids=f["test/ids"].asstr()[:],
+                skipped=list(f["skipped"].asstr()[:]),
+                shapes={s: f[s]["features"].shape for s in SPLITS},
+            )
+            _check_sources(path, f)
+    except CacheError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        if not is_cache_file(path):
+            raise CacheError(f"{path}: not a dogtl feature cache; pass the file written by extract-features") from None
+        raise CacheError(f"{path}: damaged or {RESUME_HINT} ({str(e)[:120]})") from None
+    _check_consistent(cache)
+    return cache
+
+
+def _check_sources(path: Path, f) -> None:
+    """A cache merged from shards as virtual datasets (shards.py) reads them in place: a missing
+    shard would read as fill values, so it is refused here. Relative names are beside `path`."""
+    for split in SPLITS:
+        ds = f[split]["features"]
+        if ds.is_virtual:
+            for source in {m.file_name for m in ds.virtual_sources()}:
+                if source != "." and not (path.parent / source).exists():
+                    raise CacheError(f"{path} reads its features from the shard {path.parent / source}, which is "
+                                     "missing: put it back, or merge the shards again with --copy")
+
+
+def _check_consistent(c: FeatureCache) -> None:
+    fp = c.fingerprint
+    want = {"labelled": (1 + fp.get("passes", c.num_passes - 1), len(c.ids), fp.get("feature_dim")),
+            "test": (1 + fp.get("tta_passes", c.num_test_passes - 1), len(c.test_ids), fp.get("feature_dim"))}
+    problems = [f"{s}/features is {tuple(c.shapes[s])}, expected {want[s]}"
+                for s in SPLITS if tuple(c.shapes[s]) != want[s]]
+    if len(c.labels) != len(c.ids) or len(c.is_val) != len(c.ids):
+        problems.append("labels, is_val and ids differ in length")
+    if len(c.labels) and (c.labels.min() < 0 or c.labels.max() >= len(c.classes)):
+        problems.append("labels out of range of classes")
+    if problems:
+        raise CacheError(f"{c.path}: damaged or {RESUME_HINT} ({'; '.join(problems)})")

@@ -1,0 +1,140 @@
+"""Learning-rate range test on cached features (Smith 2017; fastai's lr_find).
+
+The rate grows exponentially from tiny to large, one step at a time, on the same head,
+optimizer and pass sampling as train-head; the run stops once the smoothed loss has
+clearly diverged. Suggested rates: max = (rate at the smoothed loss's minimum) / 10,
+the usual "well before the blow-up" rule, and base = max / 10, the recipe's ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dogtl.core.errors import DogtlError
+from dogtl.head.settings import HeadConfig
+
+SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+CHUNK = 50  # steps per graph call between divergence checks
+
+
+@dataclass(frozen=True)
+class LRFindConfig:
+    cache: str = "cache/features.h5"
+    out: str = "models/lr-find.png"
+    batch_size: int | None = None  # None: train-head's automatic choice
+    optimizer: str = "rmsprop"
+    start_lr: float = 1e-7
+    end_lr: float = 1.0
+    steps: int = 300
+    hidden: tuple = (1024,)
+    dropout: float = 0.5
+    input_dropout: float = 0.5
+    clean_only: bool = False
+    seed: int = 2018
+    force: bool = False
+
+    def __post_init__(self):
+        if not (math.isfinite(self.start_lr) and self.start_lr > 0):
+            raise DogtlError(f"--start-lr {self.start_lr} must be a positive number")
+        if not (math.isfinite(self.end_lr) and self.end_lr > self.start_lr):
+            raise DogtlError(f"--end-lr {self.end_lr} must be above --start-lr {self.start_lr}")
+        if self.steps < 10:
+            raise DogtlError(f"--steps {self.steps} must be at least 10")
+        if Path(self.out).suffix.lower() != ".png":
+            raise DogtlError(f"--out {self.out}: the plot is a PNG; use a name ending in .png")
+        self.head_config()  # validates the options shared with train-head
+
+    def head_config(self) -> HeadConfig:
+        return HeadConfig(cache=self.cache, batch_size=self.batch_size, optimizer=self.optimizer,
+                          schedule="constant", base_lr=self.start_lr, max_lr=self.end_lr, hidden=self.hidden,
+                          dropout=self.dropout, input_dropout=self.input_dropout, clean_only=self.clean_only,
+                          seed=self.seed)
+
+
+@dataclass
+class LRFindResult:
+    plot_path: Path
+    lrs: np.ndarray
+    losses: np.ndarray
+    smoothed: np.ndarray
+    lr_at_min: float
+    base_lr: float
+    max_lr: float
+    diverged: bool
+    seconds: float
+
+
+def smooth(losses: np.ndarray, beta: float = SMOOTHING) -> np.ndarray:
+    out, avg = np.empty(len(losses)), 0.0
+    for i, value in enumerate(losses):
+        avg = beta * avg + (1 - beta) * value
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, float, float]:
+    """(rate at the minimum of the smoothed loss, suggested base, suggested max)."""
+    at_min = float(lrs[int(np.nanargmin(smoothed))])
+    max_lr = at_min / 10
+    return at_min, max_lr / 10, max_lr
+
+
+def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.ndarray, num_classes: int,
+               start_lr: float, end_lr: float, steps: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(rates, losses, diverged): one training step per rate, rates growing exponentially."""
+    import keras
+
+    from dogtl.head.train import build_compiled_head
+    from dogtl.head.trainloop import EpochRunner
+
+    rate = (end_lr / start_lr) ** (1.0 / (steps - 1))
+    ramp = keras.optimizers.schedules.ExponentialDecay(start_lr, decay_steps=1, decay_rate=rate)
+    resolved = config.resolve(train_features.shape[1])
+    model, _ = build_compiled_head(config, train_features.shape[2], num_classes, resolved, learning_rate=ramp)
+    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed,
+                         precision=resolved.precision)
+    losses: list[float] = []
+    diverged, call = False, 0
+    while len(losses) < steps and not diverged:
+        call += 1
+        chunk, _ = runner.run(call, max_steps=min(CHUNK, steps - len(losses)))
+        losses.extend(float(v) for v in chunk)
+        smoothed = smooth(np.asarray(losses))
+        finite = np.isfinite(smoothed)
+        if not finite.all():
+            cut = int(np.argmin(finite))
+            losses, diverged = losses[:cut], True
+        elif len(losses) >= 10 and smoothed[-1] > DIVERGED * smoothed.min():
+            cut = int(np.argmax(smoothed > DIVERGED * smoothed.min()))
+            losses, diverged = losses[:cut + 1], True
+    lrs = start_lr * rate ** np.arange(len(losses))
+    return lrs, np.asarray(losses), diverged
+
+
+def lr_find(config: LRFindConfig) -> LRFindResult:
+    from dogtl.features.cache import open_cache
+    from dogtl.head.train import load_training_data
+    from dogtl.core.plots import plot_lr_find
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    if out.exists() and not config.force:
+        raise DogtlError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    cache = open_cache(config.cache)
+    data = load_training_data(cache, config.clean_only)
+    lrs, losses, diverged = range_test(config.head_config(), data.train_features, data.train_labels,
+                                       len(cache.classes), config.start_lr, config.end_lr, config.steps)
+    if len(losses) < 2:
+        raise DogtlError(f"the loss diverged at once (from {config.start_lr:g}): pass a smaller --start-lr")
+    smoothed = smooth(losses)
+    at_min, base_lr, max_lr = suggest(lrs, smoothed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_lr_find(lrs, losses, smoothed, out, base_lr=base_lr, max_lr=max_lr)
+    return LRFindResult(out, lrs, losses, smoothed, at_min, base_lr, max_lr, diverged,
+                        time.perf_counter() - started)

@@ -1,0 +1,89 @@
+"""Cyclical learning rates (Smith, 2017) and the optimizers the recipes use.
+
+`cyclic_lr` is the formula in plain Python, what the tests check; `CyclicLR` is the thin
+Keras adapter that computes the same thing in-graph and saves and loads with a model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from dogtl.core.errors import DogtlError
+
+MODES = ("triangular", "triangular2", "exp_range")
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+RECIPE_GAMMA = 0.99994  # exp_range decay per iteration of the reference recipe (batch 16)
+
+
+def _check(base_lr, max_lr, step_size, mode, gamma):
+    if mode not in MODES:
+        raise DogtlError(f"cyclical mode {mode!r}: choose one of {', '.join(MODES)}")
+    if not base_lr > 0 or not max_lr > 0:
+        raise DogtlError(f"learning rates must be > 0 (base {base_lr}, max {max_lr})")
+    if base_lr > max_lr:
+        raise DogtlError(f"base learning rate {base_lr} is above the max {max_lr}: swap them")
+    if step_size < 1:
+        raise DogtlError(f"step size {step_size} must be at least 1 iteration")
+    if not 0 < gamma <= 1:
+        raise DogtlError(f"gamma {gamma} must be in (0, 1]")
+
+
+def cyclic_lr(iteration, base_lr, max_lr, step_size, mode="triangular", gamma=1.0) -> float:
+    """Smith's cyclical rate at `iteration` (0-based):
+    cycle = floor(1 + it/(2 step)), x = |it/step - 2 cycle + 1|,
+    lr = base + (max - base) * max(0, 1 - x) * scale, with scale 1 (triangular),
+    1/2**(cycle-1) (triangular2) or gamma**it (exp_range)."""
+    _check(base_lr, max_lr, step_size, mode, gamma)
+    cycle = math.floor(1 + iteration / (2 * step_size))
+    x = abs(iteration / step_size - 2 * cycle + 1)
+    if mode == "triangular":
+        scale = 1.0
+    elif mode == "triangular2":
+        scale = 1.0 / 2 ** (cycle - 1)
+    else:
+        scale = gamma ** iteration
+    return base_lr + (max_lr - base_lr) * max(0.0, 1.0 - x) * scale
+
+
+@keras.saving.register_keras_serializable(package="dogtl")
+class CyclicLR(keras.optimizers.schedules.LearningRateSchedule):
+    """`cyclic_lr` as a Keras schedule, evaluated at the optimizer's iteration count."""
+
+    def __init__(self, base_lr, max_lr, step_size, mode="exp_range", gamma=RECIPE_GAMMA, name="CyclicLR"):
+        super().__init__()
+        _check(base_lr, max_lr, step_size, mode, gamma)
+        self.base_lr, self.max_lr = float(base_lr), float(max_lr)
+        self.step_size, self.mode, self.gamma = int(step_size), mode, float(gamma)
+        self.name = name
+
+    def __call__(self, step):
+        from keras import ops
+
+        it = ops.cast(step, "float32")
+        step_size = float(self.step_size)
+        cycle = ops.floor(1.0 + it / (2.0 * step_size))
+        x = ops.abs(it / step_size - 2.0 * cycle + 1.0)
+        if self.mode == "triangular":
+            scale = 1.0
+        elif self.mode == "triangular2":
+            scale = ops.power(0.5, cycle - 1.0)
+        else:
+            scale = ops.power(self.gamma, it)
+        return self.base_lr + (self.max_lr - self.base_lr) * ops.maximum(0.0, 1.0 - x) * scale
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "max_lr": self.max_lr, "step_size": self.step_size,
+                "mode": self.mode, "gamma": self.gamma, "name": self.name}
+
+
+def make_optimizer(name: str, learning_rate, **kw):
+    """The recipe's optimizers: RMSprop (rho 0.9), Adam, or SGD with momentum 0.9."""
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=learning_rate, **{"rho": 0.9, **kw})
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate, **kw)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, **{"momentum": 0.9, **kw})
+    raise DogtlError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")

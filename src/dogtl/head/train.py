@@ -1,0 +1,267 @@
+"""Stage two: train the dense head on cached features, with cyclical learning rates.
+
+`fit_head` trains on arrays in memory (what a sweep calls many times); `train_head`
+reads the cache, checks it, calls `fit_head` and writes the model, its metadata, the
+per-epoch history CSV and a PNG plot. Each epoch every training image contributes one of
+its cached passes (clean or augmented), drawn per image and epoch; validation always
+uses the clean pass. Training stops early on validation log loss and keeps the best
+epoch's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dogtl.core.early_stopping import EarlyStopping
+from dogtl.core.errors import CacheError, DogtlError
+from dogtl.evaluation.metrics import scores
+from dogtl.head.settings import HeadConfig, Resolved
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+
+
+@dataclass
+class FitResult:
+    model: object  # the Keras head with the best epoch's weights
+    history: "object"  # pandas DataFrame, HISTORY_COLUMNS
+    metrics: dict  # val_accuracy, val_log_loss, epochs_run, best_epoch, train_loss, train_accuracy
+    seconds_per_epoch: float
+    resolved: Resolved  # batch size, learning rates, step size and gamma actually used
+
+
+@dataclass
+class HeadResult:
+    model_path: Path
+    metrics: dict
+    history: "object"
+    history_path: Path
+    plot_path: Path
+    seconds: float
+    seconds_per_epoch: float
+    train_images: int
+    val_images: int
+    passes: int
+    resolved: Resolved
+
+
+def _schedule(config: HeadConfig, r: Resolved):
+    from dogtl.head.schedules import CyclicLR
+
+    if config.schedule == "constant":
+        return r.base_lr
+    return CyclicLR(r.base_lr, r.max_lr, r.step_size, mode=config.schedule, gamma=r.gamma)
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _seeded_build(seed: int):
+    """Seed Keras for a build whose weights depend on `seed` alone. Keras draws the seeds of
+    unseeded initialisers and dropout layers from Python's global `random`, which other threads
+    of the process (a threaded sweep worker's, a Dask worker's) draw from too. So during the
+    build Keras gets a private generator with the very sequence `random.seed(seed)` gives the
+    global one: the same weights whatever else runs, and one build at a time."""
+    import keras
+
+    try:
+        from keras.src.random import seed_generator
+    except ImportError:  # another Keras layout: only the global generator
+        seed_generator = None
+    private = seed_generator is not None and hasattr(seed_generator, "python_random")
+    with _BUILD_LOCK:
+        keras.utils.set_random_seed(seed)
+        if not private:
+            yield
+            return
+        saved = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = saved
+
+
+def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, resolved: Resolved,
+                        learning_rate=None):
+    """The head of `config`, compiled with its optimizer and (cyclical) learning rate schedule
+    (or `learning_rate`, a rate or Keras schedule, instead); its initial weights and dropout
+    streams depend on `config.seed` alone."""
+    from dogtl.core.models import build_head
+    from dogtl.head.schedules import make_optimizer
+
+    with _seeded_build(config.seed):
+        model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
+                           dropout=config.dropout)
+    lr = _schedule(config, resolved) if learning_rate is None else learning_rate
+    decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
+    optimizer = make_optimizer(config.optimizer, lr, **decay)
+    if decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model, lr
+
+
+def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.ndarray,
+             val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
+             on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Train a head from arrays: train_features [passes, rows, dim] (pass 0 clean), labels [rows],
+    val_features [rows, dim] (clean). Only the training settings of `config` are used (not
+    cache/out/force). Same inputs and seed give the same model on the same machine."""
+    import pandas as pd
+
+    from dogtl.core.models import set_head_precision
+    from dogtl.head.trainloop import EpochRunner
+
+    if train_features.ndim != 3 or val_features.ndim != 2 or train_features.shape[2] != val_features.shape[1]:
+        raise ValueError(f"features of shapes {train_features.shape} (train) and {val_features.shape} (val) "
+                         "do not fit: expected [passes, rows, dim] and [rows, dim]")
+    if not len(val_labels):
+        raise DogtlError("no validation images: early stopping and the metrics need some")
+    resolved = config.resolve(train_features.shape[1])
+    model, lr = build_compiled_head(config, train_features.shape[2], num_classes, resolved)
+    runner = EpochRunner(model, train_features, train_labels, resolved.batch_size, config.seed,
+                         label_smoothing=config.label_smoothing, precision=resolved.precision)
+    val_labels = np.asarray(val_labels)
+
+    stopping, best_weights, rows, seconds = EarlyStopping(config.patience), None, [], 0.0
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        losses, accuracy = runner.run(epoch)
+        val = scores(val_labels, runner.predict(val_features), num_classes)
+        seconds += time.perf_counter() - started
+        iteration = epoch * runner.steps - 1  # the last step of this epoch
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "accuracy": accuracy,
+               "val_loss": val["val_log_loss"], "val_accuracy": val["val_accuracy"],
+               "lr": float(lr(iteration)) if callable(lr) else float(lr)}
+        rows.append(row)
+        if on_epoch:
+            on_epoch({**row, "epochs": config.epochs, "seconds": time.perf_counter() - started})
+        if stopping.update(epoch, row["val_loss"] if math.isfinite(row["loss"]) else math.nan):
+            best_weights = model.get_weights()
+        if stopping.stopped:
+            if not math.isfinite(row["loss"]) or not math.isfinite(row["val_loss"]):
+                log.warning("epoch %d: loss is not finite; training stopped (lower the learning rates)", epoch)
+            break
+    if best_weights is None:
+        raise DogtlError(f"training diverged in epoch 1 (loss {rows[0]['loss']}): lower --base-lr/--max-lr "
+                         f"(they were {resolved.base_lr:g} and {resolved.max_lr:g})")
+    model.set_weights(best_weights)
+    set_head_precision(model, "float32")  # the saved head computes like any other float32 model
+    best_row = rows[stopping.best_epoch - 1]
+    metrics = {**scores(val_labels, runner.predict(val_features), num_classes), "epochs_run": len(rows),
+               "best_epoch": stopping.best_epoch, "train_loss": best_row["loss"], "train_accuracy": best_row["accuracy"]}
+    return FitResult(model, pd.DataFrame(rows, columns=HISTORY_COLUMNS), metrics, seconds / len(rows), resolved)
+
+
+@dataclass
+class TrainingData:
+    """The arrays a head trains on, read from a cache: training rows with the passes
+    used, and the validation rows' clean pass."""
+
+    train_features: np.ndarray  # [passes, rows, dim], float16 if the cache stores float16
+    train_labels: np.ndarray
+    val_features: np.ndarray  # [rows, dim] float32
+    val_labels: np.ndarray
+    classes: list = field(default_factory=list)
+
+
+def load_training_data(cache, clean_only: bool = False) -> TrainingData:
+    """Split an opened cache into training passes and clean validation features, checking
+    that there is something to train and validate on."""
+    is_val = np.asarray(cache.is_val, bool)
+    train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if not len(val_rows):
+        raise CacheError(f"{cache.path}: has no validation images (extracted with --val-fraction 0?); "
+                         "re-extract with --val-fraction 0.1")
+    if not len(train_rows):
+        raise CacheError(f"{cache.path}: every labelled image is in the validation split; "
+                         "re-extract with a smaller --val-fraction")
+    if len(np.unique(cache.labels[train_rows])) < 2:
+        raise CacheError(f"{cache.path}: the training split holds fewer than two classes; add images")
+    store = np.float16 if cache.fingerprint.get("dtype") == "float16" else np.float32
+    passes = 1 if clean_only else cache.num_passes
+    train = np.empty((passes, len(train_rows), cache.feature_dim), store)
+    val = None
+    for p in range(passes):
+        block = cache.features("labelled", passes=[p])[0]
+        train[p] = block[train_rows]
+        if p == 0:
+            val = block[val_rows].astype(np.float32)
+    if not np.isfinite(val).all() or not all(np.isfinite(train[p]).all() for p in range(passes)):
+        raise CacheError(f"{cache.path}: features contain NaN or infinity; re-extract with --force")
+    return TrainingData(train, cache.labels[train_rows].astype(np.int32), val,
+                        cache.labels[val_rows].astype(np.int32), list(cache.classes))
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    out = Path(out)
+    return {"model": out, "metadata": out.with_suffix(".json"), "history": out.with_suffix(".history.csv"),
+            "plot": out.with_suffix(".png")}
+
+
+def check_outputs(out: str | Path, force: bool) -> dict[str, Path]:
+    """Refuse to overwrite any of the run's outputs without --force (before any training)."""
+    from dogtl.core.artifacts import check_writable
+
+    paths = output_paths(out)
+    if paths["model"].suffix == ".keras":
+        paths["model"].parent.mkdir(parents=True, exist_ok=True)
+    check_writable(paths["model"], force)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not force:
+        raise DogtlError(f"{existing[0]} exists: pass --force to overwrite it or choose another --out")
+    return paths
+
+
+def write_csv_atomic(frame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def train_head(config: HeadConfig, progress: Callable[[dict], None] | None = None) -> HeadResult:
+    """Train a head on a feature cache and write model, metadata, history CSV and plot.
+
+    `progress` gets one dict per epoch (HISTORY_COLUMNS plus epochs and seconds)."""
+    from dogtl.core.artifacts import save_model
+    from dogtl.features.cache import open_cache
+    from dogtl.core.plots import plot_history
+
+    started = time.perf_counter()
+    paths = check_outputs(config.out, config.force)
+    cache = open_cache(config.cache)
+    data = load_training_data(cache, config.clean_only)
+    log.info("training on %d images x %d passes, validating on %d", data.train_features.shape[1],
+             data.train_features.shape[0], len(data.val_labels))
+    fit = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels,
+                   len(cache.classes), on_epoch=progress)
+    fp = cache.fingerprint
+    metadata = {
+        "kind": "head", "classes": list(cache.classes), "backbone": fp.get("backbone"),
+        "weights": fp.get("weights"), "image_size": fp.get("image_size"),
+        "preprocessing": fp.get("preprocessing"), "feature_dim": cache.feature_dim,
+        "cache": str(cache.path), "cache_fingerprint": fp, "settings": asdict(config), "metrics": fit.metrics,
+        "train_images": int(data.train_features.shape[1]), "val_images": int(len(data.val_labels)),
+        "passes_used": int(data.train_features.shape[0]), "resolved": asdict(fit.resolved),
+        "history": paths["history"].name,
+    }
+    write_csv_atomic(fit.history, paths["history"])
+    plot_history(fit.history, paths["plot"])
+    save_model(fit.model, paths["model"], metadata)
+    return HeadResult(paths["model"], fit.metrics, fit.history, paths["history"], paths["plot"],
+                      time.perf_counter() - started, fit.seconds_per_epoch, int(data.train_features.shape[1]),
+                      int(len(data.val_labels)), int(data.train_features.shape[0]), fit.resolved)

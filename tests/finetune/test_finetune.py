@@ -1,0 +1,232 @@
+"""Stage three: composition, block unfreezing, augmentation, resume, never-worse, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from _stage3 import copy_head
+from conftest import assert_clean_error, run_cli
+
+from dogtl.features.backbones import BACKBONES, get_backbone
+from dogtl.core.errors import DogtlError
+
+
+@pytest.fixture(scope="module")
+def xception():
+    from dogtl.core.models import build_backbone
+
+    return build_backbone(get_backbone("xception"), "none", 71)
+
+
+def test_xception_top_two_blocks_are_the_recipes_first_116_layers_frozen(xception):
+    from dogtl.core.models import is_batchnorm, unfreeze_top_blocks
+
+    trainable = unfreeze_top_blocks(xception, get_backbone("xception"), 2)
+    layers = xception.layers
+    recipe = [l.name for l in layers[116:] if l.weights and not is_batchnorm(l)]
+    assert trainable == recipe
+    assert trainable[0] == "block13_sepconv1" and trainable[-1] == "block14_sepconv2"
+    assert any(not l.name.startswith("block") for l in layers[116:] if l.name in trainable)  # block13's residual conv
+    assert not any(l.trainable for l in layers[:116])
+    assert all(not l.trainable for l in layers if is_batchnorm(l))
+    assert {v.name for v in xception.trainable_variables} == {
+        v.name for l in layers[116:] if not is_batchnorm(l) for v in l.trainable_weights}
+
+    assert unfreeze_top_blocks(xception, get_backbone("xception"), 0) == []
+    assert xception.trainable_variables == []
+    with pytest.raises(DogtlError, match="choose 0 to 14"):
+        unfreeze_top_blocks(xception, get_backbone("xception"), 15)
+
+
+@pytest.mark.parametrize("name", sorted(set(BACKBONES) - {"xception"}))
+def test_every_backbone_block_is_found_and_blocks_nest(name):
+    import importlib
+
+    from dogtl.core.models import top_blocks_start
+
+    spec = get_backbone(name)
+    module = importlib.import_module(f"keras.applications.{spec.module}")
+    model = getattr(module, spec.constructor)(weights=None, include_top=False, pooling="avg",
+                                              input_shape=(spec.min_size,) * 2 + (3,))
+    names = [l.name for l in model.layers]
+    starts = [top_blocks_start(names, spec, n) for n in range(len(spec.blocks) + 1)]
+    assert starts[0] == len(names)
+    assert all(a > b for a, b in zip(starts, starts[1:])), starts  # every block holds layers
+    if name == "inception_v3":  # Keras' own InceptionV3 fine-tuning example: freeze the first 249 layers
+        assert names[starts[2] - 1] == "mixed8" and starts[2] == 249
+
+
+def test_composed_model_equals_head_on_cached_features_before_training(stage3):
+    """backbone -> pooling -> head object, on clean images == head on the float32 cache."""
+    from dogtl.core.artifacts import load_model
+    from dogtl.features.cache import open_cache
+    from dogtl.data.folders import load_dataset
+    from dogtl.core.models import build_backbone, compose
+    from dogtl.core.modelinfo import split_paths
+    from dogtl.evaluation.predict import predict_images
+
+    spec = get_backbone("mobilenet_v2")
+    head, meta = load_model(stage3.head, compile=False)
+    cache = open_cache(stage3.cache)
+    model = compose(build_backbone(spec, str(stage3.weights), meta["image_size"]), head)
+    split = split_paths(cache, load_dataset(stage3.data))
+    cached = head.predict(cache.features("labelled", passes=[0])[0], verbose=0)
+    for part in ("train", "val"):
+        probs, ok = predict_images(model, split[part]["paths"], spec, meta["image_size"], batch_size=5)
+        assert ok.all()
+        assert np.max(np.abs(probs - cached[split[part]["rows"]])) <= 1e-4
+    assert cached.std(axis=0).max() > 1e-3  # the features carry signal: the check is not vacuous
+
+
+def test_epoch_e_is_the_caches_augmented_pass_1_plus_e(stage3):
+    from dogtl.data.augment import AugmentConfig
+    from dogtl.features.cache import open_cache
+    from dogtl.data.folders import load_dataset
+    from dogtl.finetune.train import training_batches
+    from dogtl.core.models import build_backbone
+    from dogtl.core.modelinfo import split_paths
+
+    spec = get_backbone("mobilenet_v2")
+    cache = open_cache(stage3.cache)
+    train = split_paths(cache, load_dataset(stage3.data))["train"]
+    aug = AugmentConfig(**cache.fingerprint["augmentation"])
+    ds = training_batches(train["paths"], train["indices"], spec, 48, seed=cache.fingerprint["seed"],
+                          augmentation=aug, batch_size=32, epochs=[0, 1])
+    backbone = build_backbone(spec, str(stage3.weights), 48)
+    (rows0, images0), (rows1, images1) = [(r.numpy(), im) for r, im in ds]
+    cached_pass1 = cache.features("labelled", passes=[1])[0][train["rows"]]
+    assert sorted(rows0) == list(range(len(train["paths"])))
+    assert np.max(np.abs(backbone.predict(images0, verbose=0) - cached_pass1[rows0])) <= 1e-4
+    assert not np.array_equal(rows0, rows1)  # reshuffled each epoch
+    by_row0 = dict(zip(rows0, images0.numpy()))
+    assert all(np.abs(by_row0[r] - im).mean() > 1e-2 for r, im in zip(rows1, images1.numpy()))  # fresh augmentation
+
+
+def test_finetune_writes_model_metadata_history_and_plot(stage3, finetuned):
+    from dogtl.core.artifacts import load_model
+    from dogtl.core.models import is_batchnorm
+
+    r = finetuned
+    assert r.model_path.exists() and r.history_path.exists()
+    assert r.head_difference <= 1e-4
+    meta = json.loads(r.model_path.with_suffix(".json").read_text())
+    head_meta = json.loads(stage3.head.with_suffix(".json").read_text())
+    assert meta["kind"] == "finetuned" and meta["head"] == str(stage3.head)
+    for key in ("classes", "backbone", "weights", "image_size", "preprocessing", "feature_dim", "cache",
+                "cache_fingerprint"):
+        assert meta[key] == head_meta[key], key
+    assert meta["settings"]["trainable_blocks"] == 2 and meta["settings"]["lr"] == 1e-4
+    assert meta["metrics"]["before"] == r.before and meta["metrics"]["val_log_loss"] == r.after["val_log_loss"]
+    assert r.trainable_layers == ["block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"]
+    assert r.after["val_log_loss"] <= r.before["val_log_loss"]
+    history = pd.read_csv(r.history_path)
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+    assert history["epoch"].tolist() == [1] and history["lr"].iloc[0] == pytest.approx(1e-4)
+    assert r.plot_path is not None and r.plot_path.exists()
+    assert not r.model_path.with_name(r.model_path.name + ".partial").exists()
+
+    model, _ = load_model(r.model_path, compile=False)
+    backbone = next(l for l in model.layers if hasattr(l, "layers"))
+    assert all(not l.trainable for l in backbone.layers if is_batchnorm(l))
+    assert sorted(l.name for l in backbone.layers if l.trainable and l.weights) == sorted(r.trainable_layers)
+
+
+def _config(stage3, out, **kw):
+    from dogtl.finetune.train import FinetuneConfig
+
+    return FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),
+                          weights=str(stage3.weights), batch_size=8, **kw)
+
+
+def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
+    from dogtl.finetune.train import finetune
+    from dogtl.head.schedules import cyclic_lr
+
+    out = tmp_path / "ft.keras"
+    seen = []
+
+    def killer(done, total):
+        seen.append(done)
+        if len(seen) == 4:  # 18 train images / 8 = 3 steps per epoch: step 1 of epoch 2
+            raise KeyboardInterrupt
+
+    cyclic = dict(epochs=2, patience=5, schedule="cyclic", lr=1e-4, max_lr=1e-3, step_size=2,
+                  cyclic_mode="triangular")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_config(stage3, out, **cyclic), progress=killer)
+    partial = out.with_name(out.name + ".partial")
+    state = json.loads((partial / "state.json").read_text())
+    assert state["epoch"] == 1 and not out.exists()
+    first = state["history"][0]
+    with pytest.raises(DogtlError, match="unfinished fine-tuning with other settings"):
+        finetune(_config(stage3, out, **{**cyclic, "lr": 2e-4}))
+
+    r = finetune(_config(stage3, out, **cyclic))
+    assert r.resumed_from == 1 and r.epochs_run == 2
+    assert r.history["epoch"].tolist() == [1, 2]
+    assert r.history.iloc[0].to_dict() == pytest.approx(first)
+    # the schedule continues from the restored iteration count (3 steps per epoch)
+    assert r.history["lr"].tolist() == pytest.approx([cyclic_lr(3, 1e-4, 1e-3, 2), cyclic_lr(6, 1e-4, 1e-3, 2)])
+    assert out.exists() and not partial.exists()
+
+
+def test_cli_never_saves_worse_than_the_head_and_stops_early(stage3, tmp_path):
+    """A learning rate that wrecks the model: early stopping, and the saved model is the head itself."""
+    from dogtl.core.artifacts import load_model
+    from dogtl.features.cache import open_cache
+    from dogtl.data.folders import load_dataset
+    from dogtl.core.modelinfo import split_paths
+    from dogtl.evaluation.predict import predict_images
+
+    out = tmp_path / "ft.keras"
+    result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--weights", stage3.weights,
+                     "--out", out, "--epochs", 3, "--patience", 1, "--lr", 50, "--batch-size", 8,
+                     "--trainable-blocks", 1)
+    assert result.exit_code == 0, result.output
+    assert "validation before fine-tuning: accuracy" in result.stdout
+    assert "validation after fine-tuning:  accuracy" in result.stdout
+    assert "trainable layers (1): Conv_1" in result.stdout
+    assert "no epoch beat the head" in result.stdout
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["metrics"]["best_epoch"] == 0 and meta["metrics"]["epochs_run"] == 1  # patience 1
+    assert meta["metrics"]["val_log_loss"] == meta["metrics"]["before"]["val_log_loss"]
+    assert pd.read_csv(out.with_suffix(".history.csv"))["val_loss"].iloc[0] > meta["metrics"]["val_log_loss"]
+
+    model, _ = load_model(out, compile=False)
+    head, _ = load_model(stage3.head, compile=False)
+    cache = open_cache(stage3.cache)
+    val = split_paths(cache, load_dataset(stage3.data))["val"]
+    probs, _ = predict_images(model, val["paths"], get_backbone("mobilenet_v2"), 48)
+    cached = head.predict(cache.features("labelled", passes=[0])[0][val["rows"]], verbose=0)
+    assert np.max(np.abs(probs - cached)) <= 1e-4
+
+
+def test_bad_input_gives_one_line_errors(stage3, tmp_path):
+    base = ["finetune", "--data", stage3.data, "--weights", stage3.weights, "--epochs", 1]
+    bad = tmp_path / "bad"
+
+    lonely = tmp_path / "lonely" / "head.keras"
+    lonely.parent.mkdir()
+    shutil.copy(stage3.head, lonely)
+    assert_clean_error(run_cli(*base, "--head", lonely, "--out", tmp_path / "a.keras"), "metadata head.json is missing")
+
+    small = copy_head(stage3, bad / "small", image_size=16)
+    assert_clean_error(run_cli(*base, "--head", small, "--out", tmp_path / "b.keras"), "too small for mobilenet_v2")
+
+    other = copy_head(stage3, bad / "other", backbone="xception", preprocessing=get_backbone("xception").preprocessing,
+                      feature_dim=2048, image_size=71)
+    assert_clean_error(run_cli(*base, "--head", other, "--out", tmp_path / "c.keras"), "inputs of shape")
+
+    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "missing" / "ft.keras"),
+                       "does not exist")
+    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "d.keras", "--trainable-blocks", 99),
+                       "choose 0 to 18")
+    existing = tmp_path / "e.keras"
+    existing.write_text("x")
+    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", existing), "exists: pass --force")
+    assert_clean_error(run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--out", tmp_path / "f.keras"),
+                       "local weights file backbone.weights.h5")
