@@ -1,0 +1,97 @@
+"""Using a trained model on the command line: evaluate and predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dogtl.cli.common import ImageProgress, friendly_errors
+
+
+@friendly_errors
+def evaluate_cmd(
+    model: Path = typer.Option(Path("models/finetuned.keras"), help="Head or fine-tuned model to evaluate on the validation split."),
+    data: Optional[Path] = typer.Option(None, help="Data folder: evaluate on the validation images (default for fine-tuned models: data/; head models use cached features unless given)."),
+    cache: Optional[Path] = typer.Option(None, help="Feature cache holding the validation split (default: the model's)."),
+    out: Optional[Path] = typer.Option(None, help="Report prefix: writes PREFIX.eval.json, .eval.csv, .eval.png (default: next to the model)."),
+    top_k: int = typer.Option(5, help="k of the top-k accuracy."),
+    confused: int = typer.Option(10, help="How many most confused class pairs to list."),
+    batch_size: int = typer.Option(32, help="Images per model call."),
+    weights: Optional[str] = typer.Option(None, help="Only if the backbone came from a local weights file: that file again."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing reports."),
+):
+    """Report accuracy, log loss, top-k accuracy, per-class accuracy and the most confused pairs.
+
+    On the validation split stored in the cache. Writes a JSON report, a per-class CSV and a PNG of the confusion among the most confused classes.
+    """
+    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+
+    config = EvaluateConfig(model=str(model), data=str(data) if data else None, cache=str(cache) if cache else None,
+                            out=str(out) if out else None, top_k=top_k, confused=confused,
+                            batch_size=batch_size, weights=weights, force=force)
+    with ImageProgress("evaluating") as bar:
+        r = evaluate(config, progress=bar.update)
+    typer.echo(f"{r.model} on {r.images} validation images ({r.source}):")
+    typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}")
+    worst = r.per_class.dropna().sort_values("accuracy").head(5)
+    typer.echo("  lowest per-class accuracy: " + ", ".join(
+        f"{row['class']} {row['accuracy']:.2f} ({row['correct']}/{row['images']})" for _, row in worst.iterrows()))
+    if r.confused:
+        typer.echo("  most confused (true -> predicted):")
+        for pair in r.confused:
+            typer.echo(f"    {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['fraction']:.0%} of {pair['true']})")
+    typer.echo(f"wrote {r.json_path}, {r.csv_path}, {r.png_path}")
+
+
+@friendly_errors
+def predict_cmd(
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files: print their top classes instead of writing a submission."),
+    data: Path = typer.Option(Path("data"), help="Data folder whose test/ images get a submission row each (columns as its sample_submission.csv)."),
+    model: Optional[Path] = typer.Option(None, help="Model file (default: models/finetuned.keras, else models/head.keras)."),
+    cache: Optional[Path] = typer.Option(None, help="Head models: feature cache with the test features (default: the head's own)."),
+    use_cache: bool = typer.Option(True, "--use-cache/--no-cache", help="Head models: use cached test features when they fit; --no-cache runs the backbone on the images."),
+    out: Path = typer.Option(Path("submission.csv"), help="Submission CSV to write."),
+    tta: bool = typer.Option(False, "--tta", help="Average over the clean and augmented passes (the cache's, or computed with the cache's augmentation)."),
+    tta_passes: int = typer.Option(4, help="Augmented passes to compute when they are not cached."),
+    top_k: int = typer.Option(5, help="Classes to print per image (with IMAGES)."),
+    batch_size: int = typer.Option(32, help="Images per model call."),
+    weights: Optional[str] = typer.Option(None, help="Only if the backbone came from a local weights file: that file again."),
+    on_bad_image: str = typer.Option("skip", help="Unreadable test images: 'skip' (listed; the submission has a row for every readable image and none for them), 'uniform' (listed; their row gets 1/classes for every class, so Kaggle accepts the file) or 'fail' (error, nothing written)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+):
+    """Write a Kaggle submission for the test images, or print the top classes of IMAGES.
+
+    With a fine-tuned model the test images are read; with a head model the cache's test features are used when they are there (seconds). Columns are 'id' then the classes in the order of sample_submission.csv (sorted names when there is none); every row is clipped to [1e-15, 1] and renormalised to sum to 1. Unreadable test images are listed on stderr and, by default, skipped: the submission is complete for every other image (see --on-bad-image).
+    """
+    from dogtl.evaluation.predict import PredictConfig, predict_submission, predict_top_k
+
+    config = PredictConfig(
+        model=str(model) if model else None, data=str(data), images=tuple(str(p) for p in images or ()),
+        cache=str(cache) if cache else None, use_cache=use_cache, out=str(out), tta=tta, tta_passes=tta_passes, top_k=top_k,
+        batch_size=batch_size, weights=weights, on_bad_image=on_bad_image, force=force,
+    )
+    if config.images:
+        with ImageProgress("predicting") as bar:
+            results = predict_top_k(config, progress=bar.update)
+        for r in results:
+            if r.error:
+                typer.secho(f"{r.path}: cannot read image ({r.error})", err=True, fg=typer.colors.YELLOW)
+                continue
+            typer.echo(r.path)
+            for name, p in zip(r.classes, r.probabilities):
+                typer.echo(f"  {p:7.2%}  {name}")
+        if any(r.error for r in results):
+            raise typer.Exit(1)
+        return
+    with ImageProgress("predicting") as bar:
+        s = predict_submission(config, progress=bar.update)
+    for line in s.skipped:
+        path, _, reason = line.partition("\t")
+        typer.secho(f"  {'uniform row for' if s.filled else 'skipped'} {path}: {reason}", err=True,
+                    fg=typer.colors.YELLOW)
+    typer.echo(f"wrote {s.path}: {s.rows} rows x {len(s.columns)} classes from {s.model} "
+               f"({s.source}, {s.passes} pass{'es' if s.passes > 1 else ''})"
+               + (f"; {len(s.skipped)} unreadable test image(s) {'filled uniformly' if s.filled else 'left out'}"
+                  if s.skipped else ""))

@@ -1,0 +1,88 @@
+"""Many heads on one cache: dogtl sweep."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dogtl.cli.common import _RichBar, friendly_errors
+
+
+class TrialProgress(_RichBar):
+    """A rich progress bar across a sweep's trials (fed by run_sweep's progress callback), with
+    one line per finished trial above it."""
+
+    def __init__(self, unit: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"sweep ({unit})"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), disable=not sys.stderr.isatty())
+        self.task = None
+
+
+    def update(self, event: dict):
+        best = f"{event['best']:.4f}" if event["best"] != float("inf") else "-"
+        if self.task is None:
+            self.task = self.progress.add_task("sweep", total=event["total"], completed=event["done"], best=best)
+            if event["skipped"]:
+                self.echo(f"resuming: {event['skipped']} of {event['total']} runs already finished")
+        self.progress.update(self.task, completed=event["done"], best=best)
+        r = event["record"]
+        if r is not None:
+            m = r["metrics"]
+            fold = f" fold {r['fold'] + 1}" if event.get("folds", 1) > 1 else ""
+            result = (f"error: {r['error']}" if r.get("error") else
+                      f"val log loss {m['val_log_loss']:.4f}  acc {m['val_accuracy']:.4f}  "
+                      f"{m['epochs_run']} epochs")
+            self.echo(f"[{event['done']}/{event['total']}] {event['label']}{fold}: {result}  {r['seconds']:.1f} s")
+
+    def echo(self, line: str):
+        if self.progress.disable:
+            typer.echo(line)
+        else:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@friendly_errors
+def sweep_cmd(
+    cache: Path = typer.Option(Path("cache/features.h5"), help="Feature cache written by extract-features."),
+    space: Optional[Path] = typer.Option(None, help="TOML or JSON file: train-head setting = list of candidates, e.g. max_lr = [1e-3, 3e-3]; {low = 0.2, high = 0.6, log = false} is a range (random search); a single value is fixed."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="name=v1,v2,... (repeatable; replaces the file's entry): any train-head setting (hidden=512,1024x512,none; max_lr=1e-3,3e-3; optimizer=adam,rmsprop; ...) or layers=1,2; name=low..high or name=log:low..high is a range."),
+    trials: Optional[int] = typer.Option(None, help="Random search: this many trials, drawn with --seed (default: every combination of the grid)."),
+    folds: Optional[int] = typer.Option(None, help="Stratified K-fold cross-validation over all labelled images, reporting mean and spread (default: the cache's validation split)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per trial unless the space sets them (default: train-head's 50; early stopping usually ends sooner)."),
+    jobs: int = typer.Option(1, help="Parallel workers; each gets cores/N TensorFlow threads. -1: one per core."),
+    backend: Optional[str] = typer.Option(None, help="joblib backend for the workers: loky (default with --jobs > 1), multiprocessing, threading, or dask (with --scheduler; pip install 'dogtl[dask]')."),
+    scheduler: Optional[str] = typer.Option(None, help="Dask scheduler address for --backend dask, e.g. tcp://10.0.0.5:8786 (the cache must be at the same path on every machine). Without it, a local Dask cluster."),
+    fuse: int = typer.Option(8, help="Most trials trained side by side in one graph (those with the same hidden layers, batch size and optimizer); 1 trains each trial alone."),
+    seed: int = typer.Option(2018, help="Seed of the random search and of the folds."),
+    out: Optional[Path] = typer.Option(None, help="Sweep folder (default: sweeps/sweep-<hash of these settings>). Rerunning the same command resumes an interrupted sweep."),
+    force: bool = typer.Option(False, "--force", help="Start over in --out, discarding its finished trials (also if it holds another sweep)."),
+):
+    """Train many heads on the cached features and rank their settings by validation log loss.
+
+    Grid search over every combination, or random search with --trials N. Writes OUT/results.csv (best first: settings, validation log loss and accuracy with their spread over folds, epochs run, seconds), OUT/best.toml (use it: dogtl train-head --config OUT/best.toml), OUT/sweep.png (each parameter against validation log loss). Every finished trial is saved as it ends: interrupted, the same command resumes.
+    """
+    from dogtl.sweep.run import SweepConfig, run_sweep
+
+    config = SweepConfig(cache=str(cache), out=str(out) if out else None, space=str(space) if space else None,
+                         params=tuple(param or ()), trials=trials, folds=folds, epochs=epochs, jobs=jobs,
+                         backend=backend, scheduler=scheduler, seed=seed, fuse=fuse, force=force)
+    with TrialProgress("trials" if not folds else "trial folds") as bar:
+        result = run_sweep(config, progress=lambda event: bar.update({**event, "folds": folds or 1}))
+    frame = result.results
+    typer.echo(f"{result.trials} trials ({result.runs} runs now, {result.skipped} finished before) "
+               f"in {result.seconds:.0f} s" + (f"; {len(result.dropped)} combinations skipped (train-head refuses "
+                                               f"them, e.g. {result.dropped[0]})" if result.dropped else ""))
+    shown = [c for c in frame.columns if c not in ("trial", "folds", "error", "best_epoch")
+             and not (c.endswith("_std") and not folds)]
+    typer.echo(frame[shown].head(10).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if result.best_path is None:
+        typer.echo("every trial diverged: lower the learning rates")
+        raise typer.Exit(1)
+    typer.echo(f"wrote {result.results_path}, {result.best_path}, {result.plot_path}")
+    typer.echo(f"train the best: dogtl train-head --config {result.best_path}")
