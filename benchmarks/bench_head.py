@@ -182,7 +182,7 @@ def main():
                 print(f"  ablation, batch {RECIPE_BATCH_SIZE}, training only, {label}: {s:.2f} s/epoch")
 
         t = time.perf_counter()
-        found = lr_find(LRFindConfig(cache=str(path), out=str(Path(tmp) / "lr.png")))
+        found = lr_find(LRFindConfig(), cache=path, out=Path(tmp) / "lr.png")
         print(f"lr-find: {len(found.losses)} steps{' (stopped at divergence)' if found.diverged else ''} "
               f"in {time.perf_counter() - t:.1f} s including loading the cache; suggests base {found.base_lr:.1e}, "
               f"max {found.max_lr:.1e}")

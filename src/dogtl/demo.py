@@ -145,8 +145,8 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     say(f"[2/6] extracted features with {config.backbone} ({Path(weights).name} weights) at {config.image_size} px: "
         f"{summary.images} images x {1 + config.passes} passes -> {summary.path}")
 
-    head = train_head(HeadConfig(cache=str(cache), out=str(root / "models" / "head.keras"),
-                                 epochs=config.head_epochs, patience=0, force=True))
+    head = train_head(HeadConfig(epochs=config.head_epochs, patience=0), cache=cache,
+                      out=root / "models" / "head.keras", force=True)
     result.artifacts["head model"] = Path(head.model_path)
     result.metrics["head"] = dict(head.metrics)
     say(f"[3/6] trained the head on cached features: val accuracy {head.metrics['val_accuracy']:.3f}, "

@@ -22,8 +22,8 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def found(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("lrf_out") / "lr.png"
-    return lr_find(LRFindConfig(cache=str(cache), out=str(out), batch_size=16, hidden=(32,), start_lr=1e-6,
-                                end_lr=10.0, steps=200))
+    return lr_find(LRFindConfig(batch_size=16, hidden=(32,), start_lr=1e-6, end_lr=10.0, steps=200),
+                   cache=cache, out=out)
 
 
 def test_ramp_is_exponential_and_stops_at_divergence(found):
@@ -55,13 +55,17 @@ def test_smooth_and_suggest():
     ({"start_lr": 0.0}, "--start-lr"),
     ({"start_lr": 1e-2, "end_lr": 1e-3}, "--end-lr"),
     ({"steps": 5}, "--steps 5"),
-    ({"out": "plot.jpg"}, "PNG"),
     ({"batch_size": 0}, "--batch-size 0"),
     ({"optimizer": "lbfgs"}, "--optimizer"),
 ])
 def test_bad_settings(changes, needle):
     with pytest.raises(DogtlError, match=needle):
         LRFindConfig(**changes)
+
+
+def test_plot_must_be_a_png(cache, tmp_path):
+    with pytest.raises(DogtlError, match="PNG"):
+        lr_find(LRFindConfig(), cache=cache, out=tmp_path / "plot.jpg")
 
 
 def test_cli(cache, tmp_path):

@@ -36,8 +36,8 @@ def arrays(separable):
 @pytest.fixture(scope="module")
 def trained(separable, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "head.keras"
-    config = HeadConfig(cache=str(separable), out=str(out), epochs=25, patience=5, seed=3, **FAST)
-    return config, train_head(config)
+    config = HeadConfig(epochs=25, patience=5, seed=3, **FAST)
+    return config, train_head(config, cache=separable, out=out)
 
 
 def test_learns_better_than_chance(trained):
@@ -73,7 +73,7 @@ def test_outputs_and_metadata(trained, separable):
 
 def test_best_weights_are_restored_and_saved(trained, arrays):
     from dogtl.core.artifacts import load_model
-    from dogtl.head.train import scores
+    from dogtl.evaluation.metrics import scores
 
     _, result = trained
     history = pd.read_csv(result.history_path)
@@ -81,7 +81,7 @@ def test_best_weights_are_restored_and_saved(trained, arrays):
     assert result.metrics["best_epoch"] == best + 1
     assert result.metrics["val_log_loss"] == pytest.approx(history.val_loss[best], rel=1e-6)
     model, _ = load_model(result.model_path)
-    accuracy, loss = scores(arrays.val_labels, model.predict(arrays.val_features, verbose=0), 4)
+    accuracy, loss = scores(arrays.val_labels, model.predict(arrays.val_features, verbose=0), 4).values()
     assert loss == pytest.approx(result.metrics["val_log_loss"], rel=1e-5)
     assert accuracy == pytest.approx(result.metrics["val_accuracy"])
     assert [layer.__class__.__name__ for layer in model.layers] == [
@@ -93,16 +93,16 @@ def test_precision_trains_alike_and_saves_a_float32_model(separable, arrays, tmp
     """bfloat16 matmuls learn what float32 ones do; either way the saved head computes in float32
     and its validation scores are the ones reported."""
     from dogtl.core.artifacts import load_model
-    from dogtl.head.train import scores
+    from dogtl.evaluation.metrics import scores
 
     out = tmp_path / "head.keras"
-    result = train_head(HeadConfig(cache=str(separable), out=str(out), epochs=6, patience=0, seed=3,
-                                   precision=precision, **FAST))
+    result = train_head(HeadConfig(epochs=6, patience=0, seed=3, precision=precision, **FAST),
+                        cache=separable, out=out)
     assert result.resolved.precision == precision
     assert json.loads(out.with_suffix(".json").read_text())["resolved"]["precision"] == precision
     model, _ = load_model(out)
     assert all(layer.compute_dtype == "float32" for layer in model.layers)
-    accuracy, loss = scores(arrays.val_labels, model.predict(arrays.val_features, verbose=0), 4)
+    accuracy, loss = scores(arrays.val_labels, model.predict(arrays.val_features, verbose=0), 4).values()
     assert loss == pytest.approx(result.metrics["val_log_loss"], rel=1e-5)
     history = pd.read_csv(result.history_path)
     assert history.val_loss.min() == pytest.approx(result.metrics["val_log_loss"], rel=1e-6)
@@ -235,22 +235,22 @@ def story_cache(tmp_path_factory):
 def test_training_uses_augmented_passes_and_validation_never_does(story_cache, tmp_path):
     # Trained on all passes, the truthful augmented ones (3 of 4) win: validation on the clean
     # pass is right. Had validation used its augmented passes, it would be wrong.
-    both = train_head(HeadConfig(cache=str(story_cache), out=str(tmp_path / "all.keras"), epochs=15, **FAST))
+    both = train_head(HeadConfig(epochs=15, **FAST), cache=story_cache, out=tmp_path / "all.keras")
     assert both.metrics["val_accuracy"] >= 0.8 and both.passes == 4
     # Trained on the clean pass only, the head learns the lie.
-    clean = train_head(HeadConfig(cache=str(story_cache), out=str(tmp_path / "clean.keras"), epochs=15,
-                                  clean_only=True, **FAST))
+    clean = train_head(HeadConfig(epochs=15, clean_only=True, **FAST), cache=story_cache,
+                       out=tmp_path / "clean.keras")
     assert clean.metrics["val_accuracy"] <= 0.2 and clean.passes == 1
 
 
 def test_refuses_to_overwrite_without_force(separable, tmp_path):
     out = tmp_path / "head.keras"
-    config = HeadConfig(cache=str(separable), out=str(out), epochs=1, **FAST)
-    train_head(config)
+    config = HeadConfig(epochs=1, **FAST)
+    train_head(config, cache=separable, out=out)
     with pytest.raises(DogtlError, match="exists.*--force"):
-        train_head(config)
+        train_head(config, cache=separable, out=out)
     before = out.stat().st_mtime_ns
-    again = train_head(HeadConfig(cache=str(separable), out=str(out), epochs=2, force=True, **FAST))
+    again = train_head(HeadConfig(epochs=2, **FAST), cache=separable, out=out, force=True)
     assert out.stat().st_mtime_ns >= before and again.metrics["epochs_run"] <= 2
     assert json.loads(out.with_suffix(".json").read_text())["settings"]["epochs"] == 2
     assert not list(tmp_path.glob("*.tmp*"))
@@ -265,28 +265,28 @@ def test_missing_incomplete_and_foreign_caches(tmp_path):
 
     out = str(tmp_path / "m" / "head.keras")
     with pytest.raises(CacheError, match="no feature cache"):
-        train_head(HeadConfig(cache=str(tmp_path / "nope.h5"), out=out))
+        train_head(HeadConfig(), cache=tmp_path / "nope.h5", out=out)
     partial = tmp_path / "partial.h5"
     PartialCache(partial).start({"backbone": "x"})
     with pytest.raises(CacheError, match="incomplete"):
-        train_head(HeadConfig(cache=str(partial), out=out))
+        train_head(HeadConfig(), cache=partial, out=out)
     text = tmp_path / "text.h5"
     text.write_text("hello")
     with pytest.raises(CacheError, match="not a dogtl feature cache"):
-        train_head(HeadConfig(cache=str(text), out=out))
+        train_head(HeadConfig(), cache=text, out=out)
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f["x"] = np.zeros(3)
     with pytest.raises(CacheError, match="not a dogtl feature cache"):
-        train_head(HeadConfig(cache=str(other), out=out))
+        train_head(HeadConfig(), cache=other, out=out)
     unfinished = tmp_path / "unfinished.h5"
     with h5py.File(unfinished, "w") as f:
         f.attrs["format"], f.attrs["complete"] = "dogtl-features", False
     with pytest.raises(CacheError, match="incomplete"):
-        train_head(HeadConfig(cache=str(unfinished), out=out))
+        train_head(HeadConfig(), cache=unfinished, out=out)
     no_val = write_feature_cache(tmp_path / "noval.h5", num_images=30, val_fraction=0.0)
     with pytest.raises(CacheError, match="no validation images"):
-        train_head(HeadConfig(cache=str(no_val), out=out))
+        train_head(HeadConfig(), cache=no_val, out=out)
 
 
 @pytest.mark.parametrize("changes, needle", [
@@ -305,7 +305,7 @@ def test_missing_incomplete_and_foreign_caches(tmp_path):
     ({"label_smoothing": 1.0}, "--label-smoothing 1.0"),
     ({"weight_decay": -0.1}, "--weight-decay -0.1"),
     ({"precision": "float16"}, "--precision 'float16'"),
-    ({"epochs": "ten"}, "--epochs 'ten': expected int"),
+    ({"epochs": "ten"}, "--epochs 'ten': expected an integer"),
 ])
 def test_bad_settings(changes, needle):
     with pytest.raises(DogtlError, match=needle.replace("(", r"\(")):
@@ -411,22 +411,27 @@ def test_cli_on_an_extracted_cache(small_cache, tmp_path):
 
 
 def test_cli_defaults_match_the_library_and_help_teaches():
+    import inspect
+
     import typer
 
     from dogtl.cli import app
-    from dogtl.head.lrfind import LRFindConfig
+    from dogtl.head.lrfind import LRFindConfig, lr_find
 
     group = typer.main.get_command(app)
-    for name, config in (("train-head", HeadConfig()), ("lr-find", LRFindConfig())):
+    for name, config, stage in (("train-head", HeadConfig(), train_head), ("lr-find", LRFindConfig(), lr_find)):
         command = group.commands[name]
+        io = inspect.signature(stage).parameters  # cache, out, force: the stage function's own defaults
         for param in command.params:
             if param.name in ("config", "ctx"):
                 continue
-            want = getattr(config, param.name)
             got = param.default
+            if param.name in ("cache", "out", "force"):
+                assert str(got) == str(io[param.name].default), param.name
+                continue
             if param.name == "hidden":
                 got = tuple(int(s) for s in str(got).split(","))
-            assert (str(got) if param.name in ("cache", "out") else got) == want, param.name
+            assert got == getattr(config, param.name), param.name
     text = run_cli("train-head", "--help").stdout
     for option in ("--cache", "--out", "--epochs", "--batch-size", "--schedule", "--base-lr", "--max-lr",
                    "--step-size", "--optimizer", "--patience", "--config", "--force", "--clean-only", "--hidden"):

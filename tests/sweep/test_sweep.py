@@ -141,7 +141,7 @@ def test_bad_param_options_give_one_clear_line(tmp_path, option, needle):
 # -- folds -----------------------------------------------------------------------------------
 
 def test_folds_are_stratified_disjoint_and_cover_every_row():
-    from dogtl.sweep.run import make_folds
+    from dogtl.sweep.folds import make_folds
 
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(4), [10, 17, 25, 8]))
@@ -168,7 +168,7 @@ def test_fused_trials_match_fit_head(tiny_cache, precision, rtol):
     from dogtl.features.cache import open_cache
     from dogtl.sweep.fused import train_fused
     from dogtl.head.train import fit_head, load_training_data
-    from dogtl.sweep.run import load_labelled
+    from dogtl.sweep.workers import load_labelled
 
     cache = open_cache(tiny_cache)
     features, data = load_labelled(cache), load_training_data(cache)
@@ -195,7 +195,7 @@ def test_fused_trials_match_fit_head(tiny_cache, precision, rtol):
 def test_fused_trials_do_not_depend_on_their_group(tiny_cache):
     from dogtl.features.cache import open_cache
     from dogtl.sweep.fused import fuse_key, train_fused
-    from dogtl.sweep.run import load_labelled
+    from dogtl.sweep.workers import load_labelled
 
     cache = open_cache(tiny_cache)
     features = load_labelled(cache)
@@ -232,7 +232,7 @@ def test_trials_the_fused_path_cannot_reproduce_train_alone(tiny_cache, tmp_path
 
 
 def test_plan_tasks_groups_fusable_trials_per_fold():
-    from dogtl.sweep.run import plan_tasks
+    from dogtl.sweep.workers import plan_tasks
 
     def unit(i, fold, **settings):
         return {"key": f"k{i}-f{fold}", "trial": f"k{i}", "fold": fold, "settings": settings}

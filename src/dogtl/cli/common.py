@@ -88,3 +88,24 @@ class ImageProgress(_RichBar):
         self.progress.update(self.task, rate=f"{speed:5.1f}" if speed else "  -")
 
 
+
+
+CONFIG_OPTION = typer.Option(None, "--config", help=(
+    "TOML or JSON file of this command's settings, keys = option names with underscores (e.g. max_lr = 0.002); "
+    "options given on the command line win over the file."))
+
+
+def apply_config_file(ctx: typer.Context, values: dict, path, settings, section: str,
+                      io: dict | None = None) -> tuple[dict, dict]:
+    """(settings, io): the command's setting values and its file options `io` (cache, out...),
+    with the settings file's value in place of every option the command line did not give."""
+    values, io = dict(values), dict(io or {})
+    if path is None:
+        return values, io
+    from dogtl.core.settings import read_settings_file
+
+    for key, value in read_settings_file(path, settings, section, extra=tuple(io)).items():
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):  # the command line wins
+            (io if key in io else values)[key] = value
+    return values, io

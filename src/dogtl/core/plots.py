@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 
 
-def _figure(rows: int, width: float = 6.0):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _figure(rows: int, width: float = 6.0):
+    plt = _pyplot()
     fig, axes = plt.subplots(rows, 1, figsize=(width, 2.6 * rows), sharex=True, squeeze=False)
     return plt, fig, axes[:, 0]
 
@@ -68,3 +73,59 @@ def plot_lr_find(lrs, losses, smoothed, path, base_lr: float | None = None, max_
     ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
     _save(plt, fig, path)
+
+
+def plot_sweep(frame, names: list[str], path: Path) -> None:
+    """One panel per searched parameter: its value against validation log loss (mean, with the
+    spread over folds as error bars). Categorical values get one column each."""
+    import numpy as np
+
+    plt = _pyplot()
+    ok = frame[np.isfinite(frame["val_log_loss"].astype(float))]
+    names = names or ["trial"]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        values = ok[name].astype(str) if name in ok else ok["trial"].astype(str)
+        numeric = _numeric(values)
+        y = ok["val_log_loss"].astype(float).to_numpy()
+        err = ok["val_log_loss_std"].astype(float).fillna(0).to_numpy()
+        if numeric is not None:
+            ax.errorbar(numeric, y, yerr=err if err.any() else None, fmt="o", alpha=0.75, capsize=2)
+            positive = numeric[numeric > 0]
+            if len(positive) == len(numeric) and len(numeric) and positive.max() / positive.min() >= 20:
+                ax.set_xscale("log")
+        else:
+            labels = sorted(set(values), key=_natural)
+            x = np.array([labels.index(v) for v in values], float)
+            jitter = (np.random.default_rng(0).random(len(x)) - 0.5) * 0.15
+            ax.errorbar(x + jitter, y, yerr=err if err.any() else None, fmt="o", alpha=0.75, capsize=2)
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0)
+        if len(y):
+            best = int(np.argmin(y))
+            ax.plot([numeric[best] if numeric is not None else x[best]], [y[best]], marker="*", markersize=14,
+                    color="tab:red", linestyle="none", label="best")
+        ax.set_xlabel(name)
+        ax.set_ylabel("validation log loss")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{len(ok)} trials" + (f" ({len(frame) - len(ok)} diverged)" if len(frame) > len(ok) else ""))
+    _save(plt, fig, path)
+
+
+def _natural(text: str):
+    try:
+        return (0, float(text.split("x")[0]), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _numeric(values):
+    import numpy as np
+
+    try:
+        return np.array([float(v) for v in values], float)
+    except ValueError:
+        return None

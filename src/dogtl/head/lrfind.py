@@ -8,7 +8,6 @@ the usual "well before the blow-up" rule, and base = max / 10, the recipe's rati
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,45 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import DogtlError
-from dogtl.head.settings import HeadConfig
+from dogtl.core.files import check_overwrite
+from dogtl.head.settings import HeadConfig, LRFindConfig  # noqa: F401
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
 CHUNK = 50  # steps per graph call between divergence checks
-
-
-@dataclass(frozen=True)
-class LRFindConfig:
-    cache: str = "cache/features.h5"
-    out: str = "models/lr-find.png"
-    batch_size: int | None = None  # None: train-head's automatic choice
-    optimizer: str = "rmsprop"
-    start_lr: float = 1e-7
-    end_lr: float = 1.0
-    steps: int = 300
-    hidden: tuple = (1024,)
-    dropout: float = 0.5
-    input_dropout: float = 0.5
-    clean_only: bool = False
-    seed: int = 2018
-    force: bool = False
-
-    def __post_init__(self):
-        if not (math.isfinite(self.start_lr) and self.start_lr > 0):
-            raise DogtlError(f"--start-lr {self.start_lr} must be a positive number")
-        if not (math.isfinite(self.end_lr) and self.end_lr > self.start_lr):
-            raise DogtlError(f"--end-lr {self.end_lr} must be above --start-lr {self.start_lr}")
-        if self.steps < 10:
-            raise DogtlError(f"--steps {self.steps} must be at least 10")
-        if Path(self.out).suffix.lower() != ".png":
-            raise DogtlError(f"--out {self.out}: the plot is a PNG; use a name ending in .png")
-        self.head_config()  # validates the options shared with train-head
-
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(cache=self.cache, batch_size=self.batch_size, optimizer=self.optimizer,
-                          schedule="constant", base_lr=self.start_lr, max_lr=self.end_lr, hidden=self.hidden,
-                          dropout=self.dropout, input_dropout=self.input_dropout, clean_only=self.clean_only,
-                          seed=self.seed)
 
 
 @dataclass
@@ -117,16 +83,19 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
     return lrs, np.asarray(losses), diverged
 
 
-def lr_find(config: LRFindConfig) -> LRFindResult:
+def lr_find(config: LRFindConfig, cache: str | Path = "cache/features.h5", out: str | Path = "models/lr-find.png",
+            force: bool = False) -> LRFindResult:
+    """Run the range test on `cache` and write the plot `out` (a PNG; existing only with `force`)."""
     from dogtl.features.cache import open_cache
     from dogtl.head.train import load_training_data
     from dogtl.core.plots import plot_lr_find
 
     started = time.perf_counter()
-    out = Path(config.out)
-    if out.exists() and not config.force:
-        raise DogtlError(f"{out} exists: pass --force to overwrite it or choose another --out")
-    cache = open_cache(config.cache)
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise DogtlError(f"--out {out}: the plot is a PNG; use a name ending in .png")
+    check_overwrite(out, force)
+    cache = open_cache(cache)
     data = load_training_data(cache, config.clean_only)
     lrs, losses, diverged = range_test(config.head_config(), data.train_features, data.train_labels,
                                        len(cache.classes), config.start_lr, config.end_lr, config.steps)

@@ -87,3 +87,38 @@ def make_optimizer(name: str, learning_rate, **kw):
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=learning_rate, **{"momentum": 0.9, **kw})
     raise DogtlError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def warmup_lr(iteration, lr: float, warmup_steps: int) -> float:
+    """The rate during a linear warm-up: `lr` (the schedule's rate at `iteration`, 0-based)
+    scaled by (iteration + 1) / warmup_steps until that reaches 1."""
+    return lr * min(1.0, (iteration + 1) / warmup_steps) if warmup_steps else lr
+
+
+@keras.saving.register_keras_serializable(package="dogtl")
+class Warmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`warmup_lr` as a Keras schedule around another schedule (or a constant rate)."""
+
+    def __init__(self, schedule, warmup_steps: int, name="Warmup"):
+        super().__init__()
+        if int(warmup_steps) < 1:
+            raise DogtlError(f"warm-up of {warmup_steps} iterations: give at least 1")
+        self.schedule, self.warmup_steps, self.name = schedule, int(warmup_steps), name
+
+    def __call__(self, step):
+        from keras import ops
+
+        it = ops.cast(step, "float32")
+        lr = self.schedule(step) if callable(self.schedule) else self.schedule
+        return lr * ops.minimum(1.0, (it + 1.0) / float(self.warmup_steps))
+
+    def get_config(self):
+        inner = self.schedule if not callable(self.schedule) else keras.saving.serialize_keras_object(self.schedule)
+        return {"schedule": inner, "warmup_steps": self.warmup_steps, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        inner = config["schedule"]
+        if isinstance(inner, dict):
+            inner = keras.saving.deserialize_keras_object(inner)
+        return cls(inner, config["warmup_steps"], config.get("name", "Warmup"))

@@ -7,12 +7,11 @@ values (batch size, learning rates, step size, precision) into numbers for a giv
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from dogtl.core.errors import DogtlError
+from dogtl.core.settings import Setting, parse_hidden, read_settings_file, settings_class  # noqa: F401
 from dogtl.head.precision import PRECISIONS, resolve_precision
 
 SCHEDULES = ("exp_range", "triangular", "triangular2", "constant")
@@ -40,104 +39,74 @@ def resolve_batch_size(batch_size: int | None, num_rows: int) -> int:
     return max(fitting, default=AUTO_BATCH_SIZES[0])
 
 
-def parse_hidden(value) -> tuple[int, ...]:
-    """'1024', '1024,512', 1024, [1024, 512], '' or 'none' (no hidden layer) -> a tuple of sizes."""
-    if value is None:
-        return ()
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        items = [value]
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        items = [] if text in ("", "none", "0") else [s.strip() for s in text.split(",")]
-    elif isinstance(value, (list, tuple, np.ndarray)):
-        items = list(value)
-    else:
-        raise DogtlError(f"--hidden {value!r}: give layer sizes like 1024 or 1024,512 (or 'none')")
-    try:
-        sizes = tuple(int(s) for s in items)
-    except (TypeError, ValueError):
-        raise DogtlError(f"--hidden {value!r}: give layer sizes like 1024 or 1024,512 (or 'none')") from None
-    if any(s < 1 for s in sizes):
-        raise DogtlError(f"--hidden {value!r}: layer sizes must be at least 1")
-    return sizes
+HEAD_SETTINGS = (
+    Setting("epochs", "int", 50, "Most epochs to run (early stopping usually ends sooner).", low=1),
+    Setting("batch_size", "int", None, "Feature vectors per step. Default: the recipe's 16, raised to 32, 64 or 128 "
+            "while an epoch keeps at least 64 steps (128 for a Kaggle-size cache: ~4x faster per epoch than 16).",
+            optional=True, low=1),
+    Setting("schedule", "str", "exp_range", "Learning-rate schedule: exp_range, triangular, triangular2 (cyclical, "
+            "Smith 2017) or constant (--base-lr throughout).", choices=SCHEDULES),
+    Setting("base_lr", "float", None, "Lowest learning rate of the cycle, the rate of --schedule constant. Default: "
+            "the recipe's 1e-4 at batch 16, times sqrt(batch size / 16).", optional=True, low=0, low_open=True),
+    Setting("max_lr", "float", None, "Peak learning rate of the cycle (`dogtl lr-find` suggests one). Default: the "
+            "recipe's 1e-3 at batch 16, times sqrt(batch size / 16).", optional=True, low=0, low_open=True),
+    Setting("step_size", "int", None, "Iterations per half cycle (default: 4 epochs' worth; the recipe uses 2-8 "
+            "epochs).", optional=True, low=1),
+    Setting("gamma", "float", None, "exp_range: the cycle's amplitude is multiplied by gamma every iteration "
+            "(default: 0.99994 per 16 images, the recipe's decay per epoch at any batch size).", optional=True,
+            low=0, low_open=True, high=1),
+    Setting("warmup_epochs", "int", 0, "Epochs over which the learning rate ramps up linearly from near 0 to the "
+            "schedule's (0: none). Helps large batches and high --max-lr start stably.", low=0, fusable=False),
+    Setting("optimizer", "str", "rmsprop", "rmsprop (rho 0.9, the recipe's), adam, or sgd (momentum 0.9).",
+            choices=OPTIMIZERS),
+    Setting("patience", "int", 5, "Stop after this many epochs without a better validation log loss (0: never); "
+            "the best epoch's weights are kept.", low=0),
+    Setting("hidden", "hidden", (1024,), "Hidden Dense relu layers of the head, comma-separated sizes (e.g. 1024 or "
+            "1024,512), or 'none'."),
+    Setting("dropout", "float", 0.5, "Dropout rate after each hidden layer.", low=0, high=1, high_open=True),
+    Setting("input_dropout", "float", 0.5, "Dropout rate on the batch-normalised input features.", low=0, high=1,
+            high_open=True),
+    Setting("clean_only", "bool", False, "Train on the clean pass only. By default, every epoch each training image "
+            "contributes one of its cached passes (clean or augmented), drawn at random per image and epoch."),
+    Setting("label_smoothing", "float", 0.0, "Smooth the training targets: (1 - e) on the true class, e spread over "
+            "all classes (0.1 is common). Validation log loss is never smoothed.", low=0, high=1, high_open=True),
+    Setting("weight_decay", "float", 0.0, "Decoupled weight decay on the Dense kernels: every step "
+            "w -= lr * weight_decay * w (0: none).", low=0),
+    Setting("precision", "str", "auto", "Number format of the hidden layers' matrix products: auto (bfloat16 at "
+            "batches of 64 and up on CPUs that multiply it in hardware, ~1.4x faster per epoch there; float32 "
+            "elsewhere), float32 or bfloat16. Weights, normalisation and softmax stay float32, and the saved model "
+            "is float32.", choices=PRECISIONS),
+    Setting("seed", "int", 2018, "Seed of initialisation, dropout and pass sampling: the same seed and cache give the "
+            "same metrics."),
+)
 
 
-@dataclass(frozen=True)
-class HeadConfig:
-    """Every setting of a head training run; written into the model's metadata."""
+def _check(config) -> None:
+    if config.base_lr is not None and config.max_lr is not None:
+        _check_range(config.schedule, config.base_lr, config.max_lr, "")
 
-    cache: str = "cache/features.h5"
-    out: str = "models/head.keras"
-    epochs: int = 50
-    batch_size: int | None = None  # None: resolve_batch_size's automatic choice (16 to 128)
-    schedule: str = "exp_range"
-    base_lr: float | None = None  # None: 1e-4 * sqrt(batch / 16)
-    max_lr: float | None = None  # None: 1e-3 * sqrt(batch / 16)
-    step_size: int | None = None  # iterations per half cycle; None: STEP_EPOCHS epochs
-    gamma: float | None = None  # exp_range decay per iteration; None: 0.99994 per 16 images
-    optimizer: str = "rmsprop"
-    patience: int = 5  # 0: never stop early (the best epoch is still kept)
-    hidden: tuple = (1024,)
-    dropout: float = 0.5
-    input_dropout: float = 0.5
-    clean_only: bool = False
-    label_smoothing: float = 0.0  # training loss only; validation log loss is never smoothed
-    weight_decay: float = 0.0  # decoupled, on the Dense kernels: each step w -= lr * weight_decay * w
-    precision: str = "auto"  # hidden-layer matmuls: auto (bfloat16 where the CPU has it), float32, bfloat16
-    seed: int = 2018
-    force: bool = False
 
-    def __post_init__(self):
-        object.__setattr__(self, "hidden", parse_hidden(self.hidden))
-        _check_types(self)
-        if self.epochs < 1:
-            raise DogtlError(f"--epochs {self.epochs} must be at least 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise DogtlError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.schedule not in SCHEDULES:
-            raise DogtlError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise DogtlError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        for name in ("base_lr", "max_lr"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise DogtlError(f"--{name.replace('_', '-')} {value}: learning rates must be positive numbers")
-        if self.base_lr is not None and self.max_lr is not None:
-            _check_range(self.schedule, self.base_lr, self.max_lr, "")
-        if self.step_size is not None and self.step_size < 1:
-            raise DogtlError(f"--step-size {self.step_size} must be at least 1 iteration")
-        if self.gamma is not None and not 0 < self.gamma <= 1:
-            raise DogtlError(f"--gamma {self.gamma} must be in (0, 1]")
-        if self.patience < 0:
-            raise DogtlError(f"--patience {self.patience} must be >= 0 (0 never stops early)")
-        for name in ("dropout", "input_dropout", "label_smoothing"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise DogtlError(f"--{name.replace('_', '-')} {value} must be in [0, 1)")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise DogtlError(f"--weight-decay {self.weight_decay} must be a number >= 0")
-        if self.precision not in PRECISIONS:
-            raise DogtlError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+def _resolve(config, num_rows: int) -> "Resolved":
+    """The values the automatic settings take for a training set of `num_rows` images."""
+    from dogtl.head.schedules import RECIPE_GAMMA
+    from dogtl.head.trainloop import steps_per_epoch
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    batch = min(resolve_batch_size(config.batch_size, num_rows), num_rows)
+    scale = math.sqrt(batch / RECIPE_BATCH_SIZE)
+    base = config.base_lr if config.base_lr is not None else RECIPE_BASE_LR * scale
+    top = config.max_lr if config.max_lr is not None else RECIPE_MAX_LR * scale
+    if config.base_lr is None or config.max_lr is None:
+        _check_range(config.schedule, base, top, f" (the default at batch {batch})")
+    steps = steps_per_epoch(num_rows, batch)
+    gamma = config.gamma if config.gamma is not None else RECIPE_GAMMA ** (batch / RECIPE_BATCH_SIZE)
+    return Resolved(batch, steps, base, top, config.step_size or STEP_EPOCHS * steps, gamma,
+                    resolve_precision(config.precision, batch))
 
-    def resolve(self, num_rows: int) -> "Resolved":
-        """The values the automatic settings take for a training set of `num_rows` images."""
-        from dogtl.head.schedules import RECIPE_GAMMA
-        from dogtl.head.trainloop import steps_per_epoch
 
-        batch = min(resolve_batch_size(self.batch_size, num_rows), num_rows)
-        scale = math.sqrt(batch / RECIPE_BATCH_SIZE)
-        base = self.base_lr if self.base_lr is not None else RECIPE_BASE_LR * scale
-        top = self.max_lr if self.max_lr is not None else RECIPE_MAX_LR * scale
-        if self.base_lr is None or self.max_lr is None:
-            _check_range(self.schedule, base, top, f" (the default at batch {batch})")
-        steps = steps_per_epoch(num_rows, batch)
-        gamma = self.gamma if self.gamma is not None else RECIPE_GAMMA ** (batch / RECIPE_BATCH_SIZE)
-        return Resolved(batch, steps, base, top, self.step_size or STEP_EPOCHS * steps, gamma,
-                        resolve_precision(self.precision, batch))
+HeadConfig = settings_class(
+    "HeadConfig", HEAD_SETTINGS,
+    "The hyperparameters of one head training (HEAD_SETTINGS); written into the model's metadata.",
+    {"check": _check, "resolve": _resolve, "__module__": __name__})
 
 
 @dataclass(frozen=True)
@@ -159,43 +128,31 @@ def _check_range(schedule: str, base: float, top: float, note: str) -> None:
                          "from base up to max; lower --base-lr or raise --max-lr")
 
 
-_TYPES = {"cache": str, "out": str, "epochs": int, "batch_size": (int, type(None)), "schedule": str,
-          "base_lr": (float, type(None)), "max_lr": (float, type(None)), "step_size": (int, type(None)),
-          "gamma": (float, type(None)), "optimizer": str,
-          "patience": int, "dropout": float, "input_dropout": float, "clean_only": bool,
-          "label_smoothing": float, "weight_decay": float, "precision": str, "seed": int, "force": bool}
+LRFIND_SHARED = ("batch_size", "optimizer", "hidden", "dropout", "input_dropout", "clean_only", "seed")
+LRFIND_SETTINGS = tuple(s for s in HEAD_SETTINGS if s.name in LRFIND_SHARED) + (
+    Setting("start_lr", "float", 1e-7, "First (tiny) learning rate of the ramp.", low=0, low_open=True),
+    Setting("end_lr", "float", 1.0, "Last (large) learning rate of the ramp, if the loss has not diverged before.",
+            low=0, low_open=True),
+    Setting("steps", "int", 300, "Steps of the exponential ramp from --start-lr to --end-lr.", low=10),
+)
 
 
-def _check_types(config: HeadConfig) -> None:
-    """Values from config files arrive untyped: refuse the wrong kind with the option's name."""
-    for name, kind in _TYPES.items():
-        value = getattr(config, name)
-        if isinstance(value, (np.integer, np.floating, np.bool_)):  # e.g. from a numpy sweep grid
-            value = value.item()
-            object.__setattr__(config, name, value)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(config, name, float(value))
-            ok = True
-        if not ok:
-            wanted = " or ".join(k.__name__ for k in kinds if k is not type(None))
-            raise DogtlError(f"--{name.replace('_', '-')} {value!r}: expected {wanted}")
+def _check_lrfind(config) -> None:
+    if config.end_lr <= config.start_lr:
+        raise DogtlError(f"--end-lr {config.end_lr} must be above --start-lr {config.start_lr}")
+
+
+def _head_config(config) -> HeadConfig:
+    """The train-head settings the range test trains with (a constant schedule it ramps itself)."""
+    return HeadConfig(schedule="constant", base_lr=config.start_lr, max_lr=config.end_lr,
+                      **{name: getattr(config, name) for name in LRFIND_SHARED})
+
+
+LRFindConfig = settings_class("LRFindConfig", LRFIND_SETTINGS,
+                              "The settings of a learning-rate range test: train-head's head options and the ramp.",
+                              {"check": _check_lrfind, "head_config": _head_config, "__module__": __name__})
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Settings from a TOML or JSON file: keys are option names with underscores (hyphens are
-    accepted too), optionally under a [train_head] table. Unknown keys are refused."""
-    from dogtl.core.settingsfile import read_table
-
-    values = read_table(path, f"--config {path}", "a table of settings")
-    for section in ("train_head", "train-head"):
-        if isinstance(values.get(section), dict) and len(values) == 1:
-            values = values[section]
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    known = set(HeadConfig.option_names())
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise DogtlError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
-    return values
+    """train-head settings from a TOML or JSON file (see `core.settings.read_settings_file`)."""
+    return read_settings_file(path, HEAD_SETTINGS, "train_head")

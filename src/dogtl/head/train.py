@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import CacheError, DogtlError
+from dogtl.core.files import check_overwrite, write_csv_atomic
 from dogtl.evaluation.metrics import scores
 from dogtl.head.settings import HeadConfig, Resolved
 
@@ -58,11 +58,11 @@ class HeadResult:
 
 
 def _schedule(config: HeadConfig, r: Resolved):
-    from dogtl.head.schedules import CyclicLR
+    from dogtl.head.schedules import CyclicLR, Warmup
 
-    if config.schedule == "constant":
-        return r.base_lr
-    return CyclicLR(r.base_lr, r.max_lr, r.step_size, mode=config.schedule, gamma=r.gamma)
+    lr = r.base_lr if config.schedule == "constant" else CyclicLR(r.base_lr, r.max_lr, r.step_size,
+                                                                 mode=config.schedule, gamma=r.gamma)
+    return Warmup(lr, config.warmup_epochs * r.steps_per_epoch) if config.warmup_epochs else lr
 
 
 _BUILD_LOCK = threading.Lock()
@@ -119,8 +119,7 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
              val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
              on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train a head from arrays: train_features [passes, rows, dim] (pass 0 clean), labels [rows],
-    val_features [rows, dim] (clean). Only the training settings of `config` are used (not
-    cache/out/force). Same inputs and seed give the same model on the same machine."""
+    val_features [rows, dim] (clean). Same inputs and seed give the same model on the same machine."""
     import pandas as pd
 
     from dogtl.core.models import set_head_precision
@@ -221,20 +220,15 @@ def check_outputs(out: str | Path, force: bool) -> dict[str, Path]:
     if paths["model"].suffix == ".keras":
         paths["model"].parent.mkdir(parents=True, exist_ok=True)
     check_writable(paths["model"], force)
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not force:
-        raise DogtlError(f"{existing[0]} exists: pass --force to overwrite it or choose another --out")
+    for path in paths.values():
+        check_overwrite(path, force)
     return paths
 
 
-def write_csv_atomic(frame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def train_head(config: HeadConfig, progress: Callable[[dict], None] | None = None) -> HeadResult:
-    """Train a head on a feature cache and write model, metadata, history CSV and plot.
+def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out: str | Path = "models/head.keras",
+               force: bool = False, progress: Callable[[dict], None] | None = None) -> HeadResult:
+    """Train a head on the feature cache `cache` and write model, metadata, history CSV and plot
+    at `out` (existing files only with `force`).
 
     `progress` gets one dict per epoch (HISTORY_COLUMNS plus epochs and seconds)."""
     from dogtl.core.artifacts import save_model
@@ -242,8 +236,8 @@ def train_head(config: HeadConfig, progress: Callable[[dict], None] | None = Non
     from dogtl.core.plots import plot_history
 
     started = time.perf_counter()
-    paths = check_outputs(config.out, config.force)
-    cache = open_cache(config.cache)
+    paths = check_outputs(out, force)
+    cache = open_cache(cache)
     data = load_training_data(cache, config.clean_only)
     log.info("training on %d images x %d passes, validating on %d", data.train_features.shape[1],
              data.train_features.shape[0], len(data.val_labels))

@@ -23,41 +23,29 @@ import difflib
 import itertools
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dogtl.core.errors import DogtlError
-from dogtl.head.settings import HeadConfig, parse_hidden
+from dogtl.core.settings import Setting, SettingError, parse_hidden
+from dogtl.head.settings import HEAD_SETTINGS, HeadConfig
 
-NOT_SEARCHED = {"cache": "--cache", "out": "--out", "force": "--force"}
-DERIVED = {"layers": "int"}  # sweep-only parameters, turned into HeadConfig settings by `trial_config`
+NOT_SEARCHED = {"cache": "--cache", "out": "--out", "force": "--force"}  # sweep's own options, not settings
+LAYERS = Setting("layers", "int", 1, "Number of hidden layers, each as wide as the first of `hidden`.", low=0)
 MAX_GRID = 1_000_000  # more grid points than this: use --trials N
 _RANGE_KEYS = {"low", "high", "log"}
 
 
-def _kinds() -> dict[str, str]:
-    """Parameter name -> 'int', 'float', 'bool', 'str', 'hidden' or 'any', optionally + '?' (may be None)."""
-    kinds = {}
-    for f in fields(HeadConfig):
-        if f.name in NOT_SEARCHED:
-            continue
-        text = str(f.type).replace(" ", "")
-        optional = "None" in text.split("|")
-        base = [t for t in text.split("|") if t != "None"]
-        name = base[0] if len(base) == 1 else "any"
-        if f.name == "hidden":
-            name = "hidden"
-        elif name not in ("int", "float", "bool", "str"):
-            name = "any"
-        kinds[f.name] = name + ("?" if optional else "")
-    kinds.update(DERIVED)
-    return kinds
+def parameters() -> dict[str, Setting]:
+    """Everything a sweep may search: train-head's searchable settings, and `layers`."""
+    searchable = {s.name: s for s in HEAD_SETTINGS if s.searchable}
+    return {**searchable, LAYERS.name: LAYERS}
 
 
 def parameter_names() -> list[str]:
-    return sorted(_kinds())
+    return sorted(parameters())
 
 
 @dataclass(frozen=True)
@@ -119,7 +107,7 @@ class SearchSpace:
 
 def _check_name(name: str, source: str) -> str:
     key = str(name).strip().replace("-", "_")
-    kinds = _kinds()
+    kinds = parameters()
     if key in NOT_SEARCHED:
         raise DogtlError(f"{source}: '{key}' is not a search parameter; pass {NOT_SEARCHED[key]} to dogtl sweep")
     if key not in kinds:
@@ -131,83 +119,20 @@ def _check_name(name: str, source: str) -> str:
 
 def _coerce(name: str, value, source: str, from_text: bool):
     """One candidate value of parameter `name`, converted to the setting's type, or a clear error."""
-    kind = _kinds()[name]
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    shown = repr(value) if not from_text else f"'{value}'"
-
-    def bad(expected: str):
-        return DogtlError(f"{source}: {name} value {shown}: expected {expected}")
-
-    if from_text:
-        text = str(value).strip()
-        if text == "":
-            raise bad("a value (empty text between commas?)")
-        if optional and text.lower() in ("none", "null", "default"):
-            return None
-        if kind == "int":
-            try:
-                return int(text)
-            except ValueError:
-                raise bad("an integer") from None
-        if kind == "float":
-            try:
-                number = float(text)
-            except ValueError:
-                raise bad("a number") from None
-            if not math.isfinite(number):
-                raise bad("a finite number")
-            return number
-        if kind == "bool":
-            lowered = text.lower()
-            if lowered in ("true", "yes", "on", "1"):
-                return True
-            if lowered in ("false", "no", "off", "0"):
-                return False
-            raise bad("true or false")
-        if kind == "hidden":
-            try:
-                return parse_hidden(text.replace("x", ",").replace("+", ","))
-            except DogtlError:
-                raise bad("layer sizes like 1024 or 1024x512, or none") from None
-        return text
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "default")):
-        if optional:  # TOML has no null: "none" means train-head's default
-            return None
-        raise bad("a value, not null")
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        if not math.isfinite(value):
-            raise bad("a finite number")
-        return float(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if kind == "hidden":
-        if isinstance(value, bool) or not isinstance(value, (int, str, list, tuple)):
-            raise bad("layer sizes like 1024, [1024, 512] or \"none\"")
-        try:
-            return parse_hidden(value)
-        except DogtlError:
-            raise bad("layer sizes like 1024, [1024, 512] or \"none\"") from None
-    return value
+    try:
+        return parameters()[name].convert(value, from_text=from_text)
+    except SettingError as e:
+        shown = f"'{value}'" if from_text else repr(value)
+        raise DogtlError(f"{source}: {name} value {shown}: expected {e}") from None
 
 
 def _check_value(name: str, value, source: str) -> None:
     """Refuse values train-head would refuse (range checks), one value at a time."""
-    if name == "layers":
-        if value < 0:
-            raise DogtlError(f"{source}: layers value {value}: expected 0 or more hidden layers")
+    if name == LAYERS.name:
+        try:
+            LAYERS.check(value)
+        except DogtlError as e:
+            raise DogtlError(f"{source}: layers value {value} is not accepted ({e})") from None
         return
     settings = {name: value}
     if name in ("base_lr", "max_lr"):  # checked on its own: base <= max is a property of a combination
@@ -221,7 +146,7 @@ def _check_value(name: str, value, source: str) -> None:
 
 
 def _range(name: str, low, high, log, source: str) -> Param:
-    kind = _kinds()[name].rstrip("?")
+    kind = parameters()[name].kind
     if kind not in ("int", "float"):
         raise DogtlError(f"{source}: {name} is not numeric: give a list of values instead of a range")
     for what, v in (("low", low), ("high", high)):
@@ -315,8 +240,8 @@ def build_space(space_file: str | Path | None = None, param_options=()) -> Searc
 
 def trial_config(base: dict, trial: dict) -> HeadConfig:
     """The HeadConfig of one trial: `base` settings overridden by the trial's values."""
-    settings = {**base, **{k: v for k, v in trial.items() if k not in DERIVED}}
-    if "layers" in trial:
+    settings = {**base, **{k: v for k, v in trial.items() if k != LAYERS.name}}
+    if LAYERS.name in trial:
         hidden = parse_hidden(settings.get("hidden", HeadConfig().hidden)) or HeadConfig().hidden or (1024,)
         settings["hidden"] = (hidden[0],) * int(trial["layers"])
     return HeadConfig(**settings)
@@ -378,7 +303,7 @@ def sample(space: SearchSpace, base: dict, n: int, seed: int) -> tuple[list[dict
                 u = rng.random()
                 x = math.exp(math.log(p.low) + u * (math.log(p.high) - math.log(p.low))) if p.log \
                     else p.low + u * (p.high - p.low)
-                trial[p.name] = int(round(x)) if _kinds()[p.name].rstrip("?") == "int" else _round(x)
+                trial[p.name] = int(round(x)) if parameters()[p.name].kind == "int" else _round(x)
             else:
                 trial[p.name] = p.values[int(rng.integers(len(p.values)))]
         key = json.dumps(trial, sort_keys=True, default=str)

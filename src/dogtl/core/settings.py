@@ -1,0 +1,224 @@
+"""One declaration per setting: its type, default, allowed values, help text, and whether a
+sweep may search it and the fused sweep path reproduces it.
+
+A stage's settings are a tuple of `Setting`s. From it come the stage's frozen dataclass
+(`settings_class`: typed fields, conversion of untyped values from config files and sweep
+grids, range checks with one-line errors), its command-line options (`with_options`), the
+keys its `--config FILE` accepts, and (for train-head) the sweep's search space. Adding a
+setting is one entry here plus its test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from dogtl.core.errors import DogtlError
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "hidden": tuple}
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+             "hidden": "layer sizes like 1024 or 1024x512, or none"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_AUTOMATIC = ("none", "null", "default")
+
+
+class SettingError(DogtlError):
+    """A value of the wrong type: the caller adds where it came from."""
+
+
+def parse_hidden(value) -> tuple[int, ...]:
+    """'1024', '1024,512', '1024x512', 1024, [1024, 512], '' or 'none' (no hidden layer) -> sizes."""
+    import numpy as np
+
+    if value is None:
+        return ()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, str):
+        text = value.strip().lower().replace("x", ",").replace("+", ",")
+        items = [] if text in ("", "none", "0") else [s.strip() for s in text.split(",")]
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        items = list(value)
+    else:
+        raise SettingError(_EXPECTED["hidden"])
+    try:
+        sizes = tuple(int(s) for s in items)
+    except (TypeError, ValueError):
+        raise SettingError(_EXPECTED["hidden"]) from None
+    if any(s < 1 for s in sizes):
+        raise SettingError("layer sizes of at least 1")
+    return sizes
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a stage. `low`/`high` bound numbers (open bounds exclude the value);
+    `optional` settings may be None, meaning "chosen automatically" (the help says how)."""
+
+    name: str
+    kind: str  # int, float, bool, str or hidden (a tuple of layer sizes)
+    default: object
+    help: str
+    optional: bool = False
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    searchable: bool = True  # a sweep may search it
+    fusable: bool = True  # sweep/fused.py reproduces it (else trials using it train alone)
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def expected(self) -> str:
+        return _EXPECTED[self.kind]
+
+    def convert(self, value, from_text: bool = False):
+        """`value` as this setting's type (numpy scalars, ints for floats, text from `--param`
+        or TOML); SettingError saying what was expected."""
+        if hasattr(value, "item") and not isinstance(value, (str, bytes, tuple, list)) \
+                and getattr(value, "ndim", 0) == 0:
+            value = value.item()  # a numpy scalar, e.g. from a sweep grid
+        if isinstance(value, str) and self.optional and value.strip().lower() in _AUTOMATIC:
+            return None
+        if value is None:
+            if self.optional:
+                return None
+            raise SettingError("a value, not null")
+        if self.kind == "hidden":
+            return parse_hidden(value)
+        if from_text:
+            return self._from_text(str(value).strip())
+        if self.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, _TYPES[self.kind]) or (isinstance(value, bool) and self.kind != "bool"):
+            raise SettingError(self.expected)
+        if self.kind == "float" and not math.isfinite(value):
+            raise SettingError("a finite number")
+        return value
+
+    def _from_text(self, text: str):
+        if text == "":
+            raise SettingError(f"{self.expected} (empty text between commas?)")
+        if self.kind == "bool":
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise SettingError(self.expected)
+        if self.kind == "str":
+            return text
+        try:
+            return self.convert(int(text) if self.kind == "int" else float(text))
+        except ValueError:
+            raise SettingError(self.expected) from None
+
+    def rule(self) -> str | None:
+        """The allowed range in words, e.g. 'in [0, 1)' or 'at least 1'."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return "a positive number" if self.low_open and self.low == 0 else \
+                f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        if self.high is not None:
+            return f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        return None
+
+    def check(self, value) -> None:
+        """Refuse a value outside the choices or range, naming the option and the value."""
+        if value is None:
+            return
+        if self.choices and value not in self.choices:
+            raise DogtlError(f"{self.option} {value!r}: choose one of {', '.join(map(str, self.choices))}")
+        if self.kind in ("int", "float"):
+            too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+            too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+            if too_low or too_high:
+                raise DogtlError(f"{self.option} {value} must be {self.rule()}")
+
+    def validate(self, value):
+        """convert + check, with errors naming the option: what a dataclass field gets."""
+        try:
+            value = self.convert(value)
+        except SettingError as e:
+            raise DogtlError(f"{self.option} {value!r}: expected {e}") from None
+        self.check(value)
+        return value
+
+    # -- the command line -------------------------------------------------------------------
+    def cli_annotation(self):
+        kind = str if self.kind == "hidden" else _TYPES[self.kind]
+        return Optional[kind] if self.optional else kind
+
+    def cli_option(self):
+        import typer
+
+        if self.kind == "bool":
+            return typer.Option(self.default, f"{self.option}/--no-{self.option[2:]}", help=self.help)
+        default = ",".join(map(str, self.default)) or "none" if self.kind == "hidden" else self.default
+        return typer.Option(default, help=self.help)
+
+
+def settings_class(name: str, settings: tuple[Setting, ...], doc: str, namespace: dict | None = None):
+    """A frozen dataclass with one field per setting, converted and checked on creation.
+    `namespace` may add methods; its `check(self)` runs last, for rules across settings."""
+    namespace = dict(namespace or {})
+    cross_check = namespace.pop("check", None)
+
+    def __post_init__(self):
+        for s in settings:
+            object.__setattr__(self, s.name, s.validate(getattr(self, s.name)))
+        if cross_check:
+            cross_check(self)
+
+    namespace.update(__post_init__=__post_init__, __doc__=doc, SETTINGS=settings)
+    fields = [(s.name, s.cli_annotation() if s.kind != "hidden" else tuple,
+               dataclasses.field(default=s.default)) for s in settings]
+    return dataclasses.make_dataclass(name, fields, frozen=True, namespace=namespace)
+
+
+def known_settings(settings: tuple[Setting, ...]) -> dict[str, Setting]:
+    return {s.name: s for s in settings}
+
+
+def with_options(settings: tuple[Setting, ...]):
+    """Decorate a typer command so that it also takes one option per setting; the command
+    receives their values as one dict, `settings`."""
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "settings"]
+        added = [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=s.cli_option(),
+                                   annotation=s.cli_annotation()) for s in settings]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {s.name: kwargs.pop(s.name) for s in settings}
+            return command(**kwargs, settings=values)
+
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+    return decorate
+
+
+def read_settings_file(path, settings: tuple[Setting, ...], section: str, extra: tuple = ()) -> dict:
+    """Settings from a TOML or JSON file: keys are setting names (hyphens accepted too) and the
+    `extra` names, optionally under a table named `section`. Unknown keys are refused."""
+    from dogtl.core.settingsfile import read_table
+
+    values = read_table(path, f"--config {path}", "a table of settings")
+    for name in (section, section.replace("_", "-")):
+        if isinstance(values.get(name), dict) and len(values) == 1:
+            values = values[name]
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    known = [*known_settings(settings), *extra]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DogtlError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return values
