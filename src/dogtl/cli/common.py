@@ -51,6 +51,13 @@ def friendly_errors(command):
 
 
 
+def interactive() -> bool:
+    """Whether a progress bar can be seen: a terminal on stderr, or a Jupyter notebook."""
+    from rich.console import Console
+
+    return sys.stderr.isatty() or Console().is_jupyter
+
+
 class _RichBar:
     """Context-manager plumbing shared by the progress bars below (they set self.progress)."""
 
@@ -72,7 +79,7 @@ class ImageProgress(_RichBar):
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), transient=False, disable=not sys.stderr.isatty(),
+            TimeRemainingColumn(), transient=False, disable=not interactive(),
         )
         self.description = description
         self.task = None
@@ -88,6 +95,22 @@ class ImageProgress(_RichBar):
         self.progress.update(self.task, rate=f"{speed:5.1f}" if speed else "  -")
 
 
+
+
+class EpochProgress(_RichBar):
+    """A rich progress bar over epochs with the validation log loss, fed by train-head's per-epoch
+    dicts (a notebook's view of `dogtl.train_head`)."""
+
+    def __init__(self, description: str, epochs: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("val log loss {task.fields[val_loss]}"), TimeElapsedColumn(),
+                                 disable=not interactive())
+        self.task = self.progress.add_task(description, total=epochs, val_loss="-")
+
+    def update(self, row: dict):
+        self.progress.update(self.task, completed=row["epoch"], val_loss=f"{row['val_loss']:.4f}")
 
 
 CONFIG_OPTION = typer.Option(None, "--config", help=(

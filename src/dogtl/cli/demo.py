@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dogtl import api
 from dogtl.cli.common import friendly_errors
 
 
@@ -21,10 +22,7 @@ def demo_cmd(
 
     Writes procedurally drawn images in the Kaggle layout, then runs extract-features, train-head, finetune, evaluate and predict on them, printing where each artifact went.
     """
-    from dogtl.demo import DemoConfig, run_demo
-
-    result = run_demo(DemoConfig(dir=str(dir), backbone=backbone, image_size=image_size, weights=weights,
-                                 force=force), note=typer.echo)
+    result = api.demo(dir, force=force, note=typer.echo, backbone=backbone, image_size=image_size, weights=weights)
     typer.echo(f"demo finished in {result.seconds:.0f} s ({Path(result.weights).name} weights). Artifacts:")
     for what, path in result.artifacts.items():
         typer.echo(f"  {what:22s} {path}")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from dogtl import api
 from dogtl.cli.common import ImageProgress, friendly_errors
 
 
@@ -26,13 +27,10 @@ def evaluate_cmd(
 
     On the validation split stored in the cache. Writes a JSON report, a per-class CSV and a PNG of the confusion among the most confused classes.
     """
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
-
-    config = EvaluateConfig(model=str(model), data=str(data) if data else None, cache=str(cache) if cache else None,
-                            out=str(out) if out else None, top_k=top_k, confused=confused,
-                            batch_size=batch_size, weights=weights, force=force)
     with ImageProgress("evaluating") as bar:
-        r = evaluate(config, progress=bar.update)
+        r = api.evaluate(model, data=data, force=force, progress=bar.update, cache=str(cache) if cache else None,
+                         out=str(out) if out else None, top_k=top_k, confused=confused, batch_size=batch_size,
+                         weights=weights)
     typer.echo(f"{r.model} on {r.images} validation images ({r.source}):")
     typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}")
     worst = r.per_class.dropna().sort_values("accuracy").head(5)
@@ -65,16 +63,12 @@ def predict_cmd(
 
     With a fine-tuned model the test images are read; with a head model the cache's test features are used when they are there (seconds). Columns are 'id' then the classes in the order of sample_submission.csv (sorted names when there is none); every row is clipped to [1e-15, 1] and renormalised to sum to 1. Unreadable test images are listed on stderr and, by default, skipped: the submission is complete for every other image (see --on-bad-image).
     """
-    from dogtl.evaluation.predict import PredictConfig, predict_submission, predict_top_k
-
-    config = PredictConfig(
-        model=str(model) if model else None, data=str(data), images=tuple(str(p) for p in images or ()),
-        cache=str(cache) if cache else None, use_cache=use_cache, out=str(out), tta=tta, tta_passes=tta_passes, top_k=top_k,
-        batch_size=batch_size, weights=weights, on_bad_image=on_bad_image, force=force,
-    )
-    if config.images:
+    options = dict(model=model, data=data, out=out, force=force, cache=str(cache) if cache else None,
+                   use_cache=use_cache, tta=tta, tta_passes=tta_passes, top_k=top_k, batch_size=batch_size,
+                   weights=weights, on_bad_image=on_bad_image)
+    if images:
         with ImageProgress("predicting") as bar:
-            results = predict_top_k(config, progress=bar.update)
+            results = api.predict(images, progress=bar.update, **options)
         for r in results:
             if r.error:
                 typer.secho(f"{r.path}: cannot read image ({r.error})", err=True, fg=typer.colors.YELLOW)
@@ -86,7 +80,7 @@ def predict_cmd(
             raise typer.Exit(1)
         return
     with ImageProgress("predicting") as bar:
-        s = predict_submission(config, progress=bar.update)
+        s = api.predict(progress=bar.update, **options)
     for line in s.skipped:
         path, _, reason = line.partition("\t")
         typer.secho(f"  {'uniform row for' if s.filled else 'skipped'} {path}: {reason}", err=True,

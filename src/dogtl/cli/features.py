@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from dogtl import api
 from dogtl.cli.common import ImageProgress, friendly_errors
 
 
@@ -37,18 +38,12 @@ def extract_features_cmd(
     Killed or interrupted, the same command resumes where it stopped. A cache made with other
     settings is refused, naming the difference, unless --force.
     """
-    from dogtl.data.augment import AugmentConfig
-    from dogtl.features.extract import ExtractConfig, extract_features
-
-    config = ExtractConfig(
-        data=str(data), cache=str(cache), backbone=backbone, weights=weights, image_size=image_size,
-        passes=passes, tta_passes=tta_passes, batch_size=batch_size, val_fraction=val_fraction,
-        seed=seed, on_bad_image=on_bad_image, dtype=dtype,
-        augmentation=AugmentConfig(rotation=rotation, zoom=zoom, shift=shift, hflip=hflip), force=force,
-        shard=shard, strategy=strategy,
-    )
     with ImageProgress("extracting") as bar:
-        summary = extract_features(config, progress=bar.update)
+        summary = api.extract_features(
+            data, cache, force=force, progress=bar.update, backbone=backbone, weights=weights, image_size=image_size,
+            passes=passes, tta_passes=tta_passes, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+            on_bad_image=on_bad_image, dtype=dtype, rotation=rotation, zoom=zoom, shift=shift, hflip=hflip,
+            shard=shard, strategy=strategy)
     _print_extract_summary(summary)
 
 
@@ -77,9 +72,7 @@ def merge_cache_cmd(
 
     Refuses missing, duplicate or foreign shards (another extraction's), naming them.
     """
-    from dogtl.features.shards import merge_caches
-
-    s = merge_caches(shards, out, mode="copy" if copy else "virtual", force=force)
+    s = api.merge_cache(shards, out, copy=copy, force=force)
     typer.echo(f"wrote {s.path}: {s.shards} shards, {s.images} labelled and {s.test_images} test images, "
                f"{s.skipped} skipped, {s.file_bytes / 1e6:.1f} MB"
                + ("" if s.mode == "copy" else " (reads the shards in place: keep them beside it, or use --copy)"))

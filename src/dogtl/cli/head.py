@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
+from dogtl import api
 from dogtl.cli.common import CONFIG_OPTION, apply_config_file, friendly_errors
 from dogtl.core.settings import with_options
-from dogtl.head.settings import HEAD_SETTINGS, LRFIND_SETTINGS, HeadConfig, LRFindConfig
+from dogtl.head.settings import HEAD_SETTINGS, LRFIND_SETTINGS
 
 
 @friendly_errors
@@ -26,17 +27,14 @@ def train_head_cmd(
 
     BatchNorm -> Dropout -> Dense relu -> Dropout -> softmax, seconds per epoch. Early stopping on validation log loss restores the best epoch. Writes the model, metadata binding it to the cache (fingerprint, classes, backbone, image size, settings, metrics), a per-epoch history CSV and a PNG plot, and prints validation accuracy and log loss.
     """
-    from dogtl.head.train import train_head
-
     settings, io = apply_config_file(ctx, settings, config, HEAD_SETTINGS, "train_head", {"cache": cache, "out": out})
-    settings = HeadConfig(**settings)
 
     def report(row):
         typer.echo(f"epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
                    f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
                    f"{row['seconds']:.2f} s")
 
-    result = train_head(settings, **io, force=force, progress=report)
+    result = api.train_head(**io, force=force, progress=report, **settings)
     m = result.metrics
     r = result.resolved
     typer.echo(f"trained on {result.train_images} images x {result.passes} pass(es) at batch {r.batch_size}, "
@@ -61,10 +59,8 @@ def lr_find_cmd(
 
     One training step per rate, the rate growing exponentially from --start-lr until --end-lr or until the loss diverges; plots loss against rate and prints the suggested cyclical range (max = rate at the lowest smoothed loss / 10, base = max / 10).
     """
-    from dogtl.head.lrfind import lr_find
-
     settings, io = apply_config_file(ctx, settings, config, LRFIND_SETTINGS, "lr_find", {"cache": cache, "out": out})
-    r = lr_find(LRFindConfig(**settings), **io, force=force)
+    r = api.lr_find(**io, force=force, **settings)
     how = "stopped when the loss diverged" if r.diverged else "the loss did not diverge"
     typer.echo(f"{len(r.losses)} steps from lr {r.lrs[0]:.1e} to {r.lrs[-1]:.1e} ({how}) in {r.seconds:.1f} s")
     typer.echo(f"lowest smoothed loss {r.smoothed.min():.4f} at lr {r.lr_at_min:.1e}")

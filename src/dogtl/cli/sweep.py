@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from dogtl.cli.common import _RichBar, friendly_errors
+from dogtl import api
+from dogtl.cli.common import _RichBar, friendly_errors, interactive
 
 
 class TrialProgress(_RichBar):
@@ -20,7 +20,7 @@ class TrialProgress(_RichBar):
 
         self.progress = Progress(TextColumn(f"sweep ({unit})"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), disable=not sys.stderr.isatty())
+                                 TimeRemainingColumn(), disable=not interactive())
         self.task = None
 
 
@@ -67,13 +67,11 @@ def sweep_cmd(
 
     Grid search over every combination, or random search with --trials N. Writes OUT/results.csv (best first: settings, validation log loss and accuracy with their spread over folds, epochs run, seconds), OUT/best.toml (use it: dogtl train-head --config OUT/best.toml), OUT/sweep.png (each parameter against validation log loss). Every finished trial is saved as it ends: interrupted, the same command resumes.
     """
-    from dogtl.sweep.run import SweepConfig, run_sweep
-
-    config = SweepConfig(cache=str(cache), out=str(out) if out else None, space=str(space) if space else None,
-                         params=tuple(param or ()), trials=trials, folds=folds, epochs=epochs, jobs=jobs,
-                         backend=backend, scheduler=scheduler, seed=seed, fuse=fuse, force=force)
     with TrialProgress("trials" if not folds else "trial folds") as bar:
-        result = run_sweep(config, progress=lambda event: bar.update({**event, "folds": folds or 1}))
+        result = api.sweep(cache, params=param or (), space=space, out=out, force=force,
+                           progress=lambda event: bar.update({**event, "folds": folds or 1}), trials=trials,
+                           folds=folds, epochs=epochs, jobs=jobs, backend=backend, scheduler=scheduler, seed=seed,
+                           fuse=fuse)
     frame = result.results
     typer.echo(f"{result.trials} trials ({result.runs} runs now, {result.skipped} finished before) "
                f"in {result.seconds:.0f} s" + (f"; {len(result.dropped)} combinations skipped (train-head refuses "
