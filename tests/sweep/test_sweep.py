@@ -223,7 +223,7 @@ def test_trials_the_fused_path_cannot_reproduce_train_alone(tiny_cache, tmp_path
     def refuse(*args, **kwargs):
         raise fusedheads.NotFusable("a head layer it does not know")
 
-    monkeypatch.setattr(fusedheads, "_initial_state", refuse)
+    monkeypatch.setattr(fusedheads, "_Trial", refuse)
     result = run_sweep(SweepConfig(cache=str(tiny_cache), out=str(tmp_path / "s"), params=("max_lr=1e-3,3e-3",),
                                    epochs=1))
     runs = [json.loads(p.read_text()) for p in (tmp_path / "s" / "trials").glob("*.json")]

@@ -1,12 +1,14 @@
 """Cyclical learning rates (Smith, 2017) and the optimizers the recipes use.
 
-`cyclic_lr` is the formula in plain Python, what the tests check; `CyclicLR` is the thin
-Keras adapter that computes the same thing in-graph and saves and loads with a model.
+`cyclic_formula` is the one formula; `cyclic_lr` evaluates it in plain Python (what the tests
+check), `CyclicLR` is the thin Keras adapter that evaluates it in-graph and saves and loads
+with a model, and the fused sweep calls each trial's `CyclicLR`.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import keras
 
@@ -30,26 +32,35 @@ def _check(base_lr, max_lr, step_size, mode, gamma):
         raise DogtlError(f"gamma {gamma} must be in (0, 1]")
 
 
-def cyclic_lr(iteration, base_lr, max_lr, step_size, mode="triangular", gamma=1.0) -> float:
-    """Smith's cyclical rate at `iteration` (0-based):
+PYTHON_MATHS = SimpleNamespace(floor=math.floor, abs=abs, power=pow, maximum=max)  # the formula on floats
+
+
+def cyclic_formula(iteration, base_lr, max_lr, step_size, mode, gamma, maths=PYTHON_MATHS):
+    """Smith's cyclical rate at `iteration` (0-based), written once against `maths` (floor, abs,
+    power, maximum: Python's by default, `keras.ops` in-graph), so every schedule evaluates it:
     cycle = floor(1 + it/(2 step)), x = |it/step - 2 cycle + 1|,
     lr = base + (max - base) * max(0, 1 - x) * scale, with scale 1 (triangular),
     1/2**(cycle-1) (triangular2) or gamma**it (exp_range)."""
-    _check(base_lr, max_lr, step_size, mode, gamma)
-    cycle = math.floor(1 + iteration / (2 * step_size))
-    x = abs(iteration / step_size - 2 * cycle + 1)
+    cycle = maths.floor(1.0 + iteration / (2.0 * step_size))
+    x = maths.abs(iteration / step_size - 2.0 * cycle + 1.0)
     if mode == "triangular":
         scale = 1.0
     elif mode == "triangular2":
-        scale = 1.0 / 2 ** (cycle - 1)
+        scale = maths.power(0.5, cycle - 1.0)
     else:
-        scale = gamma ** iteration
-    return base_lr + (max_lr - base_lr) * max(0.0, 1.0 - x) * scale
+        scale = maths.power(gamma, iteration)
+    return base_lr + (max_lr - base_lr) * maths.maximum(0.0, 1.0 - x) * scale
+
+
+def cyclic_lr(iteration, base_lr, max_lr, step_size, mode="triangular", gamma=1.0) -> float:
+    """`cyclic_formula` in plain Python, after checking the settings: what the tests check."""
+    _check(base_lr, max_lr, step_size, mode, gamma)
+    return cyclic_formula(iteration, base_lr, max_lr, step_size, mode, gamma)
 
 
 @keras.saving.register_keras_serializable(package="dogtl")
 class CyclicLR(keras.optimizers.schedules.LearningRateSchedule):
-    """`cyclic_lr` as a Keras schedule, evaluated at the optimizer's iteration count."""
+    """`cyclic_formula` as a Keras schedule, evaluated at the optimizer's iteration count."""
 
     def __init__(self, base_lr, max_lr, step_size, mode="exp_range", gamma=RECIPE_GAMMA, name="CyclicLR"):
         super().__init__()
@@ -61,17 +72,8 @@ class CyclicLR(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         from keras import ops
 
-        it = ops.cast(step, "float32")
-        step_size = float(self.step_size)
-        cycle = ops.floor(1.0 + it / (2.0 * step_size))
-        x = ops.abs(it / step_size - 2.0 * cycle + 1.0)
-        if self.mode == "triangular":
-            scale = 1.0
-        elif self.mode == "triangular2":
-            scale = ops.power(0.5, cycle - 1.0)
-        else:
-            scale = ops.power(self.gamma, it)
-        return self.base_lr + (self.max_lr - self.base_lr) * ops.maximum(0.0, 1.0 - x) * scale
+        return cyclic_formula(ops.cast(step, "float32"), self.base_lr, self.max_lr, float(self.step_size),
+                              self.mode, self.gamma, ops)
 
     def get_config(self):
         return {"base_lr": self.base_lr, "max_lr": self.max_lr, "step_size": self.step_size,

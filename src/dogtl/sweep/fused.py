@@ -1,26 +1,32 @@
 """Training several heads side by side in one TensorFlow graph: what makes sweeps cheap.
 
 A sweep trains many small heads on the same cached features. Trained one after the other,
-each pays for its own model, graph tracing and optimizer compilation, and each step's
-small matrix products leave the cores idle between ops. Here the heads of trials that
-share an architecture, batch size and optimizer are stacked along a leading "trial" axis
-(weights [T, in, out]) and trained with batched matrix products, one epoch per graph call.
+each pays for its own graph call per epoch, and each step's small ops leave the cores idle
+between them. Here the trials of a group (equal `fuse_key`: hidden layers, batch size,
+optimizer, precision) train in one graph: one step loop per epoch in which every trial
+takes its step, so the executor runs the trials' independent ops side by side.
 
-Every trial still gets exactly what `head.fit_head` would do with its settings: the same
-initial weights (the Keras head built with the trial's seed), the same epoch plan (order
-and pass choice, `trainloop.epoch_plan`), the same BatchNorm, optimizer and cyclical
-learning-rate formulas, early stopping on validation log loss with its own patience.
-Only the dropout masks come from another (stateless, per-trial) random stream, so with
-dropout 0 a fused trial matches `fit_head` to float rounding (tests/test_sweep.py checks
-it), and a trial's result never depends on which other trials share its graph.
+Each trial is trained with Keras's own maths, by the very objects `head.fit_head` would use:
+its Keras head and compiled optimizer from `build_compiled_head` (same initial weights,
+BatchNorm, dropout streams, optimizer, weight decay and `CyclicLR` schedule), the step of
+`trainloop.EpochRunner` (Keras loss with its label smoothing, graph gradients with the fast
+MatMul gradient, XLA-compiled optimizer update) and its epoch plan (`trainloop.epoch_plan`),
+and early stopping on validation log loss with its own patience. So a fused trial equals
+`fit_head` to float rounding, dropout included (tests/sweep/test_fused.py pins it for every
+optimizer and schedule), and never depends on which other trials share its graph.
 
-Anything this module does not implement (a setting it does not know, a different layer
-stack or optimizer option) makes `fuse_key` return None and the caller uses `fit_head`.
+Until commit da69aaa this module stacked the trials' weights ([T, in, out]) and ran
+hand-written BatchNorm, dropout, optimizer and schedule maths with batched matmuls.
+`benchmarks/bench_fused.py` times both at bench_sweep's shapes (8 trials, 2,048 features,
+hidden 1,024, 120 classes, batch 128, 8,256 rows, 2 shared CPU cores): the Keras maths took
+28.5 s per epoch against 96.1 s (0.30x),
+its setup and first epoch (tracing and compiling 8 models) 54 s against 95 s.
+
+`fuse_key` returns None for a setting this module does not know, and the caller uses `fit_head`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -31,13 +37,11 @@ import numpy as np
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.head.settings import HeadConfig
 
-log = logging.getLogger(__name__)
 
-# HeadConfig settings whose effect this module reproduces; any other setting must keep its default.
+# HeadConfig settings this module trains as fit_head does; any other setting must keep its default.
 FUSABLE = {"cache", "out", "force", "epochs", "batch_size", "schedule", "base_lr", "max_lr", "step_size", "gamma",
            "optimizer", "patience", "hidden", "dropout", "input_dropout", "clean_only", "label_smoothing",
            "weight_decay", "precision", "seed"}
-_MODES = {"constant": 0, "triangular": 1, "triangular2": 2, "exp_range": 3}
 VAL_CHUNK = 2048  # validation rows per inference call
 
 
@@ -63,98 +67,70 @@ class TrialOutcome:
 
 
 class NotFusable(Exception):
-    """The Keras head or optimizer built for a trial is not one this module reproduces."""
+    """These trials cannot share one graph (the caller trains them one at a time instead)."""
 
 
-def _initial_state(config: HeadConfig, dim: int, num_classes: int, resolved) -> dict:
-    """Build the trial's Keras head exactly as fit_head does and read its initial weights,
-    normalisation constants, optimizer constants and learning-rate schedule."""
-    import keras
+class _Trial:
+    """One trial as `fit_head` trains it: the Keras head, optimizer and learning rate that
+    `build_compiled_head` makes for its settings and seed, and the step `EpochRunner` takes
+    (loss, graph gradients with the fast MatMul gradient, XLA-compiled optimizer update)."""
 
-    from dogtl.head.train import build_compiled_head
-    from dogtl.head.schedules import CyclicLR
+    def __init__(self, config: HeadConfig, dim: int, num_classes: int, resolved, num_passes: int):
+        import keras
+        import tensorflow as tf
 
-    model, lr = build_compiled_head(config, dim, num_classes, resolved)
-    names = [layer.name for layer in model.layers]
-    expected = (["features", "head_bn", "head_dropout_in"]
-                + [n for k in range(len(config.hidden)) for n in (f"head_dense_{k}", f"head_dropout_{k}")]
-                + ["head_softmax"])
-    if names != expected:
-        raise NotFusable(f"head layers {names}")
-    bn = model.get_layer("head_bn")
-    if not isinstance(bn, keras.layers.BatchNormalization) or bn.renorm or not (bn.scale and bn.center):
-        raise NotFusable("batch normalisation options")
-    dense = []
-    for name in [f"head_dense_{k}" for k in range(len(config.hidden))] + ["head_softmax"]:
-        layer = model.get_layer(name)
-        want = "softmax" if name == "head_softmax" else "relu"
-        if (not isinstance(layer, keras.layers.Dense) or not layer.use_bias or layer.kernel_regularizer
-                or layer.bias_regularizer or layer.activity_regularizer
-                or getattr(layer.activation, "__name__", "") != want):
-            raise NotFusable(f"layer {name}")
-        kernel, bias = layer.get_weights()
-        dense.append((kernel, bias))
-    for k, rate in [(-1, config.input_dropout)] + [(k, config.dropout) for k in range(len(config.hidden))]:
-        layer = model.get_layer("head_dropout_in" if k < 0 else f"head_dropout_{k}")
-        if not isinstance(layer, keras.layers.Dropout) or abs(layer.rate - rate) > 1e-12 or layer.noise_shape:
-            raise NotFusable(f"dropout layer {layer.name}")
+        from dogtl.head.train import build_compiled_head
 
-    opt = model.optimizer
-    if abs((opt.weight_decay or 0.0) - config.weight_decay) > 1e-12:
-        raise NotFusable("weight decay")
-    if any(getattr(opt, a, None) for a in ("clipnorm", "clipvalue", "global_clipnorm")) \
-            or getattr(opt, "use_ema", False) or getattr(opt, "loss_scale_factor", None) \
-            or (getattr(opt, "gradient_accumulation_steps", None) or 1) > 1:
-        raise NotFusable("optimizer options")
-    kind = type(opt).__name__.lower()
-    if kind == "rmsprop" and not opt.centered and not opt.momentum:
-        consts = {"rho": float(opt.rho), "epsilon": float(opt.epsilon)}
-    elif kind == "adam" and not opt.amsgrad:
-        consts = {"beta_1": float(opt.beta_1), "beta_2": float(opt.beta_2), "epsilon": float(opt.epsilon)}
-    elif kind == "sgd" and not opt.nesterov:
-        consts = {"momentum": float(opt.momentum)}
-    else:
-        raise NotFusable(f"optimizer {kind}")
+        self.seed = int(config.seed)
+        self.passes = 1 if config.clean_only else num_passes
+        self.model, self.lr = build_compiled_head(config, dim, num_classes, resolved)
+        self.variables = self.model.trainable_variables
+        optimizer = self.model.optimizer
+        optimizer.build(self.variables)
+        self.apply = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, self.variables)),
+                                 jit_compile=True)
+        self.smoothing = float(config.label_smoothing)
+        self.loss_fn = (keras.losses.CategoricalCrossentropy(label_smoothing=self.smoothing)
+                        if self.smoothing else keras.losses.SparseCategoricalCrossentropy())
 
-    if isinstance(lr, CyclicLR):
-        schedule = (_MODES[lr.mode], lr.base_lr, lr.max_lr, float(lr.step_size), lr.gamma)
-    elif isinstance(lr, (int, float)):
-        schedule = (0, float(lr), float(lr), 1.0, 1.0)
-    else:
-        raise NotFusable(f"learning rate {lr!r}")
-    gamma, beta, moving_mean, moving_var = bn.get_weights()
-    return {"bn": [gamma, beta, moving_mean, moving_var], "bn_eps": float(bn.epsilon),
-            "bn_momentum": float(bn.momentum), "dense": dense, "optimizer": (kind, consts),
-            "schedule": schedule}
+    def train_step(self, x, y):
+        """One training step on x [B, D], y [B] (in a graph): (loss, correct predictions)."""
+        import tensorflow as tf
 
+        from dogtl.head.trainloop import FAST_MATMUL_GRAD
 
-def _same(values, what):
-    first = values[0]
-    if any(v != first for v in values[1:]):
-        raise NotFusable(f"{what} differs between trials")
-    return first
+        with tf.compat.v1.get_default_graph().gradient_override_map({"MatMul": FAST_MATMUL_GRAD}):
+            probs = self.model(x, training=True)
+        loss = self.loss_fn(tf.one_hot(y, tf.shape(probs)[-1]) if self.smoothing else y, probs)
+        self.apply(tf.gradients(loss, self.variables))
+        return loss, tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.int32))
+
+    def lr_at(self, iteration: int) -> float:
+        """The learning rate of step `iteration` (0-based), as fit_head reports it."""
+        return float(self.lr(iteration)) if callable(self.lr) else float(self.lr)
 
 
 class FusedHeads:
-    """The stacked variables and compiled epoch/validation graphs of a group of trials.
+    """The trials of a group and one compiled epoch graph and validation graph for them all.
 
     features [P, N, D] (all labelled rows, any float dtype), labels [N]; `train_rows` index
     the rows trained on; val_features [V, D] clean features of the validation rows.
-    `state` (from `state()` of a larger group) continues trials already part-trained."""
+    `trials` (some of a larger group's) continue trials already part-trained."""
 
     def __init__(self, configs: list[HeadConfig], features, labels, train_rows: np.ndarray,
-                 val_features: np.ndarray, num_classes: int, state: dict | None = None, iteration: int = 0):
+                 val_features: np.ndarray, num_classes: int, trials: list[_Trial] | None = None):
         import tensorflow as tf
+
+        from dogtl.core.models import set_head_precision
+        from dogtl.head.trainloop import _register_fast_matmul_grad
 
         if not configs:
             raise ValueError("no trials to train")
         keys = {fuse_key(c) for c in configs}
         if len(keys) != 1 or None in keys:
             raise NotFusable(f"trials with different fuse keys {keys}")
-        self.configs = list(configs)
         self.T = len(configs)
         self.features = features if tf.is_tensor(features) else tf.convert_to_tensor(features)
-        self.num_passes_total = int(self.features.shape[0])
         self.dim = int(self.features.shape[2])
         self.labels = tf.convert_to_tensor(np.asarray(labels, np.int32))
         self.train_rows = tf.convert_to_tensor(np.asarray(train_rows, np.int32))
@@ -164,143 +140,29 @@ class FusedHeads:
         resolved = [c.resolve(self.num_train) for c in configs]  # automatic settings, as fit_head resolves them
         self.batch, self.steps = resolved[0].batch_size, resolved[0].steps_per_epoch
         self.val_features = np.asarray(val_features, np.float32)
-        self.num_classes = int(num_classes)
-        self.hidden = tuple(configs[0].hidden)
-
-        inits = ([_initial_state(c, self.dim, num_classes, r) for c, r in zip(configs, resolved)]
-                 if state is None else None)
-        if inits is not None:
-            self.opt_kind, self.opt_consts = _same([i["optimizer"] for i in inits], "optimizer")
-            self.bn_eps = _same([i["bn_eps"] for i in inits], "BatchNorm epsilon")
-            self.bn_momentum = _same([i["bn_momentum"] for i in inits], "BatchNorm momentum")
-            schedules = np.array([i["schedule"] for i in inits], np.float64)
-            stack = lambda arrays: np.stack(arrays).astype(np.float32)  # noqa: E731
-            weights = {"bn": [stack([i["bn"][j] for i in inits]) for j in range(4)],
-                       "dense": [(stack([i["dense"][k][0] for i in inits]), stack([i["dense"][k][1] for i in inits]))
-                                 for k in range(len(self.hidden) + 1)]}
-            slots = None
-        else:
-            self.opt_kind, self.opt_consts = state["optimizer"]
-            self.bn_eps, self.bn_momentum = state["bn_eps"], state["bn_momentum"]
-            schedules = state["schedules"]
-            weights, slots = state["weights"], state["slots"]
-        self.schedules = schedules
-        mode, base, top, step, gamma = (schedules[:, j] for j in range(5))
-        self._mode = tf.constant(mode.astype(np.int32))
-        self._base, self._top = tf.constant(base.astype(np.float32)), tf.constant(top.astype(np.float32))
-        self._step_size, self._gamma = tf.constant(step.astype(np.float32)), tf.constant(gamma.astype(np.float32))
-
-        v = lambda x, name, trainable=False: tf.Variable(x, name=name, trainable=trainable)  # noqa: E731
-        self.bn_gamma, self.bn_beta = v(weights["bn"][0], "bn_gamma", True), v(weights["bn"][1], "bn_beta", True)
-        self.moving_mean, self.moving_var = v(weights["bn"][2], "moving_mean"), v(weights["bn"][3], "moving_var")
-        self.kernels = [v(w, f"kernel_{k}", True) for k, (w, _) in enumerate(weights["dense"])]
-        self.biases = [v(b, f"bias_{k}", True) for k, (_, b) in enumerate(weights["dense"])]
-        self.trainables = [self.bn_gamma, self.bn_beta] + [x for pair in zip(self.kernels, self.biases) for x in pair]
-        n_slots = {"rmsprop": 1, "adam": 2, "sgd": 1}[self.opt_kind]
-        self.slots = [[v(np.zeros(w.shape, np.float32) if slots is None else slots[i][j], f"slot{j}_{i}")
-                       for j in range(n_slots)] for i, w in enumerate(self.trainables)]
-        self.iteration = tf.Variable(int(iteration), dtype=tf.int64, trainable=False, name="iteration")
-        self.seeds = [int(c.seed) for c in configs]
-        self.passes = [1 if c.clean_only else self.num_passes_total for c in configs]
-        self.precision = resolved[0].precision
-        self.smoothing = np.array([c.label_smoothing for c in configs], np.float32)
-        self.decay = tf.constant([c.weight_decay for c in configs], tf.float32)
-        self.input_rates = tf.constant([[[float(c.input_dropout)]] for c in configs], tf.float32)
-        self.rates = tf.constant([[[float(c.dropout)]] for c in configs], tf.float32)
-        # autograph=False: the graphs are written with explicit loops, and converting them
-        # would cost seconds per group.
-        self._apply = tf.function(self._apply_graph, jit_compile=True, autograph=False)
-        self._epoch = tf.function(self._epoch_graph, autograph=False)
-        self._predict = tf.function(self._predict_graph, autograph=False,
-                                    input_signature=[tf.TensorSpec([None, self.dim], tf.float32)])
-        for fn in (self._apply, self._epoch, self._predict):
-            fn._omit_frequent_tracing_warning = True  # one trace per group is the design, not a retracing bug
-
-    # -- the maths -------------------------------------------------------------------------
-    def learning_rates(self, iteration):
-        """Each trial's rate at `iteration`: `schedules.cyclic_lr`, vectorised (float32, as CyclicLR)."""
-        import tensorflow as tf
-
-        it = tf.cast(iteration, tf.float32)
-        cycle = tf.floor(1.0 + it / (2.0 * self._step_size))
-        x = tf.abs(it / self._step_size - 2.0 * cycle + 1.0)
-        scale = tf.where(self._mode == 1, 1.0,
-                         tf.where(self._mode == 2, tf.pow(0.5, cycle - 1.0), tf.pow(self._gamma, it)))
-        cyclic = self._base + (self._top - self._base) * tf.maximum(0.0, 1.0 - x) * scale
-        return tf.where(self._mode == 0, self._base, cyclic)
-
-    def _dropout(self, h, rates, iteration, layer):
-        """Inverted dropout with per-trial rates and per-trial stateless masks."""
-        import tensorflow as tf
-
-        shape = tf.shape(h)[1:]
-        masks = []
-        for t, seed in enumerate(self.seeds):
-            key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 31337], tf.int64), iteration)
-            key = tf.random.experimental.stateless_fold_in(key, layer)
-            masks.append(tf.random.stateless_uniform(shape, seed=key))
-        keep = tf.cast(tf.stack(masks) >= rates, h.dtype)
-        return h * keep / (1.0 - rates)
-
-    def _forward(self, x, training, iteration=None):
-        """x [T, B, D] -> logits [T, B, C]; in training, batch statistics update the moving ones."""
-        import tensorflow as tf
-
-        if training:
-            mean, var = tf.nn.moments(x, axes=[1], keepdims=True)
-            m = self.bn_momentum
-            self.moving_mean.assign(self.moving_mean * m + mean[:, 0] * (1.0 - m))
-            self.moving_var.assign(self.moving_var * m + var[:, 0] * (1.0 - m))
-        else:
-            mean, var = self.moving_mean[:, None], self.moving_var[:, None]
-        h = tf.nn.batch_normalization(x, mean, var, self.bn_beta[:, None], self.bn_gamma[:, None], self.bn_eps)
-        if training:
-            h = self._dropout(h, self.input_rates, iteration, 0)
-        for k, (w, b) in enumerate(zip(self.kernels, self.biases)):
-            if training and k < len(self.hidden) and self.precision == "bfloat16":  # Keras's mixed_bfloat16 Dense
-                bf16 = tf.bfloat16
-                h = tf.cast(tf.matmul(tf.cast(h, bf16), tf.cast(w, bf16)) + tf.cast(b, bf16)[:, None], tf.float32)
-            else:
-                h = tf.matmul(h, w) + b[:, None]
-            if k < len(self.hidden):
-                h = tf.nn.relu(h)
-                if training:
-                    h = self._dropout(h, self.rates, iteration, k + 1)
-        return h
-
-    def _apply_graph(self, grads, lr):
-        """One optimizer step for every trial, with the Keras optimizers' formulas."""
-        import tensorflow as tf
-
-        c = self.opt_consts
-        step = tf.cast(self.iteration + 1, tf.float32)
-        for var, grad, slots in zip(self.trainables, grads, self.slots):
-            rate = tf.reshape(lr, [-1] + [1] * (len(var.shape) - 1))
-            if any(var is kernel for kernel in self.kernels):  # decoupled weight decay, as Keras applies it
-                var.assign(var - var * tf.reshape(self.decay, rate.shape) * rate)
-            if self.opt_kind == "rmsprop":
-                (velocity,) = slots
-                velocity.assign(c["rho"] * velocity + (1.0 - c["rho"]) * tf.square(grad))
-                var.assign_sub(rate * grad / tf.sqrt(velocity + c["epsilon"]))
-            elif self.opt_kind == "adam":
-                m, v = slots
-                alpha = rate * tf.sqrt(1.0 - tf.pow(c["beta_2"], step)) / (1.0 - tf.pow(c["beta_1"], step))
-                m.assign_add((grad - m) * (1.0 - c["beta_1"]))
-                v.assign_add((tf.square(grad) - v) * (1.0 - c["beta_2"]))
-                var.assign_sub(m * alpha / (tf.sqrt(v) + c["epsilon"]))
-            else:
-                (m,) = slots
-                m.assign(m * c["momentum"] - grad * rate)
-                var.assign_add(m)
-        self.iteration.assign_add(1)
+        _register_fast_matmul_grad()
+        if trials is None:
+            trials = [_Trial(c, self.dim, num_classes, r, int(self.features.shape[0]))
+                      for c, r in zip(configs, resolved)]
+        self.trials = trials
+        # One explicit trace per group and graph (a concrete function: no retracing to warn about),
+        # training at the trials' precision, validating in float32 as fit_head does.
+        for trial in self.trials:
+            set_head_precision(trial.model, resolved[0].precision)
+        self._epoch = tf.function(self._epoch_graph, autograph=False).get_concrete_function(
+            tf.TensorSpec([], tf.int64))
+        for trial in self.trials:
+            set_head_precision(trial.model, "float32")
+        self._predict = tf.function(self._predict_graph, autograph=False).get_concrete_function(
+            tf.TensorSpec([None, self.dim], tf.float32))
 
     def _epoch_graph(self, epoch):
+        """Every trial's epoch (its own order and passes, `trainloop.epoch_plan`) in one step loop."""
         import tensorflow as tf
 
         from dogtl.head.trainloop import epoch_plan
 
-        plans = [epoch_plan(seed, epoch, self.num_train, passes, self.batch)
-                 for seed, passes in zip(self.seeds, self.passes)]
+        plans = [epoch_plan(t.seed, epoch, self.num_train, t.passes, self.batch) for t in self.trials]
         rows = tf.gather(self.train_rows, tf.stack([r for r, _ in plans]))  # [T, steps * batch]
         passes = tf.stack([p for _, p in plans])
         labels = tf.gather(self.labels, rows)
@@ -310,21 +172,9 @@ class FusedHeads:
             start = s * b
             idx, y = rows[:, start:start + b], labels[:, start:start + b]
             x = tf.cast(tf.gather_nd(self.features, tf.stack([passes[:, start:start + b], idx], -1)), tf.float32)
-            iteration = tf.identity(self.iteration)
-            lr = self.learning_rates(iteration)
-            with tf.GradientTape() as tape:
-                logits = self._forward(x, True, iteration)
-                if self.smoothing.any():  # Keras's label smoothing: (1 - e) one-hot + e / classes
-                    e = self.smoothing[:, None, None]
-                    targets = tf.one_hot(y, self.num_classes) * (1.0 - e) + e / self.num_classes
-                    loss = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
-                else:
-                    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
-                loss = tf.reduce_mean(loss, axis=1)  # [T]
-                total = tf.reduce_sum(loss)
-            self._apply(tape.gradient(total, self.trainables), lr)
-            hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.int32), 1)
-            return s + 1, losses.write(s, loss), correct + hits
+            outs = [trial.train_step(x[t], y[t]) for t, trial in enumerate(self.trials)]
+            return (s + 1, losses.write(s, tf.stack([loss for loss, _ in outs])),
+                    correct + tf.stack([hits for _, hits in outs]))
 
         _, losses, correct = tf.while_loop(
             lambda s, *_: s < self.steps, step,
@@ -334,10 +184,8 @@ class FusedHeads:
     def _predict_graph(self, x):
         import tensorflow as tf
 
-        xs = tf.broadcast_to(x[None], [self.T, tf.shape(x)[0], self.dim])
-        return tf.nn.softmax(self._forward(xs, False))
+        return tf.stack([trial.model(x, training=False) for trial in self.trials])
 
-    # -- the Python side -------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """One epoch for every trial: (losses [steps, T], training accuracy [T])."""
         import tensorflow as tf
@@ -352,17 +200,7 @@ class FusedHeads:
         return np.concatenate(parts, axis=1)
 
     def lr_at(self, iteration: int) -> np.ndarray:
-        return self.learning_rates(iteration).numpy()
-
-    def state(self, keep: list[int]) -> dict:
-        """Weights, optimizer slots and constants of the trials `keep`, to continue them in a smaller group."""
-        pick = lambda var: var.numpy()[keep]  # noqa: E731
-        return {"optimizer": (self.opt_kind, self.opt_consts), "bn_eps": self.bn_eps,
-                "bn_momentum": self.bn_momentum, "schedules": self.schedules[keep],
-                "weights": {"bn": [pick(self.bn_gamma), pick(self.bn_beta), pick(self.moving_mean),
-                                   pick(self.moving_var)],
-                            "dense": [(pick(w), pick(b)) for w, b in zip(self.kernels, self.biases)]},
-                "slots": [[pick(s) for s in slots] for slots in self.slots]}
+        return np.array([trial.lr_at(iteration) for trial in self.trials])
 
 
 @dataclass
@@ -460,10 +298,8 @@ def train_fused(configs: list[HeadConfig], features, labels, train_rows: np.ndar
         active = [i for i in active if i not in finished]
         if active and shrink and len(active) <= len(members) // 2:
             started = time.perf_counter()
-            state = group.state([members.index(i) for i in active])
-            iteration = int(group.iteration.numpy())
             group = FusedHeads([configs[i] for i in active], group.features, labels, train_rows, val_x,
-                               num_classes, state=state, iteration=iteration)
+                               num_classes, trials=[group.trials[members.index(i)] for i in active])
             members = list(active)
             elapsed = time.perf_counter() - started
             for i in active:
