@@ -98,10 +98,27 @@ def test_warmup_through_the_cli_config_file_and_sweep(tmp_path, tiny_cache):
     assert_clean_error(run_cli("train-head", "--cache", tiny_cache, "--warmup-epochs", -2, "--out", out,
                                "--force"), "--warmup-epochs -2")
     assert parse_param_option("warmup_epochs=0,2").values == (0, 2)
-    sweep = run_cli("sweep", "--cache", tiny_cache, "--param", "warmup_epochs=0,1", "--param", "hidden=8",
+    sweep = run_cli("sweep", "--cache", tiny_cache, "--param", "warmup_epochs=0,2", "--param", "hidden=8",
                     "--epochs", 2, "--out", tmp_path / "sweep")
     assert sweep.exit_code == 0, sweep.output
     records = [json.loads(p.read_text()) for p in (tmp_path / "sweep" / "trials").glob("*.json")]
-    assert sorted(r["settings"]["warmup_epochs"] for r in records) == [0, 1]
-    # not reproduced by the fused path: the warm-up trial trains alone, with train-head's own loop
-    assert {r["settings"]["warmup_epochs"]: r["fused"] for r in records}[1] is False
+    assert sorted(r["settings"]["warmup_epochs"] for r in records) == [0, 2]
+    assert all(r["fused"] for r in records)  # the fused path trains fit_head's own Keras schedule
+    fused = {r["settings"]["warmup_epochs"]: r["history"] for r in records}
+    assert fused[2][0]["lr"] < fused[0][0]["lr"]  # the first epoch ramps up
+
+
+def test_a_fused_warmup_trial_equals_train_head(tiny_cache):
+    from dogtl.features.cache import open_cache
+    from dogtl.head.train import fit_head, load_training_data
+    from dogtl.sweep.fused import train_fused
+
+    cache = open_cache(tiny_cache)
+    data = load_training_data(cache)
+    config = HeadConfig(epochs=3, patience=0, warmup_epochs=2, hidden=(8,), precision="float32")
+    alone = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels, 3)
+    features = np.stack([cache.features("labelled", passes=[p])[0] for p in range(cache.num_passes)])
+    rows = np.flatnonzero(~cache.is_val)
+    (fused,) = train_fused([config], features, cache.labels, rows, np.flatnonzero(cache.is_val), 3)
+    assert [h["lr"] for h in fused.history] == pytest.approx(list(alone.history.lr), rel=1e-6)
+    assert [h["loss"] for h in fused.history] == pytest.approx(list(alone.history.loss), rel=1e-5)

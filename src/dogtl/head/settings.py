@@ -56,7 +56,7 @@ HEAD_SETTINGS = (
             "(default: 0.99994 per 16 images, the recipe's decay per epoch at any batch size).", optional=True,
             low=0, low_open=True, high=1),
     Setting("warmup_epochs", "int", 0, "Epochs over which the learning rate ramps up linearly from near 0 to the "
-            "schedule's (0: none). Helps large batches and high --max-lr start stably.", low=0, fusable=False),
+            "schedule's (0: none). Helps large batches and high --max-lr start stably.", low=0),
     Setting("optimizer", "str", "rmsprop", "rmsprop (rho 0.9, the recipe's), adam, or sgd (momentum 0.9).",
             choices=OPTIMIZERS),
     Setting("patience", "int", 5, "Stop after this many epochs without a better validation log loss (0: never); "

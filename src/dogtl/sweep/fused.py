@@ -35,13 +35,11 @@ from typing import Callable
 import numpy as np
 
 from dogtl.core.early_stopping import EarlyStopping
-from dogtl.head.settings import HeadConfig
+from dogtl.head.settings import HEAD_SETTINGS, HeadConfig
 
 
-# HeadConfig settings this module trains as fit_head does; any other setting must keep its default.
-FUSABLE = {"cache", "out", "force", "epochs", "batch_size", "schedule", "base_lr", "max_lr", "step_size", "gamma",
-           "optimizer", "patience", "hidden", "dropout", "input_dropout", "clean_only", "label_smoothing",
-           "weight_decay", "precision", "seed"}
+# Settings this module trains as fit_head does (declared in HEAD_SETTINGS); any other must keep its default.
+FUSABLE = {s.name for s in HEAD_SETTINGS if s.fusable}
 VAL_CHUNK = 2048  # validation rows per inference call
 
 
