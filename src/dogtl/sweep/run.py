@@ -151,6 +151,102 @@ def _prepare_out(config: SweepConfig, spec: dict) -> Path:
 
 # -- the command -----------------------------------------------------------------------------
 
+def _expand(config: SweepConfig, space: SearchSpace, base: dict) -> tuple[list[dict], list[str]]:
+    """The trials to run (a random sample, the grid, or train-head's defaults) and the refused ones."""
+    if config.trials:
+        return sample(space, base, config.trials, config.seed)
+    if space.params:
+        return grid(space, base)
+    return [{}], []
+
+
+def _checked_folds(config: SweepConfig, cache) -> list:
+    folds = make_folds(cache.labels, cache.is_val, config.folds, config.seed)
+    for train_rows, val_rows in folds:
+        if not len(val_rows):
+            raise DogtlError(f"{cache.path}: has no validation images (extracted with --val-fraction 0?); "
+                             "pass --folds K or re-extract with --val-fraction 0.1")
+        if len(np.unique(cache.labels[train_rows])) < 2:
+            raise DogtlError(f"{cache.path}: the training rows hold fewer than two classes; add images")
+    return folds
+
+
+def _unique(keys: list, *columns: list) -> tuple[list, ...]:
+    """Trials that come out identical (e.g. layers=0 with any hidden size) run once."""
+    first: dict = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    keep = sorted(first.values())
+    return tuple([column[i] for i in keep] for column in (keys, *columns))
+
+
+def _finished_and_pending(keys, trials, configs, folds: int, trial_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Records of (trial, fold) runs an earlier run of this sweep finished, and the runs still to do."""
+    records, pending = [], []
+    for key, trial, c in zip(keys, trials, configs):
+        for f in range(folds):
+            unit_key = f"{key}-f{f}"
+            path = trial_dir / f"{unit_key}.json"
+            if path.exists():
+                try:
+                    records.append(json.loads(path.read_text()))
+                    continue
+                except json.JSONDecodeError:
+                    log.warning("%s is damaged; running that trial again", path)
+            pending.append({"key": unit_key, "trial": key, "fold": f, "params": trial,
+                            "settings": training_settings(c)})
+    return records, pending
+
+
+@dataclass
+class _Tally:
+    """The sweep's progress as runs finish: each record is saved the moment it arrives."""
+
+    trial_dir: Path
+    records: list
+    total: int
+    labels: dict  # trial key -> its searched values, for progress lines
+    progress: Callable[[dict], None] | None
+    skipped: int = 0
+    macs: float = 0.0
+    fused: int = 0
+    best: float = math.inf
+
+    def __post_init__(self):
+        self.skipped = len(self.records)
+        self.best = min([r["metrics"]["val_log_loss"] for r in self.records
+                         if math.isfinite(r["metrics"]["val_log_loss"])], default=math.inf)
+        self._report(None)
+
+    @property
+    def done(self) -> int:
+        return len(self.records)
+
+    def _report(self, record: dict | None) -> None:
+        if self.progress:
+            self.progress({"done": self.done, "total": self.total, "skipped": self.skipped, "record": record,
+                           "best": self.best, "label": self.labels.get(record["trial"], "") if record else None})
+
+    def add(self, record: dict) -> None:
+        write_json_atomic(self.trial_dir / f"{record['key']}.json", record)
+        self.records.append(record)
+        self.macs += record["macs"]
+        self.fused += bool(record["fused"])
+        if math.isfinite(record["metrics"]["val_log_loss"]):
+            self.best = min(self.best, record["metrics"]["val_log_loss"])
+        self._report(record)
+
+
+def _write_best(config: SweepConfig, frame, settings: dict, cache, out: Path) -> Path:
+    best, path = frame.iloc[0], out / "best.toml"
+    how = f"{config.folds}-fold cross-validation" if config.folds else "the cache's validation split"
+    write_best_config({"cache": str(cache.path), **settings}, path,
+                      f"dogtl sweep {out}: best of {len(frame)} trials on {how}\n"
+                      f"validation log loss {best['val_log_loss']:.4f}, accuracy {best['val_accuracy']:.4f}\n"
+                      f"train it: dogtl train-head --config {path}")
+    return path
+
+
 def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = None) -> SweepResult:
     """Expand the space, run every unfinished (trial, fold), then rank the trials and write
     results.csv, best.toml and sweep.png in the sweep folder.
@@ -164,90 +260,30 @@ def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = Non
     check_backend(config.backend)
     cache = open_cache(config.cache)
     base = {} if config.epochs is None else {"epochs": config.epochs}
-    if config.trials:
-        trials, dropped = sample(space, base, config.trials, config.seed)
-    elif space.params:
-        trials, dropped = grid(space, base)
-    else:
-        trials, dropped = [{}], []
-    folds = make_folds(cache.labels, cache.is_val, config.folds, config.seed)
-    for f, (train_rows, val_rows) in enumerate(folds):
-        if not len(val_rows):
-            raise DogtlError(f"{cache.path}: has no validation images (extracted with --val-fraction 0?); "
-                             "pass --folds K or re-extract with --val-fraction 0.1")
-        if len(np.unique(cache.labels[train_rows])) < 2:
-            raise DogtlError(f"{cache.path}: the training rows hold fewer than two classes; add images")
+    trials, dropped = _expand(config, space, base)
+    folds = _checked_folds(config, cache)
     trials, configs, refused = _resolvable(trials, base, [len(train) for train, _ in folds])
-    dropped += refused
-    spec = _spec(config, space, cache.path, cache.fingerprint, base)
-    out = _prepare_out(config, spec)
-    trial_dir = out / "trials"
+    out = _prepare_out(config, _spec(config, space, cache.path, cache.fingerprint, base))
     keys = [trial_key(c, cache.fingerprint, config.folds, config.seed) for c in configs]
-    first = {}  # trials that come out identical (e.g. layers=0 with any hidden size) run once
-    for i, key in enumerate(keys):
-        first.setdefault(key, i)
-    keep = sorted(first.values())
-    keys, trials, configs = [keys[i] for i in keep], [trials[i] for i in keep], [configs[i] for i in keep]
-
-    records, pending = [], []
-    for key, trial, c in zip(keys, trials, configs):
-        for f in range(len(folds)):
-            unit_key = f"{key}-f{f}"
-            path = trial_dir / f"{unit_key}.json"
-            if path.exists():
-                try:
-                    records.append(json.loads(path.read_text()))
-                    continue
-                except json.JSONDecodeError:
-                    log.warning("%s is damaged; running that trial again", path)
-            pending.append({"key": unit_key, "trial": key, "fold": f, "params": trial,
-                            "settings": training_settings(c)})
-    skipped = len(records)
-    total = len(keys) * len(folds)
-    jobs = job_count(config.jobs)
-    tasks = plan_tasks(pending, folds, config.fuse, jobs)
+    keys, trials, configs = _unique(keys, trials, configs)
+    records, pending = _finished_and_pending(keys, trials, configs, len(folds), out / "trials")
+    tasks = plan_tasks(pending, folds, config.fuse, job_count(config.jobs))
     for task in tasks:
         task["cache"] = str(Path(config.cache).resolve())
     labels = {k: ", ".join(f"{n}={format_value(t.get(n))}" for n in space.searched) or "defaults"
               for k, t in zip(keys, trials)}
-    state = {"done": skipped, "best": min([r["metrics"]["val_log_loss"] for r in records
-                                           if math.isfinite(r["metrics"]["val_log_loss"])], default=math.inf),
-             "macs": 0.0, "fused": 0}
-    if progress:
-        progress({"done": skipped, "total": total, "skipped": skipped, "record": None, "best": state["best"],
-                  "label": None})
+    tally = _Tally(out / "trials", records, len(keys) * len(folds), labels, progress)
+    execute(tasks, tally.add, config.jobs, config.backend, config.scheduler)
 
-    def on_record(record: dict) -> None:
-        write_json_atomic(trial_dir / f"{record['key']}.json", record)
-        records.append(record)
-        state["done"] += 1
-        state["macs"] += record["macs"]
-        state["fused"] += bool(record["fused"])
-        loss = record["metrics"]["val_log_loss"]
-        if math.isfinite(loss):
-            state["best"] = min(state["best"], loss)
-        if progress:
-            progress({"done": state["done"], "total": total, "skipped": skipped, "record": record,
-                      "best": state["best"], "label": labels.get(record["trial"], "")})
-
-    execute(tasks, on_record, config.jobs, config.backend, config.scheduler)
-
-    frame = summarise(records, trials, keys, space)
+    frame = summarise(tally.records, trials, keys, space)
     results_path = out / "results.csv"
     write_csv_atomic(frame, results_path)
     best_settings, best_path, plot_path = None, None, None
-    finite = frame[np.isfinite(frame["val_log_loss"].astype(float))]
-    if len(finite):
-        best = finite.iloc[0]
-        best_settings = training_settings(configs[keys.index(best["trial"])])
-        best_path = out / "best.toml"
-        how = (f"{config.folds}-fold cross-validation" if config.folds else "the cache's validation split")
-        write_best_config({"cache": str(cache.path), **best_settings}, best_path,
-                          f"dogtl sweep {out}: best of {len(frame)} trials on {how}\n"
-                          f"validation log loss {best['val_log_loss']:.4f}, accuracy {best['val_accuracy']:.4f}\n"
-                          f"train it: dogtl train-head --config {best_path}")
+    if np.isfinite(frame["val_log_loss"].astype(float)).any():
+        best_settings = training_settings(configs[keys.index(frame.iloc[0]["trial"])])
+        best_path = _write_best(config, frame, best_settings, cache, out)
         plot_path = out / "sweep.png"
         plot_sweep(frame, space.searched, plot_path)
     return SweepResult(out, frame, best_settings, results_path, best_path, plot_path, len(keys),
-                       len(records) - skipped, skipped, dropped, time.perf_counter() - started, state["macs"],
-                       state["fused"])
+                       tally.done - tally.skipped, tally.skipped, dropped + refused, time.perf_counter() - started,
+                       tally.macs, tally.fused)
