@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from dogtl.core.errors import DogtlError
+from dogtl.core.files import atomic_path, check_overwrite
 
 log = logging.getLogger(__name__)
 Note = Callable[[str], None]
@@ -83,7 +84,8 @@ def _random_backbone(spec, image_size: int, data: Path, path: Path, images: int 
     files = files[:: max(1, len(files) // images)][:images]
     _, _, batch = next(iter(image_dataset(files, spec, image_size, batch_size=len(files))))
     calibrate_batchnorm(backbone, batch)
-    backbone.save_weights(path)
+    with atomic_path(path) as tmp:
+        backbone.save_weights(tmp)
     return path
 
 
@@ -101,9 +103,9 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     started = time.perf_counter()
     root = Path(config.dir)
     existing = [name for name in GENERATED if (root / name).exists()]
-    if existing and not config.force:
-        raise DogtlError(f"{root} already holds a demo ({', '.join(existing)}): pass --force to redo it "
-                         "or choose another --dir")
+    if existing:
+        check_overwrite(root / existing[0], config.force, "--dir",
+                        detail=f" ({root} already holds a demo: {', '.join(existing)})")
     for name in existing:
         (shutil.rmtree if (root / name).is_dir() else Path.unlink)(root / name)
     for sub in ("models", "reports"):

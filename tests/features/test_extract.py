@@ -40,10 +40,11 @@ def _same_cache(a, b, exact=True):
 # or when renaming the finished cache file into place. Every batch write is logged.
 HARNESS = r'''
 import json, os, signal, sys
+from dogtl.core import files
 from dogtl.features import cache
 
 log, kill, run = os.environ["DOGTL_TEST_LOG"], os.environ.get("DOGTL_TEST_KILL", ""), os.environ["DOGTL_TEST_RUN"]
-real_os, renames = cache.os, [0]
+real_os, renames = files.os, [0]
 
 class KillingOs:
     def __getattr__(self, name):
@@ -58,7 +59,7 @@ class KillingOs:
             real_os.kill(real_os.getpid(), signal.SIGKILL)
         return real_os.replace(src, dst)
 
-cache.os = KillingOs()
+files.os = KillingOs()  # every rename into place is core.files's
 write = cache.PartialCache.write
 
 def logged_write(self, split, pass_index, positions, features):

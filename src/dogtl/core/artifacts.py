@@ -3,17 +3,17 @@
 A model `models/head.keras` has its metadata beside it in `models/head.json`: what
 kind of model it is, its classes, the backbone/weights/image size/preprocessing that
 its inputs come from, the cache fingerprint, the settings used and final metrics.
-Both files are written to temporary names and renamed, so a crash leaves either the
-old pair or the new pair.
+Both files are written to temporary names before either is renamed (core.files), so a
+failed save leaves the old pair.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from dogtl.core.errors import DogtlError
+from dogtl.core.files import atomic_paths, check_overwrite, json_text
 
 
 def metadata_path(model_path: str | Path) -> Path:
@@ -21,32 +21,19 @@ def metadata_path(model_path: str | Path) -> Path:
 
 
 def check_writable(path: str | Path, force: bool) -> Path:
-    """Refuse to overwrite without --force, and name a missing output folder."""
+    """A model path: refuse other suffixes (Keras needs .keras), overwriting without --force
+    and a missing output folder."""
     path = Path(path)
     if path.suffix != ".keras":
         raise DogtlError(f"{path}: model files must end in .keras")
-    if not path.parent.is_dir():
-        raise DogtlError(f"{path}: folder '{path.parent}' does not exist; create it or choose another --out")
-    if path.exists() and not force:
-        raise DogtlError(f"{path} exists: pass --force to overwrite it or choose another --out")
-    return path
-
-
-def write_json_atomic(path: str | Path, value) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    return check_overwrite(path, force)
 
 
 def save_model(model, path: str | Path, metadata: dict) -> None:
-    """Atomically write model + metadata (the caller has already checked overwriting)."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    write_json_atomic(metadata_path(path).with_suffix(".json.tmp"), metadata)
-    os.replace(tmp, path)
-    os.replace(metadata_path(path).with_suffix(".json.tmp"), metadata_path(path))
+    """Write model + metadata as a pair (the caller has already checked overwriting)."""
+    with atomic_paths(path, metadata_path(path)) as (model_tmp, metadata_tmp):
+        model.save(model_tmp)
+        metadata_tmp.write_text(json_text(metadata))
 
 
 def load_metadata(path: str | Path) -> dict:

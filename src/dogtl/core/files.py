@@ -1,39 +1,57 @@
 """Writing files so that a crash leaves the old file or the new one, never half of one,
 and refusing to overwrite what a user made unless they say --force.
 
-Every artifact dogtl writes (models, metadata, CSV and JSON reports, plots, sweep records)
-goes through `atomic_path`: the content is written to a temporary sibling (same folder, so
-the final rename stays on one file system) and renamed over the target at the end.
+Every file dogtl writes (models, metadata, CSV and JSON reports, plots, feature caches,
+sweep records) goes through `atomic_path`: the content is written to a temporary sibling
+(same folder, so the final rename stays on one file system) and renamed over the target
+at the end. This module is the only place that renames a file into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from dogtl.core.errors import DogtlError
 
 
 def temporary_sibling(path: str | Path) -> Path:
-    """A name beside `path`, unique to this process, keeping its suffix (Keras and matplotlib
-    pick the format from it)."""
+    """A name beside `path`, unique to this process, ending as `path` does from its first dot
+    (Keras and matplotlib pick the format from the ending, Keras's `.weights.h5` included)."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    stem, dot, ending = path.name.partition(".")
+    return path.with_name(f"{stem}.tmp-{os.getpid()}{dot}{ending}")
 
 
 @contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path to write; on success it replaces `path`, on error it is removed."""
+def atomic_path(path: str | Path, tmp: str | Path | None = None, durable: bool = False):
+    """Yield a temporary path to write; on success it replaces `path`, on error it is removed.
+
+    `tmp` fixes the temporary name where a rerun must find or overwrite what a killed run
+    left (the feature cache); `durable` fsyncs the file before the rename, for files whose
+    loss in an operating-system crash would cost more than the fsync.
+    """
     path = Path(path)
-    tmp = temporary_sibling(path)
+    tmp = Path(tmp) if tmp is not None else temporary_sibling(path)
     try:
         yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_paths(*paths: str | Path):
+    """Temporary paths for files that belong together (a model and its metadata): none is
+    renamed into place until every one is written, so a failed write leaves all the old files.
+    (Only a crash in the microseconds between the renames could still mix old and new.)"""
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p)) for p in paths]
 
 
 def _json_default(value):
@@ -46,13 +64,18 @@ def _json_default(value):
     return str(value)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> None:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_text(text)
 
 
-def write_json_atomic(path: str | Path, value, indent: int = 2) -> None:
-    write_text_atomic(path, json.dumps(value, indent=indent, sort_keys=True, default=_json_default))
+def json_text(value, indent: int = 2) -> str:
+    """dogtl's JSON: sorted keys, NumPy scalars as numbers, anything else unknown as its str."""
+    return json.dumps(value, indent=indent, sort_keys=True, default=_json_default)
+
+
+def write_json_atomic(path: str | Path, value, indent: int = 2, durable: bool = False) -> None:
+    write_text_atomic(path, json_text(value, indent), durable=durable)
 
 
 def write_csv_atomic(frame, path: str | Path, **kwargs) -> None:
@@ -61,9 +84,13 @@ def write_csv_atomic(frame, path: str | Path, **kwargs) -> None:
         frame.to_csv(tmp, index=False, **kwargs)
 
 
-def check_overwrite(path: str | Path, force: bool, option: str = "--out") -> Path:
-    """Refuse to replace an existing file without --force (before any work is done)."""
+def check_overwrite(path: str | Path, force: bool, option: str = "--out", detail: str = "") -> Path:
+    """Refuse, before any work is done, to replace an existing file without --force, or to
+    write into a folder that does not exist (named now, not after the work fails).
+    `detail` says more about what is there (" and is not a dogtl feature cache")."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise DogtlError(f"{path}: folder '{path.parent}' does not exist; create it or choose another {option}")
     if path.exists() and not force:
-        raise DogtlError(f"{path} exists: pass --force to overwrite it or choose another {option}")
+        raise DogtlError(f"{path} exists{detail}: pass --force to overwrite it or choose another {option}")
     return path

@@ -1,9 +1,11 @@
-"""PNG plots of training runs (matplotlib's Agg backend: no display needed), written atomically."""
+"""Every PNG plot dogtl draws: training runs, range tests, confusion among classes
+(matplotlib's Agg backend: no display needed), written atomically through core.files."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import numpy as np
+
+from dogtl.core.files import atomic_path
 
 
 def _pyplot():
@@ -16,18 +18,19 @@ def _pyplot():
 
 
 def _figure(rows: int, width: float = 6.0):
+    """Panels stacked over one shared x axis."""
     plt = _pyplot()
     fig, axes = plt.subplots(rows, 1, figsize=(width, 2.6 * rows), sharex=True, squeeze=False)
     return plt, fig, axes[:, 0]
 
 
 def _save(plt, fig, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure alive
 
 
 def plot_history(history, path) -> None:
@@ -75,11 +78,9 @@ def plot_lr_find(lrs, losses, smoothed, path, base_lr: float | None = None, max_
     _save(plt, fig, path)
 
 
-def plot_sweep(frame, names: list[str], path: Path) -> None:
+def plot_sweep(frame, names: list[str], path) -> None:
     """One panel per searched parameter: its value against validation log loss (mean, with the
     spread over folds as error bars). Categorical values get one column each."""
-    import numpy as np
-
     plt = _pyplot()
     ok = frame[np.isfinite(frame["val_log_loss"].astype(float))]
     names = names or ["trial"]
@@ -123,9 +124,40 @@ def _natural(text: str):
 
 
 def _numeric(values):
-    import numpy as np
-
     try:
         return np.array([float(v) for v in values], float)
     except ValueError:
         return None
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], confused: list[dict], path,
+                   max_classes: int = 12) -> None:
+    """Row-normalised confusion among the classes of the most confused pairs (`confused`:
+    dicts with "true" and "predicted" class names), or among the first classes when none is."""
+    chosen = []
+    for pair in confused:
+        for name in (pair["true"], pair["predicted"]):
+            if name not in chosen and len(chosen) < max_classes:
+                chosen.append(name)
+    if not chosen:
+        chosen = classes[:max_classes]
+    idx = [classes.index(c) for c in chosen]
+    sub = matrix[np.ix_(idx, idx)].astype(float)
+    rows = matrix[idx].sum(axis=1, keepdims=True).astype(float)
+    sub = np.divide(sub, rows, out=np.zeros_like(sub), where=rows > 0)
+    size = 2.5 + 0.45 * len(chosen)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(chosen)), chosen, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(chosen)), chosen, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("most confused classes\n(fraction of each true class)", fontsize=9)
+    for i in range(len(chosen)):
+        for j in range(len(chosen)):
+            if sub[i, j] > 0:
+                ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if sub[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(plt, fig, path)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dogtl.core.files import atomic_path
+
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes", "cross", "ring")
 
 
@@ -61,8 +63,7 @@ def make_kaggle_dataset(root: str | Path, num_classes: int = 3, per_class: int =
             image_id = f"{k:02d}{j:04d}{rng.integers(1 << 30):08x}"
             draw_image(k, size, rng).save(root / "train" / f"{image_id}.jpg", quality=90)
             rows.append((image_id, name))
-    with open(root / "labels.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("id", "breed"), *rows])
+    _write_csv(root / "labels.csv", [("id", "breed"), *rows])
     if test_images:
         (root / "test").mkdir(exist_ok=True)
         test_ids = []
@@ -71,8 +72,12 @@ def make_kaggle_dataset(root: str | Path, num_classes: int = 3, per_class: int =
             draw_image(int(rng.integers(num_classes)), size, rng).save(root / "test" / f"{test_id}.jpg", quality=90)
             test_ids.append(test_id)
         if sample_submission:
-            with open(root / "sample_submission.csv", "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["id", *names])
-                w.writerows([[t, *([f"{1 / num_classes:.6f}"] * num_classes)] for t in test_ids])
+            _write_csv(root / "sample_submission.csv",
+                       [["id", *names], *([t, *([f"{1 / num_classes:.6f}"] * num_classes)] for t in test_ids)])
     return root
+
+
+def _write_csv(path: Path, rows) -> None:
+    """Atomically, so a killed run never leaves a labels file that looks whole."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(rows)

@@ -92,14 +92,14 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
 
 
 def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report:
-    from dogtl.core.artifacts import write_json_atomic
+    from dogtl.core.files import check_overwrite, write_csv_atomic, write_json_atomic
     from dogtl.core.modelinfo import check_metadata, open_model_cache
-    from dogtl.evaluation.predict import check_output, write_csv_atomic
+    from dogtl.core.plots import plot_confusion
 
     meta, spec, size = check_metadata(config.model)
     paths = report_paths(config.model, config.out)
     for p in paths:
-        check_output(p, config.force, what="--out prefix")
+        check_overwrite(p, config.force, "--out prefix")
     cache = open_model_cache(meta, config.cache)
     if not cache.is_val.any():
         raise DataError(f"{cache.path} has no validation split (--val-fraction 0): nothing to evaluate on")
@@ -111,7 +111,7 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     numbers = metrics_report(probs, labels, classes, config.top_k, config.confused)
     json_path, csv_path, png_path = paths
     write_csv_atomic(numbers["per_class"], csv_path)
-    _plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path)
+    plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path)
     summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
     summary.update(model=str(config.model), kind=meta["kind"], source=source,
                    per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path))
@@ -143,46 +143,3 @@ def _on_images(config, meta, cache, progress):
         bad = val["paths"][int(np.flatnonzero(~ok)[0])]
         raise DataError(f"{bad}: cannot read this validation image any more; fix it or extract again")
     return probs, val["labels"], "images"
-
-
-def _plot_confusion(matrix: np.ndarray, classes: list[str], confused: list[dict], path: Path,
-                    max_classes: int = 12) -> None:
-    """Row-normalised confusion among the classes of the most confused pairs."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen = []
-    for pair in confused:
-        for name in (pair["true"], pair["predicted"]):
-            if name not in chosen and len(chosen) < max_classes:
-                chosen.append(name)
-    if not chosen:
-        chosen = classes[:max_classes]
-    idx = [classes.index(c) for c in chosen]
-    sub = matrix[np.ix_(idx, idx)].astype(float)
-    rows = matrix[idx].sum(axis=1, keepdims=True).astype(float)
-    sub = np.divide(sub, rows, out=np.zeros_like(sub), where=rows > 0)
-    size = 2.5 + 0.45 * len(chosen)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(chosen)), chosen, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(chosen)), chosen, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("most confused classes\n(fraction of each true class)", fontsize=9)
-    for i in range(len(chosen)):
-        for j in range(len(chosen)):
-            if sub[i, j] > 0:
-                ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if sub[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-

@@ -9,7 +9,6 @@ log loss), columns follow sample_submission.csv exactly.
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 
 from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
 from dogtl.core.errors import DataError, DogtlError
+from dogtl.core.files import check_overwrite, write_csv_atomic
 from dogtl.evaluation.metrics import clip_rows
 
 log = logging.getLogger(__name__)
@@ -139,21 +139,6 @@ def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: 
     return probs, ok
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: Path, **kwargs) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, **kwargs)
-    os.replace(tmp, path)
-
-
-def check_output(path: str | Path, force: bool, what: str = "--out") -> Path:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise DogtlError(f"{path}: folder '{path.parent}' does not exist; create it or choose another {what}")
-    if path.exists() and not force:
-        raise DogtlError(f"{path} exists: pass --force to overwrite it or choose another {what}")
-    return path
-
-
 def test_images(root: str | Path):
     """(ids, paths, sample_submission or None) of a data folder's test/ images."""
     root = Path(root)
@@ -176,7 +161,7 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
 
     model_path = resolve_model(config.model)
     meta, spec, size = check_metadata(model_path)
-    out = check_output(config.out, config.force)
+    out = check_overwrite(config.out, config.force)
     ids, paths, sample = test_images(config.data)
     classes = list(meta["classes"])
     columns = check_submission_columns(sample, classes) if sample is not None else sorted(classes)

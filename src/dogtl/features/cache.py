@@ -25,16 +25,17 @@ HDF5 schema (readable with plain h5py):
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dogtl.core.errors import CacheError
+from dogtl.core.files import atomic_path, write_text_atomic
 
 FORMAT = "dogtl-features"
 FORMAT_VERSION = 1
@@ -90,7 +91,8 @@ class PartialCache:
 
     def start(self, fingerprint: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.dir / "fingerprint.json", json.dumps(fingerprint, sort_keys=True, indent=1))
+        write_text_atomic(self.dir / "fingerprint.json", json.dumps(fingerprint, sort_keys=True, indent=1),
+                          durable=True)
 
     def fingerprint(self) -> dict:
         try:
@@ -113,13 +115,12 @@ class PartialCache:
     def write(self, split: str, pass_index: int, positions: np.ndarray, features: np.ndarray) -> None:
         start, end = int(positions[0]), int(positions[-1]) + 1
         name = f"{split}-p{pass_index}-{start:09d}-{end:09d}.npz"
-        tmp = self.dir / (name + ".tmp")
-        # No fsync: once renamed, a batch survives any kill of this process (the kernel holds it),
+        # Not durable: once renamed, a batch survives any kill of this process (the kernel holds it),
         # and fsyncing every batch stalls the model on a busy disk. A batch damaged by an OS crash
-        # fails its zip CRC check when read and is then removed and redone.
-        with open(tmp, "wb") as f:
+        # fails its zip CRC check when read and is then removed and redone. The fixed temporary
+        # name lets the batch a killed run was writing be overwritten when it is redone.
+        with atomic_path(self.dir / name, tmp=_tmp_name(self.dir / name)) as tmp, open(tmp, "wb") as f:
             np.savez(f, positions=positions, features=features)
-        os.replace(tmp, self.dir / name)
 
     def _load(self, part: Path, *keys):
         try:
@@ -140,7 +141,7 @@ class PartialCache:
             yield self._load(p, "positions", "features")
 
     def save_json(self, name: str, value) -> None:
-        _atomic_write_text(self.dir / name, json.dumps(value))
+        write_text_atomic(self.dir / name, json.dumps(value), durable=True)
 
     def load_json(self, name: str):
         p = self.dir / name
@@ -150,13 +151,10 @@ class PartialCache:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _tmp_name(path: Path) -> Path:
+    """`<name>.tmp`: one per file whatever the process, so what a killed run was writing is
+    overwritten by the next run (a per-process name would be left behind)."""
+    return path.with_name(path.name + ".tmp")
 
 
 def _fill_pass(ds, p: int, source, n: int, dim: int, where: str) -> None:
@@ -183,7 +181,7 @@ def _fill_pass(ds, p: int, source, n: int, dim: int, where: str) -> None:
         raise CacheError(f"{where} pass {p}: {filled} of {n} rows saved; {RESUME_HINT}")
 
 
-def write_header(f, fingerprint: dict, versions: dict, classes, skipped) -> None:
+def _write_header(f, fingerprint: dict, versions: dict, classes, skipped) -> None:
     """The attributes and class/skipped lists every cache file starts with (marked incomplete)."""
     import h5py
 
@@ -197,6 +195,21 @@ def write_header(f, fingerprint: dict, versions: dict, classes, skipped) -> None
     f.create_dataset("skipped", data=np.array(list(skipped), dtype=object), dtype=strings)
 
 
+@contextmanager
+def cache_file_writer(path: str | Path, fingerprint: dict, versions: dict, classes, skipped):
+    """An open HDF5 file, its header written, for the block to add the splits to. It appears at
+    `path`, marked complete and fsynced, only when the block ends without error; until then it
+    is `<path>.tmp`, which the next write overwrites."""
+    import h5py
+
+    path = Path(path)
+    with atomic_path(path, tmp=_tmp_name(path), durable=True) as tmp:
+        with h5py.File(tmp, "w") as f:
+            _write_header(f, fingerprint, versions, classes, skipped)
+            yield f
+            f.attrs["complete"] = True
+
+
 def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, labelled: dict,
                 test: dict, skipped: list[str]) -> None:
     """Write the complete cache atomically.
@@ -208,12 +221,9 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
     """
     import h5py
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     str_dtype = h5py.string_dtype()
     dim = int(fingerprint["feature_dim"])
-    with h5py.File(tmp, "w") as f:
-        write_header(f, fingerprint, versions, classes, skipped)
+    with cache_file_writer(path, fingerprint, versions, classes, skipped) as f:
         for split, arrays in (("labelled", labelled), ("test", test)):
             g = f.create_group(split)
             n = len(arrays["ids"])
@@ -230,10 +240,6 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
                                   chunks=(1, max(1, min(n, 1024)), dim) if n else None)
             for p, source in enumerate(passes):
                 _fill_pass(ds, p, source, n, dim, split)
-        f.attrs["complete"] = True
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from dogtl.features.backbones import check_image_size, get_backbone
 from dogtl.features.cache import PartialCache, fingerprint_differences, is_cache_file, open_cache, write_cache
 from dogtl.data.folders import Dataset, load_dataset, split_validation
 from dogtl.core.errors import CacheError, DataError, DogtlError
+from dogtl.core.files import check_overwrite
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images done, images in total)
@@ -138,9 +139,8 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
             diff = "; ".join(fingerprint_differences(existing.fingerprint, fingerprint))
             raise CacheError(f"{path} was made with other settings ({diff}). "
                              "Pass --force to replace it, or --cache OTHER.h5")
-        if existing is None and not force and not is_cache_file(path):
-            raise CacheError(f"{path} exists and is not a dogtl feature cache: pass --cache OTHER.h5, "
-                             "or --force to overwrite it")
+        if existing is None and not is_cache_file(path):
+            check_overwrite(path, force, "--cache", detail=" and is not a dogtl feature cache")
         log.warning("replacing %s (%s)", path, problem or "--force")
         path.unlink()
     if partial.exists():

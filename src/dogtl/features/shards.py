@@ -17,15 +17,15 @@ reads the shards' features in place (seconds, no copy; the shards must stay besi
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dogtl.features.cache import SPLITS, write_header, fingerprint_differences, open_cache, write_cache
+from dogtl.features.cache import SPLITS, cache_file_writer, fingerprint_differences, open_cache, write_cache
 from dogtl.core.errors import CacheError, DogtlError
+from dogtl.core.files import check_overwrite
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)\.shard-(?P<index>\d+)-of-(?P<count>\d+)$")
 COPY_BLOCK = 4096  # rows copied at a time in copy mode
@@ -157,9 +157,8 @@ def merge_caches(shards, out: str | Path | None = None, mode: str = "virtual", f
         raise DogtlError(f"--out {out} is one of the shards: pass another file name")
     if out.is_dir():
         raise DogtlError(f"--out {out} is a folder: pass a file name such as {out / 'features.h5'}")
-    if out.exists() and not force:
-        raise DogtlError(f"{out} exists: pass --force to replace it, or --out OTHER.h5")
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_overwrite(out, force)
 
     first = parts[0].cache
     fingerprint = {k: v for k, v in first.fingerprint.items() if k != "shard"}
@@ -213,11 +212,9 @@ def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, ski
     """
     import h5py
 
-    tmp = out.with_name(out.name + ".tmp")
     strings = h5py.string_dtype()
     dim, dtype = int(fingerprint["feature_dim"]), fingerprint.get("dtype", "float32")
-    with h5py.File(tmp, "w") as f:
-        write_header(f, fingerprint, versions, classes, skipped)
+    with cache_file_writer(out, fingerprint, versions, classes, skipped) as f:
         f.attrs["merged_from"] = json.dumps([str(_source_name(out, p.cache.path)) for p in parts])
         for split in SPLITS:
             g = f.create_group(split)
@@ -242,8 +239,6 @@ def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, ski
                 offset += rows
             # Rows whose shard went missing read as NaN, never as plausible zeros.
             g.create_virtual_dataset("features", layout, fillvalue=np.nan)
-        f.attrs["complete"] = True
-    os.replace(tmp, out)
 
 
 def _source_name(out: Path, source: Path) -> Path:

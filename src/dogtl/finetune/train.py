@@ -223,7 +223,7 @@ class _Run:
         return f"{name}.keras"
 
     def _commit(self, state: dict) -> None:
-        from dogtl.core.artifacts import write_json_atomic
+        from dogtl.core.files import write_json_atomic
 
         state["identity"] = self.identity
         write_json_atomic(self.partial / STATE, state)
@@ -310,7 +310,7 @@ class _Run:
         import keras
 
         from dogtl.core.artifacts import save_model
-        from dogtl.evaluation.predict import write_csv_atomic
+        from dogtl.core.files import write_csv_atomic
 
         from dogtl.head import schedules  # noqa: F401  registers the cyclical schedule for loading
 
