@@ -50,6 +50,36 @@ def friendly_errors(command):
     return wrapper
 
 
+def apply_config_file(ctx: typer.Context, values: dict, path, section: str, known: set[str]) -> dict:
+    """`values` (a command's options by name) with the settings of a --config FILE laid over
+    those the command line left at their defaults: the command line wins over the file.
+
+    The file is a TOML or JSON table whose keys are option names with underscores (hyphens
+    are accepted too), optionally all under one [`section`] table; a key not in `known` is
+    refused with one line. No file (`path` None): `values` unchanged.
+    """
+    if path is None:
+        return values
+    from dogtl.core.errors import DogtlError
+    from dogtl.core.settingsfile import read_table
+
+    table = read_table(path, f"--config {path}", "a table of settings")
+    for name in {section, section.replace("_", "-")}:
+        if isinstance(table.get(name), dict) and len(table) == 1:
+            table = table[name]
+    table = {str(k).replace("-", "_"): v for k, v in table.items()}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise DogtlError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    merged = dict(values)
+    for key, value in table.items():
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            merged[key] = value
+    return merged
+
+
 
 class _RichBar:
     """Context-manager plumbing shared by the progress bars below (they set self.progress)."""
