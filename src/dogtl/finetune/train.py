@@ -72,6 +72,7 @@ class Setup:
 
 
 def finetune(config: FinetuneConfig, progress: Progress | None = None, report: Report | None = None) -> FinetuneResult:
+    """Fine-tune, or resume a killed run of the same settings, and write the best model."""
     from dogtl.core.distribute import agree, make_strategy, scope
 
     started = time.perf_counter()
