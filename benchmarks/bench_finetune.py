@@ -2,7 +2,7 @@
 
 Both sides train the same model (backbone -> pooling -> head, the same top blocks unfrozen,
 BatchNorm frozen, SGD lr 1e-4 momentum 0.9) with `model.fit`:
-  dogtl  JPEG files -> tf.data decode/resize/augment in parallel (`finetune.training_dataset`,
+  dogtl  JPEG files -> tf.data decode/resize/augment in parallel (`finetune.data.training_dataset`,
          exactly what `dogtl finetune` feeds to fit), nothing held in memory;
   plain  every image decoded, resized and preprocessed into one in-memory float32 array
          beforehand (not timed, ~1 GB per 3,000 images at 299 px), then `model.fit(x, y)`.
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     from dogtl.data.augment import AugmentConfig
     from dogtl.features.backbones import get_backbone
-    from dogtl.finetune.train import training_dataset
+    from dogtl.finetune.data import training_dataset
     from dogtl.data.synthetic import make_kaggle_dataset
 
     spec = get_backbone(args.backbone)

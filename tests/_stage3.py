@@ -31,9 +31,9 @@ def head_metadata(cache, backbone: str, size: int, cache_path) -> dict:
 
     spec = get_backbone(backbone)
     return {"kind": "head", "classes": list(cache.classes), "backbone": spec.name,
-            "weights": cache.fingerprint["weights"], "image_size": size, "preprocessing": spec.preprocessing,
-            "feature_dim": spec.feature_dim, "cache": str(cache_path), "cache_fingerprint": cache.fingerprint,
-            "settings": {"epochs": 30}, "metrics": {}}
+            "weights": cache.fingerprint["weights"], "weights_path": cache.weights_path, "image_size": size,
+            "preprocessing": spec.preprocessing, "feature_dim": spec.feature_dim, "cache": str(cache_path),
+            "cache_fingerprint": cache.fingerprint, "settings": {"epochs": 30}, "metrics": {}}
 
 
 def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE) -> Pipeline:

@@ -73,12 +73,14 @@ def stage3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finetuned(stage3, tmp_path_factory):
-    """A one-epoch fine-tuning of the `stage3` head (read-only!): the FinetuneResult."""
-    from dogtl.finetune.train import FinetuneConfig, finetune
+    """A one-epoch fine-tuning of the `stage3` head (read-only!): the FinetuneResult. No --weights:
+    the backbone weights file recorded with the head is used."""
+    from dogtl.finetune.settings import FinetuneConfig
+    from dogtl.finetune.train import finetune
 
     out = tmp_path_factory.mktemp("finetuned") / "finetuned.keras"
     return finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),
-                                   weights=str(stage3.weights), epochs=1, batch_size=8))
+                                   epochs=1, batch_size=8))
 
 
 def write_odd_images(folder, size: int = 48) -> dict:

@@ -101,13 +101,16 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
 
 
 def finetune(data="data", head="models/head.keras", out="models/finetuned.keras", *, force: bool = False,
-             progress=True, **settings):
-    """Stage three: fine-tune the top backbone blocks with the trained head, on the images."""
-    from dogtl.finetune.train import FinetuneConfig, finetune as run
+             progress=True, report=None, **settings):
+    """Stage three: fine-tune the top backbone blocks with the trained head, on the images.
+    `settings`: any finetune setting (`dogtl.finetune.settings.FINETUNE_SETTINGS`); `report`
+    gets one line per finished epoch."""
+    from dogtl.finetune.settings import FinetuneConfig
+    from dogtl.finetune.train import finetune as run
 
     config = FinetuneConfig(data=str(data), head=str(head), out=str(out), force=force, **settings)
     with _bar(progress, _images("fine-tuning")) as update:
-        return run(config, progress=update)
+        return run(config, progress=update, report=report)
 
 
 def evaluate(model="models/finetuned.keras", *, data=None, force: bool = False, progress=True, **settings):

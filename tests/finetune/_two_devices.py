@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 EXTRACT = dict(backbone="mobilenet_v2", image_size=48, passes=1, tta_passes=1, batch_size=8, val_fraction=0.25,
                dtype="float32")  # the settings of _stage3.build_pipeline
-FINETUNE = dict(epochs=1, batch_size=8, lr=3e-3, patience=5)
+FINETUNE = dict(epochs=1, batch_size=8, base_lr=3e-3, patience=5)
 
 
 def split_cpu(n: int = 2) -> None:
@@ -58,7 +58,8 @@ def extract_with(strategy: str, root: Path, data: Path, weights: Path, name: str
 
 
 def finetune_with(strategy: str, data: Path, weights: Path, cache: Path, head: Path, out: Path) -> dict:
-    from dogtl.finetune.train import FinetuneConfig, finetune
+    from dogtl.finetune.settings import FinetuneConfig
+    from dogtl.finetune.train import finetune
 
     r = finetune(FinetuneConfig(data=str(data), head=str(head), out=str(out), cache=str(cache),
                                 weights=str(weights), strategy=strategy, **FINETUNE))

@@ -1,4 +1,4 @@
-"""Stage three: composition, block unfreezing, augmentation, resume, never-worse, bad input."""
+"""Stage three: composition, block unfreezing, augmentation, resume, never-worse, options, --config, bad input."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_epoch_e_is_the_caches_augmented_pass_1_plus_e(stage3):
     from dogtl.data.augment import AugmentConfig
     from dogtl.features.cache import open_cache
     from dogtl.data.folders import load_dataset
-    from dogtl.finetune.train import training_batches
+    from dogtl.finetune.data import training_batches
     from dogtl.core.models import build_backbone
     from dogtl.core.modelinfo import split_paths
 
@@ -119,7 +119,8 @@ def test_finetune_writes_model_metadata_history_and_plot(stage3, finetuned):
     for key in ("classes", "backbone", "weights", "image_size", "preprocessing", "feature_dim", "cache",
                 "cache_fingerprint"):
         assert meta[key] == head_meta[key], key
-    assert meta["settings"]["trainable_blocks"] == 2 and meta["settings"]["lr"] == 1e-4
+    assert meta["settings"]["trainable_blocks"] == 2 and meta["settings"]["base_lr"] == 1e-4
+    assert meta["settings"]["weights"] is None and meta["weights_path"] == str(stage3.weights.resolve())
     assert meta["metrics"]["before"] == r.before and meta["metrics"]["val_log_loss"] == r.after["val_log_loss"]
     assert r.trainable_layers == ["block_16_expand", "block_16_depthwise", "block_16_project", "Conv_1"]
     assert r.after["val_log_loss"] <= r.before["val_log_loss"]
@@ -136,7 +137,7 @@ def test_finetune_writes_model_metadata_history_and_plot(stage3, finetuned):
 
 
 def _config(stage3, out, **kw):
-    from dogtl.finetune.train import FinetuneConfig
+    from dogtl.finetune.settings import FinetuneConfig
 
     return FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),
                           weights=str(stage3.weights), batch_size=8, **kw)
@@ -154,16 +155,15 @@ def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
         if len(seen) == 4:  # 18 train images / 8 = 3 steps per epoch: step 1 of epoch 2
             raise KeyboardInterrupt
 
-    cyclic = dict(epochs=2, patience=5, schedule="cyclic", lr=1e-4, max_lr=1e-3, step_size=2,
-                  cyclic_mode="triangular")
+    cyclic = dict(epochs=2, patience=5, schedule="triangular", base_lr=1e-4, max_lr=1e-3, step_size=2)
     with pytest.raises(KeyboardInterrupt):
         finetune(_config(stage3, out, **cyclic), progress=killer)
     partial = out.with_name(out.name + ".partial")
-    state = json.loads((partial / "state.json").read_text())
+    state = json.loads((partial / "state.json").read_text())["state"]
     assert state["epoch"] == 1 and not out.exists()
     first = state["history"][0]
     with pytest.raises(DogtlError, match="unfinished fine-tuning with other settings"):
-        finetune(_config(stage3, out, **{**cyclic, "lr": 2e-4}))
+        finetune(_config(stage3, out, **{**cyclic, "base_lr": 2e-4}))
 
     r = finetune(_config(stage3, out, **cyclic))
     assert r.resumed_from == 1 and r.epochs_run == 2
@@ -184,7 +184,7 @@ def test_cli_never_saves_worse_than_the_head_and_stops_early(stage3, tmp_path):
 
     out = tmp_path / "ft.keras"
     result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--weights", stage3.weights,
-                     "--out", out, "--epochs", 3, "--patience", 1, "--lr", 50, "--batch-size", 8,
+                     "--out", out, "--epochs", 3, "--patience", 1, "--base-lr", 50, "--batch-size", 8,
                      "--trainable-blocks", 1)
     assert result.exit_code == 0, result.output
     assert "validation before fine-tuning: accuracy" in result.stdout
@@ -228,5 +228,60 @@ def test_bad_input_gives_one_line_errors(stage3, tmp_path):
     existing = tmp_path / "e.keras"
     existing.write_text("x")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", existing), "exists: pass --force")
-    assert_clean_error(run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--out", tmp_path / "f.keras"),
-                       "local weights file backbone.weights.h5")
+    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "f.keras", "--schedule", "cyclic"),
+                       r"^error: --schedule 'cyclic': choose one of exp_range, triangular, triangular2, constant$")
+    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "g.keras", "--base-lr", -1),
+                       r"^error: --base-lr -1.0 must be a positive number$")
+    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "h.keras", "--patience", -1),
+                       r"--patience -1 must be at least 0")
+
+
+@pytest.fixture(scope="module")
+def from_config_file(stage3, tmp_path_factory):
+    """A CLI run whose settings come from a --config file, two of them overridden on the command line.
+
+    Rates that wreck the model, so no epoch beats the head: with --patience 0 (from the file) it
+    still runs every epoch. The cycle's steps are single iterations (3 per epoch)."""
+    folder = tmp_path_factory.mktemp("config")
+    config = folder / "finetune.toml"
+    config.write_text("[finetune]\nbase_lr = 50\nmax_lr = 60\nstep_size = 1\npatience = 0\nepochs = 5\n"
+                      "schedule = 'exp_range'\ntrainable-blocks = 1\nbatch_size = 8\n")
+    out = folder / "ft.keras"
+    result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--out", out, "--config", config,
+                     "--epochs", 2, "--schedule", "triangular")
+    assert result.exit_code == 0, result.output
+    return json.loads(out.with_suffix(".json").read_text()), pd.read_csv(out.with_suffix(".history.csv"))
+
+
+def test_config_file_values_are_used_and_the_command_line_wins(from_config_file):
+    meta, history = from_config_file
+    settings = meta["settings"]
+    assert (settings["base_lr"], settings["max_lr"], settings["step_size"], settings["patience"]) == (50.0, 60.0, 1, 0)
+    assert settings["trainable_blocks"] == 1 and meta["trainable_layers"] == ["Conv_1"]
+    assert settings["epochs"] == 2 and settings["schedule"] == "triangular"  # given on the command line
+
+
+def test_schedule_triangular_cycles_between_base_and_max_lr(from_config_file):
+    from dogtl.head.schedules import cyclic_lr
+
+    _, history = from_config_file
+    assert history["lr"].tolist() == pytest.approx([cyclic_lr(3, 50, 60, 1), cyclic_lr(6, 50, 60, 1)])
+
+
+def test_patience_0_never_stops_early(from_config_file):
+    meta, history = from_config_file
+    assert meta["metrics"]["best_epoch"] == 0 and meta["metrics"]["epochs_run"] == 2  # patience 1 would stop at 1
+    assert (history["val_loss"] > meta["metrics"]["before"]["val_log_loss"]).all()
+
+
+def test_config_file_unknown_or_mistyped_settings_are_refused(stage3, tmp_path):
+    base = ["finetune", "--data", stage3.data, "--head", stage3.head, "--out", tmp_path / "ft.keras"]
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"finetune": {"lr": 1e-3, "cyclic_mode": "triangular"}}))
+    assert_clean_error(run_cli(*base, "--config", unknown),
+                       r"^error: --config .*unknown.json: unknown setting\(s\) cyclic_mode, lr; known: .*base_lr")
+    mistyped = tmp_path / "mistyped.toml"
+    mistyped.write_text("epochs = 'three'\n")
+    assert_clean_error(run_cli(*base, "--config", mistyped), r"^error: --epochs 'three': expected an integer$")
+    assert_clean_error(run_cli(*base, "--config", tmp_path / "none.toml"), r"--config .*none.toml: no such file")
+    assert not (tmp_path / "ft.keras").exists()

@@ -50,7 +50,6 @@ def friendly_errors(command):
     return wrapper
 
 
-
 def interactive() -> bool:
     """Whether a progress bar can be seen: a terminal on stderr, or a Jupyter notebook."""
     from rich.console import Console

@@ -64,20 +64,45 @@ def check_model_matches(model, meta: dict, path) -> None:
 
 
 def backbone_weights(meta: dict, override: str | None = None) -> str:
-    """The weights argument that rebuilds the backbone the model's features came from."""
-    from dogtl.core.models import weights_identity
+    """The weights argument that rebuilds the backbone the model's features came from.
 
+    A local weights file is identified by its hash; the path it was read from is recorded
+    too (`weights_path`) and used again while the file there still has that hash. A renamed
+    copy is the same file, as in cache fingerprints.
+    """
     recorded = meta["weights"]
     if override is not None:
-        if weights_identity(override) != recorded:
+        if not _same_weights(recorded, override):
             raise DogtlError(f"--weights {override} is not the backbone the model was trained on "
                              f"({recorded}); pass that one")
         return override
     if recorded in ("imagenet", "none"):
         return recorded
     name = recorded.split(":")[1] if recorded.startswith("file:") else recorded
-    raise DogtlError(f"the model's backbone used the local weights file {name} ({recorded}); "
-                     "pass it again with --weights PATH")
+    path = meta.get("weights_path")
+    if not path:
+        raise DogtlError(f"the model's backbone used the local weights file {name} ({recorded}); "
+                         "pass it again with --weights PATH")
+    if not Path(path).is_file():
+        raise DogtlError(f"the model's backbone weights file {name} is no longer at {path}; "
+                         "pass --weights PATH")
+    if not _same_weights(recorded, path):
+        raise DogtlError(f"{path} is no longer the model's backbone weights file {name} ({recorded}): "
+                         "its content changed; pass --weights PATH")
+    return path
+
+
+def _same_weights(recorded: str, weights: str) -> bool:
+    from dogtl.core.models import weights_identity
+    from dogtl.features.cache import fingerprint_differences
+
+    return not fingerprint_differences({"weights": recorded}, {"weights": weights_identity(weights)})
+
+
+def weights_path_to_record(weights: str) -> str | None:
+    """Where a local weights file is, recorded beside its identity so that later stages find
+    it again; None for 'imagenet' and 'none'."""
+    return None if weights in ("imagenet", "none") else str(Path(weights).resolve())
 
 
 def open_model_cache(meta: dict, override: str | Path | None = None, required: bool = True):

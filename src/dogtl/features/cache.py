@@ -8,7 +8,8 @@ path is always complete, and memory never holds more than one batch of features.
 
 HDF5 schema (readable with plain h5py):
   attrs:  format="dogtl-features", format_version=1, complete=True,
-          fingerprint=<JSON of every setting that produced it>, versions=<JSON>
+          fingerprint=<JSON of every setting that produced it>, versions=<JSON>,
+          weights_path=<where a local --weights file was; informational, optional>
   classes                 (C,)           class names, sorted; labels index into it
   labelled/ids            (N,)           image ids (Kaggle id or "<class>/<stem>")
   labelled/labels         (N,)  int32
@@ -211,7 +212,7 @@ def cache_file_writer(path: str | Path, fingerprint: dict, versions: dict, class
 
 
 def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, labelled: dict,
-                test: dict, skipped: list[str]) -> None:
+                test: dict, skipped: list[str], weights_path: str | None = None) -> None:
     """Write the complete cache atomically.
 
     `labelled`/`test` map dataset names to arrays ("ids" as strings). Their "features" entry
@@ -224,6 +225,8 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
     str_dtype = h5py.string_dtype()
     dim = int(fingerprint["feature_dim"])
     with cache_file_writer(path, fingerprint, versions, classes, skipped) as f:
+        if weights_path:
+            f.attrs["weights_path"] = weights_path
         for split, arrays in (("labelled", labelled), ("test", test)):
             g = f.create_group(split)
             n = len(arrays["ids"])
@@ -256,6 +259,7 @@ class FeatureCache:
     test_ids: np.ndarray
     skipped: list[str]
     shapes: dict = field(default_factory=dict)
+    weights_path: str | None = None  # where a local weights file was at extraction (not in the fingerprint)
 
     @property
     def num_passes(self) -> int:
@@ -329,6 +333,7 @@ def open_cache(path: str | Path) -> FeatureCache:
                 test_ids=f["test/ids"].asstr()[:],
                 skipped=list(f["skipped"].asstr()[:]),
                 shapes={s: f[s]["features"].shape for s in SPLITS},
+                weights_path=f.attrs.get("weights_path"),
             )
             _check_sources(path, f)
     except CacheError:

@@ -186,6 +186,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
 
     import tensorflow as tf
 
+    from dogtl.core.modelinfo import weights_path_to_record
     from dogtl.core.models import build_backbone
 
     with scope(strategy):  # the model's variables on every replica
@@ -214,7 +215,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
                   "features": [runner.pass_chunks("labelled", p, rows) for p in range(1 + config.passes)]},
         test={"ids": [dataset.test_ids[i] for i in test_at], "index": test_at,
               "features": [runner.pass_chunks("test", p, test_rows) for p in range(1 + config.tta_passes)]},
-        skipped=skipped,
+        skipped=skipped, weights_path=weights_path_to_record(config.weights),
     )
     partial.remove()
     return ExtractSummary(path, "written", len(rows), len(test_rows), config.passes, config.tta_passes,

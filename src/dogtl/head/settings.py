@@ -83,7 +83,7 @@ HEAD_SETTINGS = (
 
 def _check(config) -> None:
     if config.base_lr is not None and config.max_lr is not None:
-        _check_range(config.schedule, config.base_lr, config.max_lr, "")
+        check_rate_range(config.schedule, config.base_lr, config.max_lr, "")
 
 
 def _resolve(config, num_rows: int) -> "Resolved":
@@ -96,7 +96,7 @@ def _resolve(config, num_rows: int) -> "Resolved":
     base = config.base_lr if config.base_lr is not None else RECIPE_BASE_LR * scale
     top = config.max_lr if config.max_lr is not None else RECIPE_MAX_LR * scale
     if config.base_lr is None or config.max_lr is None:
-        _check_range(config.schedule, base, top, f" (the default at batch {batch})")
+        check_rate_range(config.schedule, base, top, f" (the default at batch {batch})")
     steps = steps_per_epoch(num_rows, batch)
     gamma = config.gamma if config.gamma is not None else RECIPE_GAMMA ** (batch / RECIPE_BATCH_SIZE)
     return Resolved(batch, steps, base, top, config.step_size or STEP_EPOCHS * steps, gamma,
@@ -122,7 +122,8 @@ class Resolved:
     precision: str  # float32 or bfloat16
 
 
-def _check_range(schedule: str, base: float, top: float, note: str) -> None:
+def check_rate_range(schedule: str, base: float, top: float, note: str) -> None:
+    """The cyclical schedules run from the base rate up to the max: refuse base above max."""
     if schedule != "constant" and base > top:
         raise DogtlError(f"--base-lr {base:g} is above --max-lr {top:g}{note}: the cyclical schedule runs "
                          "from base up to max; lower --base-lr or raise --max-lr")

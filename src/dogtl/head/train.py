@@ -247,6 +247,7 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
     metadata = {
         "kind": "head", "classes": list(cache.classes), "backbone": fp.get("backbone"),
         "weights": fp.get("weights"), "image_size": fp.get("image_size"),
+        "weights_path": cache.weights_path,
         "preprocessing": fp.get("preprocessing"), "feature_dim": cache.feature_dim,
         "cache": str(cache.path), "cache_fingerprint": fp, "settings": asdict(config), "metrics": fit.metrics,
         "train_images": int(data.train_features.shape[1]), "val_images": int(len(data.val_labels)),

@@ -1,0 +1,100 @@
+"""The resumable state of a fine-tuning run, in `<out>.partial/`.
+
+After each finished epoch the folder holds that epoch's model (with its optimizer state),
+the best model so far, and `state.json`, written last and atomically: a kill at any moment
+leaves the state of the last finished epoch, which the same command resumes from. The
+state names the settings, head and cache it belongs to, so another run's is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dogtl.core.early_stopping import EarlyStopping
+from dogtl.core.errors import DogtlError
+
+STATE = "state.json"
+
+
+@dataclass
+class RunState:
+    """What a run has done so far; `to_json`/`from_json` round-trip it through state.json."""
+
+    epoch: int  # epochs finished
+    before: dict  # scores of the untouched head (epoch 0)
+    best: dict  # scores of the best model so far
+    best_file: str  # its checkpoint in the folder
+    last_file: str  # the last finished epoch's checkpoint, to resume from
+    trainable_layers: list[str]
+    head_difference: float  # max |p(images) - p(cached features)| on clean validation images
+    stopping: EarlyStopping  # its best epoch is the best model's (0: the head itself)
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "RunState":
+        return cls(**{**saved, "stopping": EarlyStopping(**saved["stopping"])})
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The `.partial` folder of one run; `identity` is what a state must match to be resumed."""
+
+    folder: Path
+    identity: dict
+
+    @classmethod
+    def beside(cls, out: Path, identity: dict) -> "Checkpoints":
+        return cls(out.with_name(out.name + ".partial"), json.loads(json.dumps(identity)))
+
+    def load(self, force: bool) -> RunState | None:
+        """The state of a killed run of this identity, or None; another run's state is refused
+        (discarded with `force`)."""
+        path = self.folder / STATE
+        if not path.exists():
+            self.remove()  # killed before its first checkpoint: nothing to keep
+            return None
+        saved = json.loads(path.read_text())
+        if saved.get("identity") != self.identity:
+            if not force:
+                raise DogtlError(f"{self.folder} holds an unfinished fine-tuning with other settings or another "
+                                 "head: rerun it with those settings to finish it, or pass --force to discard it")
+            self.remove()
+            return None
+        return RunState.from_json(saved["state"])
+
+    def save_model(self, model, epoch: int) -> str:
+        """Checkpoint `model` (with its optimizer) as the model of `epoch`; returns its file name."""
+        from dogtl.core.files import atomic_path
+
+        self.folder.mkdir(exist_ok=True)
+        name = f"epoch-{epoch:04d}.keras"
+        with atomic_path(self.folder / name) as tmp:
+            model.save(tmp)
+        return name
+
+    def load_model(self, name: str):
+        """A checkpointed model, compiled, with its optimizer state (under the caller's scope)."""
+        import keras
+
+        from dogtl.head import schedules  # noqa: F401  registers the cyclical schedule for loading
+
+        return keras.saving.load_model(self.folder / name, compile=True)
+
+    def commit(self, state: RunState) -> None:
+        """Record `state` (atomically), then drop the checkpoints it no longer needs."""
+        from dogtl.core.files import write_json_atomic
+
+        write_json_atomic(self.folder / STATE, {"identity": self.identity, "state": state.to_json()})
+        keep = {state.best_file, state.last_file, STATE}
+        for path in self.folder.iterdir():
+            if path.name not in keep:
+                path.unlink()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

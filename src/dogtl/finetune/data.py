@@ -1,0 +1,67 @@
+"""The images fine-tuning trains and validates on.
+
+Training reads the images again with the extraction pipeline and augmentation: epoch e is
+augmented pass 1 + e of the cache (fresh each epoch), on the cache's train/validation split.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import numpy as np
+
+from dogtl.core.errors import DataError
+from dogtl.evaluation.metrics import scores
+
+
+def training_batches(paths, indices, spec, image_size: int, *, seed: int, augmentation, batch_size: int,
+                     epochs):
+    """Batches of (row, image) for the given epochs, each epoch reshuffled and freshly augmented.
+
+    Epoch e is augmented pass 1 + e of the extraction pipeline (same function, same keys), so
+    the first fine-tuning epoch sees exactly the images of the cache's first augmented pass.
+    Rows index `paths`; the order of epoch e depends only on (seed, e), so a resumed run
+    sees the same batches. Unreadable images raise (they were readable at extraction).
+    """
+    from dogtl.data.images import image_dataset
+
+    indices = np.asarray(indices)
+    parts = []
+    for epoch in epochs:
+        order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+        parts.append(image_dataset(
+            [paths[i] for i in order], spec, image_size, positions=order, indices=indices[order],
+            pass_index=1 + epoch if augmentation is not None else 0, seed=seed, augmentation=augmentation,
+            batch_size=batch_size, skip_bad=False))
+    if not parts:
+        raise ValueError("no epochs to run")
+    return reduce(lambda a, b: a.concatenate(b), parts).map(lambda pos, index, image: (pos, image))
+
+
+def training_dataset(paths, indices, labels, spec, image_size: int, *, seed: int, augmentation,
+                     batch_size: int, epochs, strategy=None):
+    """The (image, label) batches `fit` trains on: `training_batches` with the rows' labels,
+    sharded over the workers of `strategy` (None: one device)."""
+    import tensorflow as tf
+
+    labels = tf.constant(np.asarray(labels, dtype=np.int64))
+    ds = training_batches(paths, indices, spec, image_size, seed=seed, augmentation=augmentation,
+                          batch_size=batch_size, epochs=epochs)
+    ds = ds.map(lambda pos, image: (image, tf.gather(labels, pos)),
+                num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if strategy is not None:
+        from dogtl.core.distribute import data_sharding, drop_small_batches
+
+        ds = drop_small_batches(ds, strategy).with_options(data_sharding())
+    return ds
+
+
+def validate(model, val: dict, spec, image_size: int, batch_size: int) -> tuple[np.ndarray, dict]:
+    """(probabilities, scores) of `model` on the clean validation images of `val` (split_paths)."""
+    from dogtl.evaluation.predict import predict_images
+
+    probs, ok = predict_images(model, val["paths"], spec, image_size, batch_size=batch_size)
+    if not ok.all():
+        bad = val["paths"][int(np.flatnonzero(~ok)[0])]
+        raise DataError(f"{bad}: cannot read this validation image any more; fix it or extract again")
+    return probs, scores(val["labels"], probs)
