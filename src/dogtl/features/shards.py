@@ -179,7 +179,8 @@ def merge_caches(shards, out: str | Path | None = None, mode: str = "virtual", f
             passes = parts[0].cache.shapes[split][0]
             arrays[split]["features"] = [_copy_pass(parts, split, k) for k in range(passes)]
         write_cache(out, fingerprint=fingerprint, versions=first.versions, classes=first.classes,
-                    labelled=arrays["labelled"], test=arrays["test"], skipped=skipped)
+                    labelled=arrays["labelled"], test=arrays["test"], skipped=skipped,
+                    weights_path=first.weights_path)
     else:
         _write_virtual(out, parts, fingerprint, first.versions, first.classes, arrays, skipped)
     merged = open_cache(out)
