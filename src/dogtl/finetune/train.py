@@ -296,10 +296,10 @@ class _Run:
 
             callback = _make_epoch_end()(self, state, resumed_from)
             dataset = self._dataset(state["epoch"])
-            prepare_fit(model, self.strategy, dataset.element_spec)
             try:
-                model.fit(dataset, epochs=c.epochs, initial_epoch=state["epoch"],
-                          steps_per_epoch=self.steps, callbacks=[callback], shuffle=False, verbose=0)
+                with prepare_fit(model, self.strategy, dataset.element_spec):
+                    model.fit(dataset, epochs=c.epochs, initial_epoch=state["epoch"],
+                              steps_per_epoch=self.steps, callbacks=[callback], shuffle=False, verbose=0)
             except tf.errors.OpError as e:
                 message = getattr(e, "message", str(e)).strip().splitlines()
                 raise DataError(f"cannot read a training image while fine-tuning ({message[-1][:200] if message else e}); "

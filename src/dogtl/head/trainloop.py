@@ -11,7 +11,7 @@ saved model is an ordinary Keras model), with two speed-ups measured on CPU
 - The gradient of the Dense layers' MatMul w.r.t. their input, grad @ W^T, is computed
   as (W @ grad^T)^T, same sums: TF's CPU kernel for a transposed 2048x1024 right-hand
   side is ~6x slower than the untransposed one. This needs graph gradients
-  (`tf.gradients` + `gradient_override_map`), applied only inside the training step.
+  (`tf.gradients` + `keras_private.override_gradients`), applied only inside the training step.
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ class EpochRunner:
     def _step(self, x, y):
         import tensorflow as tf
 
-        with tf.compat.v1.get_default_graph().gradient_override_map(self.overrides):
+        from dogtl.core.keras_private import override_gradients
+
+        with override_gradients(self.overrides):
             probs = self.model(x, training=True)
         loss = self.loss_fn(tf.one_hot(y, tf.shape(probs)[-1]) if self.label_smoothing else y, probs)
         self._apply(tf.gradients(loss, self._variables))
