@@ -237,10 +237,11 @@ def test_training_uses_augmented_passes_and_validation_never_does(story_cache, t
     # pass is right. Had validation used its augmented passes, it would be wrong.
     both = train_head(HeadConfig(epochs=15, **FAST), cache=story_cache, out=tmp_path / "all.keras")
     assert both.metrics["val_accuracy"] >= 0.8 and both.passes == 4
-    # Trained on the clean pass only, the head learns the lie.
+    # Trained on the clean pass only, the head learns the lie (early stopping then keeps the first
+    # epoch, which has learnt it least: how much depends on the initial weights, so look at the last).
     clean = train_head(HeadConfig(epochs=15, clean_only=True, **FAST), cache=story_cache,
                        out=tmp_path / "clean.keras")
-    assert clean.metrics["val_accuracy"] <= 0.2 and clean.passes == 1
+    assert clean.history.val_accuracy.iloc[-1] <= 0.2 and clean.passes == 1
 
 
 def test_refuses_to_overwrite_without_force(separable, tmp_path):
@@ -447,15 +448,16 @@ def test_head_weights_depend_on_the_seed_alone_while_other_threads_draw_random_n
 
     from dogtl.head.train import build_compiled_head
 
-    config = HeadConfig(seed=7, **FAST)
-    resolved = config.resolve(160)
+    resolved = HeadConfig(**FAST).resolve(160)
 
-    def weights():
-        model, _ = build_compiled_head(config, 32, 4, resolved)
+    def weights(seed=7):
+        model, _ = build_compiled_head(HeadConfig(seed=seed, **FAST), 32, 4, resolved)
         seeds = [np.asarray(layer.seed_generator.state) for layer in model.layers if hasattr(layer, "seed_generator")]
         return model.get_weights() + seeds
 
     alone = weights()
+    assert len({tuple(s) for s in alone[-2:]}) == 2  # each dropout layer has its own stream
+    assert not any(np.array_equal(a, b) and a.std() > 0 for a, b in zip(alone, weights(8)))  # the seed matters
     stop = threading.Event()
 
     def draw():

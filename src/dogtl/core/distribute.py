@@ -242,23 +242,16 @@ def data_sharding():
     return options
 
 
-def prepare_fit(model, strategy, element_spec) -> None:
-    """Work around Keras 3's `fit` under MultiWorkerMirroredStrategy (tensorflow/tensorflow#72388).
+def prepare_fit(model, strategy, element_spec):
+    """The context to run `model.fit` in: under MultiWorkerMirroredStrategy, Keras 3's `fit`
+    needs a workaround (`keras_private.multi_worker_fit`, tensorflow/tensorflow#72388), undone
+    when the context ends; other strategies need nothing."""
+    import contextlib
 
-    Keras learns input shapes by averaging one batch over the replicas, and averages each
-    step's scalar logs along an axis they lack; both fail with that strategy. So the model is
-    built from the dataset's element spec, and each step's logs are taken over this worker's
-    replicas, as for MirroredStrategy (Keras's metric variables are already summed over all
-    workers, so the logged loss is the global one; gradients are averaged over the global
-    batch by the optimizer). Other strategies are left alone.
-    """
     import tensorflow as tf
 
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return
-    from keras.src.backend.tensorflow import trainer
+        return contextlib.nullcontext()
+    from dogtl.core.keras_private import multi_worker_fit
 
-    with strategy.scope():
-        model._symbolic_build(data_batch=element_spec)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-    trainer._collective_all_reduce_multi_worker = lambda strategy: False
+    return multi_worker_fit(model, strategy, element_spec)

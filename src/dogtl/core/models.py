@@ -64,31 +64,50 @@ def build_backbone(spec: BackboneSpec, weights: str, image_size: int):
 
 def _seeded(build, seed: int = RANDOM_INIT_SEED):
     """Build with a fixed initialisation seed, so `--weights none` gives the same backbone in
-    every process (a resumed extraction and a later fine-tuning see the same random weights)."""
-    import random
+    every process (a resumed extraction and a later fine-tuning see the same random weights).
+    Keras's applications take no seed, so this uses Keras's documented way to make its random
+    initialisers deterministic, `keras.utils.set_random_seed`; like it, this re-seeds the
+    process's global Python, NumPy and TensorFlow generators (dogtl's own randomness is
+    seeded explicitly and draws from none of them)."""
+    import keras
 
-    state = random.getstate()  # Keras draws unseeded initialisers' seeds from Python's `random`
-    random.seed(seed)
-    try:
-        return build()
-    finally:
-        random.setstate(state)
+    keras.utils.set_random_seed(seed)
+    return build()
 
 
 def build_head(input_dim: int, num_classes: int, hidden=(1024,), input_dropout: float = 0.5,
-               dropout: float = 0.5, name: str = "head"):
-    """BatchNorm -> Dropout -> [Dense relu -> Dropout]* -> softmax, on pooled features."""
+               dropout: float = 0.5, name: str = "head", seed: int = 0):
+    """BatchNorm -> Dropout -> [Dense relu -> Dropout]* -> softmax, on pooled features.
+
+    Every random layer gets its own seed derived from `seed`, so the initial weights and the
+    dropout streams depend on `seed` alone: no global generator is read, and heads built at
+    the same time in several threads (threaded sweep workers, Dask) need no lock.
+    """
     import keras
     from keras import layers
 
+    def dense(units, activation, layer_name):
+        return layers.Dense(units, activation=activation, name=layer_name,
+                            kernel_initializer=keras.initializers.GlorotUniform(seed=_layer_seed(seed, layer_name)))
+
+    def drop(rate, layer_name):
+        return layers.Dropout(rate, seed=_layer_seed(seed, layer_name), name=layer_name)
+
     inputs = keras.Input((input_dim,), name="features")
     x = layers.BatchNormalization(name="head_bn")(inputs)
-    x = layers.Dropout(input_dropout, name="head_dropout_in")(x)
+    x = drop(input_dropout, "head_dropout_in")(x)
     for k, units in enumerate(hidden):
-        x = layers.Dense(units, activation="relu", name=f"head_dense_{k}")(x)
-        x = layers.Dropout(dropout, name=f"head_dropout_{k}")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="head_softmax")(x)
+        x = dense(units, "relu", f"head_dense_{k}")(x)
+        x = drop(dropout, f"head_dropout_{k}")(x)
+    outputs = dense(num_classes, "softmax", "head_softmax")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _layer_seed(seed: int, layer_name: str) -> int:
+    """A seed for one layer: distinct per (seed, layer name), stable across processes and
+    versions (a hash, not Python's salted `hash`), below 2**31 as every backend accepts."""
+    digest = hashlib.sha256(f"{int(seed)}/{layer_name}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
 
 
 def set_head_precision(model, precision: str) -> None:

@@ -169,12 +169,12 @@ def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None
     dataset = training_dataset(train["paths"], train["indices"], train["labels"], setup.spec, setup.size,
                                seed=setup.seed, augmentation=setup.augmentation, batch_size=c.batch_size,
                                epochs=range(first, c.epochs), strategy=setup.strategy)
-    prepare_fit(model, setup.strategy, dataset.element_spec)
     callback = keras.callbacks.LambdaCallback(on_train_batch_end=on_batch if progress else None,
                                               on_epoch_end=on_epoch)
     try:
-        model.fit(dataset, epochs=c.epochs, initial_epoch=first, steps_per_epoch=setup.steps,
-                  callbacks=[callback], shuffle=False, verbose=0)
+        with prepare_fit(model, setup.strategy, dataset.element_spec):
+            model.fit(dataset, epochs=c.epochs, initial_epoch=first, steps_per_epoch=setup.steps,
+                      callbacks=[callback], shuffle=False, verbose=0)
     except tf.errors.OpError as e:
         message = getattr(e, "message", str(e)).strip().splitlines()
         raise DataError(f"cannot read a training image while fine-tuning ({message[-1][:200] if message else e}); "

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,36 +62,6 @@ def _schedule(config: HeadConfig, r: Resolved):
     return Warmup(lr, config.warmup_epochs * r.steps_per_epoch) if config.warmup_epochs else lr
 
 
-_BUILD_LOCK = threading.Lock()
-
-
-@contextmanager
-def _seeded_build(seed: int):
-    """Seed Keras for a build whose weights depend on `seed` alone. Keras draws the seeds of
-    unseeded initialisers and dropout layers from Python's global `random`, which other threads
-    of the process (a threaded sweep worker's, a Dask worker's) draw from too. So during the
-    build Keras gets a private generator with the very sequence `random.seed(seed)` gives the
-    global one: the same weights whatever else runs, and one build at a time."""
-    import keras
-
-    try:
-        from keras.src.random import seed_generator
-    except ImportError:  # another Keras layout: only the global generator
-        seed_generator = None
-    private = seed_generator is not None and hasattr(seed_generator, "python_random")
-    with _BUILD_LOCK:
-        keras.utils.set_random_seed(seed)
-        if not private:
-            yield
-            return
-        saved = seed_generator.python_random
-        seed_generator.python_random = random.Random(seed)
-        try:
-            yield
-        finally:
-            seed_generator.python_random = saved
-
-
 def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, resolved: Resolved,
                         learning_rate=None):
     """The head of `config`, compiled with its optimizer and (cyclical) learning rate schedule
@@ -103,9 +70,8 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
     from dogtl.core.models import build_head
     from dogtl.head.schedules import make_optimizer
 
-    with _seeded_build(config.seed):
-        model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
-                           dropout=config.dropout)
+    model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
+                       dropout=config.dropout, seed=config.seed)
     lr = _schedule(config, resolved) if learning_rate is None else learning_rate
     decay = {"weight_decay": config.weight_decay} if config.weight_decay else {}
     optimizer = make_optimizer(config.optimizer, lr, **decay)

@@ -11,7 +11,7 @@ saved model is an ordinary Keras model), with two speed-ups measured on CPU
 - The gradient of the Dense layers' MatMul w.r.t. their input, grad @ W^T, is computed
   as (W @ grad^T)^T, same sums: TF's CPU kernel for a transposed 2048x1024 right-hand
   side is ~6x slower than the untransposed one. This needs graph gradients
-  (`tf.gradients` + `gradient_override_map`), applied only inside the training step.
+  (`tf.gradients` + `keras_private.override_gradients`), applied only inside the training step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ FAST_MATMUL_GRAD = "DogtlMatMulFastGrad"
 _registered = False
 
 
-def _register_fast_matmul_grad() -> None:
+def register_fast_matmul_grad() -> None:
+    """Register the MatMul gradient that `TrainStep` overrides Dense layers' gradients with (once)."""
     global _registered
     if _registered:
         return
@@ -70,6 +71,40 @@ def epoch_plan(seed: int, epoch, num_rows: int, num_passes: int, batch_size: int
     return rows, tf.gather(passes, rows)
 
 
+class TrainStep:
+    """One training step of a compiled Keras head, for use inside a graph: the Keras loss (with
+    its label smoothing), graph gradients with the fast MatMul gradient, and the model's own
+    optimizer update, XLA-compiled. Shared by `EpochRunner` and the fused sweep."""
+
+    def __init__(self, model, label_smoothing: float = 0.0, jit_optimizer: bool = True,
+                 fast_matmul_grad: bool = True):
+        import keras
+        import tensorflow as tf
+
+        register_fast_matmul_grad()
+        self.model, self.variables = model, model.trainable_variables
+        optimizer = model.optimizer
+        optimizer.build(self.variables)
+        self.apply = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, self.variables)),
+                                 jit_compile=jit_optimizer)
+        self.overrides = {"MatMul": FAST_MATMUL_GRAD} if fast_matmul_grad else {}
+        self.smoothing = float(label_smoothing)
+        self.loss_fn = (keras.losses.CategoricalCrossentropy(label_smoothing=self.smoothing)
+                        if self.smoothing else keras.losses.SparseCategoricalCrossentropy())
+
+    def __call__(self, x, y):
+        """x [B, D], y [B] -> (loss, number of correct predictions)."""
+        import tensorflow as tf
+
+        from dogtl.core.keras_private import override_gradients
+
+        with override_gradients(self.overrides):
+            probs = self.model(x, training=True)
+        loss = self.loss_fn(tf.one_hot(y, tf.shape(probs)[-1]) if self.smoothing else y, probs)
+        self.apply(tf.gradients(loss, self.variables))
+        return loss, tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.int32))
+
+
 class EpochRunner:
     """Trains a compiled Keras model on `features` [passes, rows, dim] and `labels` [rows].
 
@@ -83,41 +118,21 @@ class EpochRunner:
     def __init__(self, model, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
                  jit_optimizer: bool = True, fast_matmul_grad: bool = True, label_smoothing: float = 0.0,
                  precision: str = "float32"):
-        import keras
         import tensorflow as tf
 
-        _register_fast_matmul_grad()
         if features.ndim != 3 or features.shape[1] != len(labels) or not len(labels):
             raise ValueError(f"features {features.shape} and labels ({len(labels)}) do not match")
-        self.model, self.optimizer = model, model.optimizer
+        self.model = model
         self.num_passes, self.num_rows = int(features.shape[0]), int(features.shape[1])
         self.batch = min(int(batch_size), self.num_rows)
         self.steps = steps_per_epoch(self.num_rows, self.batch)
         self.seed = int(seed)
         self.precision = precision
-        self.overrides = {"MatMul": FAST_MATMUL_GRAD} if fast_matmul_grad else {}
         self.features = tf.convert_to_tensor(features)
         self.labels = tf.convert_to_tensor(np.asarray(labels, np.int32))
-        self.label_smoothing = float(label_smoothing)
-        self.loss_fn = (keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing)
-                        if self.label_smoothing else keras.losses.SparseCategoricalCrossentropy())
-        variables = model.trainable_variables
-        self.optimizer.build(variables)
-        self._variables = variables
-        self._apply = tf.function(lambda grads: self.optimizer.apply_gradients(zip(grads, variables)),
-                                  jit_compile=jit_optimizer)
+        self._step = TrainStep(model, label_smoothing, jit_optimizer, fast_matmul_grad)
         self._epoch = tf.function(self._epoch_graph)
         self._predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-    def _step(self, x, y):
-        import tensorflow as tf
-
-        with tf.compat.v1.get_default_graph().gradient_override_map(self.overrides):
-            probs = self.model(x, training=True)
-        loss = self.loss_fn(tf.one_hot(y, tf.shape(probs)[-1]) if self.label_smoothing else y, probs)
-        self._apply(tf.gradients(loss, self._variables))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.int32))
-        return loss, correct
 
     def _epoch_graph(self, features, labels, epoch, max_steps):
         import tensorflow as tf

@@ -74,34 +74,13 @@ class _Trial:
     (loss, graph gradients with the fast MatMul gradient, XLA-compiled optimizer update)."""
 
     def __init__(self, config: HeadConfig, dim: int, num_classes: int, resolved, num_passes: int):
-        import keras
-        import tensorflow as tf
-
         from dogtl.head.train import build_compiled_head
+        from dogtl.head.trainloop import TrainStep
 
         self.seed = int(config.seed)
         self.passes = 1 if config.clean_only else num_passes
         self.model, self.lr = build_compiled_head(config, dim, num_classes, resolved)
-        self.variables = self.model.trainable_variables
-        optimizer = self.model.optimizer
-        optimizer.build(self.variables)
-        self.apply = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, self.variables)),
-                                 jit_compile=True)
-        self.smoothing = float(config.label_smoothing)
-        self.loss_fn = (keras.losses.CategoricalCrossentropy(label_smoothing=self.smoothing)
-                        if self.smoothing else keras.losses.SparseCategoricalCrossentropy())
-
-    def train_step(self, x, y):
-        """One training step on x [B, D], y [B] (in a graph): (loss, correct predictions)."""
-        import tensorflow as tf
-
-        from dogtl.head.trainloop import FAST_MATMUL_GRAD
-
-        with tf.compat.v1.get_default_graph().gradient_override_map({"MatMul": FAST_MATMUL_GRAD}):
-            probs = self.model(x, training=True)
-        loss = self.loss_fn(tf.one_hot(y, tf.shape(probs)[-1]) if self.smoothing else y, probs)
-        self.apply(tf.gradients(loss, self.variables))
-        return loss, tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.int32))
+        self.train_step = TrainStep(self.model, config.label_smoothing)
 
     def lr_at(self, iteration: int) -> float:
         """The learning rate of step `iteration` (0-based), as fit_head reports it."""
@@ -120,7 +99,6 @@ class FusedHeads:
         import tensorflow as tf
 
         from dogtl.core.models import set_head_precision
-        from dogtl.head.trainloop import _register_fast_matmul_grad
 
         if not configs:
             raise ValueError("no trials to train")
@@ -138,7 +116,6 @@ class FusedHeads:
         resolved = [c.resolve(self.num_train) for c in configs]  # automatic settings, as fit_head resolves them
         self.batch, self.steps = resolved[0].batch_size, resolved[0].steps_per_epoch
         self.val_features = np.asarray(val_features, np.float32)
-        _register_fast_matmul_grad()
         if trials is None:
             trials = [_Trial(c, self.dim, num_classes, r, int(self.features.shape[0]))
                       for c, r in zip(configs, resolved)]

@@ -177,7 +177,9 @@ def job_count(jobs: int) -> int:
 
 
 def check_backend(backend: str | None) -> None:
-    """Refuse an unknown joblib backend, or dask without the extra, before any work."""
+    """Refuse an unknown joblib backend, or dask without the extra, before any work. Whether
+    joblib knows the name (its own backends and any added with `joblib.register_parallel_backend`)
+    is joblib's public answer: `parallel_config` raises ValueError for an unknown one."""
     if backend is None:
         return
     if backend == "dask":
@@ -186,11 +188,14 @@ def check_backend(backend: str | None) -> None:
         except ImportError:
             raise DogtlError("--backend dask needs Dask: pip install 'dogtl[dask]'") from None
         return
-    from joblib.parallel import BACKENDS
+    import joblib
 
-    if backend not in BACKENDS:
+    try:
+        with joblib.parallel_config(backend=backend):
+            pass
+    except ValueError:
         raise DogtlError(f"--backend {backend}: not a joblib backend; choose one of "
-                         f"{', '.join(sorted([*BACKENDS, 'dask']))}")
+                         "dask, loky, multiprocessing, sequential, threading") from None
 
 
 def _dask_client(scheduler: str | None, jobs: int):
