@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     from dogtl.data.augment import AugmentConfig
     from dogtl.features.backbones import get_backbone
-    from dogtl.finetune.data import training_dataset
+    from dogtl.finetuning.data import training_dataset
     from dogtl.data.synthetic import make_kaggle_dataset
 
     spec = get_backbone(args.backbone)

@@ -1,6 +1,6 @@
 """The fused sweep's epoch with Keras's maths against the hand-written maths it replaced.
 
-`dogtl.sweep.fused` trains each trial of a group with its own Keras head and optimizer inside
+`dogtl.sweeps.fused` trains each trial of a group with its own Keras head and optimizer inside
 one graph. Until commit HANDWRITTEN it stacked the trials' weights ([T, in, out]) and ran
 hand-written BatchNorm, dropout, optimizer and schedule maths with batched matmuls. This times
 both, side by side in one process, at bench_sweep.py's shapes: 8 trials (its max_lr x dropout
@@ -29,9 +29,9 @@ SPACE = [dict(max_lr=m, dropout=d) for m in (5e-4, 1e-3, 2e-3, 4e-3) for d in (0
 
 
 def handwritten_module(rev: str):
-    """`dogtl.sweep.fused` as it was at `rev`, loaded from git under another name."""
+    """`dogtl.sweeps.fused` as it was at `rev`, loaded from git under another name."""
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:src/dogtl/sweep/fused.py"], cwd=root, check=True,
+    source = subprocess.run(["git", "show", f"{rev}:src/dogtl/sweeps/fused.py"], cwd=root, check=True,
                             capture_output=True, text=True).stdout
     spec = importlib.util.spec_from_loader("fused_handwritten", loader=None)
     module = importlib.util.module_from_spec(spec)
@@ -66,7 +66,7 @@ def main():
     import tensorflow as tf
 
     from dogtl.head.settings import HeadConfig
-    from dogtl.sweep import fused as keras_fused
+    from dogtl.sweeps import fused as keras_fused
 
     rng = np.random.default_rng(0)
     dim, classes, passes, val = 2048, 120, 6, 920

@@ -108,8 +108,8 @@ def main():
     args = parser.parse_args()
 
     from dogtl.head.settings import HeadConfig
-    from dogtl.sweep.results import write_best_config
-    from dogtl.sweep.run import DEFAULT_FUSE
+    from dogtl.sweeps.results import write_best_config
+    from dogtl.sweeps.run import DEFAULT_FUSE
     from dogtl.features.synthetic import write_feature_cache
 
     if args.quick:

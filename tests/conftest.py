@@ -75,8 +75,8 @@ def stage3(tmp_path_factory):
 def finetuned(stage3, tmp_path_factory):
     """A one-epoch fine-tuning of the `stage3` head (read-only!): the FinetuneResult. No --weights:
     the backbone weights file recorded with the head is used."""
-    from dogtl.finetune.settings import FinetuneConfig
-    from dogtl.finetune.train import finetune
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune
 
     out = tmp_path_factory.mktemp("finetuned") / "finetuned.keras"
     return finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),

@@ -37,6 +37,14 @@ def test_sweep_and_lr_find_from_python(tiny_cache, tmp_path):
     assert len(swept.results) == 2 and swept.best_path.exists()
 
 
+def test_stage_functions_are_not_shadowed_by_the_stage_packages():
+    import dogtl.finetuning.train  # noqa: F401  importing a sub-package sets an attribute on dogtl
+    import dogtl.sweeps.run  # noqa: F401
+
+    for name in dogtl.__all__[:-2]:
+        assert callable(getattr(dogtl, name)) and getattr(dogtl, name).__module__ == "dogtl.api", name
+
+
 def test_python_defaults_are_the_command_lines():
     import typer
 

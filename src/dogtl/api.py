@@ -86,7 +86,7 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
           **settings):
     """Train many heads and rank them by validation log loss. `params`: ["max_lr=1e-3,3e-3", ...]
     as `--param`; `space`: a TOML/JSON file; `settings`: trials, folds, epochs, jobs, backend, ..."""
-    from dogtl.sweep.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import SweepConfig, run_sweep
 
     config = SweepConfig(cache=str(cache), params=tuple(params), space=str(space) if space else None,
                          out=str(out) if out else None, force=force, **settings)
@@ -103,10 +103,10 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
 def finetune(data="data", head="models/head.keras", out="models/finetuned.keras", *, force: bool = False,
              progress=True, report=None, **settings):
     """Stage three: fine-tune the top backbone blocks with the trained head, on the images.
-    `settings`: any finetune setting (`dogtl.finetune.settings.FINETUNE_SETTINGS`); `report`
+    `settings`: any finetune setting (`dogtl.finetuning.settings.FINETUNE_SETTINGS`); `report`
     gets one line per finished epoch."""
-    from dogtl.finetune.settings import FinetuneConfig
-    from dogtl.finetune.train import finetune as run
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune as run
 
     config = FinetuneConfig(data=str(data), head=str(head), out=str(out), force=force, **settings)
     with _bar(progress, _images("fine-tuning")) as update:

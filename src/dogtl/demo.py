@@ -93,8 +93,8 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     from dogtl.features.backbones import get_backbone
     from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
     from dogtl.features.extract import ExtractConfig, extract_features
-    from dogtl.finetune.settings import FinetuneConfig
-    from dogtl.finetune.train import finetune
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune
     from dogtl.head.settings import HeadConfig
     from dogtl.head.train import train_head
     from dogtl.evaluation.predict import PredictConfig, predict_submission

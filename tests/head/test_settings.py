@@ -11,7 +11,7 @@ from conftest import assert_clean_error, run_cli
 
 from dogtl.core.errors import DogtlError
 from dogtl.head.settings import HEAD_SETTINGS, HeadConfig, LRFindConfig
-from dogtl.sweep.space import parameter_names, parse_param_option
+from dogtl.sweeps.space import parameter_names, parse_param_option
 
 FAST = dict(hidden=(16,), batch_size=16, base_lr=1e-3, max_lr=1e-2)
 
@@ -111,7 +111,7 @@ def test_warmup_through_the_cli_config_file_and_sweep(tmp_path, tiny_cache):
 def test_a_fused_warmup_trial_equals_train_head(tiny_cache):
     from dogtl.features.cache import open_cache
     from dogtl.head.train import fit_head, load_training_data
-    from dogtl.sweep.fused import train_fused
+    from dogtl.sweeps.fused import train_fused
 
     cache = open_cache(tiny_cache)
     data = load_training_data(cache)

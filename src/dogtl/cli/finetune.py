@@ -10,7 +10,7 @@ import typer
 from dogtl import api
 from dogtl.cli.common import CONFIG_OPTION, ImageProgress, apply_config_file, friendly_errors
 from dogtl.core.settings import with_options
-from dogtl.finetune.settings import FINETUNE_SETTINGS
+from dogtl.finetuning.settings import FINETUNE_SETTINGS
 
 
 @friendly_errors

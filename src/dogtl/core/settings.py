@@ -70,7 +70,7 @@ class Setting:
     low_open: bool = False
     high_open: bool = False
     searchable: bool = True  # a sweep may search it
-    fusable: bool = True  # sweep/fused.py reproduces it (else trials using it train alone)
+    fusable: bool = True  # sweeps/fused.py reproduces it (else trials using it train alone)
 
     @property
     def option(self) -> str:

@@ -1,6 +1,6 @@
 """`dogtl sweep`: many head trainings on one feature cache, ranked by validation log loss.
 
-A sweep is a search space (`searchspace.py`) expanded to trials (grid, or a seeded random
+A sweep is a search space (`space.py`) expanded to trials (grid, or a seeded random
 sample), each evaluated on the cache's validation split or on K stratified folds of all
 labelled images (the cache holds every pass of every labelled image, so folds cost no
 re-extraction). Each (trial, fold) run is written to `OUT/trials/<key>.json` the moment it
@@ -11,7 +11,7 @@ Why it is fast (measured by benchmarks/bench_sweep.py):
 - One process per worker for the whole sweep: TensorFlow starts, and the cache is read,
   once per worker, not once per trial.
 - Trials sharing hidden layers, batch size and optimizer train side by side in one graph
-  (`fusedheads.py`): one model build and graph trace per group, batched matrix products.
+  (`fused.py`): one trace per group, every trial's step in one step loop.
 - With `--jobs N` each worker gets cores/N TensorFlow threads, so N workers do not
   oversubscribe the cores; `--backend` picks any joblib backend (dask: other machines).
 
@@ -36,11 +36,11 @@ import numpy as np
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import write_csv_atomic, write_json_atomic
 from dogtl.core.plots import plot_sweep
-from dogtl.sweep.folds import make_folds
-from dogtl.sweep.records import digest, training_settings, trial_key
-from dogtl.sweep.results import summarise, write_best_config
-from dogtl.sweep.space import SearchSpace, build_space, format_value, grid, sample, trial_config
-from dogtl.sweep.workers import check_backend, execute, job_count, plan_tasks
+from dogtl.sweeps.folds import make_folds
+from dogtl.sweeps.records import digest, training_settings, trial_key
+from dogtl.sweeps.results import summarise, write_best_config
+from dogtl.sweeps.space import SearchSpace, build_space, format_value, grid, sample, trial_config
+from dogtl.sweeps.workers import check_backend, execute, job_count, plan_tasks
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class SweepConfig:
     backend: str | None = None  # joblib backend; None: in this process (jobs 1) or loky
     scheduler: str | None = None  # dask scheduler address
     seed: int = 2018  # random search and folds
-    fuse: int = DEFAULT_FUSE  # most trials in one graph; 1: each trial alone (head.fit_head)
+    fuse: int = DEFAULT_FUSE  # most trials in one graph; 1: each trial alone (head.train.fit_head)
     force: bool = False
 
     def __post_init__(self):

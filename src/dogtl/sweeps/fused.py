@@ -6,13 +6,13 @@ between them. Here the trials of a group (equal `fuse_key`: hidden layers, batch
 optimizer, precision) train in one graph: one step loop per epoch in which every trial
 takes its step, so the executor runs the trials' independent ops side by side.
 
-Each trial is trained with Keras's own maths, by the very objects `head.fit_head` would use:
+Each trial is trained with Keras's own maths, by the very objects `head.train.fit_head` would use:
 its Keras head and compiled optimizer from `build_compiled_head` (same initial weights,
 BatchNorm, dropout streams, optimizer, weight decay and `CyclicLR` schedule), the step of
 `trainloop.EpochRunner` (Keras loss with its label smoothing, graph gradients with the fast
 MatMul gradient, XLA-compiled optimizer update) and its epoch plan (`trainloop.epoch_plan`),
 and early stopping on validation log loss with its own patience. So a fused trial equals
-`fit_head` to float rounding, dropout included (tests/sweep/test_fused.py pins it for every
+`fit_head` to float rounding, dropout included (tests/sweeps/test_fused.py pins it for every
 optimizer and schedule), and never depends on which other trials share its graph.
 
 Until commit da69aaa this module stacked the trials' weights ([T, in, out]) and ran

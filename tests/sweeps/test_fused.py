@@ -35,7 +35,7 @@ def data():
 
 def fused_epochs(configs, features, labels):
     """Train `configs` as one fused group: per epoch, each trial's (mean loss, lr, weights)."""
-    from dogtl.sweep.fused import FusedHeads
+    from dogtl.sweeps.fused import FusedHeads
 
     group = FusedHeads(configs, features, labels, np.arange(ROWS), features[0, ROWS:], CLASSES)
     epochs = []

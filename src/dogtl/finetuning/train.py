@@ -21,9 +21,9 @@ import pandas as pd
 
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import DataError
-from dogtl.finetune.checkpoints import Checkpoints, RunState
-from dogtl.finetune.data import training_dataset, validate
-from dogtl.finetune.settings import RESUMABLE, FinetuneConfig
+from dogtl.finetuning.checkpoints import Checkpoints, RunState
+from dogtl.finetuning.data import training_dataset, validate
+from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
 
 if TYPE_CHECKING:
     from dogtl.data.augment import AugmentConfig
@@ -128,7 +128,7 @@ def prepare(config: FinetuneConfig, strategy) -> Setup:
 def start(setup: Setup) -> tuple[object, RunState]:
     """A fresh run: the head on its backbone, scored and checkpointed as epoch 0."""
     from dogtl.core.distribute import scope
-    from dogtl.finetune.model import build_model
+    from dogtl.finetuning.model import build_model
 
     with scope(setup.strategy):  # variables mirrored on every replica
         model, head, trainable = build_model(setup.config, setup.meta, setup.spec, setup.size, setup.weights,

@@ -4,7 +4,7 @@ frozen (inference mode)."""
 
 from __future__ import annotations
 
-from dogtl.finetune.settings import FinetuneConfig
+from dogtl.finetuning.settings import FinetuneConfig
 
 
 def build_model(config: FinetuneConfig, meta: dict, spec, image_size: int, weights: str, steps_per_epoch: int):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.files import write_text_atomic
-from dogtl.sweep.space import SearchSpace, format_value
+from dogtl.sweeps.space import SearchSpace, format_value
 
 
 def summarise(records: list[dict], trials: list[dict], keys: list[str], space: SearchSpace):

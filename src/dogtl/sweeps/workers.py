@@ -16,7 +16,7 @@ import numpy as np
 
 from dogtl.core.errors import DogtlError
 from dogtl.head.settings import HeadConfig
-from dogtl.sweep.records import digest, make_record
+from dogtl.sweeps.records import digest, make_record
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _set_threads(threads: int | None, host_threads: dict | None = None) -> None:
 def run_task(task: dict, on_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Train the runs of one task (one fold; several trials, fused when they can be) and return
     their records. Runs on a joblib/dask worker or in the calling process."""
-    from dogtl.sweep.fused import NotFusable, TrialOutcome, fuse_key, train_fused
+    from dogtl.sweeps.fused import NotFusable, TrialOutcome, fuse_key, train_fused
     from dogtl.head.train import fit_head
 
     _set_threads(task.get("threads"), task.get("host_threads"))
@@ -146,7 +146,7 @@ def run_task(task: dict, on_done: Callable[[dict], None] | None = None) -> list[
 def plan_tasks(units: list[dict], folds: list, fuse: int, jobs: int) -> list[dict]:
     """Group pending runs into tasks: runs of one fold with equal `fuse_key` share a task of at
     most `fuse` runs; big groups are split until there is a task for every worker."""
-    from dogtl.sweep.fused import fuse_key
+    from dogtl.sweeps.fused import fuse_key
 
     buckets: dict = {}
     for unit in units:

@@ -12,7 +12,7 @@ from conftest import assert_clean_error, run_cli
 
 from dogtl.core.errors import DogtlError
 from dogtl.head.settings import HeadConfig
-from dogtl.sweep.space import build_space, grid, load_space_file, parse_param_option, sample, trial_config
+from dogtl.sweeps.space import build_space, grid, load_space_file, parse_param_option, sample, trial_config
 
 TINY = dict(num_images=120, num_classes=3, dim=16, passes=2, val_fraction=0.25, dtype="float16", seed=3)
 # dropout 0 and float32 matmuls: a fused trial then equals fit_head (and train-head) to float rounding
@@ -62,7 +62,7 @@ def test_grid_drops_combinations_train_head_refuses_and_layers_parameter():
 
 
 def test_trials_whose_default_rates_do_not_resolve_are_dropped():
-    from dogtl.sweep.run import _resolvable
+    from dogtl.sweeps.run import _resolvable
 
     trials, _ = grid(build_space(None, ["max_lr=5e-5,1e-3"]), {})  # default base_lr: 1e-4 at batch 16
     kept, configs, refused = _resolvable(trials, {}, [1000, 900])
@@ -141,7 +141,7 @@ def test_bad_param_options_give_one_clear_line(tmp_path, option, needle):
 # -- folds -----------------------------------------------------------------------------------
 
 def test_folds_are_stratified_disjoint_and_cover_every_row():
-    from dogtl.sweep.folds import make_folds
+    from dogtl.sweeps.folds import make_folds
 
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(4), [10, 17, 25, 8]))
@@ -166,9 +166,9 @@ def test_folds_are_stratified_disjoint_and_cover_every_row():
 @pytest.mark.parametrize("precision, rtol", [("float32", 1e-5), ("bfloat16", 5e-3)])
 def test_fused_trials_match_fit_head(tiny_cache, precision, rtol):
     from dogtl.features.cache import open_cache
-    from dogtl.sweep.fused import train_fused
+    from dogtl.sweeps.fused import train_fused
     from dogtl.head.train import fit_head, load_training_data
-    from dogtl.sweep.workers import load_labelled
+    from dogtl.sweeps.workers import load_labelled
 
     cache = open_cache(tiny_cache)
     features, data = load_labelled(cache), load_training_data(cache)
@@ -194,8 +194,8 @@ def test_fused_trials_match_fit_head(tiny_cache, precision, rtol):
 
 def test_fused_trials_do_not_depend_on_their_group(tiny_cache):
     from dogtl.features.cache import open_cache
-    from dogtl.sweep.fused import fuse_key, train_fused
-    from dogtl.sweep.workers import load_labelled
+    from dogtl.sweeps.fused import fuse_key, train_fused
+    from dogtl.sweeps.workers import load_labelled
 
     cache = open_cache(tiny_cache)
     features = load_labelled(cache)
@@ -217,8 +217,8 @@ def test_fused_trials_do_not_depend_on_their_group(tiny_cache):
 
 
 def test_trials_the_fused_path_cannot_reproduce_train_alone(tiny_cache, tmp_path, monkeypatch):
-    from dogtl.sweep import fused as fusedheads
-    from dogtl.sweep.run import SweepConfig, run_sweep
+    from dogtl.sweeps import fused as fusedheads
+    from dogtl.sweeps.run import SweepConfig, run_sweep
 
     def refuse(*args, **kwargs):
         raise fusedheads.NotFusable("a head layer it does not know")
@@ -232,7 +232,7 @@ def test_trials_the_fused_path_cannot_reproduce_train_alone(tiny_cache, tmp_path
 
 
 def test_plan_tasks_groups_fusable_trials_per_fold():
-    from dogtl.sweep.workers import plan_tasks
+    from dogtl.sweeps.workers import plan_tasks
 
     def unit(i, fold, **settings):
         return {"key": f"k{i}-f{fold}", "trial": f"k{i}", "fold": fold, "settings": settings}
@@ -279,7 +279,7 @@ def test_sweep_writes_sorted_results_and_a_best_config_train_head_accepts(tiny_c
 
 
 def test_interrupted_sweep_resumes_skipping_finished_trials(tiny_cache, tmp_path):
-    from dogtl.sweep.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import SweepConfig, run_sweep
 
     config = SweepConfig(cache=str(tiny_cache), out=str(tmp_path / "s"), params=("max_lr=1e-3,2e-3,4e-3",
                          "batch_size=32", "dropout=0.1"), epochs=2, folds=2)
@@ -313,7 +313,7 @@ def test_interrupted_sweep_resumes_skipping_finished_trials(tiny_cache, tmp_path
 
 
 def test_parallel_workers_give_the_same_results(tiny_cache, tmp_path):
-    from dogtl.sweep.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import SweepConfig, run_sweep
 
     settings = dict(cache=str(tiny_cache), params=("hidden=8,4", "max_lr=1e-3,3e-3"), epochs=2)
     alone = run_sweep(SweepConfig(out=str(tmp_path / "one"), **settings)).results
@@ -336,7 +336,7 @@ def test_unknown_backend_or_missing_dask_gives_one_clear_line(tiny_cache, tmp_pa
 
 def test_dask_backend_on_a_local_cluster(tiny_cache, tmp_path):
     distributed = pytest.importorskip("distributed")
-    from dogtl.sweep.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import SweepConfig, run_sweep
 
     settings = dict(cache=str(tiny_cache), params=("max_lr=1e-3,3e-3",), epochs=2)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

@@ -5,7 +5,7 @@ before it starts, so those runs happen in a subprocess (tests/_two_devices.py) a
 of the suite keeps one device. The two-process multi-worker run on loopback takes over a
 minute on 2 cores, so it only runs with DOGTL_TEST_MULTIWORKER=1:
 
-    DOGTL_TEST_MULTIWORKER=1 python -m pytest tests/finetune/test_distribute.py -k multi_worker
+    DOGTL_TEST_MULTIWORKER=1 python -m pytest tests/finetuning/test_distribute.py -k multi_worker
 """
 
 from __future__ import annotations

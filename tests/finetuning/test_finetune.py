@@ -86,7 +86,7 @@ def test_epoch_e_is_the_caches_augmented_pass_1_plus_e(stage3):
     from dogtl.data.augment import AugmentConfig
     from dogtl.features.cache import open_cache
     from dogtl.data.folders import load_dataset
-    from dogtl.finetune.data import training_batches
+    from dogtl.finetuning.data import training_batches
     from dogtl.core.models import build_backbone
     from dogtl.core.modelinfo import split_paths
 
@@ -137,14 +137,14 @@ def test_finetune_writes_model_metadata_history_and_plot(stage3, finetuned):
 
 
 def _config(stage3, out, **kw):
-    from dogtl.finetune.settings import FinetuneConfig
+    from dogtl.finetuning.settings import FinetuneConfig
 
     return FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),
                           weights=str(stage3.weights), batch_size=8, **kw)
 
 
 def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
-    from dogtl.finetune.train import finetune
+    from dogtl.finetuning.train import finetune
     from dogtl.head.schedules import cyclic_lr
 
     out = tmp_path / "ft.keras"

@@ -58,8 +58,8 @@ def extract_with(strategy: str, root: Path, data: Path, weights: Path, name: str
 
 
 def finetune_with(strategy: str, data: Path, weights: Path, cache: Path, head: Path, out: Path) -> dict:
-    from dogtl.finetune.settings import FinetuneConfig
-    from dogtl.finetune.train import finetune
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune
 
     r = finetune(FinetuneConfig(data=str(data), head=str(head), out=str(out), cache=str(cache),
                                 weights=str(weights), strategy=strategy, **FINETUNE))
