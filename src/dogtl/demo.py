@@ -89,19 +89,8 @@ def _random_backbone(spec, image_size: int, data: Path, path: Path, images: int 
     return path
 
 
-def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
-    from dogtl.features.backbones import get_backbone
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
-    from dogtl.features.extract import ExtractConfig, extract_features
-    from dogtl.finetuning.settings import FinetuneConfig
-    from dogtl.finetuning.train import finetune
-    from dogtl.head.settings import HeadConfig
-    from dogtl.head.train import train_head
-    from dogtl.evaluation.predict import PredictConfig, predict_submission
-    from dogtl.data.synthetic import make_kaggle_dataset
-
-    say = note or (lambda line: None)
-    started = time.perf_counter()
+def _fresh_dir(config: DemoConfig) -> Path:
+    """The demo folder, emptied of an earlier demo's outputs (only with --force)."""
     root = Path(config.dir)
     existing = [name for name in GENERATED if (root / name).exists()]
     if existing:
@@ -111,26 +100,25 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
         (shutil.rmtree if (root / name).is_dir() else Path.unlink)(root / name)
     for sub in ("models", "reports"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    result = DemoResult(root, config.weights)
+    return root
 
-    data = make_kaggle_dataset(root / "data", num_classes=config.classes, per_class=config.per_class,
-                               test_images=config.test_images, size=config.source_size)
-    result.artifacts["synthetic data set"] = data
-    say(f"[1/6] wrote a SYNTHETIC data set (procedurally drawn shapes, not real photos): {config.classes} "
-        f"classes x {config.per_class} images + {config.test_images} test images in {data}")
+
+def _extract(config: DemoConfig, data: Path, root: Path, say: Note):
+    """Stage one with ImageNet weights when they can be had, else a random backbone whose
+    BatchNorm statistics come from the demo images: (summary, weights used)."""
+    from dogtl.features.backbones import get_backbone
+    from dogtl.features.extract import ExtractConfig, extract_features
 
     spec = get_backbone(config.backbone)
     weights = config.weights
     if weights == "auto":
         weights = "imagenet" if (_cached_imagenet(spec.module) or weights_reachable()) else "none"
-    cache = root / "cache" / "features.h5"
-    extract = dict(data=str(data), cache=str(cache), backbone=config.backbone, image_size=config.image_size,
-                   passes=config.passes, tta_passes=1, batch_size=config.batch_size, val_fraction=0.25,
-                   dtype="float32")
-    summary = None
+    extract = dict(data=str(data), cache=str(root / "cache" / "features.h5"), backbone=config.backbone,
+                   image_size=config.image_size, passes=config.passes, tta_passes=1, batch_size=config.batch_size,
+                   val_fraction=0.25, dtype="float32")
     if weights == "imagenet":
         try:
-            summary = extract_features(ExtractConfig(weights=weights, **extract))
+            return extract_features(ExtractConfig(weights=weights, **extract)), weights
         except DogtlError:
             weights = "none"
     if weights == "none":
@@ -138,8 +126,31 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
         why = "as asked" if config.weights == "none" else "ImageNet weights cannot be downloaded (offline?), so"
         say(f"note: {why} the backbone is randomly initialised (BatchNorm statistics from the demo images): "
             "the numbers show the pipeline works, not what ImageNet features achieve")
-    if summary is None:
-        summary = extract_features(ExtractConfig(weights=weights, force=True, **extract))
+    return extract_features(ExtractConfig(weights=weights, force=True, **extract)), weights
+
+
+def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
+    """Every stage on generated data in `config.dir`; `note` gets one line per finished step."""
+    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune
+    from dogtl.head.settings import HeadConfig
+    from dogtl.head.train import train_head
+    from dogtl.evaluation.predict import PredictConfig, predict_submission
+    from dogtl.data.synthetic import make_kaggle_dataset
+
+    say = note or (lambda line: None)
+    started = time.perf_counter()
+    root = _fresh_dir(config)
+    result = DemoResult(root, config.weights)
+    data = make_kaggle_dataset(root / "data", num_classes=config.classes, per_class=config.per_class,
+                               test_images=config.test_images, size=config.source_size)
+    result.artifacts["synthetic data set"] = data
+    say(f"[1/6] wrote a SYNTHETIC data set (procedurally drawn shapes, not real photos): {config.classes} "
+        f"classes x {config.per_class} images + {config.test_images} test images in {data}")
+
+    summary, weights = _extract(config, data, root, say)
+    cache = summary.path
     backbone_file = weights if weights not in ("imagenet", "none") else None
     if backbone_file:
         result.artifacts["backbone weights"] = Path(backbone_file)
