@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import keras
 
 from dogtl.core.errors import DogtlError
+from dogtl.head.settings import OPTIMIZERS, SCHEDULES
 
-MODES = ("triangular", "triangular2", "exp_range")
-OPTIMIZERS = ("rmsprop", "adam", "sgd")
+MODES = tuple(s for s in SCHEDULES if s != "constant")  # the cyclical ones
 RECIPE_GAMMA = 0.99994  # exp_range decay per iteration of the reference recipe (batch 16)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dogtl.core.errors import DogtlError
-from dogtl.core.settings import Setting, parse_hidden, read_settings_file, settings_class  # noqa: F401
+from dogtl.core.settings import Setting, read_settings_file, settings_class
 from dogtl.head.precision import PRECISIONS, resolve_precision
 
 SCHEDULES = ("exp_range", "triangular", "triangular2", "constant")
