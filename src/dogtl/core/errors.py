@@ -11,3 +11,7 @@ class DataError(DogtlError):
 
 class CacheError(DogtlError):
     """A feature cache is missing, incomplete, damaged or was made with other settings."""
+
+
+class DiskSpaceError(DogtlError):
+    """Not enough free space for a write whose size is known before it starts."""
