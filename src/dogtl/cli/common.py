@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -35,19 +37,76 @@ def fail(message: str, code: int = 2):
 
 
 def friendly_errors(command):
-    """Known problems become one line on stderr and exit code 2; Ctrl-C keeps work."""
+    """dogtl's own errors and the operating-system errors a user can fix (disk full, permission
+    denied, read-only, a folder for a file) become one line on stderr and a non-zero exit; Ctrl-C
+    and SIGTERM keep finished work (exit 130/143). Anything else is a bug in dogtl: its traceback,
+    the versions and a request to report it, exit 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        from dogtl.core.errors import DogtlError, os_error_message
+
         _quiet_tensorflow()
+        previous = _terminate_as_interrupt()
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
+        except DogtlError as e:
             fail(str(e))
+        except OSError as e:
+            message = os_error_message(e)
+            if message is None:
+                _bug(e)
+            fail(message, code=1)
+        except _Terminated:
+            typer.secho("terminated: finished work is kept; rerun the same command to resume",
+                        err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(143)
         except KeyboardInterrupt:
             typer.secho("interrupted: finished work is kept; rerun the same command to resume",
                         err=True, fg=typer.colors.YELLOW)
             raise typer.Exit(130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001  a bug: shown as one, never as a user error
+            _bug(e)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so the same cleanup as Ctrl-C runs (locks released)."""
+
+
+def _terminate_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def bug_report(error: BaseException) -> str:
+    """The traceback, the versions and the request to report it, as printed for a bug."""
+    import platform
+    import traceback
+
+    versions = []
+    for name in ("dogtl", "tensorflow", "keras", "h5py", "numpy"):
+        module = sys.modules.get(name)
+        versions.append(f"{name} {getattr(module, '__version__', 'not loaded')}")
+    return ("".join(traceback.format_exception(error)) +
+            f"versions: {', '.join(versions)}, python {platform.python_version()}\n"
+            "this is a bug in dogtl, not a problem with your input: please report it with the "
+            "traceback and versions above\n")
+
+
+def _bug(error: BaseException):
+    import dogtl  # noqa: F401  its version in the report
+
+    typer.secho(bug_report(error), err=True, nl=False)
+    raise typer.Exit(1)
 
 
 def interactive() -> bool:

@@ -5,14 +5,19 @@ kind of model it is, its classes, the backbone/weights/image size/preprocessing 
 its inputs come from, the cache fingerprint, the settings used and final metrics.
 Both files are written to temporary names before either is renamed (core.files), so a
 failed save leaves the old pair.
+
+The metadata's "integrity" entry binds the pair against damage on disk (bit rot, a bad copy):
+the SHA-256 of the .keras file and of the metadata itself (its JSON without that entry). Both are
+checked on load; models saved before this still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from dogtl.core.errors import DogtlError
+from dogtl.core.errors import DamagedError, DogtlError
 from dogtl.core.files import atomic_paths, check_overwrite, json_text
 
 
@@ -29,11 +34,38 @@ def check_writable(path: str | Path, force: bool) -> Path:
     return check_overwrite(path, force)
 
 
+INTEGRITY = "integrity"
+RETRAIN = "retrain it (or copy it again from where it was made)"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _metadata_sha256(metadata: dict) -> str:
+    return hashlib.sha256(json_text({k: v for k, v in metadata.items() if k != INTEGRITY}).encode()).hexdigest()
+
+
 def save_model(model, path: str | Path, metadata: dict) -> None:
-    """Write model + metadata as a pair (the caller has already checked overwriting)."""
+    """Write model + metadata as a pair (the caller has already checked overwriting), with
+    their content hashes in the metadata."""
     with atomic_paths(path, metadata_path(path)) as (model_tmp, metadata_tmp):
         model.save(model_tmp)
+        metadata = {k: v for k, v in metadata.items() if k != INTEGRITY}
+        metadata[INTEGRITY] = {"model_sha256": file_sha256(model_tmp), "metadata_sha256": _metadata_sha256(metadata)}
         metadata_tmp.write_text(json_text(metadata))
+
+
+def check_model_file(path: str | Path, metadata: dict) -> None:
+    """Raise DamagedError if the .keras file is not the one its metadata was saved with."""
+    wanted = (metadata.get(INTEGRITY) or {}).get("model_sha256")
+    if wanted and file_sha256(path) != wanted:
+        raise DamagedError(f"{path}: damaged (its content hash differs from the one in {metadata_path(path).name}); "
+                           f"{RETRAIN}")
 
 
 def load_metadata(path: str | Path) -> dict:
@@ -44,9 +76,16 @@ def load_metadata(path: str | Path) -> dict:
     if not meta.exists():
         raise DogtlError(f"{path}: its metadata {meta.name} is missing; dogtl needs both files side by side")
     try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise DogtlError(f"{meta}: damaged metadata ({e}); retrain the model") from None
+        metadata = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedError(f"{meta}: damaged metadata ({e}); {RETRAIN}") from None
+    if not isinstance(metadata, dict):
+        raise DamagedError(f"{meta}: damaged metadata (not a JSON object); {RETRAIN}")
+    wanted = (metadata.get(INTEGRITY) or {}).get("metadata_sha256")
+    if wanted and _metadata_sha256(metadata) != wanted:
+        raise DamagedError(f"{meta}: damaged metadata (its content hash differs from the one it was saved with); "
+                           f"{RETRAIN}")
+    return metadata
 
 
 def load_model(path: str | Path, compile: bool = True):
@@ -57,6 +96,7 @@ def load_model(path: str | Path, compile: bool = True):
     from dogtl.head import schedules  # noqa: F401  registers the cyclical LR schedule with Keras
 
     metadata = load_metadata(path)
+    check_model_file(path, metadata)
     try:
         model = keras.saving.load_model(path, compile=compile)
     except Exception as e:  # Keras raises many kinds for a bad zip or config

@@ -15,3 +15,63 @@ class CacheError(DogtlError):
 
 class DiskSpaceError(DogtlError):
     """Not enough free space for a write whose size is known before it starts."""
+
+
+class LockedError(DogtlError):
+    """Another live dogtl process is writing the same artifact."""
+
+
+class DamagedError(CacheError):
+    """A file's checksum or content hash does not match: it changed on disk after it was written."""
+
+
+# Operating-system errors a user can fix, each with what to do about it.
+_OS_ADVICE = {
+    "ENOSPC": "the disk is full: free {need} on {mount} and rerun the same command: finished work is kept",
+    "EDQUOT": "the disk quota is exceeded: free {need} on {mount} and rerun the same command: finished work is kept",
+    "EACCES": "permission denied: make it writable (or choose another path) and rerun the same command: "
+              "finished work is kept",
+    "EPERM": "operation not permitted: make it writable (or choose another path) and rerun the same command: "
+             "finished work is kept",
+    "EROFS": "the file system is read-only: choose a path on a writable one (or remount it) and rerun the same "
+             "command: finished work is kept",
+    "EISDIR": "it is a folder, not a file: pass a file name",
+    "ENOTDIR": "a part of the path is a file, not a folder: choose another path",
+    "ENOENT": "no such file or folder: check the path",
+    "EEXIST": "it already exists: pass --force to replace it or choose another path",
+    "EMFILE": "too many open files: raise the limit (ulimit -n) and rerun the same command",
+    "EIO": "input/output error (a failing disk or network file system): check it and rerun the same command",
+}
+
+
+def os_error_message(error: OSError) -> str | None:
+    """One line for an operating-system error a user can fix (path, cause, what to do), else None."""
+    import errno
+    import os
+
+    name = errno.errorcode.get(error.errno or -1)
+    if name not in _OS_ADVICE:
+        return None
+    path = error.filename or ""
+    need, mount = "some space", "that disk"
+    if name in ("ENOSPC", "EDQUOT"):
+        mb = getattr(error, "dogtl_needed_mb", None)
+        need = f"{mb:,.0f} MB" if mb else "space"
+        mount = _mount_point(path or os.getcwd())
+    where = f"{path}: " if path else ""
+    return f"{where}{_OS_ADVICE[name].format(need=need, mount=mount)} ({error.strerror or name})"
+
+
+def _mount_point(path) -> str:
+    import os
+
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    while not os.path.ismount(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path
+
+
+class SettingError(DogtlError):
+    """An option or setting has a value outside what it accepts."""

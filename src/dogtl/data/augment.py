@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from dogtl.core.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,9 @@ class AugmentConfig:
     def __post_init__(self):
         for name in ("rotation", "zoom", "shift"):
             if getattr(self, name) < 0:
-                raise ValueError(f"augmentation {name}={getattr(self, name)} must be >= 0")
+                raise SettingError(f"augmentation {name}={getattr(self, name)} must be >= 0")
         if self.zoom >= 1:
-            raise ValueError(f"augmentation zoom={self.zoom} must be below 1")
+            raise SettingError(f"augmentation zoom={self.zoom} must be below 1")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dogtl.core.errors import DataError
+from dogtl.core.errors import DataError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def split_validation(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
     from sklearn.model_selection import train_test_split
 
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
+        raise SettingError(f"--val-fraction {val_fraction} must be in [0, 1)")
     is_val = np.zeros(len(labels), dtype=bool)
     if val_fraction == 0.0:
         return is_val

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from dogtl.core.errors import DataError
+from dogtl.core.locks import hold, writes
+from dogtl.core.errors import DataError, SettingError
 
 Progress = Callable[[int, int], None]
 
@@ -33,7 +34,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         if self.top_k < 1 or self.confused < 1 or self.batch_size < 1:
-            raise ValueError("--top-k, --confused and --batch-size must be at least 1")
+            raise SettingError("--top-k, --confused and --batch-size must be at least 1")
 
 
 @dataclass
@@ -91,6 +92,7 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
     }
 
 
+@writes
 def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report:
     from dogtl.core.files import check_overwrite, write_csv_atomic, write_json_atomic
     from dogtl.core.modelinfo import check_metadata, open_model_cache
@@ -100,6 +102,7 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     paths = report_paths(config.model, config.out)
     for p in paths:
         check_overwrite(p, config.force, "--out prefix")
+    hold(paths[0], "the report")
     cache = open_model_cache(meta, config.cache)
     if not cache.is_val.any():
         raise DataError(f"{cache.path} has no validation split (--val-fraction 0): nothing to evaluate on")

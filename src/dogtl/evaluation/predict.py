@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
-from dogtl.core.errors import DataError, DogtlError
+from dogtl.core.errors import DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite, write_csv_atomic
+from dogtl.core.locks import hold, writes
 from dogtl.evaluation.metrics import clip_rows
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ class PredictConfig:
 
     def __post_init__(self):
         if self.on_bad_image not in ("skip", "uniform", "fail"):
-            raise ValueError(f"--on-bad-image {self.on_bad_image!r} must be 'skip', 'uniform' or 'fail'")
+            raise SettingError(f"--on-bad-image {self.on_bad_image!r} must be 'skip', 'uniform' or 'fail'")
         if self.tta_passes < 1:
-            raise ValueError(f"--tta-passes {self.tta_passes} must be at least 1")
+            raise SettingError(f"--tta-passes {self.tta_passes} must be at least 1")
         if self.top_k < 1 or self.batch_size < 1:
-            raise ValueError("--top-k and --batch-size must be at least 1")
+            raise SettingError("--top-k and --batch-size must be at least 1")
 
 
 @dataclass
@@ -155,6 +156,7 @@ def test_images(root: str | Path):
 
 # ----------------------------------------------------------------------------- submission
 
+@writes
 def predict_submission(config: PredictConfig, progress: Progress | None = None) -> Submission:
     from dogtl.data.images import decode_error
     from dogtl.core.modelinfo import check_metadata
@@ -162,6 +164,7 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
     model_path = resolve_model(config.model)
     meta, spec, size = check_metadata(model_path)
     out = check_overwrite(config.out, config.force)
+    hold(out, "the submission")
     ids, paths, sample = test_images(config.data)
     classes = list(meta["classes"])
     columns = check_submission_columns(sample, classes) if sample is not None else sorted(classes)

@@ -7,6 +7,7 @@ the Keras objects are looked up lazily by `models.build_backbone`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dogtl.core.errors import SettingError
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(
+        raise SettingError(
             f"unknown backbone {name!r}: choose one of {', '.join(sorted(BACKBONES))}"
         ) from None
 
@@ -60,7 +61,7 @@ def check_image_size(spec: BackboneSpec, image_size: int | None) -> int:
     """Resolve the image size, refusing sizes the backbone cannot take."""
     size = spec.default_size if image_size is None else int(image_size)
     if size < spec.min_size:
-        raise ValueError(
+        raise SettingError(
             f"--image-size {size} is too small for {spec.name}: use at least {spec.min_size}"
         )
     return size

@@ -21,6 +21,11 @@ HDF5 schema (readable with plain h5py):
   test/index              (M,)  int64
   test/features           (1+T, M, D)    pass 0 clean, 1..T test-time augmentation
   skipped                 (S,)           "path<TAB>reason" for images that could not be read
+
+Damage is detected: every numeric dataset carries HDF5's fletcher32 checksum (a flipped byte
+fails the read, reported as damaged instead of read as numbers), and the attribute
+content_sha256 is a SHA-256 of the attributes and string datasets, which HDF5 cannot filter
+(checked when the cache is opened). Caches written before checksums still open.
 """
 
 from __future__ import annotations
@@ -35,13 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dogtl.core.errors import CacheError
+from dogtl.core.errors import CacheError, DamagedError, SettingError
 from dogtl.core.files import atomic_path, write_text_atomic
 
 FORMAT = "dogtl-features"
 FORMAT_VERSION = 1
 SPLITS = ("labelled", "test")
 RESUME_HINT = "incomplete, run extract-features again to resume"
+DAMAGED_HINT = "damaged: rerun extract-features --force"
+CHECKSUM = {"fletcher32": True}  # create_dataset options of every numeric dataset
+DIGESTED_ATTRS = ("format", "format_version", "fingerprint", "versions", "weights_path", "merged_from")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Settings that do not change the features: differences are reported, never refused.
 INFORMATIONAL = {"versions", "batch_size"}
@@ -196,6 +204,31 @@ def _write_header(f, fingerprint: dict, versions: dict, classes, skipped) -> Non
     f.create_dataset("skipped", data=np.array(list(skipped), dtype=object), dtype=strings)
 
 
+def content_digest(f) -> str:
+    """SHA-256 of what fletcher32 cannot cover: the digested attributes and every string dataset."""
+    import hashlib
+
+    import h5py
+
+    h = hashlib.sha256()
+    for name in DIGESTED_ATTRS:
+        if name in f.attrs:
+            h.update(f"{name}={f.attrs[name]}\0".encode())
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset)
+                 and h5py.check_string_dtype(obj.dtype) is not None else None)
+    for name in sorted(names):
+        h.update(f"{name}:".encode())
+        for value in f[name].asstr()[:]:
+            h.update(value.encode() + b"\0")
+    return h.hexdigest()
+
+
+def create_numeric(group, name: str, **kwargs):
+    """A numeric dataset with its checksum (chunked, as HDF5 filters need)."""
+    return group.create_dataset(name, **CHECKSUM, **kwargs)
+
+
 @contextmanager
 def cache_file_writer(path: str | Path, fingerprint: dict, versions: dict, classes, skipped):
     """An open HDF5 file, its header written, for the block to add the splits to. It appears at
@@ -208,6 +241,7 @@ def cache_file_writer(path: str | Path, fingerprint: dict, versions: dict, class
         with h5py.File(tmp, "w") as f:
             _write_header(f, fingerprint, versions, classes, skipped)
             yield f
+            f.attrs["content_sha256"] = content_digest(f)
             f.attrs["complete"] = True
 
 
@@ -236,9 +270,9 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
                 if key == "ids":
                     g.create_dataset(key, data=np.array(list(value), dtype=object), dtype=str_dtype)
                 else:
-                    g.create_dataset(key, data=np.asarray(value))
+                    create_numeric(g, key, data=np.asarray(value))
             passes = arrays["features"]
-            ds = g.create_dataset("features", shape=(len(passes), n, dim),
+            ds = create_numeric(g, "features", shape=(len(passes), n, dim),
                                   dtype=fingerprint.get("dtype", "float32"),
                                   chunks=(1, max(1, min(n, 1024)), dim) if n else None)
             for p, source in enumerate(passes):
@@ -279,12 +313,12 @@ class FeatureCache:
         import h5py
 
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+            raise SettingError(f"split must be one of {SPLITS}, not {split!r}")
         total = self.shapes[split][0]
         wanted = list(range(total)) if passes is None else [int(p) for p in passes]
         bad = [p for p in wanted if not 0 <= p < total]
         if bad:
-            raise ValueError(f"{self.path}: {split} features have passes 0..{total - 1}, not {bad}")
+            raise SettingError(f"{self.path}: {split} features have passes 0..{total - 1}, not {bad}")
         try:
             with h5py.File(self.path, "r") as f:
                 ds = f[split]["features"]
@@ -292,8 +326,16 @@ class FeatureCache:
                 for k, p in enumerate(wanted):
                     out[k] = ds[p]
         except (OSError, KeyError) as e:
-            raise CacheError(f"{self.path}: damaged or {RESUME_HINT} ({str(e)[:120]})") from None
+            raise DamagedError(f"{self.path}: {DAMAGED_HINT} (reading {split} features: {str(e)[:120]})") from None
         return out
+
+
+def read_block(path: Path, ds, *where):
+    """ds[where], a checksum failure (or other read error) raised as DamagedError naming `path`."""
+    try:
+        return ds[where if len(where) != 1 else where[0]]
+    except OSError as e:
+        raise DamagedError(f"{path}: {DAMAGED_HINT} (reading {ds.name}: {str(e)[:120]})") from None
 
 
 def is_cache_file(path: Path) -> bool:
@@ -336,12 +378,15 @@ def open_cache(path: str | Path) -> FeatureCache:
                 weights_path=f.attrs.get("weights_path"),
             )
             _check_sources(path, f)
+            stored = f.attrs.get("content_sha256")
+            if stored is not None and stored != content_digest(f):
+                raise DamagedError(f"{path}: {DAMAGED_HINT} (its attributes or image ids changed since it was written)")
     except CacheError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         if not is_cache_file(path):
             raise CacheError(f"{path}: not a dogtl feature cache; pass the file written by extract-features") from None
-        raise CacheError(f"{path}: damaged or {RESUME_HINT} ({str(e)[:120]})") from None
+        raise DamagedError(f"{path}: {DAMAGED_HINT} ({str(e)[:120]})") from None
     _check_consistent(cache)
     return cache
 

@@ -19,8 +19,9 @@ from dogtl.data.augment import AugmentConfig
 from dogtl.features.backbones import check_image_size, get_backbone
 from dogtl.features.cache import PartialCache, fingerprint_differences, is_cache_file, open_cache, write_cache
 from dogtl.data.folders import Dataset, load_dataset, split_validation
-from dogtl.core.errors import CacheError, DataError, DogtlError
+from dogtl.core.errors import CacheError, DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
+from dogtl.core.locks import hold, writes
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images done, images in total)
@@ -52,15 +53,15 @@ class ExtractConfig:
         parse_shard(self.shard)
         check_strategy(self.strategy)
         if self.passes < 0 or self.tta_passes < 0:
-            raise ValueError(f"--passes {self.passes} / --tta-passes {self.tta_passes} must be >= 0")
+            raise SettingError(f"--passes {self.passes} / --tta-passes {self.tta_passes} must be >= 0")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size} must be at least 1")
+            raise SettingError(f"--batch-size {self.batch_size} must be at least 1")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+            raise SettingError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if self.on_bad_image not in ("skip", "fail"):
-            raise ValueError(f"--on-bad-image {self.on_bad_image!r} must be 'skip' or 'fail'")
+            raise SettingError(f"--on-bad-image {self.on_bad_image!r} must be 'skip' or 'fail'")
         if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"--dtype {self.dtype!r} must be 'float16' or 'float32'")
+            raise SettingError(f"--dtype {self.dtype!r} must be 'float16' or 'float32'")
 
 
 @dataclass
@@ -155,6 +156,7 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
     return None
 
 
+@writes
 def extract_features(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
     started = time.perf_counter()
     spec = get_backbone(config.backbone)
@@ -175,6 +177,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
         lab, tst = shard.rows(len(lab)), shard.rows(len(tst))
     path = worker(strategy).private_path(shard_path(config.cache, shard) if shard else config.cache)
     path.parent.mkdir(parents=True, exist_ok=True)
+    hold(path, "the feature shard" if shard else "the feature cache")  # one writer per cache or shard file
     partial = PartialCache(path)
     existing = _check_existing(path, partial, fingerprint, config.force)
     agree(strategy, extraction_progress(existing, partial, {"labelled": config.passes, "test": config.tta_passes}),

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dogtl.features.cache import SPLITS, cache_file_writer, fingerprint_differences, open_cache, write_cache
-from dogtl.core.errors import CacheError, DogtlError
+from dogtl.features.cache import SPLITS, cache_file_writer, create_numeric, read_block, fingerprint_differences, open_cache, write_cache
+from dogtl.core.errors import CacheError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
+from dogtl.core.locks import hold, writes
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)\.shard-(?P<index>\d+)-of-(?P<count>\d+)$")
 COPY_BLOCK = 4096  # rows copied at a time in copy mode
@@ -121,7 +122,7 @@ def _open_shards(paths) -> list[_Part]:
         fp = cache.fingerprint
         expected = {"labelled": shard.rows(int(fp["num_images"])), "test": shard.rows(int(fp["num_test_images"]))}
         with h5py.File(path, "r") as f:
-            index = {s: f[s]["index"][:].astype(np.int64) for s in SPLITS}
+            index = {s: read_block(path, f[s]["index"], slice(None)).astype(np.int64) for s in SPLITS}
         for s in SPLITS:
             r = expected[s]
             if len(index[s]) and (index[s].min() < r.start or index[s].max() >= r.stop or np.any(np.diff(index[s]) <= 0)):
@@ -147,10 +148,11 @@ def _open_shards(paths) -> list[_Part]:
     return [by_index[i] for i in range(1, count + 1)]
 
 
+@writes
 def merge_caches(shards, out: str | Path | None = None, mode: str = "virtual", force: bool = False) -> MergeSummary:
     """Join a complete set of shard caches into one cache at `out` (see the module docstring)."""
     if mode not in ("virtual", "copy"):
-        raise ValueError(f"merge mode {mode!r} must be 'virtual' or 'copy'")
+        raise SettingError(f"merge mode {mode!r} must be 'virtual' or 'copy'")
     parts = _open_shards(shards)
     out = Path(out) if out is not None else merged_path(parts[0].cache.path)
     if any(out.resolve() == p.cache.path.resolve() for p in parts):
@@ -158,6 +160,7 @@ def merge_caches(shards, out: str | Path | None = None, mode: str = "virtual", f
     if out.is_dir():
         raise DogtlError(f"--out {out} is a folder: pass a file name such as {out / 'features.h5'}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    hold(out, "the merged cache")
     check_overwrite(out, force)
 
     first = parts[0].cache
@@ -200,7 +203,8 @@ def _copy_pass(parts, split: str, pass_index: int):
                 n = ds.shape[1]
                 for start in range(0, n, COPY_BLOCK):
                     stop = min(n, start + COPY_BLOCK)
-                    yield np.arange(offset + start, offset + stop), ds[pass_index, start:stop]
+                    yield np.arange(offset + start, offset + stop), read_block(part.cache.path, ds, pass_index,
+                                                                               slice(start, stop))
                 offset += n
     return chunks
 
@@ -223,11 +227,11 @@ def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, ski
                 if key == "ids":
                     g.create_dataset(key, data=np.array(list(value), dtype=object), dtype=strings)
                 else:
-                    g.create_dataset(key, data=np.asarray(value))
+                    create_numeric(g, key, data=np.asarray(value))
             passes = parts[0].cache.shapes[split][0]
             n = len(arrays[split]["ids"])
             if n == 0:  # nothing to map: an ordinary empty dataset, as a single run writes
-                g.create_dataset("features", shape=(passes, 0, dim), dtype=dtype)
+                create_numeric(g, "features", shape=(passes, 0, dim), dtype=dtype)
                 continue
             layout = h5py.VirtualLayout(shape=(passes, n, dim), dtype=dtype)
             offset = 0

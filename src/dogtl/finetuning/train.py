@@ -21,6 +21,7 @@ import pandas as pd
 
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import DataError
+from dogtl.core.locks import hold, writes
 from dogtl.finetuning.checkpoints import Checkpoints, RunState
 from dogtl.finetuning.data import training_dataset, validate
 from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
@@ -71,6 +72,7 @@ class Setup:
     checkpoints: Checkpoints
 
 
+@writes
 def finetune(config: FinetuneConfig, progress: Progress | None = None, report: Report | None = None) -> FinetuneResult:
     """Fine-tune, or resume a killed run of the same settings, and write the best model."""
     from dogtl.core.distribute import agree, make_strategy, scope
@@ -104,6 +106,7 @@ def prepare(config: FinetuneConfig, strategy) -> Setup:
 
     # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
     out = check_writable(worker(strategy).private_path(config.out), config.force)
+    hold(out, "the model")  # and its checkpoints folder
     meta, spec, size = check_metadata(config.head, kinds=("head",))
     weights = backbone_weights(meta, config.weights)
     cache = open_model_cache(meta, config.cache)

@@ -16,6 +16,7 @@ import numpy as np
 
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import check_overwrite
+from dogtl.core.locks import hold, writes
 from dogtl.head.settings import HeadConfig, LRFindConfig  # noqa: F401
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
@@ -83,6 +84,7 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
     return lrs, np.asarray(losses), diverged
 
 
+@writes
 def lr_find(config: LRFindConfig, cache: str | Path = "cache/features.h5", out: str | Path = "models/lr-find.png",
             force: bool = False) -> LRFindResult:
     """Run the range test on `cache` and write the plot `out` (a PNG; existing only with `force`)."""
@@ -95,6 +97,7 @@ def lr_find(config: LRFindConfig, cache: str | Path = "cache/features.h5", out: 
     if out.suffix.lower() != ".png":
         raise DogtlError(f"--out {out}: the plot is a PNG; use a name ending in .png")
     check_overwrite(out, force)
+    hold(out, "the plot")
     cache = open_cache(cache)
     data = load_training_data(cache, config.clean_only)
     lrs, losses, diverged = range_test(config.head_config(), data.train_features, data.train_labels,

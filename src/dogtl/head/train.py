@@ -22,6 +22,7 @@ import numpy as np
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import CacheError, DogtlError
 from dogtl.core.files import check_overwrite, write_csv_atomic
+from dogtl.core.locks import hold, writes
 from dogtl.evaluation.metrics import scores
 from dogtl.head.settings import HeadConfig, Resolved
 
@@ -191,6 +192,7 @@ def check_outputs(out: str | Path, force: bool) -> dict[str, Path]:
     return paths
 
 
+@writes
 def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out: str | Path = "models/head.keras",
                force: bool = False, progress: Callable[[dict], None] | None = None) -> HeadResult:
     """Train a head on the feature cache `cache` and write model, metadata, history CSV and plot
@@ -203,6 +205,7 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
 
     started = time.perf_counter()
     paths = check_outputs(out, force)
+    hold(paths["model"], "the model")
     cache = open_cache(cache)
     data = load_training_data(cache, config.clean_only)
     log.info("training on %d images x %d passes, validating on %d", data.train_features.shape[1],

@@ -35,6 +35,7 @@ import numpy as np
 
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import write_csv_atomic, write_json_atomic
+from dogtl.core.locks import hold, writes
 from dogtl.core.plots import plot_sweep
 from dogtl.sweeps.folds import make_folds
 from dogtl.sweeps.records import digest, training_settings, trial_key
@@ -127,6 +128,7 @@ def _resolvable(trials: list[dict], base: dict, train_sizes: list[int]):
 def _prepare_out(config: SweepConfig, spec: dict) -> Path:
     """The sweep folder: new, or holding this very sweep (resumed); another sweep needs --force."""
     out = Path(config.out) if config.out else Path("sweeps") / f"sweep-{digest(spec)[:8]}"
+    hold(out, "the sweep folder")
     spec_path = out / "sweep.json"
     if out.exists() and not out.is_dir():
         raise DogtlError(f"--out {out} is a file: give a folder for the sweep")
@@ -247,6 +249,7 @@ def _write_best(config: SweepConfig, frame, settings: dict, cache, out: Path) ->
     return path
 
 
+@writes
 def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = None) -> SweepResult:
     """Expand the space, run every unfinished (trial, fold), then rank the trials and write
     results.csv, best.toml and sweep.png in the sweep folder.
