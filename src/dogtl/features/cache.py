@@ -160,6 +160,17 @@ class PartialCache:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def space_needed(path: Path, fingerprint: dict, images: int, test_images: int) -> int:
+    """Bytes an extraction still needs on disk: its batch files (less those already saved) and
+    the cache file they are copied into at the end (both exist until the final rename)."""
+    item = np.dtype(fingerprint.get("dtype", "float32")).itemsize
+    dim = int(fingerprint["feature_dim"])
+    features = item * dim * ((1 + int(fingerprint["passes"])) * images + (1 + int(fingerprint["tta_passes"])) * test_images)
+    folder = partial_dir(path)
+    saved = sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
+    return max(0, features - saved) + features
+
+
 def _tmp_name(path: Path) -> Path:
     """`<name>.tmp`: one per file whatever the process, so what a killed run was writing is
     overwritten by the next run (a per-process name would be left behind)."""
@@ -338,6 +349,28 @@ def read_block(path: Path, ds, *where):
         raise DamagedError(f"{path}: {DAMAGED_HINT} (reading {ds.name}: {str(e)[:120]})") from None
 
 
+def damage(path: str | Path) -> str | None:
+    """Read every numeric dataset of a complete cache through its checksum: None if all are
+    intact, else what failed (a whole read of the file; extract-features --force runs it)."""
+    import h5py
+
+    names = []
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset)
+                         and obj.dtype.kind in "biuf" and not obj.is_virtual else None)
+            for name in names:
+                ds = f[name]
+                rows = ds.chunks[0] if ds.chunks else len(ds) if ds.shape else 1
+                for start in range(0, len(ds) if ds.shape else 1, max(1, rows)):
+                    read_block(Path(path), ds, slice(start, start + rows)) if ds.shape else ds[()]
+    except DamagedError as e:
+        return str(e)
+    except OSError as e:
+        return f"{path}: {DAMAGED_HINT} ({str(e)[:120]})"
+    return None
+
+
 def is_cache_file(path: Path) -> bool:
     """Whether the file looks like an HDF5 file (ours, possibly damaged) rather than a foreign file."""
     try:
@@ -386,7 +419,7 @@ def open_cache(path: str | Path) -> FeatureCache:
     except (OSError, KeyError, ValueError, TypeError) as e:
         if not is_cache_file(path):
             raise CacheError(f"{path}: not a dogtl feature cache; pass the file written by extract-features") from None
-        raise DamagedError(f"{path}: {DAMAGED_HINT} ({str(e)[:120]})") from None
+        raise CacheError(f"{path}: damaged or {RESUME_HINT} ({str(e)[:120]})") from None
     _check_consistent(cache)
     return cache
 

@@ -17,10 +17,12 @@ import numpy as np
 
 from dogtl.data.augment import AugmentConfig
 from dogtl.features.backbones import check_image_size, get_backbone
-from dogtl.features.cache import PartialCache, fingerprint_differences, is_cache_file, open_cache, write_cache
+from dogtl.features.cache import (PartialCache, damage, fingerprint_differences, is_cache_file, open_cache,
+                                  space_needed, write_cache)
 from dogtl.data.folders import Dataset, load_dataset, split_validation
 from dogtl.core.errors import CacheError, DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
+from dogtl.core.diskspace import require_free_space
 from dogtl.core.locks import hold, writes
 
 log = logging.getLogger(__name__)
@@ -134,8 +136,11 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
         except CacheError as e:
             existing, problem = None, str(e)
         if existing is not None and not fingerprint_differences(existing.fingerprint, fingerprint):
-            partial.remove()  # left over when a run was killed between its rename and cleanup
-            return existing
+            problem = damage(path) if force else None  # --force redoes a cache whose checksums fail
+            if problem is None:
+                partial.remove()  # left over when a run was killed between its rename and cleanup
+                return existing
+            existing = None
         if existing is not None and not force:
             diff = "; ".join(fingerprint_differences(existing.fingerprint, fingerprint))
             raise CacheError(f"{path} was made with other settings ({diff}). "
@@ -194,6 +199,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
 
     with scope(strategy):  # the model's variables on every replica
         backbone = build_backbone(spec, config.weights, image_size)  # a bad weights file fails before any write
+    require_free_space(path.parent, space_needed(path, fingerprint, len(lab), len(tst)), "extract-features")
     partial.start(fingerprint)
     infer = (tf.function(lambda x: backbone(x, training=False), reduce_retracing=True) if strategy is None
              else replicated_infer(strategy, backbone))
