@@ -91,6 +91,8 @@ def check_overwrite(path: str | Path, force: bool, option: str = "--out", detail
     path = Path(path)
     if not path.parent.is_dir():
         raise DogtlError(f"{path}: folder '{path.parent}' does not exist; create it or choose another {option}")
+    if path.is_dir():
+        raise DogtlError(f"{path} is a folder: pass a file name or choose another {option}")
     if path.exists() and not force:
         raise DogtlError(f"{path} exists{detail}: pass --force to overwrite it or choose another {option}")
     return path
