@@ -74,4 +74,4 @@ def _mount_point(path) -> str:
 
 
 class SettingError(DogtlError):
-    """An option or setting has a value outside what it accepts."""
+    """An option or setting has a value of the wrong type or outside what it accepts."""

@@ -17,17 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from dogtl.core.errors import DogtlError
+from dogtl.core.errors import DogtlError, SettingError  # noqa: F401  SettingError: also dogtl.core.settings's
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "hidden": tuple}
 _EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
              "hidden": "layer sizes like 1024 or 1024x512, or none"}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _AUTOMATIC = ("none", "null", "default")
-
-
-class SettingError(DogtlError):
-    """A value of the wrong type: the caller adds where it came from."""
 
 
 def parse_hidden(value) -> tuple[int, ...]:

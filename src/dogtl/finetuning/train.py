@@ -80,6 +80,10 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
     started = time.perf_counter()
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before TensorFlow
     setup = prepare(config, strategy)
+    if config.deterministic:
+        from dogtl.core.determinism import make_deterministic
+
+        make_deterministic(setup.seed)
     state = setup.checkpoints.load(config.force)
     agree(strategy, [-1, 0] if state is None else [state.epoch, int(state.stopping.stopped)],
           "the epochs already run")
