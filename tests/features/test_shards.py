@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 
-from dogtl.features.cache import open_cache
+from dogtl.features.cache import content_digest, open_cache
 from dogtl.core.errors import DogtlError
 from dogtl.features.shards import Shard, merge_caches, merged_path, parse_shard, shard_path
 
@@ -164,6 +164,7 @@ def test_merge_refuses_missing_duplicate_foreign_and_whole_caches(data, single, 
         fp = json.loads(f.attrs["fingerprint"])
         fp["shard"] = {"index": 1, "count": 2}
         f.attrs["fingerprint"] = json.dumps(fp)
+        f.attrs["content_sha256"] = content_digest(f)  # an edit, not damage
     assert_clean_error(run_cli("merge-cache", shards[1], two, "--out", out), r"shard 1/2 but .* is shard 2/3")
     cut = tmp_path / "cut.shard-3-of-3.h5"
     cut.write_bytes(shards[2].read_bytes()[:2000])

@@ -1,0 +1,357 @@
+"""Fault injection: kill every long dogtl command at seeded random moments, rerun it, compare.
+
+For each command (extract-features, extract-features --shard, merge-cache --copy, train-head,
+finetune --deterministic, sweep) and each fault:
+  kill    SIGKILL at a random moment from start-up to the final rename
+  term    SIGTERM at a random moment
+  int     SIGINT (Ctrl-C) at a random moment
+  full    the disk fills up at a random moment (the outputs are on a small tmpfs, which a
+          filler file fills; needs root, else skipped), then the filler is removed
+the same command is rerun to completion and its outputs are compared with an uninterrupted
+run's: bit-identical features, model weights, metrics and sweep results (times excepted).
+The moments are uniform over the uninterrupted run's wall time, drawn with --seed.
+
+    python benchmarks/faults.py --runs 10            # every command and fault (long: ~1 h on 2 cores)
+    python benchmarks/faults.py --runs 3 --commands extract,train-head --faults kill,full
+
+Prints one table: runs, interrupted (the fault hit a running command), clean (a one-line message
+or none, no traceback), resumed (the rerun finished), identical (to the uninterrupted run) and
+tidy (no lock, temporary or progress file left after the rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+CHEAP = ["--backbone", "resnet50", "--weights", "none", "--image-size", "32", "--batch-size", "4"]
+EXTRACT = [*CHEAP, "--passes", "2", "--tta-passes", "1"]
+FAULTS = ("kill", "term", "int", "full")
+SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+TIMES = {"seconds"}  # columns/keys that are wall times, never compared
+
+
+@dataclass
+class Command:
+    name: str
+    args: list  # {data}, {inputs}, {out} are filled in
+    outputs: list  # files under {out} to compare
+
+
+COMMANDS = [
+    Command("extract", ["extract-features", "--data", "{data}", "--cache", "{out}/c.h5", *EXTRACT], ["c.h5"]),
+    Command("extract --shard", ["extract-features", "--data", "{data}", "--cache", "{out}/c.h5", *EXTRACT,
+                                "--shard", "2/2"], ["c.shard-2-of-2.h5"]),
+    Command("merge-cache --copy", ["merge-cache", "{inputs}/c.shard-1-of-2.h5", "{inputs}/c.shard-2-of-2.h5",
+                                   "--copy", "--out", "{out}/m.h5"], ["m.h5"]),
+    Command("train-head", ["train-head", "--cache", "{inputs}/c.h5", "--out", "{out}/h.keras", "--epochs", "6",
+                           "--patience", "100"], ["h.keras", "h.json", "h.history.csv"]),
+    Command("finetune", ["finetune", "--data", "{data}", "--head", "{inputs}/head.keras", "--out", "{out}/f.keras",
+                         "--epochs", "3", "--batch-size", "8", "--trainable-blocks", "1", "--patience", "100",
+                         "--deterministic"], ["f.keras", "f.json", "f.history.csv"]),
+    Command("sweep", ["sweep", "--cache", "{inputs}/c.h5", "--param", "max_lr=1e-3,3e-3", "--param", "hidden=16,32",
+                      "--epochs", "3", "--fuse", "1", "--out", "{out}/s"], ["s/results.csv"]),
+]
+
+
+def dogtl(args, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dogtl.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+
+
+def setup(root: Path) -> dict:
+    """The data and the inputs the commands read (made once, uninterrupted)."""
+    from dogtl.data.synthetic import make_kaggle_dataset
+
+    data = make_kaggle_dataset(root / "data", num_classes=3, per_class=8, test_images=4, size=48, seed=0)
+    inputs = root / "inputs"
+    inputs.mkdir(exist_ok=True)
+    steps = [["extract-features", "--data", str(data), "--cache", str(inputs / "c.h5"), *EXTRACT, "--dtype", "float32"],
+             *[["extract-features", "--data", str(data), "--cache", str(inputs / "c.h5"), *EXTRACT, "--shard", f"{i}/2"]
+               for i in (1, 2)],
+             ["train-head", "--cache", str(inputs / "c.h5"), "--out", str(inputs / "head.keras"), "--epochs", "3"]]
+    for step in steps:
+        r = dogtl(step, root)
+        if r.returncode != 0:
+            sys.exit(f"setup failed: dogtl {' '.join(step)}\n{r.stderr}")
+    return {"data": str(data), "inputs": str(inputs)}
+
+
+def _argv(command: Command, paths: dict, out: Path) -> list[str]:
+    return [a.format(**paths, out=out) for a in command.args]
+
+
+# -- comparing outputs ------------------------------------------------------------------------
+
+def _h5_content(path) -> dict:
+    content = {}
+    with h5py.File(path, "r") as f:
+        for k, v in f.attrs.items():
+            content[f"@{k}"] = str(v)
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                value = obj[()]
+                content[name] = value.tobytes() if isinstance(value, np.ndarray) and value.dtype.kind != "O" else \
+                    repr(value.tolist() if isinstance(value, np.ndarray) else value)
+                for k, v in obj.attrs.items():
+                    content[f"{name}@{k}"] = repr(v)
+        f.visititems(visit)
+    return content
+
+
+def _keras_weights(path) -> dict:
+    with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as tmp:
+        z.extract("model.weights.h5", tmp)
+        return _h5_content(Path(tmp) / "model.weights.h5")
+
+
+def _csv_rows(path) -> list:
+    rows = list(csv.DictReader(io.StringIO(Path(path).read_text())))
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in rows]
+
+
+def _json_content(path) -> dict:
+    meta = json.loads(Path(path).read_text())
+    drop = {"integrity", "seconds", "cache", "history"}  # the model hash covers zip timestamps
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in drop and not k.endswith("seconds")}
+        return v
+    meta = strip(meta)
+    meta.get("settings", {}).pop("out", None)
+    return meta
+
+
+def content(path: Path):
+    if path.suffix == ".h5":
+        return _h5_content(path)
+    if path.suffix == ".keras":
+        return _keras_weights(path)
+    if path.suffix == ".csv":
+        return _csv_rows(path)
+    if path.suffix == ".json":
+        return _json_content(path)
+    return path.read_bytes()
+
+
+def outputs_of(command: Command, out: Path) -> dict | None:
+    try:
+        return {name: content(out / name) for name in command.outputs}
+    except (OSError, KeyError, ValueError) as e:
+        return {"unreadable": str(e)}
+
+
+def untidy(out: Path) -> list[str]:
+    """Locks, temporary files and progress folders left behind."""
+    left = []
+    for p in out.rglob("*"):
+        n = p.name
+        if n.endswith(".lock") or ".tmp" in n or n.endswith(".partial") or n.endswith(".takeover"):
+            left.append(str(p.relative_to(out)))
+    return left
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    interrupted: bool
+    clean: bool
+    resumed: bool
+    identical: bool
+    tidy: bool
+    note: str = ""
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system holding `folder` (a filler file, written until ENOSPC)."""
+    filler = folder / "filler"
+    block = b"\0" * (1 << 20)
+    try:
+        with open(filler, "wb") as f:
+            while True:
+                f.write(block)
+                f.flush()
+    except OSError:
+        pass
+    try:
+        with open(filler, "ab") as f:  # the last bytes too
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+    return filler
+
+
+def _clean_output(stderr: str) -> bool:
+    """No traceback; at most one 'error:' line (a message a user can act on)."""
+    return "Traceback" not in stderr and sum(line.startswith("error: ") for line in stderr.splitlines()) <= 1
+
+
+def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: float, reference: dict) -> Outcome:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "out"
+    mounted = False
+    if fault == "full":
+        out.mkdir(exist_ok=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(out)]).returncode == 0
+        if not mounted:
+            return Outcome(False, False, False, False, False, "cannot mount a tmpfs (needs root)")
+    try:
+        argv = _argv(command, paths, out)
+        process = subprocess.Popen([sys.executable, "-m", "dogtl.cli", *argv], cwd=folder, env=_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        filler = None
+        try:
+            process.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            if fault == "full":
+                filler = _fill(out)
+            else:
+                process.send_signal(SIGNALS[fault])
+        _, stderr = process.communicate(timeout=900)
+        (folder / "fault.stderr").write_text(stderr)
+        interrupted = process.returncode != 0
+        clean = fault == "kill" or _clean_output(stderr)
+        note = "" if clean else stderr.strip().splitlines()[-1][:200]
+        if filler is not None:
+            filler.unlink()
+        if interrupted:  # the same command again, to finish the work
+            rerun = dogtl(argv, folder)
+            (folder / "rerun.stderr").write_text(rerun.stderr)
+        else:  # it finished before the fault: a rerun would (rightly) refuse to overwrite
+            rerun = process
+        resumed = rerun.returncode == 0
+        if not resumed:
+            note = note or (rerun.stderr.strip().splitlines() or ["?"])[-1][:200]
+        identical = resumed and outputs_of(command, out) == reference
+        left = untidy(out)
+        if resumed and not identical and not note:
+            got = outputs_of(command, out)
+            note = "differs: " + ", ".join(k for k in reference if got.get(k) != reference[k])
+        if left and not note:
+            note = "left " + ", ".join(left[:3])
+        return Outcome(interrupted, clean, resumed, identical, not left, note)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(out)])
+
+
+def reference_run(command: Command, paths: dict, folder: Path) -> tuple[dict, float]:
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    r = dogtl(_argv(command, paths, folder / "out"), folder)
+    seconds = time.perf_counter() - started
+    if r.returncode != 0:
+        sys.exit(f"uninterrupted {command.name} failed:\n{r.stderr}")
+    return outputs_of(command, folder / "out"), seconds
+
+
+def determinism_check(command: Command, paths: dict, folder: Path, reference: dict) -> bool:
+    """A second uninterrupted run: is the command reproducible at all?"""
+    again, _ = reference_run(command, paths, folder)
+    return again == reference
+
+
+def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
+    """finetune's wall time with and without --deterministic, measured alternately in one run."""
+    base = next(c for c in COMMANDS if c.name == "finetune")
+    plain = Command("finetune", [a for a in base.args if a != "--deterministic"], base.outputs)
+    times = {"--deterministic": [], "default": []}
+    weights = {"--deterministic": [], "default": []}
+    for i in range(repeats):
+        for label, command in (("default", plain), ("--deterministic", base)):
+            ref, seconds = reference_run(command, paths, root / f"cost-{label}-{i}")
+            times[label].append(seconds)
+            weights[label].append(ref["f.keras"])
+    print("\nfinetune (3 epochs, synthetic images, CPU): wall time per run, including start-up")
+    for label in ("default", "--deterministic"):
+        same = all(w == weights[label][0] for w in weights[label])
+        print(f"  {label:16s} {np.median(times[label]):6.1f} s  runs bit-identical: {same}")
+    print(f"  cost of --deterministic: {np.median(times['--deterministic']) / np.median(times['default']):.2f}x")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10, help="runs per command and fault")
+    parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--commands", default=",".join(c.name for c in COMMANDS),
+                        help="comma-separated: " + ", ".join(c.name for c in COMMANDS))
+    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated: " + ", ".join(FAULTS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--determinism-cost", action="store_true", help="also time finetune with/without --deterministic")
+    args = parser.parse_args(argv)
+
+    root = Path(args.dir or tempfile.mkdtemp(prefix="dogtl-faults-"))
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = [c for c in COMMANDS if c.name in args.commands.split(",")]
+    faults = [f for f in args.faults.split(",") if f in FAULTS]
+    if "full" in faults and os.geteuid() != 0:
+        print("skipping the full-disk fault: it mounts a tmpfs, which needs root")
+        faults.remove("full")
+    print(f"work folder {root}; {args.runs} runs per command and fault, seed {args.seed}", flush=True)
+    paths = setup(root)
+    rows = []
+    for command in wanted:
+        slug = command.name.replace(" ", "").replace("--", "-")
+        reference, seconds = reference_run(command, paths, root / slug / "reference")
+        reproducible = determinism_check(command, paths, root / slug / "reference-2", reference)
+        print(f"{command.name}: uninterrupted run {seconds:.1f} s; a second uninterrupted run identical: "
+              f"{reproducible}", flush=True)
+        rng = random.Random(f"{args.seed}-{command.name}")
+        for fault in faults:
+            moments = [rng.uniform(0, seconds) for _ in range(args.runs)]
+            with ThreadPoolExecutor(args.jobs) as pool:
+                outcomes = list(pool.map(lambda im: one_run(command, fault, paths, root / slug / f"{fault}-{im[0]}",
+                                                            im[1], reference), enumerate(moments)))
+            row = {"command": command.name, "fault": fault, "runs": len(outcomes),
+                   **{k: sum(getattr(o, k) for o in outcomes) for k in ("interrupted", "clean", "resumed",
+                                                                      "identical", "tidy")},
+                   "notes": sorted({o.note for o in outcomes if o.note})}
+            rows.append(row)
+            print(f"  {fault:5s} {row['identical']}/{row['runs']} identical "
+                  f"(moments {', '.join(f'{m:.1f}' for m in moments)} s)"
+                  + (f"; notes: {row['notes'][:3]}" if row["notes"] else ""), flush=True)
+    print()
+    header = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
+             f"{'identical':>9s} {'tidy':>4s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['command']:20s} {r['fault']:5s} {r['runs']:4d} {r['interrupted']:11d} {r['clean']:5d} "
+              f"{r['resumed']:7d} {r['identical']:9d} {r['tidy']:4d}")
+    if args.determinism_cost:
+        determinism_cost(paths, root)
+    if args.dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    failed = [r for r in rows if r["identical"] != r["runs"] or r["resumed"] != r["runs"] or r["clean"] != r["runs"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
