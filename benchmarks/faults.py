@@ -77,7 +77,13 @@ def dogtl(args, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
 
 
 def _env():
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    """This process's environment, with an absolute PYTHONPATH (the commands run in other folders)
+    that finds the same dogtl as this script."""
+    import dogtl
+
+    paths = [str(Path(dogtl.__file__).resolve().parents[1])]
+    paths += [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def setup(root: Path) -> dict:
