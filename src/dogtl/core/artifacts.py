@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from dogtl.core.errors import DamagedError, DogtlError
-from dogtl.core.files import atomic_paths, check_overwrite, json_text
+from dogtl.core.files import atomic_paths, check_overwrite, json_text, write_text_atomic
 
 
 def metadata_path(model_path: str | Path) -> Path:
@@ -58,6 +58,15 @@ def save_model(model, path: str | Path, metadata: dict) -> None:
         metadata = {k: v for k, v in metadata.items() if k != INTEGRITY}
         metadata[INTEGRITY] = {"model_sha256": file_sha256(model_tmp), "metadata_sha256": _metadata_sha256(metadata)}
         metadata_tmp.write_text(json_text(metadata))
+
+
+def rewrite_metadata(path: str | Path, metadata: dict) -> None:
+    """Replace a model's metadata (a deliberate edit): the model's hash is kept, the metadata's
+    own hash is made anew, so the edited pair loads."""
+    old = metadata.get(INTEGRITY) or json.loads(metadata_path(path).read_text()).get(INTEGRITY) or {}
+    metadata = {k: v for k, v in metadata.items() if k != INTEGRITY}
+    integrity = {**old, "metadata_sha256": _metadata_sha256(metadata)}
+    write_text_atomic(metadata_path(path), json_text({**metadata, INTEGRITY: integrity}))
 
 
 def check_model_file(path: str | Path, metadata: dict) -> None:
