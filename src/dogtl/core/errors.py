@@ -49,10 +49,19 @@ def os_error_message(error: OSError) -> str | None:
     import errno
     import os
 
-    name = errno.errorcode.get(error.errno or -1)
+    import re
+
+    code, path = error.errno, error.filename or ""
+    if code is None:  # h5py's OSError carries the C library's errno and file in its message
+        found = re.search(r"errno = (\d+)", str(error))
+        code = int(found[1]) if found else None
+        named = re.search(r"file ?name = '([^']*)'", str(error))
+        path = path or (named[1] if named else "")
+    name = errno.errorcode.get(code or -1)
     if name not in _OS_ADVICE:
         return None
-    path = error.filename or ""
+    if error.strerror is None and code is not None:
+        error = OSError(code, os.strerror(code), path)
     need, mount = "some space", "that disk"
     if name in ("ENOSPC", "EDQUOT"):
         mb = getattr(error, "dogtl_needed_mb", None)
