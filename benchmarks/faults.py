@@ -90,6 +90,9 @@ def setup(root: Path) -> dict:
     """The data and the inputs the commands read (made once, uninterrupted)."""
     from dogtl.data.synthetic import make_kaggle_dataset
 
+    inputs = root / "inputs"
+    if (inputs / "head.keras").exists():  # made by an earlier run in this --dir
+        return {"data": str(root / "data"), "inputs": str(inputs)}
     data = make_kaggle_dataset(root / "data", num_classes=3, per_class=8, test_images=4, size=48, seed=0)
     inputs = root / "inputs"
     inputs.mkdir(exist_ok=True)
@@ -221,6 +224,7 @@ def _clean_output(stderr: str) -> bool:
 def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: float, reference: dict) -> Outcome:
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "out"
+    out.mkdir(exist_ok=True)
     mounted = False
     if fault == "full":
         out.mkdir(exist_ok=True)
@@ -268,7 +272,7 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
 
 
 def reference_run(command: Command, paths: dict, folder: Path) -> tuple[dict, float]:
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "out").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     r = dogtl(_argv(command, paths, folder / "out"), folder)
     seconds = time.perf_counter() - started
