@@ -132,3 +132,12 @@ def write_odd_images(folder, size: int = 48) -> dict:
 @pytest.fixture(scope="session")
 def odd_images(tmp_path_factory):
     return write_odd_images(tmp_path_factory.mktemp("odd"))
+
+
+@pytest.fixture(scope="session")
+def cut_stage3(tmp_path_factory):
+    """`stage3`'s pipeline with the cache also holding the activations entering the top 2 blocks
+    (extract-features --cut-blocks 2, float16) and the head trained on it (read-only!)."""
+    from _stage3 import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("cut_stage3"), cut_blocks=2)
