@@ -92,7 +92,7 @@ def test_sharded_int8_cut_merges_into_one_cache(synthetic_data, tmp_path):
         r = run_cli("extract-features", "--data", synthetic_data, "--cache", tmp_path / "features.h5", *args,
                     "--cut-dtype", "int8", "--shard", f"{i}/2")
         assert r.exit_code == 0, r.output
-        assert "cut activations (top 1 blocks, [1, 1, 2048] in int8)" in r.output
+        assert "cut activations (top 1 blocks, [2, 2, 1024] in int8)" in r.output
     shards = [tmp_path / f"features.shard-{i}-of-2.h5" for i in (1, 2)]
     for mode in ("virtual", "copy"):
         out = tmp_path / f"merged-{mode}.h5"

@@ -224,7 +224,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
         size = require_room(path, fingerprint["cut"], image_passes)
         if note:
             note(f"cut activations (top {config.cut_blocks} blocks, {fingerprint['cut']['shape']} in "
-                 f"{config.cut_dtype}): {size / 1e6:,.0f} MB in the cache, as much again while extracting")
+                 f"{config.cut_dtype}): {size / 1e6:,.1f} MB in the cache, as much again while extracting")
     partial.start(fingerprint)
     model = extraction_model(backbone, spec, config.cut_blocks) if config.cut_blocks else backbone
     infer = (tf.function(lambda x: model(x, training=False), reduce_retracing=True) if strategy is None
