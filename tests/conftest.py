@@ -141,3 +141,17 @@ def cut_stage3(tmp_path_factory):
     from _stage3 import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("cut_stage3"), cut_blocks=2)
+
+
+# Opt-in slow tests (`@pytest.mark.slow`): skipped unless `pytest --run-slow` or DOGTL_RUN_SLOW=1.
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("DOGTL_RUN_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (or DOGTL_RUN_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

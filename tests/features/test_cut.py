@@ -86,6 +86,7 @@ def test_no_room_for_the_cut_is_refused_before_any_work(cut_stage3, tmp_path, mo
     assert not cache.exists() and not PartialCache(cache).dir.exists()
 
 
+@pytest.mark.slow
 def test_sharded_int8_cut_merges_into_one_cache(synthetic_data, tmp_path):
     args = [*CHEAP, "--passes", 1, "--tta-passes", 0, "--dtype", "float32", "--cut-blocks", 1]
     for i in (1, 2):
