@@ -43,7 +43,7 @@ def test_computing_in_reduced_precision_then_float32_again(resolved):
     model = build_head(16, 3, hidden=(8,), seed=1)
     x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
     want = model.predict(x, verbose=0)
-    with precision.computing_in(model, resolved, keras_policy=True):
+    with precision.computing_in(model, resolved, how="keras-policy"):
         got = tf.function(lambda v: model(v, training=False))(x)
         inner = model.get_layer("head_dense_0").compute_dtype
     assert inner == resolved and got.dtype == tf.float32  # the softmax stays float32

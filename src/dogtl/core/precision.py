@@ -94,11 +94,11 @@ def set_policy(model, policy: str, keep_float32=("head_softmax",)) -> None:
 
 
 @contextmanager
-def computing_in(model, resolved: str, keras_policy: str | None = None):
+def computing_in(model, resolved: str, how: str | None = None):
     """Within the block, graphs of `model` traced and run compute in `resolved`; afterwards the
-    model computes in float32 again (so it is saved as float32). `keras_policy` forces the
-    Keras policy (benchmarks compare the mechanisms)."""
-    how = "keras-policy" if keras_policy and resolved != "float32" else mechanism(resolved)
+    model computes in float32 again (so it is saved as float32). `how` forces a mechanism
+    ('keras-policy' or 'onednn-rewrite'; benchmarks compare them)."""
+    how = mechanism(resolved) if how is None or resolved == "float32" else how
     if how == "none":
         yield how
         return
