@@ -214,17 +214,22 @@ def main():
     print(f"\nprecision side by side (N={n0}; CPU has hardware bfloat16 (avx512_bf16/amx_bf16): "
           f"{'yes' if cpu_bfloat16() else 'no'})")
     print(f"{'precision':16s} {'computes in':11s} {'mechanism':15s} {'bare img/s':>10s} {'pipe img/s':>10s} "
-          f"{'pipe/bare':>9s} {'bare vs f32':>11s} {'pipe vs f32':>11s} {'cos vs f32':>10s}")
+          f"{'pipe/bare':>9s} {'bare vs f32':>11s} {'pipe vs f32':>11s} {'CPU-ms/img':>10s} {'CPU vs f32':>10s} "
+          f"{'cos vs f32':>10s}")
+    base_cpu = statistics.mean(b["cpu_ms"] for b in rows["float32"][0][:2])
     for name, (bare, pipes) in rows.items():
         b = statistics.mean(x["rate"] for x in bare[:2])
         p = pipes[n0]["rate"] if pipes else float("nan")
         print(f"{name:16s} {bare[0]['resolved']:11s} {bare[0]['mechanism']:15s} {b:10.2f} {p:10.2f} {p / b:9.3f} "
-              f"{b / base_bare:10.2f}x {p / base_pipe:10.2f}x {bare[0]['cosine']:10.6f}"
+              f"{b / base_bare:10.2f}x {p / base_pipe:10.2f}x {statistics.mean(x['cpu_ms'] for x in bare[:2]):10.0f} "
+              f"{base_cpu / statistics.mean(x['cpu_ms'] for x in bare[:2]):9.2f}x {bare[0]['cosine']:10.6f}"
               + ("  (bit-identical to float32)" if bare[0]["identical"] and name != "float32" else ""))
     auto = rows.get("auto")
     if auto:
         print(f"auto / float32 pipeline images/s = {auto[1][n0]['rate'] / base_pipe:.2f}x (target >= 1.4x on a CPU "
-              "with AMX/AVX512-BF16)")
+              "with AMX/AVX512-BF16); CPU time per image float32 / auto (bare) = "
+              f"{base_cpu / statistics.mean(x['cpu_ms'] for x in auto[0][:2]):.2f}x. On a shared machine "
+              "images/s move with the load; CPU time per image hardly does.")
 
 
 if __name__ == "__main__":

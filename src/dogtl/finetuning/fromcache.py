@@ -128,11 +128,20 @@ class CacheSource:
         """The whole backbone + head: the backbone as built from its weights, the trained top
         part's weights copied in layer by layer, then the trained head."""
         from dogtl.core.models import compose
+        from dogtl.features.cut import split_backbone
 
         backbone, _ = _backbone_and_head(setup)
-        top = next(layer for layer in trained.layers if layer.name == "top_part")
-        head = trained.layers[-1]
-        for layer in top.layers:
-            if layer.weights:
-                backbone.get_layer(layer.name).set_weights(layer.get_weights())
-        return compose(backbone, head)
+        trained_top = next(layer for layer in trained.layers if layer.name == "top_part")
+        # Layer by layer in the order the same construction gives (unnamed layers such as
+        # Xception's conv2d_N are numbered per process, so names cannot be matched).
+        _, top = split_backbone(backbone, setup.spec, setup.config.trainable_blocks)
+        pairs = list(zip(top.layers, trained_top.layers))
+        if len(top.layers) != len(trained_top.layers) or any(
+                type(a) is not type(b) or [w.shape for w in a.weights] != [w.shape for w in b.weights]
+                for a, b in pairs):
+            raise DogtlError(f"{setup.checkpoints.folder}: the checkpoint's top blocks do not match "
+                             f"{setup.spec.name}'s; rerun with --force to start over")
+        for a, b in pairs:
+            if a.weights:
+                a.set_weights(b.get_weights())
+        return compose(backbone, trained.layers[-1])
