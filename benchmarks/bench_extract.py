@@ -18,6 +18,14 @@ allocation, numpy arrays included, via tracemalloc), for two image counts: flat 
 bounded memory.
 Target: ratio >= 0.95 on CPU.
 
+Precision (issue 13): every run above is repeated for each of --precisions (default float32,
+auto and a forced bfloat16, each via the mechanism `core/precision.py` picks here, plus
+bfloat16 forced through the other mechanism), and a table prints them side by side: bare and
+pipeline images/s, pipeline/bare at each precision, and each precision's speed-up over float32,
+with the cosine similarity of its pooled features to float32's on the same batch. Target on a
+CPU with AMX/AVX512-BF16: auto >= 1.4x float32. On a CPU without them auto is float32 (1.0x)
+and a forced bfloat16 is emulated (slower): the table shows which this machine is.
+
     python benchmarks/bench_extract.py            # xception at 299 px, 32 per batch, N = 64 and 256 (minutes)
     python benchmarks/bench_extract.py --quick    # smoke run: resnet50 at 64 px, seconds
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import resource
 import subprocess
 import sys
@@ -51,23 +60,30 @@ def worker_bare(args) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from dogtl.features.backbones import get_backbone
     from dogtl.core.models import build_backbone
+    from dogtl.core.precision import computing_in, resolve
+    from dogtl.features.backbones import get_backbone
 
     spec = get_backbone(args.backbone)
     model = build_backbone(spec, "none", args.image_size)
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # as extract.py
     rng = np.random.default_rng(0)
     batches = [tf.constant(rng.uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)),
                            tf.float32) for _ in range(2)]
-    for b in batches:  # warm-up: tracing and first-call allocations
-        infer(b).numpy()
-    started, cpu = time.perf_counter(), cpu_seconds()
-    for k in range(args.bare_batches):
-        infer(batches[k % 2]).numpy().astype(np.float16)
-    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    reference = np.asarray(model(batches[0], training=False), np.float64)  # float32 features
+    resolved = resolve(args.precision)
+    with computing_in(model, resolved, args.how) as how:
+        infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # as extract.py
+        first = np.asarray(infer(batches[0])).astype(np.float64)  # warm-up: tracing, first-call allocations
+        infer(batches[1]).numpy()
+        started, cpu = time.perf_counter(), cpu_seconds()
+        for k in range(args.bare_batches):
+            np.asarray(infer(batches[k % 2])).astype(np.float16)
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    cosine = np.sum(first * reference, 1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(reference, axis=1) + 1e-30)
     images = args.bare_batches * args.batch_size
-    return {"rate": images / seconds, "cpu_ms": 1000 * cpu / images, "rss_mb": peak_rss_mb()}
+    return {"rate": images / seconds, "cpu_ms": 1000 * cpu / images, "rss_mb": peak_rss_mb(),
+            "resolved": resolved, "mechanism": how, "cosine": float(cosine.min()),
+            "identical": bool(np.array_equal(first, reference))}
 
 
 def worker_pipeline(args) -> dict:
@@ -85,9 +101,10 @@ def worker_pipeline(args) -> dict:
         marks.append((time.perf_counter(), done, total, cpu_seconds()))
         if args.trace_python and done >= args.batch_size and len(marks) > 1 and marks[-2][1] < args.batch_size:
             tracemalloc.reset_peak()  # from the first batch on: not the model's construction
-    config = ExtractConfig(data=args.data, cache=str(Path(args.data).parent / "features.h5"),
+    config = ExtractConfig(data=args.data, cache=str(Path(args.data).parent / f"features-{args.precision}-{time.time_ns()}.h5"),
                            backbone=args.backbone, weights="none", image_size=args.image_size,
-                           passes=args.passes, batch_size=args.batch_size, val_fraction=0.0)
+                           passes=args.passes, batch_size=args.batch_size, val_fraction=0.0,
+                           precision=args.precision)
     started = time.perf_counter()
     summary = extract_features(config, progress=progress)
     ended = time.perf_counter()
@@ -108,7 +125,10 @@ def run_worker(kind: str, args, **extra) -> dict:
     if args.trace_python:
         cmd.append("--trace-python")
     for k, v in extra.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+        if v is True:
+            cmd.append(f"--{k.replace('_', '-')}")
+        elif v is not False:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
@@ -126,7 +146,12 @@ def main():
     parser.add_argument("--bare-batches", type=int, default=4, help="timed batches per bare run")
     parser.add_argument("--trace-python", action="store_true",
                         help="also report the pipeline's peak Python-side allocation (tracemalloc; slows it a little)")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "auto", "bfloat16", "bfloat16:rewrite"],
+                        help="precisions to compare (NAME, or NAME:keras / NAME:rewrite to force that mechanism "
+                             "on the bare forward)")
     parser.add_argument("--worker", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--how", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -148,11 +173,21 @@ def main():
                                              test_images=0, size=args.image_size, seed=n)
         # bare, pipeline, bare, pipeline, bare: each pipeline is compared with the bare runs
         # just before and after it, which halves the effect of a machine whose load drifts.
-        bare, pipes = [run_worker("bare", args)], {}
-        for n in args.counts:
-            pipes[n] = run_worker("pipeline", args, data=folders[n])
-            bare.append(run_worker("bare", args))
-    print("bare forward      : " + ", ".join(f"{b['rate']:.2f}" for b in bare) + " img/s, "
+        # float32 measures memory at both counts; other precisions run at the first count.
+        rows = {}
+        for name in args.precisions:
+            precision, _, how = name.partition(":")
+            opts = dict(precision=precision, how={"keras": "keras-policy", "rewrite": "onednn-rewrite"}.get(how, False))
+            bare, pipes = [run_worker("bare", args, **opts)], {}
+            # a forced mechanism is measured on the bare forward only (extraction uses core/precision's)
+            for n in (args.counts if name == "float32" else [] if how else args.counts[:1]):
+                pipes[n] = run_worker("pipeline", args, data=folders[n], precision=precision)
+                bare.append(run_worker("bare", args, **opts))
+            rows[name] = (bare, pipes)
+            print(f"  measured {name}: bare {[round(b['rate'], 2) for b in bare]} img/s, pipeline "
+                  f"{[round(p['rate'], 2) for p in pipes.values()]} img/s", flush=True)
+    bare, pipes = rows["float32"]
+    print("float32 bare forward: " + ", ".join(f"{b['rate']:.2f}" for b in bare) + " img/s, "
           + ", ".join(f"{b['cpu_ms']:.0f}" for b in bare) + f" CPU-ms/img, peak RSS {max(b['rss_mb'] for b in bare):.0f} MB")
     ratios, cpu_ratios = [], []
     for k, (n, p) in enumerate(pipes.items()):
@@ -170,6 +205,31 @@ def main():
           + (f", Python {large['py_peak_mb'] - small['py_peak_mb']:+.1f} MB" if args.trace_python else ""))
     print(f"ratio pipeline / bare images/s (worst) = {min(ratios):.3f}  (target >= 0.95); "
           f"bare / pipeline CPU time per image (worst) = {min(cpu_ratios):.3f}")
+
+    from dogtl.core.precision import cpu_bfloat16
+
+    n0 = args.counts[0]
+    base_bare = statistics.mean(b["rate"] for b in rows["float32"][0][:2])
+    base_pipe = rows["float32"][1][n0]["rate"]
+    print(f"\nprecision side by side (N={n0}; CPU has hardware bfloat16 (avx512_bf16/amx_bf16): "
+          f"{'yes' if cpu_bfloat16() else 'no'})")
+    print(f"{'precision':16s} {'computes in':11s} {'mechanism':15s} {'bare img/s':>10s} {'pipe img/s':>10s} "
+          f"{'pipe/bare':>9s} {'bare vs f32':>11s} {'pipe vs f32':>11s} {'CPU-ms/img':>10s} {'CPU vs f32':>10s} "
+          f"{'cos vs f32':>10s}")
+    base_cpu = statistics.mean(b["cpu_ms"] for b in rows["float32"][0][:2])
+    for name, (bare, pipes) in rows.items():
+        b = statistics.mean(x["rate"] for x in bare[:2])
+        p = pipes[n0]["rate"] if pipes else float("nan")
+        print(f"{name:16s} {bare[0]['resolved']:11s} {bare[0]['mechanism']:15s} {b:10.2f} {p:10.2f} {p / b:9.3f} "
+              f"{b / base_bare:10.2f}x {p / base_pipe:10.2f}x {statistics.mean(x['cpu_ms'] for x in bare[:2]):10.0f} "
+              f"{base_cpu / statistics.mean(x['cpu_ms'] for x in bare[:2]):9.2f}x {bare[0]['cosine']:10.6f}"
+              + ("  (bit-identical to float32)" if bare[0]["identical"] and name != "float32" else ""))
+    auto = rows.get("auto")
+    if auto:
+        print(f"auto / float32 pipeline images/s = {auto[1][n0]['rate'] / base_pipe:.2f}x (target >= 1.4x on a CPU "
+              "with AMX/AVX512-BF16); CPU time per image float32 / auto (bare) = "
+              f"{base_cpu / statistics.mean(x['cpu_ms'] for x in auto[0][:2]):.2f}x. On a shared machine "
+              "images/s move with the load; CPU time per image hardly does.")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def head_metadata(cache, backbone: str, size: int, cache_path) -> dict:
             "cache_fingerprint": cache.fingerprint, "settings": {"epochs": 30}, "metrics": {}}
 
 
-def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE) -> Pipeline:
+def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE, **extract) -> Pipeline:
+    """`extract`: more ExtractConfig settings (e.g. cut_blocks=2)."""
     import keras
 
     from dogtl.core import artifacts
@@ -60,7 +61,7 @@ def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE) -> Pi
     cache_path = root / "features.h5"
     extract_features(ExtractConfig(data=str(data), cache=str(cache_path), backbone=backbone, weights=str(weights),
                                    image_size=size, passes=1, tta_passes=1, batch_size=8, val_fraction=0.25,
-                                   dtype="float32"))
+                                   dtype="float32", **extract))
     cache = open_cache(cache_path)
     keras.utils.set_random_seed(0)
     head = build_head(spec.feature_dim, len(cache.classes), hidden=(32,), input_dropout=0.1, dropout=0.1)

@@ -132,3 +132,26 @@ def write_odd_images(folder, size: int = 48) -> dict:
 @pytest.fixture(scope="session")
 def odd_images(tmp_path_factory):
     return write_odd_images(tmp_path_factory.mktemp("odd"))
+
+
+@pytest.fixture(scope="session")
+def cut_stage3(tmp_path_factory):
+    """`stage3`'s pipeline with the cache also holding the activations entering the top 2 blocks
+    (extract-features --cut-blocks 2, float16) and the head trained on it (read-only!)."""
+    from _stage3 import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("cut_stage3"), cut_blocks=2)
+
+
+# Opt-in slow tests (`@pytest.mark.slow`): skipped unless `pytest --run-slow` or DOGTL_RUN_SLOW=1.
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("DOGTL_RUN_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (or DOGTL_RUN_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -41,17 +41,18 @@ def _images(description: str):
 
 def extract_features(data="data", cache="cache/features.h5", *, force: bool = False, progress=True,
                      rotation: float = 45.0, zoom: float = 0.25, shift: float = 0.2, hflip: bool = True,
-                     **settings):
+                     note=None, **settings):
     """Stage one: run the frozen backbone over every image (and augmented passes) into `cache`.
     `settings`: backbone, weights, image_size, passes, tta_passes, batch_size, val_fraction, seed,
-    on_bad_image, dtype, shard, strategy (see `dogtl extract-features --help`)."""
+    on_bad_image, dtype, shard, strategy, precision, cut_blocks, cut_dtype (see `dogtl extract-features
+    --help`); `note` gets a line before the work starts (the disk the cut activations take)."""
     from dogtl.data.augment import AugmentConfig
     from dogtl.features.extract import ExtractConfig, extract_features as run
 
     config = ExtractConfig(data=str(data), cache=str(cache), force=force, **settings,
                            augmentation=AugmentConfig(rotation=rotation, zoom=zoom, shift=shift, hflip=hflip))
     with _bar(progress, _images("extracting")) as update:
-        return run(config, progress=update)
+        return run(config, progress=update, note=note)
 
 
 def merge_cache(shards, out=None, *, copy: bool = False, force: bool = False):

@@ -9,6 +9,7 @@ import typer
 
 from dogtl import api
 from dogtl.cli.common import ImageProgress, friendly_errors
+from dogtl.core.precision import PRECISION_HELP
 
 
 @friendly_errors
@@ -22,6 +23,7 @@ def evaluate_cmd(
     batch_size: int = typer.Option(32, help="Images per model call."),
     weights: Optional[str] = typer.Option(None, help="Only if the backbone came from a local weights file: that file again."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing reports."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
 ):
     """Report accuracy, log loss, top-k accuracy, per-class accuracy and the most confused pairs.
 
@@ -30,7 +32,7 @@ def evaluate_cmd(
     with ImageProgress("evaluating") as bar:
         r = api.evaluate(model, data=data, force=force, progress=bar.update, cache=str(cache) if cache else None,
                          out=str(out) if out else None, top_k=top_k, confused=confused, batch_size=batch_size,
-                         weights=weights)
+                         weights=weights, precision=precision)
     typer.echo(f"{r.model} on {r.images} validation images ({r.source}):")
     typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}")
     worst = r.per_class.dropna().sort_values("accuracy").head(5)
@@ -58,6 +60,7 @@ def predict_cmd(
     weights: Optional[str] = typer.Option(None, help="Only if the backbone came from a local weights file: that file again."),
     on_bad_image: str = typer.Option("skip", help="Unreadable test images: 'skip' (listed; the submission has a row for every readable image and none for them), 'uniform' (listed; their row gets 1/classes for every class, so Kaggle accepts the file) or 'fail' (error, nothing written)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
 ):
     """Write a Kaggle submission for the test images, or print the top classes of IMAGES.
 
@@ -65,7 +68,7 @@ def predict_cmd(
     """
     options = dict(model=model, data=data, out=out, force=force, cache=str(cache) if cache else None,
                    use_cache=use_cache, tta=tta, tta_passes=tta_passes, top_k=top_k, batch_size=batch_size,
-                   weights=weights, on_bad_image=on_bad_image)
+                   weights=weights, on_bad_image=on_bad_image, precision=precision)
     if images:
         with ImageProgress("predicting") as bar:
             results = api.predict(images, progress=bar.update, **options)

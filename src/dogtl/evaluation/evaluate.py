@@ -31,8 +31,12 @@ class EvaluateConfig:
     confused: int = 10  # most confused pairs to list
     batch_size: int = 32
     force: bool = False
+    precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
 
     def __post_init__(self):
+        from dogtl.core.precision import check_precision
+
+        check_precision(self.precision)
         if self.top_k < 1 or self.confused < 1 or self.batch_size < 1:
             raise SettingError("--top-k, --confused and --batch-size must be at least 1")
 
@@ -141,7 +145,8 @@ def _on_images(config, meta, cache, progress):
 
     val = split_paths(cache, load_dataset(config.data or "data"))["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
-    probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress)
+    probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress,
+                               precision=config.precision)
     if not ok.all():
         bad = val["paths"][int(np.flatnonzero(~ok)[0])]
         raise DataError(f"{bad}: cannot read this validation image any more; fix it or extract again")

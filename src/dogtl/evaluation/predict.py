@@ -44,8 +44,12 @@ class PredictConfig:
     weights: str | None = None  # only for backbones built from a local weights file
     on_bad_image: str = "skip"  # skip | uniform | fail
     force: bool = False
+    precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
 
     def __post_init__(self):
+        from dogtl.core.precision import check_precision
+
+        check_precision(self.precision)
         if self.on_bad_image not in ("skip", "uniform", "fail"):
             raise SettingError(f"--on-bad-image {self.on_bad_image!r} must be 'skip', 'uniform' or 'fail'")
         if self.tta_passes < 1:
@@ -102,23 +106,40 @@ def load_image_model(path, weights: str | None = None):
     return model, meta, spec, size
 
 
-def inference_fn(model):
-    """model(x, training=False) as one tf.function per model, traced once per batch shape."""
-    fn = _INFERENCE.get(model)
-    if fn is None:
+def inference_fn(model, precision: str = "float32"):
+    """model(x, training=False) as one tf.function per model (and precision it is traced in),
+    traced once per batch shape."""
+    fns = _INFERENCE.setdefault(model, {})
+    if precision not in fns:
         import tensorflow as tf
 
-        fn = _INFERENCE[model] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return fn
+        fns[precision] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return fns[precision]
 
 
 def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: int = 0, seed: int = 0,
-                   augmentation=None, batch_size: int = 32, progress: Progress | None = None):
+                   augmentation=None, batch_size: int = 32, progress: Progress | None = None,
+                   precision: str | None = None):
     """Class probabilities [n, C] for image files (rows of unreadable ones are NaN) and a read mask.
 
     Uses the pipeline of extraction, so the pixels are the ones the head was trained on;
     pass p > 0 is the same augmentation as the cache's pass p for the same indices.
+    `precision` (PRECISIONS): compute in it; None: as the model is set up by the caller.
     """
+    if precision is not None:
+        from dogtl.core.precision import computing_in, resolve
+
+        resolved = resolve(precision)
+        with computing_in(model, resolved):
+            return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index,
+                                   seed=seed, augmentation=augmentation, batch_size=batch_size,
+                                   progress=progress, key=resolved)
+    return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
+                           augmentation=augmentation, batch_size=batch_size, progress=progress)
+
+
+def _predict_images(model, paths, spec, image_size, *, indices, pass_index, seed, augmentation, batch_size,
+                    progress, key: str = "float32"):
     from dogtl.data.images import image_dataset
 
     n = len(paths)
@@ -129,7 +150,7 @@ def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: 
         return probs, ok
     ds = image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
                        augmentation=augmentation, batch_size=batch_size, skip_bad=True)
-    infer = inference_fn(model)
+    infer = inference_fn(model, key)
     for positions, _, images in ds:
         positions = positions.numpy()
         probs[positions] = np.asarray(infer(images), dtype=np.float64)
@@ -242,7 +263,8 @@ def _from_images(config, model_path, meta, spec, size, paths, progress):
             if progress:
                 progress(p * n + done, passes * n)
         probs, ok = predict_images(model, paths, spec, size, pass_index=p, seed=seed,
-                                   augmentation=augmentation, batch_size=config.batch_size, progress=step)
+                                   augmentation=augmentation, batch_size=config.batch_size, progress=step,
+                                   precision=config.precision)
         total.append(probs)
         runs.append(ok)
     ok = np.logical_and.reduce(runs)
@@ -264,7 +286,8 @@ def predict_top_k(config: PredictConfig, progress: Progress | None = None) -> li
     augmentation, seed = _augmentation_of(meta)
     passes = 1 + (config.tta_passes if config.tta else 0)
     runs = [predict_images(model, paths, spec, size, pass_index=p, seed=seed, augmentation=augmentation,
-                           batch_size=config.batch_size, progress=progress) for p in range(passes)]
+                           batch_size=config.batch_size, progress=progress, precision=config.precision)
+            for p in range(passes)]
     probs = np.mean([r[0] for r in runs], axis=0)
     ok = np.logical_and.reduce([r[1] for r in runs])
     classes = list(meta["classes"])

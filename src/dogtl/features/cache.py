@@ -21,6 +21,7 @@ HDF5 schema (readable with plain h5py):
   test/index              (M,)  int64
   test/features           (1+T, M, D)    pass 0 clean, 1..T test-time augmentation
   skipped                 (S,)           "path<TAB>reason" for images that could not be read
+  <split>/cut, cut_scale  optional: activations entering the top blocks (features/cut.py)
 
 Damage is detected: every numeric dataset carries HDF5's fletcher32 checksum (a flipped byte
 fails the read, reported as damaged instead of read as numbers), and the attribute
@@ -53,6 +54,8 @@ DIGESTED_ATTRS = ("format", "format_version", "fingerprint", "versions", "weight
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Settings that do not change the features: differences are reported, never refused.
 INFORMATIONAL = {"versions", "batch_size"}
+# Settings older caches do not record, and the value they had.
+_DEFAULTS = {"precision": "float32"}
 _HINTS = {"file_list": " (images, labels or files changed)", "num_images": " (labelled images)",
           "num_test_images": " (test images)"}
 
@@ -68,6 +71,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _comparable(key: str, value):
+    if value is None and key in _DEFAULTS:
+        return _DEFAULTS[key]
     # A local weights file is identified by its content; its name may change.
     if key == "weights" and isinstance(value, str) and value.startswith("file:"):
         return value.rsplit(":sha256:", 1)[-1]
@@ -121,7 +126,7 @@ class PartialCache:
         """Every position before this one is done (saved, or found unreadable)."""
         return max((end for _, end, _ in self._parts(split, pass_index)), default=0)
 
-    def write(self, split: str, pass_index: int, positions: np.ndarray, features: np.ndarray) -> None:
+    def write(self, split: str, pass_index: int, positions: np.ndarray, features: np.ndarray, **extra) -> None:
         start, end = int(positions[0]), int(positions[-1]) + 1
         name = f"{split}-p{pass_index}-{start:09d}-{end:09d}.npz"
         # Not durable: once renamed, a batch survives any kill of this process (the kernel holds it),
@@ -129,7 +134,7 @@ class PartialCache:
         # fails its zip CRC check when read and is then removed and redone. The fixed temporary
         # name lets the batch a killed run was writing be overwritten when it is redone.
         with atomic_path(self.dir / name, tmp=_tmp_name(self.dir / name)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, positions=positions, features=features)
+            np.savez(f, positions=positions, features=features, **extra)
 
     def _load(self, part: Path, *keys):
         try:
@@ -144,10 +149,10 @@ class PartialCache:
         chunks = [self._load(p, "positions")[0] for _, _, p in self._parts(split, pass_index)]
         return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
-    def iter_pass(self, split: str, pass_index: int):
-        """(positions, features) of one pass, one saved batch at a time, in order."""
+    def iter_pass(self, split: str, pass_index: int, key: str = "features"):
+        """(positions, features) (or another saved array) of one pass, one saved batch at a time, in order."""
         for _, _, p in self._parts(split, pass_index):
-            yield self._load(p, "positions", "features")
+            yield self._load(p, "positions", key)
 
     def save_json(self, name: str, value) -> None:
         write_text_atomic(self.dir / name, json.dumps(value), durable=True)
@@ -165,7 +170,12 @@ def space_needed(path: Path, fingerprint: dict, images: int, test_images: int) -
     the cache file they are copied into at the end (both exist until the final rename)."""
     item = np.dtype(fingerprint.get("dtype", "float32")).itemsize
     dim = int(fingerprint["feature_dim"])
-    features = item * dim * ((1 + int(fingerprint["passes"])) * images + (1 + int(fingerprint["tta_passes"])) * test_images)
+    image_passes = (1 + int(fingerprint["passes"])) * images + (1 + int(fingerprint["tta_passes"])) * test_images
+    features = item * dim * image_passes
+    if fingerprint.get("cut"):  # activations entering the top blocks (features/cut.py)
+        from dogtl.features.cut import cut_bytes
+
+        features += cut_bytes(fingerprint["cut"], image_passes)
     folder = partial_dir(path)
     saved = sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
     return max(0, features - saved) + features
@@ -177,13 +187,15 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _fill_pass(ds, p: int, source, n: int, dim: int, where: str) -> None:
-    """Copy one pass into ds[p]: an array [n, dim], or (rows, block) chunks in row order."""
+def _fill_pass(ds, p: int, source, n: int, dim, where: str) -> None:
+    """Copy one pass into ds[p]: an array [n, dim] (dim: an int or a row shape), or (rows, block)
+    chunks in row order."""
+    shape = (dim,) if isinstance(dim, (int, np.integer)) else tuple(dim)
     value = source() if callable(source) else source
     if hasattr(value, "shape"):
         value = np.asarray(value)
-        if value.shape != (n, dim):
-            raise ValueError(f"{where} pass {p}: features of shape {value.shape}, expected {(n, dim)}")
+        if value.shape != (n, *shape):
+            raise ValueError(f"{where} pass {p}: features of shape {value.shape}, expected {(n, *shape)}")
         if n:
             ds[p] = value
         return
@@ -192,7 +204,7 @@ def _fill_pass(ds, p: int, source, n: int, dim: int, where: str) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             continue
-        if rows[0] != filled or np.any(np.diff(rows) != 1) or block.shape != (len(rows), dim):
+        if rows[0] != filled or np.any(np.diff(rows) != 1) or block.shape != (len(rows), *shape):
             raise CacheError(f"{where} pass {p}: saved batches are inconsistent (rows {rows[0]}.."
                              f"{rows[-1]} after {filled}); rerun extract-features with --force")
         ds[p, filled:filled + len(rows)] = block
@@ -267,8 +279,11 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
     """
     import h5py
 
+    from dogtl.features.cut import stored_layout
+
     str_dtype = h5py.string_dtype()
     dim = int(fingerprint["feature_dim"])
+    streamed = stored_layout(fingerprint)
     with cache_file_writer(path, fingerprint, versions, classes, skipped) as f:
         if weights_path:
             f.attrs["weights_path"] = weights_path
@@ -276,7 +291,7 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
             g = f.create_group(split)
             n = len(arrays["ids"])
             for key, value in arrays.items():
-                if key == "features":
+                if key == "features" or key in streamed:
                     continue
                 if key == "ids":
                     g.create_dataset(key, data=np.array(list(value), dtype=object), dtype=str_dtype)
@@ -288,6 +303,11 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
                                   chunks=(1, max(1, min(n, 1024)), dim) if n else None)
             for p, source in enumerate(passes):
                 _fill_pass(ds, p, source, n, dim, split)
+            for key, (shape, dtype) in streamed.items():  # one chunk per image: read a batch at a time
+                ds = create_numeric(g, key, shape=(len(arrays[key]), n, *shape), dtype=dtype,
+                                    chunks=(1, 1, *shape) if n else None)
+                for p, source in enumerate(arrays[key]):
+                    _fill_pass(ds, p, source, n, shape, f"{split} {key}")
 
 
 @dataclass

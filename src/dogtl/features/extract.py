@@ -47,6 +47,9 @@ class ExtractConfig:
     force: bool = False
     shard: str | None = None  # "I/N": extract the I-th of N shards (see shards.py)
     strategy: str = "default"  # default | mirrored | multi-worker (see distribute.py)
+    precision: str = "auto"  # the backbone's arithmetic (core/precision.py); recorded resolved
+    cut_blocks: int = 0  # also store the activations entering the top N blocks (features/cut.py)
+    cut_dtype: str = "float16"  # or int8 (per-image, per-channel scales)
 
     def __post_init__(self):
         from dogtl.core.distribute import check_strategy
@@ -64,6 +67,15 @@ class ExtractConfig:
             raise SettingError(f"--on-bad-image {self.on_bad_image!r} must be 'skip' or 'fail'")
         if self.dtype not in ("float16", "float32"):
             raise SettingError(f"--dtype {self.dtype!r} must be 'float16' or 'float32'")
+        from dogtl.core.precision import check_precision
+        from dogtl.features.cut import CUT_DTYPES
+
+        check_precision(self.precision)
+        if self.cut_blocks < 0 or self.cut_dtype not in CUT_DTYPES:
+            raise SettingError(f"--cut-blocks {self.cut_blocks} must be >= 0 and --cut-dtype {self.cut_dtype!r} "
+                               f"one of {', '.join(CUT_DTYPES)}")
+        if self.cut_blocks and self.strategy != "default":
+            raise SettingError(f"--cut-blocks runs on one device only: drop --strategy {self.strategy}")
 
 
 @dataclass
@@ -91,8 +103,11 @@ def versions() -> dict:
             "h5py": h5py.__version__, "numpy": np.__version__}
 
 
-def make_fingerprint(config: ExtractConfig, dataset: Dataset) -> dict:
+def make_fingerprint(config: ExtractConfig, dataset: Dataset, backbone=None) -> dict:
+    """`backbone` (the built model) is needed only with --cut-blocks, for the cut's shape."""
     from dogtl.core.models import weights_identity
+    from dogtl.core.precision import resolve
+    from dogtl.features.cut import cut_info
 
     spec = get_backbone(config.backbone)
     return {
@@ -107,6 +122,8 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset) -> dict:
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "dtype": config.dtype,
+        "precision": resolve(config.precision),
+        **({"cut": cut_info(backbone, spec, config.cut_blocks, config.cut_dtype)} if config.cut_blocks else {}),
         "data_layout": dataset.layout,
         "file_list": dataset.file_list_hash(),
         "num_images": len(dataset.ids),
@@ -162,7 +179,9 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
 
 
 @writes
-def extract_features(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
+def extract_features(config: ExtractConfig, progress: Progress | None = None,
+                     note: Callable[[str], None] | None = None) -> ExtractSummary:
+    """`note` gets one line before the work starts (the disk the cut activations take)."""
     started = time.perf_counter()
     spec = get_backbone(config.backbone)
     image_size = check_image_size(spec, config.image_size)
@@ -174,7 +193,12 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     # The split is drawn over every labelled image before any work, so an impossible split
     # fails now, and an image's split does not depend on which other images were unreadable.
     is_val = split_validation(dataset.labels, config.val_fraction, config.seed)
-    fingerprint = make_fingerprint(config, dataset)
+    backbone = None
+    if config.cut_blocks:  # the cut's shape is part of the fingerprint
+        from dogtl.core.models import build_backbone
+
+        backbone = build_backbone(spec, config.weights, image_size)
+    fingerprint = make_fingerprint(config, dataset, backbone)
     shard = _shard(config)
     # This run's block of each split's file numbers (all of them unless sharded).
     lab, tst = range(len(dataset.ids)), range(len(dataset.test_ids))
@@ -197,18 +221,29 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     from dogtl.core.modelinfo import weights_path_to_record
     from dogtl.core.models import build_backbone
 
-    with scope(strategy):  # the model's variables on every replica
-        backbone = build_backbone(spec, config.weights, image_size)  # a bad weights file fails before any write
+    from dogtl.core.precision import computing_in
+    from dogtl.features.cut import cut_bytes, extraction_model
+
+    if backbone is None:
+        with scope(strategy):  # the model's variables on every replica
+            backbone = build_backbone(spec, config.weights, image_size)  # a bad weights file fails before any write
+    if config.cut_blocks and note:
+        size = cut_bytes(fingerprint["cut"], (1 + config.passes) * len(lab) + (1 + config.tta_passes) * len(tst))
+        note(f"cut activations (top {config.cut_blocks} blocks, {fingerprint['cut']['shape']} in "
+             f"{config.cut_dtype}): {size / 1e6:,.1f} MB in the cache, as much again while extracting")
     require_free_space(path.parent, space_needed(path, fingerprint, len(lab), len(tst)), "extract-features")
     partial.start(fingerprint)
-    infer = (tf.function(lambda x: backbone(x, training=False), reduce_retracing=True) if strategy is None
+    model = extraction_model(backbone, spec, config.cut_blocks) if config.cut_blocks else backbone
+    infer = (tf.function(lambda x: model(x, training=False), reduce_retracing=True) if strategy is None
              else replicated_infer(strategy, backbone))
     runner = _PassRunner(config, spec, image_size, partial, infer, progress)
+    runner.cut_dtype = config.cut_dtype if config.cut_blocks else None
     # Positions are numbers within this run's block; augmentation keys are file numbers (block start + position).
-    good = runner.run({"labelled": (dataset.paths[lab.start:lab.stop], config.passes, lab.start),
-                       "test": (dataset.test_paths[tst.start:tst.stop], config.tta_passes, tst.start)},
-                      on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
-                      lambda split, readable: _check_readable(split, readable, dataset, config))
+    with computing_in(backbone, fingerprint["precision"]):
+        good = runner.run({"labelled": (dataset.paths[lab.start:lab.stop], config.passes, lab.start),
+                           "test": (dataset.test_paths[tst.start:tst.stop], config.tta_passes, tst.start)},
+                          on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
+                          lambda split, readable: _check_readable(split, readable, dataset, config))
 
     skipped = [f"{dataset.paths[i]}\t{_reason(dataset.paths[i])}"
                for i in sorted(set(lab) - {lab.start + k for k in good["labelled"]})]
@@ -217,13 +252,21 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None) ->
     rows = np.asarray(good["labelled"], dtype=np.int64)  # positions in the block
     test_rows = np.asarray(good["test"], dtype=np.int64)
     at, test_at = lab.start + rows, tst.start + test_rows  # file numbers
+    from dogtl.features.cut import stored_layout
+
+    cut = {"labelled": {}, "test": {}}
+    for key in stored_layout(fingerprint):
+        cut["labelled"][key] = [runner.pass_chunks("labelled", p, rows, key) for p in range(1 + config.passes)]
+        cut["test"][key] = [runner.pass_chunks("test", p, test_rows, key) for p in range(1 + config.tta_passes)]
     write_cache(
         path, fingerprint=fingerprint, versions=versions(), classes=list(dataset.classes),
         labelled={"ids": [dataset.ids[i] for i in at], "labels": dataset.labels[at].astype(np.int32),
                   "is_val": is_val[at], "index": at,
-                  "features": [runner.pass_chunks("labelled", p, rows) for p in range(1 + config.passes)]},
+                  "features": [runner.pass_chunks("labelled", p, rows) for p in range(1 + config.passes)],
+                  **cut["labelled"]},
         test={"ids": [dataset.test_ids[i] for i in test_at], "index": test_at,
-              "features": [runner.pass_chunks("test", p, test_rows) for p in range(1 + config.tta_passes)]},
+              "features": [runner.pass_chunks("test", p, test_rows) for p in range(1 + config.tta_passes)],
+              **cut["test"]},
         skipped=skipped, weights_path=weights_path_to_record(config.weights),
     )
     partial.remove()
@@ -258,6 +301,7 @@ class _PassRunner:
         self.partial, self.infer, self.progress = partial, infer, progress
         self.total, self.done, self.resumed = 0, 0, 0
         self.warned = False
+        self.cut_dtype = None  # with --cut-blocks: infer gives (features, cut activations), stored in this
 
     def _advance(self, n: int, resumed: bool = False):
         self.done += n
@@ -312,8 +356,13 @@ class _PassRunner:
             good = self.good[s.split]
             if not np.array_equal(pos, good[(good >= s.expected) & (good <= pos[-1])]):
                 self._fail(s, pos)
-        features = self._store(self.infer(images).numpy())
-        self.partial.write(s.split, s.pass_index, pos, features)
+        out, extra = self.infer(images), {}
+        if self.cut_dtype:
+            from dogtl.features.cut import encode
+
+            out, extra = out[0], encode(np.asarray(out[1]).astype(np.float32), self.cut_dtype)
+        features = self._store(np.asarray(out).astype(np.float32))  # computed perhaps in bfloat16/float16
+        self.partial.write(s.split, s.pass_index, pos, features, **extra)
         self._advance(int(pos[-1]) + 1 - s.expected)
         s.expected = int(pos[-1]) + 1
 
@@ -364,10 +413,11 @@ class _PassRunner:
         raise DataError(f"{s.paths[extra]}: unreadable in the clean pass but readable in pass {s.pass_index}; "
                         "did it change during the run? rerun with --force")
 
-    def pass_chunks(self, split, pass_index, rows):
-        """A callable streaming one pass as (row numbers, features) blocks, one saved batch at a time."""
+    def pass_chunks(self, split, pass_index, rows, key="features"):
+        """A callable streaming one pass as (row numbers, features) blocks (or another saved array,
+        `key`), one saved batch at a time."""
         def chunks():
-            for positions, features in self.partial.iter_pass(split, pass_index):
+            for positions, features in self.partial.iter_pass(split, pass_index, key):
                 at = np.searchsorted(rows, positions)  # positions are file numbers; rows the readable ones
                 if np.any(at >= len(rows)) or np.any(rows[np.minimum(at, len(rows) - 1)] != positions):
                     raise CacheError(f"pass {pass_index} of {split} images is inconsistent; rerun with --force")

@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dogtl.features.cache import SPLITS, cache_file_writer, create_numeric, read_block, fingerprint_differences, open_cache, write_cache
+from dogtl.features.cache import (SPLITS, cache_file_writer, create_numeric, fingerprint_differences, open_cache,
+                                 read_block, write_cache)
+from dogtl.features.cut import stored_layout
 from dogtl.core.errors import CacheError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
 from dogtl.core.locks import hold, writes
 
 SHARD_NAME = re.compile(r"^(?P<stem>.*)\.shard-(?P<index>\d+)-of-(?P<count>\d+)$")
 COPY_BLOCK = 4096  # rows copied at a time in copy mode
+COPY_BYTES = 64 << 20  # at most this much per block (cut activations are ~0.5 MB a row)
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,8 @@ def merge_caches(shards, out: str | Path | None = None, mode: str = "virtual", f
         for split in SPLITS:
             passes = parts[0].cache.shapes[split][0]
             arrays[split]["features"] = [_copy_pass(parts, split, k) for k in range(passes)]
+            for key in stored_layout(fingerprint):
+                arrays[split][key] = [_copy_pass(parts, split, k, key) for k in range(passes)]
         write_cache(out, fingerprint=fingerprint, versions=first.versions, classes=first.classes,
                     labelled=arrays["labelled"], test=arrays["test"], skipped=skipped,
                     weights_path=first.weights_path)
@@ -191,7 +196,7 @@ def merge_caches(shards, out: str | Path | None = None, mode: str = "virtual", f
                         out.stat().st_size)
 
 
-def _copy_pass(parts, split: str, pass_index: int):
+def _copy_pass(parts, split: str, pass_index: int, key: str = "features"):
     """A callable streaming one pass of every shard as (merged rows, block) in row order."""
     import h5py
 
@@ -199,10 +204,12 @@ def _copy_pass(parts, split: str, pass_index: int):
         offset = 0
         for part in parts:
             with h5py.File(part.cache.path, "r") as f:
-                ds = f[split]["features"]
+                ds = f[split][key]
                 n = ds.shape[1]
-                for start in range(0, n, COPY_BLOCK):
-                    stop = min(n, start + COPY_BLOCK)
+                row = int(np.prod(ds.shape[2:])) * ds.dtype.itemsize
+                step = max(1, min(COPY_BLOCK, COPY_BYTES // max(1, row)))
+                for start in range(0, n, step):
+                    stop = min(n, start + step)
                     yield np.arange(offset + start, offset + stop), read_block(part.cache.path, ds, pass_index,
                                                                                slice(start, stop))
                 offset += n
@@ -218,7 +225,8 @@ def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, ski
     import h5py
 
     strings = h5py.string_dtype()
-    dim, dtype = int(fingerprint["feature_dim"]), fingerprint.get("dtype", "float32")
+    datasets = {"features": ((int(fingerprint["feature_dim"]),), fingerprint.get("dtype", "float32")),
+                **stored_layout(fingerprint)}
     with cache_file_writer(out, fingerprint, versions, classes, skipped) as f:
         f.attrs["merged_from"] = json.dumps([str(_source_name(out, p.cache.path)) for p in parts])
         for split in SPLITS:
@@ -230,20 +238,21 @@ def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, ski
                     create_numeric(g, key, data=np.asarray(value))
             passes = parts[0].cache.shapes[split][0]
             n = len(arrays[split]["ids"])
-            if n == 0:  # nothing to map: an ordinary empty dataset, as a single run writes
-                create_numeric(g, "features", shape=(passes, 0, dim), dtype=dtype)
-                continue
-            layout = h5py.VirtualLayout(shape=(passes, n, dim), dtype=dtype)
-            offset = 0
-            for part in parts:
-                rows = part.cache.shapes[split][1]
-                if rows:
-                    source = h5py.VirtualSource(str(_source_name(out, part.cache.path)), f"{split}/features",
-                                                shape=(passes, rows, dim), dtype=dtype)
-                    layout[:, offset:offset + rows, :] = source
-                offset += rows
-            # Rows whose shard went missing read as NaN, never as plausible zeros.
-            g.create_virtual_dataset("features", layout, fillvalue=np.nan)
+            for key, (shape, dtype) in datasets.items():
+                if n == 0:  # nothing to map: an ordinary empty dataset, as a single run writes
+                    create_numeric(g, key, shape=(passes, 0, *shape), dtype=dtype)
+                    continue
+                layout = h5py.VirtualLayout(shape=(passes, n, *shape), dtype=dtype)
+                offset = 0
+                for part in parts:
+                    rows = part.cache.shapes[split][1]
+                    if rows:
+                        source = h5py.VirtualSource(str(_source_name(out, part.cache.path)), f"{split}/{key}",
+                                                    shape=(passes, rows, *shape), dtype=dtype)
+                        layout[:, offset:offset + rows] = source
+                    offset += rows
+                # Rows whose shard went missing read as NaN, never as plausible zeros.
+                g.create_virtual_dataset(key, layout, fillvalue=np.nan if dtype != "int8" else 0)
 
 
 def _source_name(out: Path, source: Path) -> Path:

@@ -25,9 +25,15 @@ def build_model(config: FinetuneConfig, meta: dict, spec, image_size: int, weigh
 
 
 def compile_model(model, config: FinetuneConfig, steps_per_epoch: int) -> None:
+    import keras
+
+    from dogtl.core.precision import resolve
     from dogtl.head.schedules import make_optimizer
 
-    model.compile(optimizer=make_optimizer(config.optimizer, learning_rate(config, steps_per_epoch)),
+    optimizer = make_optimizer(config.optimizer, learning_rate(config, steps_per_epoch))
+    if resolve(config.precision) == "float16":  # float16 gradients underflow without loss scaling
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer,
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.optimizer.build(model.trainable_variables)  # so every checkpoint holds its state
 

@@ -70,6 +70,8 @@ class Setup:
     seed: int
     steps: int  # per epoch
     checkpoints: Checkpoints
+    precision: str = "float32"  # resolved --precision (core/precision.py)
+    source: object = None  # None: train on the images; fromcache.CacheSource: on cut activations
 
 
 @writes
@@ -77,9 +79,16 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
     """Fine-tune, or resume a killed run of the same settings, and write the best model."""
     from dogtl.core.distribute import agree, make_strategy, scope
 
+    from dogtl.core.precision import computing_in
+
     started = time.perf_counter()
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before TensorFlow
-    setup = prepare(config, strategy)
+    if config.from_cache:
+        from dogtl.finetuning.fromcache import prepare_from_cache
+
+        setup = prepare_from_cache(config, strategy)
+    else:
+        setup = prepare(config, strategy)
     if config.deterministic:
         from dogtl.core.determinism import make_deterministic
 
@@ -97,16 +106,26 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
         resumed_from = state.epoch
         log.info("resuming fine-tuning after epoch %d", resumed_from)
     if not state.stopping.stopped and state.epoch < config.epochs:
-        train_epochs(setup, model, state, progress, report)
+        with computing_in(model, setup.precision):
+            train_epochs(setup, model, state, progress, report)
     return finish(setup, state, resumed_from, time.perf_counter() - started)
 
 
 def prepare(config: FinetuneConfig, strategy) -> Setup:
+    from dogtl.data.folders import load_dataset
+
+    from dogtl.core.modelinfo import split_paths
+
+    return prepare_common(config, strategy, lambda cache: split_paths(cache, load_dataset(config.data)))
+
+
+def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Setup:
+    """What every run checks and reads first; `make_split(cache)` gives the train/val split."""
     from dogtl.core.artifacts import check_writable
     from dogtl.core.distribute import check_global_batch, training_steps, worker
-    from dogtl.core.modelinfo import backbone_weights, check_metadata, open_model_cache, split_paths
+    from dogtl.core.modelinfo import backbone_weights, check_metadata, open_model_cache
+    from dogtl.core.precision import resolve
     from dogtl.data.augment import AugmentConfig
-    from dogtl.data.folders import load_dataset
 
     # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
     out = check_writable(worker(strategy).private_path(config.out), config.force)
@@ -117,8 +136,8 @@ def prepare(config: FinetuneConfig, strategy) -> Setup:
     if not cache.is_val.any():
         raise DataError(f"{cache.path} has no validation split (--val-fraction 0): fine-tuning needs "
                         "one to stop early and keep the best model; extract with --val-fraction > 0")
-    split = split_paths(cache, load_dataset(config.data))
-    images = len(split["train"]["paths"])
+    split = make_split(cache)
+    images = len(split["train"]["labels"])
     if images == 0:
         raise DataError(f"{cache.path} has no training images outside the validation split")
     check_global_batch(config.batch_size, strategy, images)
@@ -129,19 +148,22 @@ def prepare(config: FinetuneConfig, strategy) -> Setup:
                  augmentation=AugmentConfig(**fingerprint["augmentation"]) if config.augment else None,
                  seed=int(fingerprint.get("seed", 0)) if config.seed is None else config.seed,
                  steps=training_steps(images, config.batch_size, strategy),
-                 checkpoints=Checkpoints.beside(out, identity))
+                 checkpoints=Checkpoints.beside(out, identity), precision=resolve(config.precision), **extra)
 
 
 def start(setup: Setup) -> tuple[object, RunState]:
     """A fresh run: the head on its backbone, scored and checkpointed as epoch 0."""
     from dogtl.core.distribute import scope
+    from dogtl.core.precision import computing_in
     from dogtl.finetuning.model import build_model
 
     with scope(setup.strategy):  # variables mirrored on every replica
-        model, head, trainable = build_model(setup.config, setup.meta, setup.spec, setup.size, setup.weights,
-                                             setup.steps)
+        model, head, trainable = (setup.source.build(setup) if setup.source else
+                                  build_model(setup.config, setup.meta, setup.spec, setup.size, setup.weights,
+                                              setup.steps))
     val = setup.split["val"]
-    probs, before = validate(model, val, setup.spec, setup.size, 2 * setup.config.batch_size)
+    with computing_in(model, setup.precision):
+        probs, before = validate_setup(setup, model)
     cached = head.predict(setup.cache.features("labelled", passes=[0])[0][val["rows"]], batch_size=1024, verbose=0)
     difference = float(np.max(np.abs(probs - cached)))
     if difference > 0.05:
@@ -163,7 +185,7 @@ def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None
     from dogtl.core.distribute import prepare_fit
 
     c, train = setup.config, setup.split["train"]
-    images, first = len(train["paths"]), state.epoch
+    images, first = len(train["labels"]), state.epoch
 
     def on_batch(batch, logs=None):
         progress((state.epoch - first) * images + min(images, (batch + 1) * c.batch_size),
@@ -173,9 +195,10 @@ def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None
         if end_epoch(setup, model, state, epoch + 1, logs or {}, report):
             model.stop_training = True
 
-    dataset = training_dataset(train["paths"], train["indices"], train["labels"], setup.spec, setup.size,
-                               seed=setup.seed, augmentation=setup.augmentation, batch_size=c.batch_size,
-                               epochs=range(first, c.epochs), strategy=setup.strategy)
+    dataset = (setup.source.dataset(setup, range(first, c.epochs)) if setup.source else
+               training_dataset(train["paths"], train["indices"], train["labels"], setup.spec, setup.size,
+                                seed=setup.seed, augmentation=setup.augmentation, batch_size=c.batch_size,
+                                epochs=range(first, c.epochs), strategy=setup.strategy))
     callback = keras.callbacks.LambdaCallback(on_train_batch_end=on_batch if progress else None,
                                               on_epoch_end=on_epoch)
     try:
@@ -192,7 +215,7 @@ def end_epoch(setup: Setup, model, state: RunState, epoch: int, logs: dict, repo
     """Validate epoch `epoch` on clean images, checkpoint it, keep it if best; True to stop."""
     import keras
 
-    _, metrics = validate(model, setup.split["val"], setup.spec, setup.size, 2 * setup.config.batch_size)
+    _, metrics = validate_setup(setup, model)
     lr = float(np.asarray(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
     row = {"epoch": epoch, "loss": float(logs.get("loss", np.nan)), "accuracy": float(logs.get("accuracy", np.nan)),
            "val_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"], "lr": lr}
@@ -210,13 +233,25 @@ def end_epoch(setup: Setup, model, state: RunState, epoch: int, logs: dict, repo
     return state.stopping.stopped
 
 
+def validate_setup(setup: Setup, model) -> tuple[np.ndarray, dict]:
+    """(probabilities, scores) on the clean validation split: its images, or its cached cut."""
+    if setup.source:
+        return setup.source.validate(setup, model)
+    return validate(model, setup.split["val"], setup.spec, setup.size, 2 * setup.config.batch_size)
+
+
 def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> FinetuneResult:
     """Write the best model with its metadata, history and plot; remove the checkpoints."""
     from dogtl.core.artifacts import save_model
     from dogtl.core.files import write_csv_atomic
     from dogtl.core.modelinfo import weights_path_to_record
 
+    from dogtl.core.precision import set_policy
+
     best = setup.checkpoints.load_model(state.best_file)
+    if setup.source:  # the whole backbone + head, the frozen part as it came
+        best = setup.source.export(setup, best)
+    set_policy(best, "float32")  # saved models compute in float32, whatever they trained in
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
     best_epoch = state.stopping.best_epoch
     metrics = {**state.best, "before": state.before, "best_epoch": best_epoch, "epochs_run": state.epoch,

@@ -12,26 +12,10 @@ nothing anyway).
 
 from __future__ import annotations
 
-import functools
-import re
-from pathlib import Path
+from dogtl.core.precision import native_bfloat16  # noqa: F401  (one hardware check for every stage)
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 AUTO_MIN_BATCH = 64
-
-
-@functools.lru_cache(maxsize=1)
-def native_bfloat16() -> bool:
-    """True on a CPU with bfloat16 matmul instructions and no GPU visible to TensorFlow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    if not re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
-        return False
-    import tensorflow as tf
-
-    return not tf.config.list_physical_devices("GPU")
 
 
 def resolve_precision(precision: str, batch_size: int) -> str:

@@ -1,0 +1,153 @@
+"""Cut activations: what enters the top N blocks of the backbone, stored by extraction so that
+`finetune --from-cache` can train those blocks without decoding an image or re-running the
+frozen layers below them.
+
+The cut is one tensor: the input of the first layer of the top N blocks (models.top_blocks_start,
+the same layer fine-tuning from images unfreezes from). The frozen part maps images to it; the
+top part maps it to the pooled features, and holds every layer that depends on it (a residual
+shortcut created just before the block, such as Xception's, runs in the top part but stays
+frozen, exactly as when fine-tuning from images).
+
+Stored per pass as `<split>/cut` [passes, rows, H, W, C], float16, or int8 with a symmetric
+scale per image and channel in `<split>/cut_scale` [passes, rows, C] (value = int8 x scale).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dogtl.core.errors import CacheError, DogtlError
+
+CUT_DTYPES = ("float16", "int8")
+BYTES = {"float16": 2, "int8": 1}
+
+
+def cut_tensor(backbone, spec, n: int):
+    """The KerasTensor entering the top `n` blocks of `backbone`."""
+    from dogtl.core.models import top_blocks_start
+
+    layers = backbone.layers
+    start = top_blocks_start([layer.name for layer in layers], spec, n)
+    if n < 1 or start >= len(layers):
+        raise DogtlError(f"--cut-blocks {n}: choose 1 to {len(spec.blocks)} for {spec.name}")
+    tensor = layers[start].input
+    if isinstance(tensor, (list, tuple)):
+        raise DogtlError(f"--cut-blocks {n}: {spec.name}'s block {layers[start].name} takes several tensors; "
+                         "choose another number of blocks")
+    return tensor
+
+
+def split_backbone(backbone, spec, n: int):
+    """(frozen part: images -> cut, top part: cut -> pooled features). Both share the backbone's
+    layer objects, so training the top part trains the backbone itself."""
+    import keras
+
+    cut = cut_tensor(backbone, spec, n)
+    return keras.Model(backbone.input, cut, name="frozen_part"), keras.Model(cut, backbone.output, name="top_part")
+
+
+def extraction_model(backbone, spec, n: int):
+    """images -> [pooled features, cut activations], in one forward pass."""
+    import keras
+
+    return keras.Model(backbone.input, [backbone.output, cut_tensor(backbone, spec, n)], name="with_cut")
+
+
+def cut_info(backbone, spec, n: int, dtype: str) -> dict:
+    """What the fingerprint records of a cut: blocks, stored dtype and the shape of one image's cut."""
+    if dtype not in CUT_DTYPES:
+        raise ValueError(f"--cut-dtype {dtype!r} must be one of {', '.join(CUT_DTYPES)}")
+    shape = [int(d) for d in cut_tensor(backbone, spec, n).shape[1:]]
+    return {"blocks": int(n), "dtype": dtype, "shape": shape}
+
+
+def stored_layout(fingerprint: dict) -> dict:
+    """{dataset name: (shape of one row, dtype)} of the cut datasets a cache with `fingerprint` holds."""
+    cut = fingerprint.get("cut")
+    if not cut:
+        return {}
+    shape = tuple(int(d) for d in cut["shape"])
+    layout = {"cut": (shape, cut["dtype"])}
+    if cut["dtype"] == "int8":
+        layout["cut_scale"] = ((shape[-1],), "float32")
+    return layout
+
+
+def bytes_per_image_pass(info: dict) -> int:
+    values = int(np.prod(info["shape"]))
+    return values * BYTES[info["dtype"]] + (4 * info["shape"][-1] if info["dtype"] == "int8" else 0)
+
+
+def cut_bytes(info: dict, image_passes: int) -> int:
+    """Bytes the cut activations of `image_passes` images-times-passes take in the cache."""
+    return bytes_per_image_pass(info) * image_passes
+
+
+def encode(activations: np.ndarray, dtype: str) -> dict:
+    """The arrays stored for a batch of cut activations [b, H, W, C]: {'cut'} or {'cut', 'cut_scale'}."""
+    x = np.asarray(activations, dtype=np.float32)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            stored = x.astype(np.float16)
+        if not np.isfinite(stored).all():
+            raise DogtlError(f"cut activations reach {np.abs(x).max():.3g}, beyond float16: rerun with "
+                             "--cut-dtype int8 --force")
+        return {"cut": stored}
+    peak = np.abs(x).max(axis=tuple(range(1, x.ndim - 1)))  # [b, C]
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scale[:, None, None, :]), -127, 127).astype(np.int8)
+    return {"cut": q, "cut_scale": scale}
+
+
+def decode(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """float32 activations from stored values (and int8 scales)."""
+    x = np.asarray(values).astype(np.float32)
+    if scale is not None:
+        x *= np.asarray(scale, np.float32)[:, None, None, :]
+    return x
+
+
+def check_cut(cache, blocks: int | None = None) -> dict:
+    """The cache's cut info; refuses a cache without cut activations, or with another cut than
+    `blocks`, saying what to run."""
+    info = cache.fingerprint.get("cut")
+    if not info:
+        want = blocks or 2
+        raise CacheError(f"{cache.path} holds no cut activations: extract with `dogtl extract-features "
+                         f"--cut-blocks {want} --cache {cache.path} --force` (same other options) to fine-tune "
+                         "from the cache, or fine-tune from the images without --from-cache")
+    if blocks is not None and int(info["blocks"]) != int(blocks):
+        raise CacheError(f"--trainable-blocks {blocks} but {cache.path} holds the activations entering the top "
+                         f"{info['blocks']} blocks: run with --trainable-blocks {info['blocks']}, or extract again "
+                         f"with --cut-blocks {blocks} --force")
+    return info
+
+
+class CutReader:
+    """Reads cut activations of a complete cache, decoded to float32."""
+
+    def __init__(self, cache):
+        import h5py
+
+        self.path, self.info = cache.path, check_cut(cache)
+        try:
+            self.file = h5py.File(cache.path, "r")
+        except OSError as e:
+            raise CacheError(f"{cache.path}: cannot read its cut activations ({str(e)[:120]})") from None
+
+    def read(self, split: str, pass_index: int, rows) -> np.ndarray:
+        """[len(rows), H, W, C] float32 of `rows` (any order) of one pass."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows)
+        g = self.file[split]
+        try:
+            values = g["cut"][pass_index, rows[order]]
+            scale = g["cut_scale"][pass_index, rows[order]] if "cut_scale" in g else None
+        except (OSError, KeyError) as e:
+            raise CacheError(f"{self.path}: damaged cut activations ({str(e)[:120]}); extract again") from None
+        out = np.empty_like(values, dtype=np.float32)
+        out[order] = decode(values, scale)
+        return out
+
+    def close(self) -> None:
+        self.file.close()
