@@ -92,6 +92,12 @@ def load_image_model(path, weights: str | None = None):
     from dogtl.core.models import build_backbone, compose
 
     meta, spec, size = check_metadata(path)
+    from dogtl.features.multicache import is_multi
+
+    if is_multi(meta):  # one backbone per cache, each at its own size: lists of specs and sizes
+        from dogtl.features.multicache import multi_image_model
+
+        return multi_image_model(path, meta, weights)
     if meta["kind"] == "head":
         backbone = build_backbone(spec, backbone_weights(meta, weights), size)
     model, _ = load_model(path, compile=False)
@@ -118,7 +124,7 @@ def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: 
     Uses the pipeline of extraction, so the pixels are the ones the head was trained on;
     pass p > 0 is the same augmentation as the cache's pass p for the same indices.
     """
-    from dogtl.data.images import image_dataset
+    from dogtl.data.multiimages import model_image_dataset
 
     n = len(paths)
     num_classes = model.output.shape[-1]
@@ -126,7 +132,7 @@ def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: 
     ok = np.zeros(n, dtype=bool)
     if n == 0:
         return probs, ok
-    ds = image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
+    ds = model_image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
                        augmentation=augmentation, batch_size=batch_size, skip_bad=True)
     infer = inference_fn(model)
     for positions, _, images in ds:

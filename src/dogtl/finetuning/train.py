@@ -105,6 +105,9 @@ def prepare(config: FinetuneConfig, strategy) -> Setup:
     # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
     out = check_writable(worker(strategy).private_path(config.out), config.force)
     meta, spec, size = check_metadata(config.head, kinds=("head",))
+    from dogtl.head.ensemble import refuse_composite
+
+    refuse_composite(meta, config.head)
     weights = backbone_weights(meta, config.weights)
     cache = open_model_cache(meta, config.cache)
     if not cache.is_val.any():

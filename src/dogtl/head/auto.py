@@ -1,0 +1,116 @@
+"""`dogtl train-head --auto [--budget SECONDS]`: a strong head without tuning.
+
+A bounded random search with the sweep machinery (`sweeps/`), scored by 3-fold
+cross-validation over the cache's training split (the validation split stays unseen until
+the end), over AUTO_PARAMS: the architecture (linear, one hidden layer of 512 or 1024),
+optimizer, peak and base learning rates, dropout on the input and after the hidden layer,
+label smoothing and weight decay. Then the top AUTO_TOP trials are retrained on the whole
+training split and saved as one ensemble model (head.ensemble) at --out.
+
+The budget bounds the whole command: a first round of CALIBRATION_TRIALS trials measures
+what a trial costs here, and the second round gets as many more trials as the rest of the
+budget holds after the final retraining (at least none: the first round's are kept). The
+second round starts from the first's finished runs (the sweep resumes from them), so no
+trial is trained twice. Everything is written under `<out without .keras>.auto/`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dogtl.core.errors import DogtlError
+
+AUTO_PARAMS = (
+    "hidden=none,512,1024",
+    "optimizer=adam,rmsprop",
+    "max_lr=log:1e-3..3e-2",
+    "base_lr=log:1e-5..5e-4",
+    "input_dropout=0.0..0.6",
+    "dropout=0.1..0.6",
+    "label_smoothing=0.0..0.15",
+    "weight_decay=0,1e-4,1e-3,1e-2",
+)
+AUTO_FOLDS = 3
+AUTO_TOP = 5
+AUTO_EPOCHS = 40
+CALIBRATION_TRIALS = 8
+MAX_TRIALS = 200
+DEFAULT_BUDGET = 120.0
+
+
+@dataclass
+class AutoResult:
+    model_path: Path
+    metrics: dict  # the ensemble's validation accuracy and log loss
+    best_single: dict  # the best trial, retrained on the training split: its validation figures
+    trials: int
+    seconds: float
+    budget: float
+    folder: Path
+    results: object  # the search's ranked results (pandas DataFrame)
+
+
+def _round(cache, folder: Path, trials: int, seed: int, progress, seeded_from: Path | None = None):
+    from dogtl.sweeps.run import SweepConfig, run_sweep
+
+    if seeded_from is not None and not (folder / "sweep.json").exists():
+        (folder / "trials").mkdir(parents=True, exist_ok=True)
+        for record in (seeded_from / "trials").glob("*.json"):  # finished runs: the sweep skips them
+            shutil.copy2(record, folder / "trials" / record.name)
+    config = SweepConfig(cache=cache, params=AUTO_PARAMS, trials=trials, folds=AUTO_FOLDS, epochs=AUTO_EPOCHS,
+                         seed=seed, out=str(folder), force=seeded_from is not None, folds_in_train=True)
+    return run_sweep(config, progress=progress)
+
+
+def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: float = DEFAULT_BUDGET,
+               seed: int = 2018, force: bool = False, progress=None) -> AutoResult:
+    """Search within `budget` seconds, then write the ensemble of the best AUTO_TOP trials at `out`."""
+    from dogtl.core.artifacts import check_writable
+    from dogtl.core.files import check_overwrite
+    from dogtl.features.multicache import open_caches
+    from dogtl.head.ensemble import ensemble_of_trials
+    from dogtl.head.settings import HeadConfig
+
+    started = time.perf_counter()
+    if budget <= 0:
+        raise DogtlError(f"--budget {budget:g}: give the seconds the search may take, e.g. --budget 120")
+    out = Path(out)
+    check_writable(out, force)
+    check_overwrite(out.with_suffix(".json"), force)
+    folder = out.with_suffix(".auto")
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    opened = open_caches(cache)
+    first = _round(cache, folder / "calibration", CALIBRATION_TRIALS, seed, progress)
+    spent = time.perf_counter() - started
+    # Seconds per (trial, fold) run here: measured now, or from the records of a resumed round.
+    per_run = (first.seconds / first.runs if first.runs else
+               float(first.results["seconds"].sum()) / max(1, len(first.results) * AUTO_FOLDS))
+    per_run = max(per_run, 1e-3)
+    # The final retraining: AUTO_TOP heads on the whole training split, each ~folds/(folds-1) of a fold run.
+    final = AUTO_TOP * per_run * AUTO_FOLDS / (AUTO_FOLDS - 1)
+    extra = int(max(0.0, budget - spent - final) / (per_run * AUTO_FOLDS))
+    result = first
+    if extra > 0:
+        total = min(MAX_TRIALS, first.trials + extra)
+        result = _round(cache, folder / f"search-{total}", total, seed, progress, seeded_from=first.out)
+    frame = result.results
+    finite = frame[frame["val_log_loss"].astype(float).map(math.isfinite)]
+    if finite.empty:
+        raise DogtlError("every trial of the search diverged: check the cache's features")
+    configs = [HeadConfig(**_settings(result.out, key)) for key in finite["trial"][:AUTO_TOP]]
+    ensemble = ensemble_of_trials(opened, configs, out, force=force)
+    return AutoResult(out, ensemble.metrics, ensemble.member_metrics[0], len(frame),
+                      time.perf_counter() - started, budget, folder, frame)
+
+
+def _settings(sweep_dir: Path, trial: str) -> dict:
+    """The train-head settings of a trial, from one of its saved run records."""
+    import json
+
+    record = next((sweep_dir / "trials").glob(f"{trial}-f*.json"))
+    return json.loads(record.read_text())["settings"]
