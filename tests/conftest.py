@@ -132,3 +132,22 @@ def write_odd_images(folder, size: int = 48) -> dict:
 @pytest.fixture(scope="session")
 def odd_images(tmp_path_factory):
     return write_odd_images(tmp_path_factory.mktemp("odd"))
+
+
+# Backbones cheap enough to build in the default run (the small variant of every family);
+# tests over every backbone of the registry build the others only with DOGTL_TEST_SLOW=1.
+CHEAP_BACKBONES = ("xception", "inception_v3", "resnet50", "mobilenet_v2", "efficientnet_b0",
+                   "efficientnet_v2_b0", "convnext_tiny")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: opt-in (DOGTL_TEST_SLOW=1): too slow for the default run")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DOGTL_TEST_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set DOGTL_TEST_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

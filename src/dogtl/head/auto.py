@@ -54,21 +54,22 @@ class AutoResult:
     results: object  # the search's ranked results (pandas DataFrame)
 
 
-def _round(cache, folder: Path, trials: int, seed: int, progress, seeded_from: Path | None = None):
+def _round(cache, folder: Path, trials: int, seed: int, progress, epochs: int, seeded_from: Path | None = None):
     from dogtl.sweeps.run import SweepConfig, run_sweep
 
     if seeded_from is not None and not (folder / "sweep.json").exists():
         (folder / "trials").mkdir(parents=True, exist_ok=True)
         for record in (seeded_from / "trials").glob("*.json"):  # finished runs: the sweep skips them
             shutil.copy2(record, folder / "trials" / record.name)
-    config = SweepConfig(cache=cache, params=AUTO_PARAMS, trials=trials, folds=AUTO_FOLDS, epochs=AUTO_EPOCHS,
+    config = SweepConfig(cache=cache, params=AUTO_PARAMS, trials=trials, folds=AUTO_FOLDS, epochs=epochs,
                          seed=seed, out=str(folder), force=seeded_from is not None, folds_in_train=True)
     return run_sweep(config, progress=progress)
 
 
 def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: float = DEFAULT_BUDGET,
-               seed: int = 2018, force: bool = False, progress=None) -> AutoResult:
-    """Search within `budget` seconds, then write the ensemble of the best AUTO_TOP trials at `out`."""
+               seed: int = 2018, force: bool = False, progress=None, calibration_trials: int = CALIBRATION_TRIALS,
+               epochs: int = AUTO_EPOCHS, top: int = AUTO_TOP) -> AutoResult:
+    """Search within `budget` seconds, then write the ensemble of the best `top` trials at `out`."""
     from dogtl.core.artifacts import check_writable
     from dogtl.core.files import check_overwrite
     from dogtl.features.multicache import open_caches
@@ -85,24 +86,24 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
     if force and folder.exists():
         shutil.rmtree(folder)
     opened = open_caches(cache)
-    first = _round(cache, folder / "calibration", CALIBRATION_TRIALS, seed, progress)
+    first = _round(cache, folder / "calibration", calibration_trials, seed, progress, epochs)
     spent = time.perf_counter() - started
     # Seconds per (trial, fold) run here: measured now, or from the records of a resumed round.
     per_run = (first.seconds / first.runs if first.runs else
                float(first.results["seconds"].sum()) / max(1, len(first.results) * AUTO_FOLDS))
     per_run = max(per_run, 1e-3)
     # The final retraining: AUTO_TOP heads on the whole training split, each ~folds/(folds-1) of a fold run.
-    final = AUTO_TOP * per_run * AUTO_FOLDS / (AUTO_FOLDS - 1)
+    final = top * per_run * AUTO_FOLDS / (AUTO_FOLDS - 1)
     extra = int(max(0.0, budget - spent - final) / (per_run * AUTO_FOLDS))
     result = first
     if extra > 0:
         total = min(MAX_TRIALS, first.trials + extra)
-        result = _round(cache, folder / f"search-{total}", total, seed, progress, seeded_from=first.out)
+        result = _round(cache, folder / f"search-{total}", total, seed, progress, epochs, seeded_from=first.out)
     frame = result.results
     finite = frame[frame["val_log_loss"].astype(float).map(math.isfinite)]
     if finite.empty:
         raise DogtlError("every trial of the search diverged: check the cache's features")
-    configs = [HeadConfig(**_settings(result.out, key)) for key in finite["trial"][:AUTO_TOP]]
+    configs = [HeadConfig(**_settings(result.out, key)) for key in finite["trial"][:top]]
     ensemble = ensemble_of_trials(opened, configs, out, force=force)
     return AutoResult(out, ensemble.metrics, ensemble.member_metrics[0], len(frame),
                       time.perf_counter() - started, budget, folder, frame)
