@@ -36,6 +36,8 @@ def caches(tmp_path_factory):
                                                     **common)),
             "equal": _as_resnet50(write_feature_cache(folder / "equal.h5", passes=2, augment_noise=0.0, seed=2,
                                                       **common)),
+            "small": write_feature_cache(folder / "small.h5", passes=2, num_images=240, num_classes=4, dim=32,
+                                         val_fraction=0.25, seed=3),
             "folder": folder}
 
 
@@ -116,7 +118,7 @@ def test_tta_over_augmented_passes_averages_them(head, caches):
 
 def test_sweep_ensemble_writes_the_top_trials_as_one_model(caches, tmp_path):
     out = tmp_path / "sweep"
-    result = run_cli("sweep", "--cache", caches["aug"], "--param", "max_lr=3e-3,1e-2", "--param", "hidden=32",
+    result = run_cli("sweep", "--cache", caches["small"], "--param", "max_lr=3e-3,1e-2", "--param", "hidden=32",
                      "--epochs", 6, "--ensemble", 2, "--out", out)
     assert result.exit_code == 0, result.output
     assert (out / "ensemble.keras").exists() and (out / "best.toml").exists()
@@ -131,8 +133,8 @@ def test_auto_searches_within_budget_and_writes_an_ensemble(caches, tmp_path):
     from dogtl.head.auto import auto_train
 
     out = tmp_path / "auto.keras"
-    r = auto_train(caches["aug"], out, budget=20, calibration_trials=3, epochs=4, top=2)
-    assert out.exists() and r.trials >= 3 and r.seconds < 60
+    r = auto_train(caches["small"], out, budget=4, round_trials=3, epochs=4, top=2)
+    assert out.exists() and r.trials >= 3 and r.seconds < 30
     meta = json.loads(out.with_suffix(".json").read_text())
     assert len(meta["ensemble"]["members"]) == 2 and meta["metrics"] == r.metrics
     assert r.metrics["val_accuracy"] > 0.5  # 4 classes: chance 0.25

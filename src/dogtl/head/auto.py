@@ -7,11 +7,13 @@ optimizer, peak and base learning rates, dropout on the input and after the hidd
 label smoothing and weight decay. Then the top AUTO_TOP trials are retrained on the whole
 training split and saved as one ensemble model (head.ensemble) at --out.
 
-The budget bounds the whole command: a first round of CALIBRATION_TRIALS trials measures
-what a trial costs here, and the second round gets as many more trials as the rest of the
-budget holds after the final retraining (at least none: the first round's are kept). The
-second round starts from the first's finished runs (the sweep resumes from them), so no
-trial is trained twice. Everything is written under `<out without .keras>.auto/`.
+The budget bounds the whole command: the search runs in rounds of ROUND_TRIALS more trials
+(a random search's trials are a prefix-stable sample, so round r's trials are round r-1's
+and ROUND_TRIALS new ones), each round a sweep that resumes from the previous round's
+finished runs, so no trial is trained twice. After each round the time it took per run
+predicts the next round and the final retraining; the search stops when they would not
+fit in what is left of the budget (the first round always runs). Everything is written
+under `<out without .keras>.auto/`.
 """
 
 from __future__ import annotations
@@ -25,19 +27,20 @@ from pathlib import Path
 from dogtl.core.errors import DogtlError
 
 AUTO_PARAMS = (
-    "hidden=none,512,1024",
+    "hidden=none,512",
+    "batch_size=32,64",
     "optimizer=adam,rmsprop",
     "max_lr=log:1e-3..3e-2",
     "base_lr=log:1e-5..5e-4",
     "input_dropout=0.0..0.6",
     "dropout=0.1..0.6",
     "label_smoothing=0.0..0.15",
-    "weight_decay=0,1e-4,1e-3,1e-2",
+    "weight_decay=0,1e-4,1e-3",
 )
 AUTO_FOLDS = 3
 AUTO_TOP = 5
-AUTO_EPOCHS = 40
-CALIBRATION_TRIALS = 8
+AUTO_EPOCHS = 30
+ROUND_TRIALS = 4
 MAX_TRIALS = 200
 DEFAULT_BUDGET = 120.0
 
@@ -67,7 +70,7 @@ def _round(cache, folder: Path, trials: int, seed: int, progress, epochs: int, s
 
 
 def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: float = DEFAULT_BUDGET,
-               seed: int = 2018, force: bool = False, progress=None, calibration_trials: int = CALIBRATION_TRIALS,
+               seed: int = 2018, force: bool = False, progress=None, round_trials: int = ROUND_TRIALS,
                epochs: int = AUTO_EPOCHS, top: int = AUTO_TOP) -> AutoResult:
     """Search within `budget` seconds, then write the ensemble of the best `top` trials at `out`."""
     from dogtl.core.artifacts import check_writable
@@ -86,19 +89,20 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
     if force and folder.exists():
         shutil.rmtree(folder)
     opened = open_caches(cache)
-    first = _round(cache, folder / "calibration", calibration_trials, seed, progress, epochs)
-    spent = time.perf_counter() - started
-    # Seconds per (trial, fold) run here: measured now, or from the records of a resumed round.
-    per_run = (first.seconds / first.runs if first.runs else
-               float(first.results["seconds"].sum()) / max(1, len(first.results) * AUTO_FOLDS))
-    per_run = max(per_run, 1e-3)
-    # The final retraining: AUTO_TOP heads on the whole training split, each ~folds/(folds-1) of a fold run.
-    final = top * per_run * AUTO_FOLDS / (AUTO_FOLDS - 1)
-    extra = int(max(0.0, budget - spent - final) / (per_run * AUTO_FOLDS))
-    result = first
-    if extra > 0:
-        total = min(MAX_TRIALS, first.trials + extra)
-        result = _round(cache, folder / f"search-{total}", total, seed, progress, epochs, seeded_from=first.out)
+    result, total = None, 0
+    while True:
+        total = min(MAX_TRIALS, total + round_trials)
+        round_started = time.perf_counter()
+        result = _round(cache, folder / f"search-{total}", total, seed, progress, epochs,
+                        seeded_from=result.out if result is not None else None)
+        # Seconds per (trial, fold) run here, from this round (or the records of a resumed one).
+        per_run = ((time.perf_counter() - round_started) / result.runs if result.runs else
+                   float(result.results["seconds"].sum()) / max(1, len(result.results) * AUTO_FOLDS))
+        # The final retraining: `top` heads on the whole training split, each ~folds/(folds-1) of a fold run.
+        final = top * per_run * AUTO_FOLDS / (AUTO_FOLDS - 1)
+        next_round = round_trials * AUTO_FOLDS * per_run
+        if total >= MAX_TRIALS or time.perf_counter() - started + next_round + final > budget:
+            break
     frame = result.results
     finite = frame[frame["val_log_loss"].astype(float).map(math.isfinite)]
     if finite.empty:
