@@ -143,6 +143,12 @@ def cut_stage3(tmp_path_factory):
     return build_pipeline(tmp_path_factory.mktemp("cut_stage3"), cut_blocks=2)
 
 
+# Backbones cheap enough to build in the default run (the small variant of every family);
+# tests over every backbone of the registry build the others only with --run-slow.
+CHEAP_BACKBONES = ("xception", "inception_v3", "resnet50", "mobilenet_v2", "efficientnet_b0",
+                   "efficientnet_v2_b0", "convnext_tiny")
+
+
 # Opt-in slow tests (`@pytest.mark.slow`): skipped unless `pytest --run-slow` or DOGTL_RUN_SLOW=1.
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")

@@ -89,7 +89,8 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
     as `--param`; `space`: a TOML/JSON file; `settings`: trials, folds, epochs, jobs, backend, ..."""
     from dogtl.sweeps.run import SweepConfig, run_sweep
 
-    config = SweepConfig(cache=str(cache), params=tuple(params), space=str(space) if space else None,
+    cache = tuple(str(p) for p in cache) if isinstance(cache, (list, tuple)) else str(cache)
+    config = SweepConfig(cache=cache, params=tuple(params), space=str(space) if space else None,
                          out=str(out) if out else None, force=force, **settings)
 
     def make():
@@ -99,6 +100,13 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
 
     with _bar(progress, make) as update:
         return run_sweep(config, progress=update)
+
+
+def ensemble(models, out="models/ensemble.keras", *, force: bool = False):
+    """Average the probabilities of several saved models into one model at `out` (an EnsembleResult)."""
+    from dogtl.head.ensemble import combine_models
+
+    return combine_models(models, out, force=force)
 
 
 def finetune(data="data", head="models/head.keras", out="models/finetuned.keras", *, force: bool = False,
@@ -143,5 +151,5 @@ def demo(dir="demo", *, force: bool = False, note=None, **settings):
     return run_demo(DemoConfig(dir=str(dir), force=force, **settings), note=note)
 
 
-__all__ = ["extract_features", "merge_cache", "train_head", "lr_find", "sweep", "finetune", "evaluate", "predict",
+__all__ = ["extract_features", "merge_cache", "train_head", "lr_find", "sweep", "ensemble", "finetune", "evaluate", "predict",
            "demo"]

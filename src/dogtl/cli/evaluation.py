@@ -22,6 +22,7 @@ def evaluate_cmd(
     confused: int = typer.Option(10, help="How many most confused class pairs to list."),
     batch_size: int = typer.Option(32, help="Images per model call."),
     weights: Optional[str] = typer.Option(None, help="Only if the backbone came from a local weights file: that file again."),
+    tta: bool = typer.Option(False, "--tta", help="Also report test-time augmentation: probabilities averaged over the clean and augmented passes of the validation images (cached for head models: seconds), beside the plain figures."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing reports."),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
 ):
@@ -32,9 +33,13 @@ def evaluate_cmd(
     with ImageProgress("evaluating") as bar:
         r = api.evaluate(model, data=data, force=force, progress=bar.update, cache=str(cache) if cache else None,
                          out=str(out) if out else None, top_k=top_k, confused=confused, batch_size=batch_size,
-                         weights=weights, precision=precision)
+                         weights=weights, precision=precision, tta=tta)
     typer.echo(f"{r.model} on {r.images} validation images ({r.source}):")
-    typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}")
+    typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}"
+               + ("   (plain)" if r.tta else ""))
+    if r.tta:
+        typer.echo(f"  accuracy {r.tta['accuracy']:.4f}   log loss {r.tta['log_loss']:.4f}   top-{r.top_k} accuracy "
+                   f"{r.tta['top_k_accuracy']:.4f}   (TTA over {r.tta['passes']} passes)")
     worst = r.per_class.dropna().sort_values("accuracy").head(5)
     typer.echo("  lowest per-class accuracy: " + ", ".join(
         f"{row['class']} {row['accuracy']:.2f} ({row['correct']}/{row['images']})" for _, row in worst.iterrows()))

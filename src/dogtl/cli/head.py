@@ -12,22 +12,36 @@ from dogtl.cli.common import CONFIG_OPTION, apply_config_file, friendly_errors
 from dogtl.core.settings import with_options
 from dogtl.head.settings import HEAD_SETTINGS, LRFIND_SETTINGS
 
+CACHE_HELP = ("Feature cache written by extract-features. Repeat it (--cache a.h5 --cache b.h5) to train on the "
+              "features of several caches of the same images concatenated per row (other backbones or image sizes).")
+
+
+def cache_arg(paths):
+    """One --cache as a path, several as a list (what the stages take)."""
+    paths = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+    return paths[0] if len(paths) == 1 else paths
+
 
 @friendly_errors
 @with_options(HEAD_SETTINGS)
 def train_head_cmd(
     ctx: typer.Context,
-    cache: Path = typer.Option(Path("cache/features.h5"), help="Feature cache written by extract-features."),
+    cache: list[Path] = typer.Option([Path("cache/features.h5")], help=CACHE_HELP),
     out: Path = typer.Option(Path("models/head.keras"), help="Model to write; its .json metadata, .history.csv and .png plot go beside it."),
     config: Optional[Path] = CONFIG_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing model (and its metadata, history and plot)."),
+    auto: bool = typer.Option(False, "--auto", help="No tuning needed: a bounded random search (3 folds of the training split; architecture, optimizer, rates, dropout, label smoothing, weight decay) whose top 5 trials, retrained, are saved as one ensemble model at --out. The other head options are ignored."),
+    budget: float = typer.Option(120.0, help="With --auto: seconds the whole search and retraining may take."),
     settings: dict = None,
 ):
     """Train the dense head on cached features with a cyclical learning rate.
 
     BatchNorm -> Dropout -> Dense relu -> Dropout -> softmax, seconds per epoch. Early stopping on validation log loss restores the best epoch. Writes the model, metadata binding it to the cache (fingerprint, classes, backbone, image size, settings, metrics), a per-epoch history CSV and a PNG plot, and prints validation accuracy and log loss.
     """
-    settings, io = apply_config_file(ctx, settings, config, HEAD_SETTINGS, "train_head", {"cache": cache, "out": out})
+    settings, io = apply_config_file(ctx, settings, config, HEAD_SETTINGS, "train_head",
+                                     {"cache": cache_arg(cache), "out": out})
+    if auto:
+        return _auto(io, budget, force)
 
     def report(row):
         typer.echo(f"epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
@@ -49,7 +63,7 @@ def train_head_cmd(
 @with_options(LRFIND_SETTINGS)
 def lr_find_cmd(
     ctx: typer.Context,
-    cache: Path = typer.Option(Path("cache/features.h5"), help="Feature cache written by extract-features."),
+    cache: list[Path] = typer.Option([Path("cache/features.h5")], help=CACHE_HELP),
     out: Path = typer.Option(Path("models/lr-find.png"), help="PNG plot of training loss against learning rate."),
     config: Optional[Path] = CONFIG_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing plot."),
@@ -59,10 +73,29 @@ def lr_find_cmd(
 
     One training step per rate, the rate growing exponentially from --start-lr until --end-lr or until the loss diverges; plots loss against rate and prints the suggested cyclical range (max = rate at the lowest smoothed loss / 10, base = max / 10).
     """
-    settings, io = apply_config_file(ctx, settings, config, LRFIND_SETTINGS, "lr_find", {"cache": cache, "out": out})
+    settings, io = apply_config_file(ctx, settings, config, LRFIND_SETTINGS, "lr_find",
+                                     {"cache": cache_arg(cache), "out": out})
     r = api.lr_find(**io, force=force, **settings)
     how = "stopped when the loss diverged" if r.diverged else "the loss did not diverge"
     typer.echo(f"{len(r.losses)} steps from lr {r.lrs[0]:.1e} to {r.lrs[-1]:.1e} ({how}) in {r.seconds:.1f} s")
     typer.echo(f"lowest smoothed loss {r.smoothed.min():.4f} at lr {r.lr_at_min:.1e}")
     typer.echo(f"suggested: --base-lr {r.base_lr:.1e} --max-lr {r.max_lr:.1e}")
     typer.echo(f"wrote {r.plot_path}")
+
+
+def _auto(io: dict, budget: float, force: bool) -> None:
+    from dogtl.head.auto import auto_train
+
+    def report(event):
+        record = event.get("record")
+        if record is not None:
+            typer.echo(f"[{event['done']}/{event['total']}] {event['label']}: val log loss "
+                       f"{record['metrics']['val_log_loss']:.4f}  (best {event['best']:.4f})")
+
+    r = auto_train(io["cache"], io["out"], budget=budget, force=force, progress=report)
+    typer.echo(f"searched {r.trials} trials in {r.folder} ({r.seconds:.0f} s of a {r.budget:.0f} s budget)")
+    typer.echo(f"best single trial, retrained: validation accuracy {r.best_single['val_accuracy']:.4f}  "
+               f"log loss {r.best_single['val_log_loss']:.4f}")
+    typer.echo(f"ensemble of its top trials:    validation accuracy {r.metrics['val_accuracy']:.4f}  "
+               f"log loss {r.metrics['val_log_loss']:.4f}")
+    typer.echo(f"wrote {r.model_path} (+ {r.model_path.with_suffix('.json').name})")

@@ -49,7 +49,7 @@ class TrialProgress(_RichBar):
 
 @friendly_errors
 def sweep_cmd(
-    cache: Path = typer.Option(Path("cache/features.h5"), help="Feature cache written by extract-features."),
+    cache: list[Path] = typer.Option([Path("cache/features.h5")], help="Feature cache written by extract-features; repeat it to concatenate several caches of the same images per row."),
     space: Optional[Path] = typer.Option(None, help="TOML or JSON file: train-head setting = list of candidates, e.g. max_lr = [1e-3, 3e-3]; {low = 0.2, high = 0.6, log = false} is a range (random search); a single value is fixed."),
     param: Optional[list[str]] = typer.Option(None, "--param", help="name=v1,v2,... (repeatable; replaces the file's entry): any train-head setting (hidden=512,1024x512,none; max_lr=1e-3,3e-3; optimizer=adam,rmsprop; ...) or layers=1,2; name=low..high or name=log:low..high is a range."),
     trials: Optional[int] = typer.Option(None, help="Random search: this many trials, drawn with --seed (default: every combination of the grid)."),
@@ -62,16 +62,19 @@ def sweep_cmd(
     seed: int = typer.Option(2018, help="Seed of the random search and of the folds."),
     out: Optional[Path] = typer.Option(None, help="Sweep folder (default: sweeps/sweep-<hash of these settings>). Rerunning the same command resumes an interrupted sweep."),
     force: bool = typer.Option(False, "--force", help="Start over in --out, discarding its finished trials (also if it holds another sweep)."),
+    ensemble: Optional[int] = typer.Option(None, help="Also retrain the top K trials on the training split and write their ensemble (one model averaging their probabilities) as OUT/ensemble.keras, with its validation log loss next to the best single trial's."),
 ):
     """Train many heads on the cached features and rank their settings by validation log loss.
 
     Grid search over every combination, or random search with --trials N. Writes OUT/results.csv (best first: settings, validation log loss and accuracy with their spread over folds, epochs run, seconds), OUT/best.toml (use it: dogtl train-head --config OUT/best.toml), OUT/sweep.png (each parameter against validation log loss). Every finished trial is saved as it ends: interrupted, the same command resumes.
     """
     with TrialProgress("trials" if not folds else "trial folds") as bar:
-        result = api.sweep(cache, params=param or (), space=space, out=out, force=force,
+        from dogtl.cli.head import cache_arg
+
+        result = api.sweep(cache_arg(cache), params=param or (), space=space, out=out, force=force,
                            progress=lambda event: bar.update({**event, "folds": folds or 1}), trials=trials,
                            folds=folds, epochs=epochs, jobs=jobs, backend=backend, scheduler=scheduler, seed=seed,
-                           fuse=fuse)
+                           fuse=fuse, ensemble=ensemble)
     frame = result.results
     typer.echo(f"{result.trials} trials ({result.runs} runs now, {result.skipped} finished before) "
                f"in {result.seconds:.0f} s" + (f"; {len(result.dropped)} combinations skipped (train-head refuses "
@@ -84,3 +87,9 @@ def sweep_cmd(
         raise typer.Exit(1)
     typer.echo(f"wrote {result.results_path}, {result.best_path}, {result.plot_path}")
     typer.echo(f"train the best: dogtl train-head --config {result.best_path}")
+    e = result.ensemble
+    if e is not None:
+        best = e.member_metrics[0]
+        typer.echo(f"ensemble of the top {len(e.members)} trials, retrained: validation log loss "
+                   f"{e.metrics['val_log_loss']:.4f}, accuracy {e.metrics['val_accuracy']:.4f} (best single trial "
+                   f"retrained: {best['val_log_loss']:.4f}, {best['val_accuracy']:.4f}); wrote {e.model_path}")

@@ -28,6 +28,13 @@ def check_metadata(path: str | Path, kinds=KINDS) -> tuple[dict, BackboneSpec, i
                if k not in meta]
     if missing:
         raise DogtlError(f"{path}: metadata lacks {', '.join(missing)}; retrain the model with this dogtl")
+    entries = meta.get("backbones") or [meta]  # a multi-backbone head checks every backbone
+    checked = [_check_backbone(path, entry) for entry in entries]
+    spec, size = checked[0]
+    return meta, spec, size
+
+
+def _check_backbone(path, meta: dict) -> tuple[BackboneSpec, int]:
     try:
         spec = get_backbone(meta["backbone"])
     except ValueError as e:
@@ -42,11 +49,13 @@ def check_metadata(path: str | Path, kinds=KINDS) -> tuple[dict, BackboneSpec, i
     if int(meta["feature_dim"]) != spec.feature_dim:
         raise DogtlError(f"{path}: recorded feature size {meta['feature_dim']} but {spec.name} gives "
                          f"{spec.feature_dim}; the model does not match its backbone")
-    return meta, spec, size
+    return spec, size
 
 
 def check_model_matches(model, meta: dict, path) -> None:
     """The loaded Keras model has the input and output sizes its metadata promises."""
+    if isinstance(model.input, (list, tuple, dict)):  # one image input per backbone: see models.compose_multi
+        return
     inputs = model.input.shape
     outputs = model.output.shape[-1]
     if meta["kind"] == "head":
@@ -112,7 +121,12 @@ def open_model_cache(meta: dict, override: str | Path | None = None, required: b
     the one recorded with the model is refused, naming the differences.
     """
     from dogtl.features.cache import fingerprint_differences, open_cache
+    from dogtl.features.multicache import is_multi, open_model_caches
 
+    if is_multi(meta):
+        return open_model_caches(meta, override, required)
+    if isinstance(override, (list, tuple)):
+        override = override[0] if len(override) == 1 else override
     path = override or meta.get("cache")
     if not path:
         if required:

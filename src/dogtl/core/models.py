@@ -231,3 +231,38 @@ def calibrate_batchnorm(model, images) -> None:
     model.trainable = was_trainable
     for layer, trainable, momentum in saved:
         layer.trainable, layer.momentum = trainable, momentum
+
+
+def input_name(k: int, spec: BackboneSpec, image_size: int) -> str:
+    """The name of a multi-backbone model's k-th image input, e.g. 'image_0_mobilenet_v2_96'."""
+    return f"image_{k}_{spec.name}_{image_size}"
+
+
+def compose_multi(backbones, specs, sizes, head, name: str = "multi_on_images"):
+    """One image input per backbone (each at its own size, preprocessed for it) -> each backbone
+    -> their pooled features concatenated in cache order -> the head model object itself.
+
+    The inputs are named by `input_name` and come in the order of the head's caches; a caller
+    feeds a tuple of preprocessed image batches in that order (see data.multiimages)."""
+    import keras
+
+    total = sum(b.output.shape[-1] for b in backbones)
+    if head.input.shape[-1] != total:
+        raise DogtlError(f"the head takes {head.input.shape[-1]} features but its backbones give {total}: "
+                         "the head was trained on other caches")
+    inputs = [keras.Input((size, size, 3), name=input_name(k, spec, size))
+              for k, (spec, size) in enumerate(zip(specs, sizes))]
+    features = [b(x, training=False) for b, x in zip(backbones, inputs)]
+    outputs = head(keras.layers.Concatenate(name="features_concat")(features))
+    return keras.Model(inputs, outputs, name=name)
+
+
+def renamed(model, name: str):
+    """A copy of a functional Keras model under another name, same weights (Keras needs distinct
+    names for models nested side by side: ensemble members, two backbones of one architecture)."""
+    config = model.get_config()
+    config["name"] = name
+    copy = model.__class__.from_config(config)
+    copy.set_weights(model.get_weights())
+    copy.trainable = model.trainable
+    return copy

@@ -30,6 +30,7 @@ class EvaluateConfig:
     top_k: int = 5
     confused: int = 10  # most confused pairs to list
     batch_size: int = 32
+    tta: bool = False  # also report the figures averaged over the cache's clean and augmented passes
     force: bool = False
     precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
 
@@ -55,6 +56,7 @@ class Report:
     json_path: Path | None = None
     csv_path: Path | None = None
     png_path: Path | None = None
+    tta: dict | None = None  # with --tta: accuracy, log_loss, top_k_accuracy and passes averaged
 
 
 def report_paths(model: str | Path, out: str | None) -> tuple[Path, Path, Path]:
@@ -115,17 +117,22 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
         probs, labels, source = _on_cache(config, meta, cache), cache.labels[cache.is_val], "cached features"
     else:
         probs, labels, source = _on_images(config, meta, cache, progress)
+    tta = _tta(config, meta, cache, source, progress) if config.tta else None
+    if tta is not None:
+        more = metrics_report(tta.pop("probs"), labels, classes, config.top_k, config.confused)
+        tta.update({k: more[k] for k in ("accuracy", "log_loss", "top_k_accuracy")})
     numbers = metrics_report(probs, labels, classes, config.top_k, config.confused)
     json_path, csv_path, png_path = paths
     write_csv_atomic(numbers["per_class"], csv_path)
     plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path)
     summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
     summary.update(model=str(config.model), kind=meta["kind"], source=source,
-                   per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path))
+                   per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path),
+                   **({"tta": tta} if tta is not None else {}))
     write_json_atomic(json_path, summary)
     return Report(Path(config.model), source, numbers["images"], numbers["accuracy"], numbers["log_loss"],
                   numbers["top_k"], numbers["top_k_accuracy"], numbers["per_class"], numbers["confused"],
-                  json_path, csv_path, png_path)
+                  json_path, csv_path, png_path, tta)
 
 
 def _on_cache(config, meta, cache):
@@ -151,3 +158,29 @@ def _on_images(config, meta, cache, progress):
         bad = val["paths"][int(np.flatnonzero(~ok)[0])]
         raise DataError(f"{bad}: cannot read this validation image any more; fix it or extract again")
     return probs, val["labels"], "images"
+
+
+def _tta(config, meta, cache, source, progress) -> dict | None:
+    """Probabilities averaged over the clean and the cache's augmented passes of the validation
+    rows: from the cached features (heads), or the same augmentations of the images."""
+    from dogtl.evaluation import tta
+
+    if cache.num_passes < 2:
+        raise DataError(f"{cache.path} holds no augmented passes (extracted with --passes 0): --tta has "
+                        "nothing to average; re-extract with --passes 2 or more")
+    if source == "cached features":
+        from dogtl.core.artifacts import load_model
+
+        head, _ = load_model(config.model, compile=False)
+        return {"probs": tta.cached_probabilities(head, cache, rows=cache.is_val), "passes": cache.num_passes}
+    from dogtl.core.modelinfo import split_paths
+    from dogtl.data.folders import load_dataset
+    from dogtl.evaluation.predict import _augmentation_of, load_image_model
+
+    val = split_paths(cache, load_dataset(config.data or "data"))["val"]
+    model, meta, spec, size = load_image_model(config.model, config.weights)
+    augmentation, seed = _augmentation_of(meta)
+    probs, _ = tta.image_probabilities(model, val["paths"], spec, size, passes=cache.num_passes, seed=seed,
+                                       augmentation=augmentation, indices=val["indices"],
+                                       batch_size=config.batch_size, progress=progress)
+    return {"probs": probs, "passes": cache.num_passes}

@@ -97,6 +97,12 @@ def load_image_model(path, weights: str | None = None):
     from dogtl.core.models import build_backbone, compose
 
     meta, spec, size = check_metadata(path)
+    from dogtl.features.multicache import is_multi
+
+    if is_multi(meta):  # one backbone per cache, each at its own size: lists of specs and sizes
+        from dogtl.features.multicache import multi_image_model
+
+        return multi_image_model(path, meta, weights)
     if meta["kind"] == "head":
         backbone = build_backbone(spec, backbone_weights(meta, weights), size)
     model, _ = load_model(path, compile=False)
@@ -140,7 +146,7 @@ def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: 
 
 def _predict_images(model, paths, spec, image_size, *, indices, pass_index, seed, augmentation, batch_size,
                     progress, key: str = "float32"):
-    from dogtl.data.images import image_dataset
+    from dogtl.data.multiimages import model_image_dataset
 
     n = len(paths)
     num_classes = model.output.shape[-1]
@@ -148,7 +154,7 @@ def _predict_images(model, paths, spec, image_size, *, indices, pass_index, seed
     ok = np.zeros(n, dtype=bool)
     if n == 0:
         return probs, ok
-    ds = image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
+    ds = model_image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
                        augmentation=augmentation, batch_size=batch_size, skip_bad=True)
     infer = inference_fn(model, key)
     for positions, _, images in ds:

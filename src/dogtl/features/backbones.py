@@ -31,6 +31,43 @@ class BackboneSpec:
         return f"keras.applications.{self.module}.preprocess_input"
 
 
+def _convnext_blocks(model_name: str, depths: tuple[int, ...]) -> tuple[str, ...]:
+    """ConvNeXt's blocks: the stem, then every block of every stage; the first block of stages
+    1-3 starts with the stage's downsampling layers (Keras names them downsampling_block_0..2)."""
+    blocks = [f"{model_name}_stem"]
+    for stage, depth in enumerate(depths):
+        for j in range(depth):
+            blocks.append(f"{model_name}_downsampling_block_{stage - 1}" if stage and not j
+                          else f"{model_name}_stage_{stage}_block_{j}_")
+    return tuple(blocks)
+
+
+def _modern() -> list[BackboneSpec]:
+    """Newer keras.applications backbones (ImageNet top-1 83-87% against Xception's 79%).
+    EfficientNetV2 and ConvNeXt take 0-255 pixels and normalise inside the model (their
+    preprocess_input passes pixels through)."""
+    effv2 = [("b0", "B0", 224, 6), ("s", "S", 384, 6), ("m", "M", 480, 7), ("l", "L", 480, 7)]
+    convnext = [("tiny", 768, (3, 3, 9, 3)), ("small", 768, (3, 3, 27, 3)), ("base", 1024, (3, 3, 27, 3)),
+                ("large", 1536, (3, 3, 27, 3)), ("xlarge", 2048, (3, 3, 27, 3))]
+    specs = [BackboneSpec(f"efficientnet_v2_{short}", "efficientnet_v2", f"EfficientNetV2{cls}", size, 32, 1280,
+                          tuple(f"block{i}" for i in range(1, stages + 1)) + ("top_",))
+             for short, cls, size, stages in effv2]
+    specs += [BackboneSpec(f"convnext_{size}", "convnext", f"ConvNeXt{size.capitalize().replace('Xl', 'XL')}",
+                           224, 32, dim, _convnext_blocks(f"convnext_{size}", depths))
+              for size, dim, depths in convnext]
+    specs.append(BackboneSpec(
+        "inception_resnet_v2", "inception_resnet_v2", "InceptionResNetV2", 299, 75, 1536,
+        ("mixed_5b", *(f"block35_{i}_ac" for i in range(1, 11)), "mixed_6a",
+         *(f"block17_{i}_ac" for i in range(1, 21)), "mixed_7a", *(f"block8_{i}_ac" for i in range(1, 10)),
+         "conv_7b_ac"), block_anchor="after"))
+    specs.append(BackboneSpec(
+        "nasnet_large", "nasnet", "NASNetLarge", 331, 32, 4032,
+        ("reduction_concat_stem_1", "reduction_concat_stem_2", *(f"normal_concat_{i}" for i in range(0, 6)),
+         "reduction_concat_reduce_6", *(f"normal_concat_{i}" for i in range(7, 13)),
+         "reduction_concat_reduce_12", *(f"normal_concat_{i}" for i in range(13, 19))), block_anchor="after"))
+    return specs
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
@@ -44,6 +81,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                      ("expanded_conv_",) + tuple(f"block_{i}_" for i in range(1, 17)) + ("Conv_1",)),
         BackboneSpec("efficientnet_b0", "efficientnet", "EfficientNetB0", 224, 32, 1280,
                      tuple(f"block{i}" for i in range(1, 8)) + ("top_",)),
+        *_modern(),
     ]
 }
 

@@ -131,6 +131,9 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     out = check_writable(worker(strategy).private_path(config.out), config.force)
     hold(out, "the model")  # and its checkpoints folder
     meta, spec, size = check_metadata(config.head, kinds=("head",))
+    from dogtl.head.ensemble import refuse_composite
+
+    refuse_composite(meta, config.head)
     weights = backbone_weights(meta, config.weights)
     cache = open_model_cache(meta, config.cache)
     if not cache.is_val.any():

@@ -88,7 +88,7 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
 def lr_find(config: LRFindConfig, cache: str | Path = "cache/features.h5", out: str | Path = "models/lr-find.png",
             force: bool = False) -> LRFindResult:
     """Run the range test on `cache` and write the plot `out` (a PNG; existing only with `force`)."""
-    from dogtl.features.cache import open_cache
+    from dogtl.features.multicache import open_caches
     from dogtl.head.train import load_training_data
     from dogtl.core.plots import plot_lr_find
 
@@ -98,7 +98,7 @@ def lr_find(config: LRFindConfig, cache: str | Path = "cache/features.h5", out: 
         raise DogtlError(f"--out {out}: the plot is a PNG; use a name ending in .png")
     check_overwrite(out, force)
     hold(out, "the plot")
-    cache = open_cache(cache)
+    cache = open_caches(cache)
     data = load_training_data(cache, config.clean_only)
     lrs, losses, diverged = range_test(config.head_config(), data.train_features, data.train_labels,
                                        len(cache.classes), config.start_lr, config.end_lr, config.steps)

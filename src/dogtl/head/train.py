@@ -200,25 +200,21 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
 
     `progress` gets one dict per epoch (HISTORY_COLUMNS plus epochs and seconds)."""
     from dogtl.core.artifacts import save_model
-    from dogtl.features.cache import open_cache
+    from dogtl.features.multicache import head_inputs, open_caches
     from dogtl.core.plots import plot_history
 
     started = time.perf_counter()
     paths = check_outputs(out, force)
     hold(paths["model"], "the model")
-    cache = open_cache(cache)
+    cache = open_caches(cache)  # one path, or several concatenated per row
     data = load_training_data(cache, config.clean_only)
     log.info("training on %d images x %d passes, validating on %d", data.train_features.shape[1],
              data.train_features.shape[0], len(data.val_labels))
     fit = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels,
                    len(cache.classes), on_epoch=progress)
-    fp = cache.fingerprint
     metadata = {
-        "kind": "head", "classes": list(cache.classes), "backbone": fp.get("backbone"),
-        "weights": fp.get("weights"), "image_size": fp.get("image_size"),
-        "weights_path": cache.weights_path,
-        "preprocessing": fp.get("preprocessing"), "feature_dim": cache.feature_dim,
-        "cache": str(cache.path), "cache_fingerprint": fp, "settings": asdict(config), "metrics": fit.metrics,
+        "kind": "head", "classes": list(cache.classes), **head_inputs(cache),
+        "settings": asdict(config), "metrics": fit.metrics,
         "train_images": int(data.train_features.shape[1]), "val_images": int(len(data.val_labels)),
         "passes_used": int(data.train_features.shape[0]), "resolved": asdict(fit.resolved),
         "history": paths["history"].name,

@@ -8,14 +8,18 @@ from dogtl.core.errors import DogtlError
 
 
 def make_folds(labels: np.ndarray, is_val: np.ndarray, folds: int | None,
-               seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+               seed: int, train_only: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, validation rows) per fold: the cache's own split, or K stratified,
-    disjoint folds covering every labelled row once."""
+    disjoint folds covering every labelled row once (`train_only`: every row of the cache's
+    training split, so the validation split stays unseen by the search)."""
     from sklearn.model_selection import StratifiedKFold
 
     labels, is_val = np.asarray(labels), np.asarray(is_val, bool)
     if not folds:
         return [(np.flatnonzero(~is_val), np.flatnonzero(is_val))]
+    if train_only:
+        rows = np.flatnonzero(~is_val)
+        return [(rows[tr], rows[va]) for tr, va in make_folds(labels[rows], np.zeros(len(rows), bool), folds, seed)]
     counts = np.bincount(labels)
     present = counts[counts > 0]
     if present.min() < folds:

@@ -65,6 +65,8 @@ class SweepConfig:
     seed: int = 2018  # random search and folds
     fuse: int = DEFAULT_FUSE  # most trials in one graph; 1: each trial alone (head.train.fit_head)
     force: bool = False
+    ensemble: int | None = None  # also retrain the top K trials and save their ensemble (OUT/ensemble.keras)
+    folds_in_train: bool = False  # folds over the cache's training split only (the validation split unseen)
 
     def __post_init__(self):
         object.__setattr__(self, "params", tuple(self.params or ()))
@@ -79,6 +81,8 @@ class SweepConfig:
             raise DogtlError(f"--jobs {self.jobs}: give 1 or more workers, or -1 for one per core")
         if self.fuse < 1:
             raise DogtlError(f"--fuse {self.fuse} must be at least 1")
+        if self.ensemble is not None and self.ensemble < 1:
+            raise DogtlError(f"--ensemble {self.ensemble} must be at least 1 (the number of top trials to average)")
         if self.scheduler and self.backend != "dask":
             raise DogtlError("--scheduler is the address of a Dask scheduler: pass it with --backend dask")
 
@@ -98,12 +102,16 @@ class SweepResult:
     seconds: float = 0.0
     macs: float = 0.0  # multiply-adds of the runs done now
     fused_runs: int = 0
+    ensemble: object = None  # head.ensemble.EnsembleResult with --ensemble K
 
 
-def _spec(config: SweepConfig, space: SearchSpace, cache_path: Path, fingerprint: dict, base: dict) -> dict:
-    return {"cache": str(cache_path.resolve()), "cache_fingerprint": digest(fingerprint)[:16],
+def _spec(config: SweepConfig, space: SearchSpace, cache, base: dict) -> dict:
+    from dogtl.features.multicache import as_paths
+
+    return {"cache": ", ".join(str(Path(p).resolve()) for p in as_paths(config.cache)),
+            "cache_fingerprint": digest(cache.fingerprint)[:16],
             "space": space.to_json(), "trials": config.trials, "folds": config.folds,
-            "seed": config.seed, "base": base}
+            "seed": config.seed, "base": base, **({"folds_in_train": True} if config.folds_in_train else {})}
 
 
 def _resolvable(trials: list[dict], base: dict, train_sizes: list[int]):
@@ -163,7 +171,7 @@ def _expand(config: SweepConfig, space: SearchSpace, base: dict) -> tuple[list[d
 
 
 def _checked_folds(config: SweepConfig, cache) -> list:
-    folds = make_folds(cache.labels, cache.is_val, config.folds, config.seed)
+    folds = make_folds(cache.labels, cache.is_val, config.folds, config.seed, config.folds_in_train)
     for train_rows, val_rows in folds:
         if not len(val_rows):
             raise DogtlError(f"{cache.path}: has no validation images (extracted with --val-fraction 0?); "
@@ -242,7 +250,9 @@ class _Tally:
 def _write_best(config: SweepConfig, frame, settings: dict, cache, out: Path) -> Path:
     best, path = frame.iloc[0], out / "best.toml"
     how = f"{config.folds}-fold cross-validation" if config.folds else "the cache's validation split"
-    write_best_config({"cache": str(cache.path), **settings}, path,
+    from dogtl.features.multicache import cache_value
+
+    write_best_config({"cache": cache_value(cache), **settings}, path,
                       f"dogtl sweep {out}: best of {len(frame)} trials on {how}\n"
                       f"validation log loss {best['val_log_loss']:.4f}, accuracy {best['val_accuracy']:.4f}\n"
                       f"train it: dogtl train-head --config {path}")
@@ -256,23 +266,24 @@ def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = Non
 
     `progress` gets a dict after each finished run: done, total, skipped, record (the run),
     best (lowest validation log loss so far) and label (the trial's searched values)."""
-    from dogtl.features.cache import open_cache
+    from dogtl.features.multicache import as_paths, open_caches
 
     started = time.perf_counter()
     space = build_space(config.space, config.params)
     check_backend(config.backend)
-    cache = open_cache(config.cache)
+    cache = open_caches(config.cache)
     base = {} if config.epochs is None else {"epochs": config.epochs}
     trials, dropped = _expand(config, space, base)
     folds = _checked_folds(config, cache)
     trials, configs, refused = _resolvable(trials, base, [len(train) for train, _ in folds])
-    out = _prepare_out(config, _spec(config, space, cache.path, cache.fingerprint, base))
-    keys = [trial_key(c, cache.fingerprint, config.folds, config.seed) for c in configs]
+    out = _prepare_out(config, _spec(config, space, cache, base))
+    keyed = {**cache.fingerprint, "folds_in_train": True} if config.folds_in_train else cache.fingerprint
+    keys = [trial_key(c, keyed, config.folds, config.seed) for c in configs]
     keys, trials, configs = _unique(keys, trials, configs)
     records, pending = _finished_and_pending(keys, trials, configs, len(folds), out / "trials")
     tasks = plan_tasks(pending, folds, config.fuse, job_count(config.jobs))
     for task in tasks:
-        task["cache"] = str(Path(config.cache).resolve())
+        task["cache"] = [str(Path(p).resolve()) for p in as_paths(config.cache)]
     labels = {k: ", ".join(f"{n}={format_value(t.get(n))}" for n in space.searched) or "defaults"
               for k, t in zip(keys, trials)}
     tally = _Tally(out / "trials", records, len(keys) * len(folds), labels, progress)
@@ -287,6 +298,13 @@ def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = Non
         best_path = _write_best(config, frame, best_settings, cache, out)
         plot_path = out / "sweep.png"
         plot_sweep(frame, space.searched, plot_path)
+    ensemble = None
+    if config.ensemble and best_settings is not None:
+        from dogtl.head.ensemble import ensemble_of_trials
+
+        finite = frame[np.isfinite(frame["val_log_loss"].astype(float))]
+        top = [configs[keys.index(t)] for t in finite["trial"][:config.ensemble]]
+        ensemble = ensemble_of_trials(cache, top, out / "ensemble.keras", force=True)
     return SweepResult(out, frame, best_settings, results_path, best_path, plot_path, len(keys),
                        tally.done - tally.skipped, tally.skipped, dropped + refused, time.perf_counter() - started,
-                       tally.macs, tally.fused)
+                       tally.macs, tally.fused, ensemble)

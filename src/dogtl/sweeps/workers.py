@@ -59,14 +59,13 @@ def load_labelled(cache) -> np.ndarray:
     return out
 
 
-def _worker_data(path: str) -> _WorkerData:
-    from dogtl.features.cache import open_cache
+def _worker_data(path) -> _WorkerData:
+    from dogtl.features.multicache import as_paths, open_caches
 
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    key = tuple((str(Path(p).resolve()), os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in as_paths(path))
     if key not in _DATA:
         _DATA.clear()
-        cache = open_cache(path)
+        cache = open_caches(path)
         _DATA[key] = _WorkerData(load_labelled(cache), np.asarray(cache.labels, np.int32), len(cache.classes))
     return _DATA[key]
 

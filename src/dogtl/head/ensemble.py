@@ -1,0 +1,182 @@
+"""Ensembles as one model: the mean of several models' class probabilities.
+
+`dogtl ensemble A.keras B.keras ... --out E.keras` combines heads trained on the same
+cache(s), or full (fine-tuned) models on the same backbone and image size, into one Keras
+model: one input like its members' (`features`, or `image`), each member nested under the
+name `member_<k>`, and a Keras `Average` layer over their softmax outputs. Its metadata is
+the first member's binding (classes, backbone(s), cache(s)) plus `ensemble` (the members
+and their metrics), so evaluate and predict take it like any head or fine-tuned model.
+Fine-tuning an ensemble (or a multi-backbone head) is refused: fine-tune each member.
+
+`ensemble_of_trials` retrains sweep trials on the cache's training split and saves their
+ensemble (`dogtl sweep --ensemble K`, `train-head --auto`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dogtl.core.errors import DogtlError
+
+# Metadata of a member that describes its own training, not the ensemble.
+MEMBER_ONLY = ("settings", "metrics", "resolved", "history", "train_images", "val_images", "passes_used",
+               "ensemble")
+
+
+@dataclass
+class EnsembleResult:
+    model_path: Path
+    members: list  # paths (dogtl ensemble) or settings (retrained trials)
+    metrics: dict | None  # validation accuracy and log loss of the ensemble (None: not measurable here)
+    member_metrics: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def refuse_composite(meta: dict, path) -> None:
+    """Fine-tuning takes a head on one backbone: refuse ensembles and multi-backbone heads."""
+    if meta.get("ensemble"):
+        raise DogtlError(f"{path} is an ensemble of {len(meta['ensemble']['members'])} models: fine-tune "
+                         "each member head, then combine the fine-tuned models with `dogtl ensemble`")
+    if len(meta.get("backbones") or []) > 1:
+        raise DogtlError(f"{path} is a head on {len(meta['backbones'])} concatenated caches: fine-tuning "
+                         "supports one backbone; fine-tune a head trained on one cache")
+
+
+def _binding(meta: dict) -> dict:
+    """What members must share: their kind, classes and the inputs their models take."""
+    def entry(e):
+        keep = ("backbone", "weights", "image_size", "preprocessing", "feature_dim")
+        return {**{k: e.get(k) for k in keep}, **({"cache_fingerprint": e.get("cache_fingerprint")}
+                                                   if meta.get("kind") == "head" else {})}
+
+    entries = meta.get("backbones") or [meta]
+    return {"kind": meta.get("kind"), "classes": meta.get("classes"), "inputs": [entry(e) for e in entries]}
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    from dogtl.features.cache import fingerprint_differences
+
+    for key in ("kind", "classes"):
+        if a[key] != b[key]:
+            return key
+    if len(a["inputs"]) != len(b["inputs"]):
+        return f"number of caches ({len(a['inputs'])} against {len(b['inputs'])})"
+    for x, y in zip(a["inputs"], b["inputs"]):
+        diff = fingerprint_differences(x, y)
+        if diff:
+            return diff[0].split(":")[0]
+    return ""
+
+
+def ensemble_model(models, name: str = "ensemble"):
+    """One Keras model averaging the probabilities of `models` (same input and output shapes)."""
+    import keras
+
+    from dogtl.core.models import renamed
+
+    first = models[0]
+    shape = tuple(first.input.shape[1:])
+    input_name = "features" if len(shape) == 1 else "image"
+    for m in models[1:]:
+        if tuple(m.input.shape[1:]) != shape or m.output.shape[-1] != first.output.shape[-1]:
+            raise DogtlError("ensemble members take different inputs or give different outputs")
+    inputs = keras.Input(shape, name=input_name)
+    members = [renamed(m, f"member_{k}") for k, m in enumerate(models)]
+    outputs = [m(inputs, training=False) for m in members]
+    mean = keras.layers.Average(name="mean_probabilities")(outputs) if len(outputs) > 1 else outputs[0]
+    return keras.Model(inputs, mean, name=name)
+
+
+def ensemble_metadata(first_meta: dict, members: list, member_metrics: list, metrics: dict | None) -> dict:
+    meta = {k: v for k, v in first_meta.items() if k not in MEMBER_ONLY}
+    meta["ensemble"] = {"members": members, "member_metrics": member_metrics}
+    if metrics is not None:
+        meta["metrics"] = metrics
+    return meta
+
+
+def _validation_scores(model, meta: dict) -> dict | None:
+    """Validation accuracy and log loss of a head model on its cache(s); None for image models or
+    when the cache is not found."""
+    from dogtl.core.modelinfo import open_model_cache
+    from dogtl.evaluation.metrics import scores
+
+    if meta.get("kind") != "head":
+        return None
+    cache = open_model_cache(meta, required=False)
+    if cache is None or not cache.is_val.any():
+        return None
+    features = cache.features("labelled", passes=[0])[0][cache.is_val]
+    probs = model.predict(features, batch_size=1024, verbose=0)
+    return scores(cache.labels[cache.is_val], probs, len(cache.classes))
+
+
+def combine_models(paths, out, force: bool = False) -> EnsembleResult:
+    """`dogtl ensemble`: average the saved models at `paths` into one model at `out`."""
+    from dogtl.core.artifacts import check_writable, load_metadata, load_model, save_model
+    from dogtl.core.files import check_overwrite
+    from dogtl.core.modelinfo import check_metadata, check_model_matches
+
+    started = time.perf_counter()
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise DogtlError("an ensemble needs at least two models: pass two or more MODEL files")
+    out = Path(out)
+    check_writable(out, force)
+    check_overwrite(out.with_suffix(".json"), force)
+    metas = []
+    for p in paths:
+        check_metadata(p)
+        metas.append(load_metadata(p))
+    first = _binding(metas[0])
+    for p, meta in zip(paths[1:], metas[1:]):
+        why = _first_difference(first, _binding(meta))
+        if why:
+            raise DogtlError(f"{p} does not take the same inputs as {paths[0]} ({why} differs): ensemble heads "
+                             "trained on the same cache(s), or full models on the same backbone and image size")
+    models = []
+    for p, meta in zip(paths, metas):
+        model, _ = load_model(p, compile=False)
+        check_model_matches(model, meta, p)
+        models.append(model)
+    model = ensemble_model(models)
+    metrics = _validation_scores(model, metas[0])
+    meta = ensemble_metadata(metas[0], [str(p) for p in paths], [m.get("metrics") for m in metas], metrics)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out, meta)
+    return EnsembleResult(out, [str(p) for p in paths], metrics, [m.get("metrics") for m in metas],
+                          time.perf_counter() - started)
+
+
+def ensemble_of_trials(cache, configs, out, force: bool = True) -> EnsembleResult:
+    """Retrain each HeadConfig of `configs` (best first) on the cache's training split, and save
+    the ensemble of the retrained heads at `out`. member_metrics[0] is the best single trial's."""
+    from dogtl.core.artifacts import check_writable, save_model
+    from dogtl.evaluation.metrics import scores
+    from dogtl.features.multicache import head_inputs
+    from dogtl.head.train import fit_head, load_training_data
+
+    started = time.perf_counter()
+    out = Path(out)
+    check_writable(out, force)
+    data = load_training_data(cache)
+    fits = []
+    for config in configs:
+        features = data.train_features[:1] if config.clean_only else data.train_features
+        fits.append(fit_head(config, features, data.train_labels, data.val_features, data.val_labels,
+                             len(cache.classes)))
+    model = ensemble_model([f.model for f in fits])
+    metrics = scores(data.val_labels, model.predict(data.val_features, batch_size=1024, verbose=0),
+                     len(cache.classes))
+    member_metrics = [f.metrics for f in fits]
+    meta = ensemble_metadata({"kind": "head", "classes": list(cache.classes), **head_inputs(cache)},
+                             [asdict(c) for c in configs], member_metrics, metrics)
+    meta["train_images"], meta["val_images"] = int(data.train_features.shape[1]), int(len(data.val_labels))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out, meta)
+    return EnsembleResult(out, [asdict(c) for c in configs], metrics, member_metrics,
+                          time.perf_counter() - started)
