@@ -132,3 +132,13 @@ def write_odd_images(folder, size: int = 48) -> dict:
 @pytest.fixture(scope="session")
 def odd_images(tmp_path_factory):
     return write_odd_images(tmp_path_factory.mktemp("odd"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (minutes on 2 cores) run only with DOGTL_SLOW_TESTS=1."""
+    if os.environ.get("DOGTL_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set DOGTL_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
