@@ -8,8 +8,6 @@ refused from the header), then batched with concurrent requests into one model c
 server goes on serving.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import os
@@ -23,6 +21,8 @@ import numpy as np
 from dogtl.core.errors import DogtlError
 from dogtl.serving.batching import MicroBatcher
 from dogtl.serving.model import ServingModel, encoded_to_inputs
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request).
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -40,10 +40,10 @@ def require_serve_extra():
     """Import FastAPI, or say how to install it."""
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for uploads)
+        import python_multipart  # noqa: F401  (for uploads)
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise DogtlError(f"dogtl serve needs the serve extra ({e.name} is missing): "
+        raise DogtlError(f"dogtl serve needs the serve extra ({(e.name or '').replace('_', '-')} is missing): "
                          "pip install 'dogtl[serve]'") from None
 
 
