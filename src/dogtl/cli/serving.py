@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -89,16 +90,30 @@ def serve_cmd(
     from dogtl.serving.app import require_serve_extra
 
     require_serve_extra()
-    import uvicorn
-
     from dogtl.serving.app import create_app
     from dogtl.serving.model import load_serving_model
+    from dogtl.serving.server import make_server
 
     sm = load_serving_model(model, weights)
     app = create_app(sm, max_batch=max_batch, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
                      top_k=top_k)
     typer.echo(f"serving {sm.name} ({len(sm.classes)} classes) on http://{host}:{port}/  "
                "(POST /predict, GET /health; Ctrl-C to stop)")
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                  timeout_graceful_shutdown=30)).run()
+    # uvicorn finishes the requests in flight, then raises the signal again for the default
+    # handler: turn that into a normal exit (code 0, no "interrupted" message).
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        make_server(app, host=host, port=port).run()
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     typer.echo("stopped")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopped(signum, frame):
+    raise _Stop()
