@@ -3,9 +3,8 @@ per test session (cached functions, not fixtures: a conftest.py here would shado
 which the test modules import helpers from).
 
 mobilenet_v2 at 32 px with random weights gives features of ~1e-12 (its BatchNorm layers keep
-their initial statistics), useless for comparing exports; `_calibrated_backbone` sets every
-BatchNorm layer's moving statistics from a batch of images, in order, so each layer's output is
-normalised and the model's probabilities differ clearly between images. (mobilenet_v2, not
+their initial statistics), useless for comparing exports; `core.models.calibrate_batchnorm` sets its BatchNorm statistics
+from the test images, so the model's probabilities differ clearly between images. (mobilenet_v2, not
 resnet50: converting resnet50 to TFLite takes a minute on 2 cores.)
 """
 
@@ -39,21 +38,11 @@ def _images(folder: Path, count: int = 8) -> list[Path]:
 
 
 def _calibrated_backbone(spec, images):
-    import keras
-
-    from dogtl.core.models import build_backbone
+    from dogtl.core.models import build_backbone, calibrate_batchnorm
     from dogtl.data.images import load_image, preprocess_fn
 
     backbone = build_backbone(spec, "none", SIZE)
-    x = preprocess_fn(spec)(np.stack([load_image(str(p), SIZE).numpy() for p in images]))
-    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    # One forward pass in training mode with momentum 0 makes every layer's moving statistics
-    # the batch's own, each computed on the already normalised output of the layers below.
-    backbone.trainable = True
-    for layer in norms:
-        layer.momentum = 0.0
-    backbone(x, training=True)
-    backbone.trainable = False
+    calibrate_batchnorm(backbone, preprocess_fn(spec)(np.stack([load_image(str(p), SIZE).numpy() for p in images])))
     return backbone
 
 
