@@ -86,8 +86,12 @@ class Predictor:
 
     def warm_up(self) -> None:
         """Trace the decoder and the model once, so the first request is not slow."""
-        sizes = [i.size for i in self.sm.inputs]
-        self.predict(tuple(np.zeros((1, s, s, 3), np.float32) for s in sizes))
+        import tensorflow as tf
+
+        png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+        jpeg = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+        self.decode(jpeg)
+        self.predict(tuple(np.stack([x]) for x in self.decode(png)))
 
     def top(self, row: np.ndarray) -> list[dict]:
         order = np.argsort(-row)[: self.top_k]
