@@ -35,6 +35,13 @@ def saved_model(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def loaded(saved_model):
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(saved_model / "1"))
+
+
+@pytest.fixture(scope="module")
 def tflite(tiny_model, serving_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("tflite") / "tiny.tflite"
     args = [a for p in serving_images for a in ("--check-images", p)]
@@ -43,7 +50,7 @@ def tflite(tiny_model, serving_images, tmp_path_factory):
     return out, result.output
 
 
-def test_savedmodel_equals_dogtl_predict(saved_model, serving_model, serving_images, odd_images):
+def test_savedmodel_equals_dogtl_predict(saved_model, loaded, serving_model, serving_images, odd_images):
     import tensorflow as tf
 
     from dogtl.evaluation.predict import PredictConfig, predict_images, predict_top_k
@@ -51,7 +58,6 @@ def test_savedmodel_equals_dogtl_predict(saved_model, serving_model, serving_ima
     assert (saved_model / "1" / "saved_model.pb").is_file()  # TF Serving's layout: BASE/VERSION/
     assert (saved_model / "labels.txt").read_text().split() == serving_model.classes
     paths = list(serving_images) + [odd_images[name] for name in DECODABLE]
-    loaded = tf.saved_model.load(str(saved_model / "1"))
     out = loaded.signatures["serving_default"](images=tf.constant([p.read_bytes() for p in paths]))
     sm = serving_model
     expected, ok = predict_images(sm.model, paths, sm.inputs[0].spec, sm.size)
@@ -67,10 +73,9 @@ def test_savedmodel_equals_dogtl_predict(saved_model, serving_model, serving_ima
     np.testing.assert_allclose(out["scores"].numpy()[:, 0], probs.max(1), atol=1e-6)
 
 
-def test_savedmodel_refuses_bad_image_and_overwrite(saved_model, tiny_model, odd_images):
+def test_savedmodel_refuses_bad_image_and_overwrite(saved_model, loaded, tiny_model, odd_images):
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(saved_model / "1"))
     with pytest.raises(tf.errors.InvalidArgumentError):
         loaded.signatures["serving_default"](images=tf.constant([odd_images["bad_not_image"].read_bytes()]))
     assert_clean_error(run_cli("export", tiny_model, "--out", saved_model), "exists", "--force")
@@ -106,3 +111,21 @@ def test_export_bad_options(tiny_model, tmp_path, args, needles):
 
 def test_export_missing_model(tmp_path):
     assert_clean_error(run_cli("export", tmp_path / "nope.keras", "--out", tmp_path / "o"), "no such model file")
+
+
+def test_head_model_deploys_with_its_backbone(stage3):
+    """A head file: the deployable model is backbone + head, and export finds its validation images."""
+    from dogtl.evaluation.predict import PredictConfig, predict_top_k
+    from dogtl.serving.app import Predictor
+    from dogtl.serving.export import validation_images
+    from dogtl.serving.model import load_serving_model
+
+    sm = load_serving_model(stage3.head)
+    assert sm.model.input.shape[1:] == (48, 48, 3) and sm.inputs[0].spec.name == "mobilenet_v2"
+    val = validation_images(sm, stage3.data)
+    assert val and all(p.parent.name == "train" for p in val)
+    predictor = Predictor(sm, top_k=3)
+    row = predictor.predict(tuple(x[None] for x in predictor.decode(val[0].read_bytes())))[0]
+    want = predict_top_k(PredictConfig(model=str(stage3.head), images=(str(val[0]),), top_k=3))[0]
+    assert [p["class"] for p in predictor.top(row)] == want.classes
+    np.testing.assert_allclose([p["probability"] for p in predictor.top(row)], want.probabilities, rtol=1e-3, atol=2e-4)

@@ -39,6 +39,8 @@ def export_cmd(
         raise ValueError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
     if format == "savedmodel" and quantize != "none":
         raise ValueError("--quantize applies to --format tflite only")
+    if format == "tflite" and out is not None and out.suffix != ".tflite":
+        raise ValueError(f"--out {out}: a TFLite model file must end in .tflite")
     if check_images:
         absent = [str(p) for p in check_images if not p.is_file()]
         if absent:
