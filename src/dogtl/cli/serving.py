@@ -83,7 +83,7 @@ def serve_cmd(
     top_k: int = typer.Option(5, help="Classes returned per image."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
 ):
-    """Serve MODEL over HTTP, with a web page to try it (needs: pip install 'dogtl[serve]').
+    """Serve MODEL over HTTP, with a web page to try it (needs: pip install 'dogtl\\[serve]').
 
     GET / is a page where you choose or drop a photo and see its top 5 classes. POST /predict takes a multipart field 'file' or a raw image body and answers JSON {"model", "predictions": [{"class", "probability"}], "ms"}; bad input gets {"error"} and a 4xx status. GET /health is for load balancers. Ctrl-C or SIGTERM stops after the requests in flight.
 
