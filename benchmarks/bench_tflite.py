@@ -3,7 +3,9 @@
 bench_serve's model (the real pretrained MobileNetV2 backbone at 160 px + a head trained on
 scikit-learn's digits, upscaled) is converted with --quantize none, float16 and dynamic; each
 file is checked, as `dogtl export` does, on held-out digits (not in the head's training set):
-size, top-1 agreement with the Keras model, largest probability difference, side by side.
+size, top-1 agreement with the Keras model, largest probability difference, side by side:
+against the Keras model on dogtl's float pixels (what `dogtl predict` gives) and on the same
+uint8 pixels the TFLite file gets (what conversion and quantization alone change).
 
     python benchmarks/bench_tflite.py        # ~3 min on 2 cores
 """
@@ -40,11 +42,13 @@ def main():
             held_out.append(path)
     sm = load_serving_model(model)
     print(f"{len(held_out)} held-out digit images; Keras model: mobilenet_v2 at 160 px + digits head")
-    print(f"{'quantize':>9} {'MB':>6} {'top-1 agreement':>16} {'max |dp|':>9}")
+    print(f"{'':>16} {'vs Keras, dogtl pixels':>26} | {'vs Keras, same uint8 pixels':>27}")
+    print(f"{'quantize':>9} {'MB':>6} {'top-1 agreement':>16} {'max |dp|':>9} | {'top-1 agreement':>16} {'max |dp|':>10}")
     for quantize in QUANTIZE:
         path = export_tflite(sm, root / f"digits_{quantize}.tflite", quantize=quantize)
         c = check_tflite(path, sm, held_out)
-        print(f"{quantize:>9} {path.stat().st_size / 1e6:6.1f} {c.top1_agreement:16.1%} {c.max_abs_diff:9.4f}")
+        print(f"{quantize:>9} {path.stat().st_size / 1e6:6.1f} {c.top1_agreement:16.1%} {c.max_abs_diff:9.4f} | "
+              f"{c.top1_same_pixels:16.1%} {c.max_abs_diff_same_pixels:10.4f}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ class TfliteCheck:
     top1_agreement: float  # fraction of images whose top class is the Keras model's
     max_abs_diff: float  # largest |p_tflite - p_keras| over images and classes
     skipped: int = 0  # unreadable images left out
+    # The same against the Keras model fed the same uint8 pixels: what conversion alone changes
+    # (the rest of the difference is the uint8 input's rounding of the resized image).
+    top1_same_pixels: float = float("nan")
+    max_abs_diff_same_pixels: float = float("nan")
 
 
 def _model_bytes(sm: ServingModel) -> int:
@@ -164,10 +168,15 @@ def check_tflite(tflite: str | Path | bytes, sm: ServingModel, paths) -> TfliteC
     keras_probs = np.concatenate([
         serve(tf.constant([Path(p).read_bytes() for p in kept[i:i + 32]]))["probabilities"].numpy()
         for i in range(0, len(kept), 32)]).astype(np.float64)
+    on_pixels = tf.function(lambda x: sm.call(pixels_to_inputs(x, sm.inputs)))
+    same = np.concatenate([on_pixels(tf.constant(pixels[i:i + 32])).numpy()
+                           for i in range(0, len(kept), 32)]).astype(np.float64)
     lite = tflite_predict(tflite, pixels)
     return TfliteCheck(images=len(kept),
                        top1_agreement=float(np.mean(lite.argmax(1) == keras_probs.argmax(1))),
-                       max_abs_diff=float(np.max(np.abs(lite - keras_probs))), skipped=len(paths) - len(kept))
+                       max_abs_diff=float(np.max(np.abs(lite - keras_probs))), skipped=len(paths) - len(kept),
+                       top1_same_pixels=float(np.mean(lite.argmax(1) == same.argmax(1))),
+                       max_abs_diff_same_pixels=float(np.max(np.abs(lite - same))))
 
 
 def validation_images(sm: ServingModel, data: str | Path = "data", limit: int = 200) -> list[Path]:
