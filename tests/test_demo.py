@@ -26,6 +26,7 @@ def test_demo_runs_every_stage_offline_and_says_where_artifacts_went(tmp_path, m
     steps = [line for line in lines if line.startswith("[")]
     assert [s[:5] for s in steps] == [f"[{k}/6]" for k in range(1, 7)]
     assert "SYNTHETIC" in steps[0]
+    assert lines[-1].startswith(f"try the model in a browser: dogtl serve {result.artifacts['fine-tuned model']}")
     assert result.weights.endswith("random_backbone.weights.h5")
     for what, path in result.artifacts.items():
         assert path.exists(), what

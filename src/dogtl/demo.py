@@ -189,5 +189,6 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
                                                   out=str(root / "submission.csv"), force=True))
     result.artifacts["submission"] = submission.path
     say(f"[6/6] predicted {submission.rows} test images -> {submission.path}")
+    say(f"try the model in a browser: dogtl serve {tuned.model_path}   (then open http://127.0.0.1:8000/)")
     result.seconds = time.perf_counter() - started
     return result

@@ -1,0 +1,123 @@
+"""Deploying a trained model: dogtl export and dogtl serve."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dogtl.cli.common import friendly_errors
+
+
+@friendly_errors
+def export_cmd(
+    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it); a head is exported together with its backbone."),
+    format: str = typer.Option("savedmodel", "--format", help="'savedmodel' (TF Serving / TensorFlow: encoded image bytes in, decoding and preprocessing inside) or 'tflite' (mobile: uint8 RGB pixels at the model's size in)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="SavedModel: the model base folder (written at OUT/1/, class names at OUT/labels.txt; default export/<model>). TFLite: a .tflite file, its labels beside it as <name>.labels.txt (default export/<model>.tflite)."),
+    quantize: str = typer.Option("none", help="TFLite only: 'none' (float32), 'float16' (half-size weights) or 'dynamic' (int8 weights, quarter size)."),
+    top_k: int = typer.Option(5, help="SavedModel: how many class names and scores the signature returns beside the probabilities."),
+    data: Path = typer.Option(Path("data"), help="TFLite check: data folder holding the model's validation images."),
+    check_images: Optional[list[Path]] = typer.Option(None, "--check-images", help="TFLite check: these image files instead of the validation images (repeat the option)."),
+    check_limit: int = typer.Option(200, help="TFLite check: at most this many validation images."),
+    weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing export."),
+):
+    """Export MODEL for deployment: a TF Serving SavedModel, or a TFLite file.
+
+    SavedModel: the 'serving_default' signature takes a batch of encoded images (tf.string: JPEG, PNG, GIF, BMP, WebP) and returns 'probabilities' [N, classes], 'classes' (top-k names) and 'scores'. Decoding, resizing and the backbone's preprocessing run inside, with the same pixels as dogtl predict, so plain tf.saved_model.load (no dogtl) or TF Serving can use it.
+
+    TFLite: input uint8 RGB [1, size, size, 3] (the model's size), output probabilities. After writing it, the TFLite model is compared with the Keras model on the validation images (or --check-images): top-1 agreement and the largest probability difference are printed.
+    """
+    from dogtl.serving import export as ex
+    from dogtl.serving.model import load_serving_model
+
+    if format not in ex.FORMATS:
+        raise ValueError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
+    if quantize not in ex.QUANTIZE:
+        raise ValueError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
+    if format == "savedmodel" and quantize != "none":
+        raise ValueError("--quantize applies to --format tflite only")
+    if format == "tflite" and out is not None and out.suffix != ".tflite":
+        raise ValueError(f"--out {out}: a TFLite model file must end in .tflite")
+    if check_images:
+        absent = [str(p) for p in check_images if not p.is_file()]
+        if absent:
+            raise ValueError(f"--check-images: no such file: {', '.join(absent[:3])}")
+    sm = load_serving_model(model, weights)
+    if out is None:
+        Path("export").mkdir(exist_ok=True)
+        out = Path("export") / (model.stem + (".tflite" if format == "tflite" else ""))
+    if format == "savedmodel":
+        target = ex.export_savedmodel(sm, out, top_k=top_k, force=force)
+        typer.echo(f"wrote SavedModel {target} ({len(sm.classes)} classes, {sm.size} px, signature "
+                   f"serving_default: encoded images -> probabilities, top-{min(top_k, len(sm.classes))} "
+                   f"classes) and {out / 'labels.txt'}")
+        typer.echo(f"TF Serving: docker run -p 8501:8501 -v {out.resolve()}:/models/{sm.name} "
+                   f"-e MODEL_NAME={sm.name} tensorflow/serving")
+        return
+    path = ex.export_tflite(sm, out, quantize=quantize, force=force)
+    typer.echo(f"wrote TFLite {path} ({path.stat().st_size / 1e6:.1f} MB, quantize {quantize}, input uint8 "
+               f"[1, {sm.size}, {sm.size}, 3]) and {ex.labels_path(path)}")
+    paths = list(check_images) if check_images else ex.validation_images(sm, data, check_limit)
+    if not paths:
+        typer.secho("no validation images found to check the TFLite model against: pass --data with the "
+                    "model's data folder or --check-images FILES", err=True, fg=typer.colors.YELLOW)
+        return
+    c = ex.check_tflite(path, sm, paths)
+    typer.echo(f"check on {c.images} {'given' if check_images else 'validation'} images, quantize {quantize}: "
+               f"top-1 agreement with the Keras model {c.top1_agreement:.1%}, "
+               f"largest probability difference {c.max_abs_diff:.4f}"
+               + (f" ({c.skipped} unreadable left out)" if c.skipped else ""))
+    typer.echo(f"  on the same uint8 pixels (conversion alone): top-1 agreement {c.top1_same_pixels:.1%}, "
+               f"largest probability difference {c.max_abs_diff_same_pixels:.4f}")
+
+
+@friendly_errors
+def serve_cmd(
+    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_batch: int = typer.Option(32, help="Most images per model call: requests arriving together are batched."),
+    batch_wait_ms: float = typer.Option(5.0, help="How long the first request of a batch waits for others (ms)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest upload accepted; bigger ones get 413."),
+    top_k: int = typer.Option(5, help="Classes returned per image."),
+    weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
+):
+    """Serve MODEL over HTTP, with a web page to try it (needs: pip install 'dogtl\\[serve]').
+
+    GET / is a page where you choose or drop a photo and see its top 5 classes. POST /predict takes a multipart field 'file' or a raw image body and answers JSON {"model", "predictions": [{"class", "probability"}], "ms"}; bad input gets {"error"} and a 4xx status. GET /health is for load balancers. Ctrl-C or SIGTERM stops after the requests in flight.
+
+    Example: curl -F file=@dog.jpg http://127.0.0.1:8000/predict
+    """
+    from dogtl.serving.app import require_serve_extra
+
+    require_serve_extra()
+    from dogtl.serving.app import create_app
+    from dogtl.serving.model import load_serving_model
+    from dogtl.serving.server import make_server
+
+    sm = load_serving_model(model, weights)
+    app = create_app(sm, max_batch=max_batch, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
+                     top_k=top_k)
+    typer.echo(f"serving {sm.name} ({len(sm.classes)} classes) on http://{host}:{port}/  "
+               "(POST /predict, GET /health; Ctrl-C to stop)")
+    # uvicorn finishes the requests in flight, then raises the signal again for the default
+    # handler: turn that into a normal exit (code 0, no "interrupted" message).
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        make_server(app, host=host, port=port).run()
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    typer.echo("stopped")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopped(signum, frame):
+    raise _Stop()

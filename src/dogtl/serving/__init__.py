@@ -1,0 +1,1 @@
+"""Deploying a trained model: export (SavedModel, TFLite) and an HTTP service with a web page."""

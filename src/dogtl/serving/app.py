@@ -1,0 +1,201 @@
+"""`dogtl serve`'s web application (FastAPI): POST /predict, GET /health, GET / (the page).
+
+The model is loaded once, by the caller. Each upload is read with a byte limit (413 past it,
+whatever Content-Length claims), decoded and preprocessed in a thread pool with dogtl's own
+decoder (model.encoded_to_inputs, so the pixels are `dogtl predict`'s; decompression bombs are
+refused from the header), then batched with concurrent requests into one model call
+(batching.MicroBatcher). Every bad input is a JSON `{"error": ...}` with a 4xx status and the
+server goes on serving.
+"""
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+
+import numpy as np
+
+from dogtl.core.errors import DogtlError
+from dogtl.serving.batching import MicroBatcher
+from dogtl.serving.model import ServingModel, encoded_to_inputs
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request).
+
+log = logging.getLogger(__name__)
+MB = 1024 * 1024
+MULTIPART_SLACK = 64 * 1024  # room for the multipart boundaries and part headers
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+class BadUpload(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def require_serve_extra():
+    """Import FastAPI, or say how to install it."""
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401  (for uploads)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise DogtlError(f"dogtl serve needs the serve extra ({(e.name or '').replace('_', '-')} is missing): "
+                         "pip install 'dogtl[serve]'") from None
+
+
+def page_html() -> str:
+    return resources.files("dogtl.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+
+class Predictor:
+    """The loaded model as the server uses it: bytes -> inputs (any thread), inputs -> rows."""
+
+    def __init__(self, sm: ServingModel, top_k: int = 5):
+        import tensorflow as tf
+
+        self.sm, self.top_k = sm, min(int(top_k), len(sm.classes))
+        self._decode = tf.function(lambda data: encoded_to_inputs(data, sm.inputs),
+                                   input_signature=[tf.TensorSpec([], tf.string)])
+        specs = tuple(tf.TensorSpec([None, i.size, i.size, 3], tf.float32) for i in sm.inputs)
+        self._call = tf.function(lambda *inputs: sm.call(inputs), input_signature=list(specs))
+
+    def decode(self, data: bytes) -> tuple:
+        """The model's inputs for one encoded image, or BadUpload saying why it cannot be read."""
+        import tensorflow as tf
+
+        from dogtl.data.images import TOO_LARGE, _clean_reason
+
+        try:
+            return tuple(x.numpy() for x in self._decode(tf.constant(data)))
+        except tf.errors.OpError as e:
+            reason = _clean_reason(getattr(e, "message", str(e)))
+        if TOO_LARGE in reason:
+            raise BadUpload(413, f"{reason}: send a smaller image")
+        if data[:2] == b"\xff\xd8" and data[-2:] != b"\xff\xd9":
+            reason = "truncated JPEG (premature end of data)"
+        elif reason.startswith("Unknown image file format"):
+            reason = "not an image: send a JPEG, PNG, GIF, BMP or WebP file"
+        raise BadUpload(400, f"cannot read the image ({reason[:200]})")
+
+    def predict(self, inputs: tuple) -> np.ndarray:
+        return self._call(*inputs).numpy()
+
+    def warm_up(self) -> None:
+        """Trace the decoder and the model once, so the first request is not slow."""
+        import tensorflow as tf
+
+        png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+        jpeg = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+        self.decode(jpeg)
+        self.predict(tuple(np.stack([x]) for x in self.decode(png)))
+
+    def top(self, row: np.ndarray) -> list[dict]:
+        order = np.argsort(-row)[: self.top_k]
+        return [{"class": self.sm.classes[j], "probability": float(row[j])} for j in order]
+
+
+async def read_limited(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadUpload(413, f"upload of {int(declared) / MB:.1f} MB is over the limit of {limit / MB:.1f} MB "
+                             "(--max-upload-mb)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadUpload(413, f"upload is over the limit of {limit / MB:.1f} MB (--max-upload-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def upload_bytes(request, max_upload: int) -> bytes:
+    """The image bytes of a multipart field `file` or of a raw image body."""
+    from starlette.requests import Request
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        body = await read_limited(request, max_upload + MULTIPART_SLACK)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=10, max_part_size=max_upload)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise BadUpload(400, "a multipart upload needs the image in a file field named 'file'")
+        data = await upload.read()
+        if len(data) > max_upload:
+            raise BadUpload(413, f"upload is over the limit of {max_upload / MB:.1f} MB (--max-upload-mb)")
+        return data
+    if ctype and not ctype.startswith(RAW_TYPES):
+        raise BadUpload(415, f"content type {ctype!r} is not an image: send multipart/form-data with a "
+                             "field 'file', or the raw image as image/* or application/octet-stream")
+    return await read_limited(request, max_upload)
+
+
+def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 20, batch_wait_ms: float = 5,
+               top_k: int = 5, decode_threads: int | None = None):
+    require_serve_extra()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    if max_upload_mb <= 0:
+        raise DogtlError(f"--max-upload-mb {max_upload_mb} must be positive")
+    predictor = Predictor(sm, top_k)
+    predictor.warm_up()
+    batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
+    pool = ThreadPoolExecutor(max_workers=decode_threads or min(8, os.cpu_count() or 2),
+                              thread_name_prefix="dogtl-decode")
+    max_upload = int(max_upload_mb * MB)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        log.info("serving %s (%d classes)", sm.name, len(sm.classes))
+        yield
+        await batcher.stop()  # the server has finished its in-flight requests by now
+        pool.shutdown(wait=True)
+
+    app = FastAPI(title=f"dogtl: {sm.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.batcher, app.state.predictor = batcher, predictor
+
+    def error(status: int, message: str):
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(page_html().replace("{{MODEL}}", sm.name))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": sm.name, "classes": len(sm.classes)}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        started = time.perf_counter()
+        try:
+            data = await upload_bytes(request, max_upload)
+            if not data:
+                raise BadUpload(400, "empty upload (0 bytes): send an image file")
+            inputs = await asyncio.get_running_loop().run_in_executor(pool, predictor.decode, data)
+        except BadUpload as e:
+            return error(e.status, e.message)
+        except ClientDisconnect:
+            log.info("client disconnected during the upload")
+            return error(400, "client disconnected during the upload")
+        row = await batcher.submit(inputs)
+        return {"model": sm.name, "predictions": predictor.top(row),
+                "ms": round((time.perf_counter() - started) * 1000, 2)}
+
+    return app

@@ -1,0 +1,196 @@
+"""`dogtl export`: a trained model as a TF Serving SavedModel or a TFLite file.
+
+SavedModel: written at OUT/1/ (TF Serving's version folder), with a `serving_default`
+signature on a batch of encoded images (tf.string); decoding, resizing, the backbone's
+preprocessing and the class names are in the graph (model.encoded_batch_fn), so it runs with
+plain TensorFlow and no dogtl. TFLite: a uint8 RGB image [1, size, size, 3] in, probabilities
+out, the class names one a line in OUT's `.labels.txt` sibling; `check_tflite` compares it with
+the Keras model on real images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dogtl.core.diskspace import require_free_space
+from dogtl.core.errors import DogtlError
+from dogtl.core.files import atomic_path, check_overwrite, write_text_atomic
+from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
+
+log = logging.getLogger(__name__)
+FORMATS = ("savedmodel", "tflite")
+QUANTIZE = ("none", "float16", "dynamic")
+VERSION = "1"
+
+
+@dataclass
+class TfliteCheck:
+    images: int
+    top1_agreement: float  # fraction of images whose top class is the Keras model's
+    max_abs_diff: float  # largest |p_tflite - p_keras| over images and classes
+    skipped: int = 0  # unreadable images left out
+    # The same against the Keras model fed the same uint8 pixels: what conversion alone changes
+    # (the rest of the difference is the uint8 input's rounding of the resized image).
+    top1_same_pixels: float = float("nan")
+    max_abs_diff_same_pixels: float = float("nan")
+
+
+def _model_bytes(sm: ServingModel) -> int:
+    return int(sm.model.count_params()) * 4 + (1 << 20)
+
+
+def export_savedmodel(sm: ServingModel, out: str | Path, *, top_k: int = 5, force: bool = False) -> Path:
+    """Write the SavedModel at OUT/1/ and the class names at OUT/labels.txt; returns OUT/1."""
+    import keras
+    import tensorflow as tf
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DogtlError(f"--out {out} is a file: a SavedModel is a folder (TF Serving's model base path)")
+    if not out.parent.is_dir():
+        raise DogtlError(f"--out {out}: folder '{out.parent}' does not exist; create it or choose another --out")
+    target = out / VERSION
+    if target.exists() and not force:
+        raise DogtlError(f"{target} exists: pass --force to overwrite it or choose another --out")
+    out.mkdir(exist_ok=True)
+    require_free_space(out, _model_bytes(sm), "the SavedModel")
+
+    archive = keras.export.ExportArchive()
+    archive.track(sm.model)
+    archive.add_endpoint(name="serving_default", fn=encoded_batch_fn(sm, top_k),
+                         input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    tmp, old = out / f".{VERSION}.tmp-{os.getpid()}", out / f".{VERSION}.old-{os.getpid()}"
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    write_text_atomic(out / "labels.txt", "".join(f"{c}\n" for c in sm.classes))
+    return target
+
+
+def labels_path(tflite_path: str | Path) -> Path:
+    path = Path(tflite_path)
+    return path.with_name(f"{path.stem}.labels.txt")
+
+
+def tflite_bytes(sm: ServingModel, quantize: str = "none") -> bytes:
+    """The converted model: uint8 RGB [1, size, size, 3] -> probabilities [1, C]."""
+    import tensorflow as tf
+
+    if quantize not in QUANTIZE:
+        raise DogtlError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    import tempfile
+
+    import keras
+
+    archive = keras.export.ExportArchive()
+    archive.track(sm.model)
+    archive.add_endpoint(name="serving_default",
+                         fn=lambda image: {"probabilities": sm.call(pixels_to_inputs(image, sm.inputs))},
+                         input_signature=[tf.TensorSpec([1, sm.size, sm.size, 3], tf.uint8, name="image")])
+    with tempfile.TemporaryDirectory(prefix="dogtl-tflite-") as tmp:
+        archive.write_out(tmp, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        return converter.convert()
+
+
+def export_tflite(sm: ServingModel, out: str | Path, *, quantize: str = "none", force: bool = False) -> Path:
+    """Write OUT (a .tflite file) and its labels file beside it."""
+    out = Path(out)
+    if out.suffix != ".tflite":
+        raise DogtlError(f"--out {out}: a TFLite model file must end in .tflite")
+    check_overwrite(out, force)
+    require_free_space(out.parent, _model_bytes(sm), "the TFLite model")
+    data = tflite_bytes(sm, quantize)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    write_text_atomic(labels_path(out), "".join(f"{c}\n" for c in sm.classes))
+    return out
+
+
+def tflite_predict(tflite: str | Path | bytes, pixels: np.ndarray) -> np.ndarray:
+    """Probabilities [N, C] of a TFLite model on uint8 images [N, size, size, 3], one at a time."""
+    import tensorflow as tf
+
+    kwargs = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
+    interpreter = tf.lite.Interpreter(**kwargs)
+    interpreter.allocate_tensors()
+    (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
+    rows = []
+    for image in pixels:
+        interpreter.set_tensor(inp["index"], image[None].astype(np.uint8))
+        interpreter.invoke()
+        rows.append(interpreter.get_tensor(outp["index"])[0].astype(np.float64))
+    return np.array(rows).reshape(len(pixels), -1)
+
+
+def client_pixels(paths, size: int):
+    """(uint8 RGB [n, size, size, 3], kept paths): what a TFLite client feeds, decoded and resized
+    as dogtl does and rounded to bytes; unreadable files are left out."""
+    import tensorflow as tf
+
+    from dogtl.data.images import load_image
+
+    images, kept = [], []
+    for path in paths:
+        try:
+            image = load_image(str(path), size)
+        except tf.errors.OpError:
+            continue
+        images.append(np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8))
+        kept.append(path)
+    return np.array(images, dtype=np.uint8).reshape(-1, size, size, 3), kept
+
+
+def check_tflite(tflite: str | Path | bytes, sm: ServingModel, paths) -> TfliteCheck:
+    """Top-1 agreement and largest probability difference of the TFLite model against the Keras
+    model (dogtl's float pipeline on the files) on `paths`."""
+    import tensorflow as tf
+
+    pixels, kept = client_pixels(paths, sm.size)
+    if not kept:
+        raise DogtlError("none of the check images could be read")
+    serve = tf.function(encoded_batch_fn(sm))
+    keras_probs = np.concatenate([
+        serve(tf.constant([Path(p).read_bytes() for p in kept[i:i + 32]]))["probabilities"].numpy()
+        for i in range(0, len(kept), 32)]).astype(np.float64)
+    on_pixels = tf.function(lambda x: sm.call(pixels_to_inputs(x, sm.inputs)))
+    same = np.concatenate([on_pixels(tf.constant(pixels[i:i + 32])).numpy()
+                           for i in range(0, len(kept), 32)]).astype(np.float64)
+    lite = tflite_predict(tflite, pixels)
+    return TfliteCheck(images=len(kept),
+                       top1_agreement=float(np.mean(lite.argmax(1) == keras_probs.argmax(1))),
+                       max_abs_diff=float(np.max(np.abs(lite - keras_probs))), skipped=len(paths) - len(kept),
+                       top1_same_pixels=float(np.mean(lite.argmax(1) == same.argmax(1))),
+                       max_abs_diff_same_pixels=float(np.max(np.abs(lite - same))))
+
+
+def validation_images(sm: ServingModel, data: str | Path = "data", limit: int = 200) -> list[Path]:
+    """Up to `limit` validation images of the model's cache in the data folder; [] when either
+    cannot be found (the caller says what to pass)."""
+    from dogtl.core.modelinfo import open_model_cache, split_paths
+    from dogtl.data.folders import load_dataset
+
+    try:
+        cache = open_model_cache(sm.metadata, required=False)
+        if cache is None or not Path(data).is_dir():
+            return []
+        paths = split_paths(cache, load_dataset(data))["val"]["paths"]
+    except DogtlError as e:
+        log.warning("no validation images to check against: %s", e)
+        return []
+    return [Path(p) for p in paths[:limit]]

@@ -1,0 +1,105 @@
+"""A trained dogtl model as deployment sees it: one Keras model on images, its class names,
+and how one encoded image becomes the model's input(s).
+
+Every deployment path (SavedModel, TFLite, `dogtl serve`) goes through `encoded_to_inputs`
+or `pixels_to_inputs`, which call the same decode/resize (`data.images.decode_image`) and
+backbone preprocessing (`data.images.preprocess_fn`) as `dogtl predict`, so they see the same
+pixels. A model with several image inputs (one per backbone) lists one `ImageInput` each;
+both functions return one tensor per input, in the model's input order.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from dogtl.core.errors import DogtlError
+from dogtl.features.backbones import BackboneSpec
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image input of the model: the backbone whose preprocessing it takes, at `size` px."""
+    spec: BackboneSpec
+    size: int
+
+
+@dataclass
+class ServingModel:
+    model: object  # keras.Model on preprocessed images
+    classes: list[str]
+    inputs: tuple[ImageInput, ...]
+    name: str
+    path: Path
+    metadata: dict
+
+    @property
+    def size(self) -> int:
+        """The image size a client sends to TFLite (the largest input's; others are resized)."""
+        return max(i.size for i in self.inputs)
+
+    def call(self, inputs):
+        """Probabilities [N, C] for a tuple of preprocessed input batches."""
+        return self.model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+
+
+def encoded_to_inputs(data, inputs: tuple[ImageInput, ...]):
+    """One encoded image (a scalar tf.string) -> the model's preprocessed inputs, exactly as
+    `dogtl predict` computes them from the file."""
+    from dogtl.data.images import decode_image
+
+    return tuple(preprocess(decode_image(data, i.size)) for i, preprocess in zip(inputs, _preprocessors(inputs)))
+
+
+def pixels_to_inputs(pixels, inputs: tuple[ImageInput, ...]):
+    """A batch of uint8 RGB images [N, s, s, 3] -> the model's preprocessed inputs (TFLite's
+    input: the client has decoded and resized the image already)."""
+    import tensorflow as tf
+
+    image = tf.cast(pixels, tf.float32)
+    out = []
+    for i, preprocess in zip(inputs, _preprocessors(inputs)):
+        x = image if image.shape[1] == i.size else tf.image.resize(image, [i.size, i.size], antialias=True)
+        out.append(preprocess(x))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _preprocessors(inputs: tuple[ImageInput, ...]):
+    """The backbones' preprocess_input functions, looked up once outside any traced function
+    (importing inside a tf.function makes AutoGraph warn)."""
+    from dogtl.data.images import preprocess_fn
+
+    return tuple(preprocess_fn(i.spec) for i in inputs)
+
+
+def load_serving_model(path: str | Path, weights: str | None = None) -> ServingModel:
+    """A fine-tuned model, or a head composed with the backbone its features came from."""
+    from dogtl.evaluation.predict import load_image_model
+
+    path = Path(path)
+    if path.is_dir():
+        raise DogtlError(f"{path}: a folder; pass a dogtl model file (models/finetuned.keras or "
+                         "models/head.keras), not an export")
+    model, meta, spec, size = load_image_model(path, weights)
+    return ServingModel(model=model, classes=[str(c) for c in meta["classes"]], inputs=(ImageInput(spec, size),),
+                        name=str(meta.get("name") or path.stem), path=path, metadata=meta)
+
+
+def encoded_batch_fn(sm: ServingModel, top_k: int = 5):
+    """images (tf.string [N], encoded files) -> {probabilities [N, C], classes [N, k], scores [N, k]}:
+    the SavedModel's serving signature, with the class names inside the graph."""
+    import tensorflow as tf
+
+    k = min(int(top_k), len(sm.classes))
+    specs = tuple(tf.TensorSpec([i.size, i.size, 3], tf.float32) for i in sm.inputs)
+
+    def serve(images):
+        inputs = tf.map_fn(lambda data: encoded_to_inputs(data, sm.inputs), images, fn_output_signature=specs)
+        probabilities = sm.call(inputs)
+        top = tf.math.top_k(probabilities, k=k)
+        classes = tf.constant(sm.classes, dtype=tf.string)
+        return {"probabilities": probabilities, "classes": tf.gather(classes, top.indices), "scores": top.values}
+
+    return serve

@@ -1,0 +1,133 @@
+"""dogtl export: the SavedModel gives dogtl predict's probabilities; the TFLite file agrees on top-1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import _tiny
+from conftest import assert_clean_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return _tiny.model_path()
+
+
+@pytest.fixture(scope="module")
+def serving_model():
+    return _tiny.serving_model()
+
+
+@pytest.fixture(scope="module")
+def serving_images():
+    return list(_tiny.images())
+
+DECODABLE = ("rgb", "png", "grey", "cmyk", "png16", "rgba", "gif", "huge")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    result = run_cli("export", tiny_model, "--format", "savedmodel", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(saved_model):
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(saved_model / "1"))
+
+
+@pytest.fixture(scope="module")
+def tflite(tiny_model, serving_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tflite") / "tiny.tflite"
+    args = [a for p in serving_images for a in ("--check-images", p)]
+    result = run_cli("export", tiny_model, "--format", "tflite", "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_savedmodel_equals_dogtl_predict(saved_model, loaded, serving_model, serving_images, odd_images):
+    import tensorflow as tf
+
+    from dogtl.evaluation.predict import PredictConfig, predict_images, predict_top_k
+
+    assert (saved_model / "1" / "saved_model.pb").is_file()  # TF Serving's layout: BASE/VERSION/
+    assert (saved_model / "labels.txt").read_text().split() == serving_model.classes
+    paths = list(serving_images) + [odd_images[name] for name in DECODABLE]
+    out = loaded.signatures["serving_default"](images=tf.constant([p.read_bytes() for p in paths]))
+    sm = serving_model
+    expected, ok = predict_images(sm.model, paths, sm.inputs[0].spec, sm.size)
+    assert ok.all()
+    probs = out["probabilities"].numpy()
+    assert probs.shape == (len(paths), len(sm.classes))
+    np.testing.assert_allclose(probs, expected, rtol=1e-3, atol=2e-4)  # graph vs eager kernels
+    assert np.ptp(probs[:, 0]) > 0.05  # the images really are told apart, so equality means something
+    top = predict_top_k(PredictConfig(model=str(sm.path), images=tuple(str(p) for p in paths), top_k=3))
+    names = out["classes"].numpy().astype(str)
+    for row, want in zip(names, top):
+        assert list(row[:3]) == want.classes
+    np.testing.assert_allclose(out["scores"].numpy()[:, 0], probs.max(1), atol=1e-6)
+
+
+def test_savedmodel_refuses_bad_image_and_overwrite(saved_model, loaded, tiny_model, odd_images):
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        loaded.signatures["serving_default"](images=tf.constant([odd_images["bad_not_image"].read_bytes()]))
+    assert_clean_error(run_cli("export", tiny_model, "--out", saved_model), "exists", "--force")
+
+
+@pytest.mark.slow  # converting even a tiny mobilenet_v2 to TFLite takes ~40 s on 2 cores
+def test_tflite_uint8_input_labels_and_check(tflite, serving_model, serving_images):
+    import tensorflow as tf
+
+    from dogtl.serving.export import check_tflite, labels_path
+
+    path, output = tflite
+    assert labels_path(path).read_text().split() == serving_model.classes
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    (inp,) = interpreter.get_input_details()
+    assert inp["dtype"] == np.uint8 and list(inp["shape"]) == [1, 32, 32, 3]
+    assert "top-1 agreement with the Keras model 100.0%" in output, output
+    check = check_tflite(path, serving_model, serving_images)
+    assert check.images == len(serving_images) and check.top1_agreement == 1.0
+    # Rounding the resized pixels to uint8 moves this random network's probabilities a little; the
+    # conversion itself changes next to nothing:
+    assert check.top1_same_pixels == 1.0 and check.max_abs_diff_same_pixels < 1e-3
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--format", "onnx"], ["--format 'onnx'", "savedmodel"]),
+    (["--quantize", "dynamic"], ["--quantize applies to --format tflite"]),
+    (["--format", "tflite", "--quantize", "int4"], ["--quantize 'int4'", "float16"]),
+    (["--format", "tflite", "--out", "x.bin"], [r"must end in \.tflite"]),
+])
+def test_export_bad_options(tiny_model, tmp_path, args, needles):
+    args = [a if a != "x.bin" else tmp_path / a for a in args]
+    assert_clean_error(run_cli("export", tiny_model, *args), *needles)
+
+
+def test_export_missing_model(tmp_path):
+    assert_clean_error(run_cli("export", tmp_path / "nope.keras", "--out", tmp_path / "o"), "no such model file")
+
+
+def test_head_model_deploys_with_its_backbone(stage3):
+    """A head file: the deployable model is backbone + head, and export finds its validation images."""
+    from dogtl.evaluation.predict import PredictConfig, predict_top_k
+    from dogtl.serving.app import Predictor
+    from dogtl.serving.export import validation_images
+    from dogtl.serving.model import load_serving_model
+
+    sm = load_serving_model(stage3.head)
+    assert sm.model.input.shape[1:] == (48, 48, 3) and sm.inputs[0].spec.name == "mobilenet_v2"
+    val = validation_images(sm, stage3.data)
+    assert val and all(p.parent.name == "train" for p in val)
+    predictor = Predictor(sm, top_k=3)
+    row = predictor.predict(tuple(x[None] for x in predictor.decode(val[0].read_bytes())))[0]
+    want = predict_top_k(PredictConfig(model=str(stage3.head), images=(str(val[0]),), top_k=3))[0]
+    assert [p["class"] for p in predictor.top(row)] == want.classes
+    np.testing.assert_allclose([p["probability"] for p in predictor.top(row)], want.probabilities, rtol=1e-3, atol=2e-4)
