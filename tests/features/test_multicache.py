@@ -122,3 +122,15 @@ def test_ensemble_of_multi_heads_saves_loads_and_predicts_from_image_files(multi
     expected = head.predict(multi.features("labelled", passes=[0])[0][rows], verbose=0)
     assert ok.all()
     np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+    # It deploys as it predicts: the SavedModel takes the encoded files, one input per backbone inside.
+    import tensorflow as tf
+
+    from dogtl.serving.export import export_savedmodel
+    from dogtl.serving.model import load_serving_model
+
+    sm = load_serving_model(out)
+    assert [i.size for i in sm.inputs] == [32, 40]
+    serve = tf.saved_model.load(str(export_savedmodel(sm, tmp_path / "export"))).signatures["serving_default"]
+    files = [(synthetic_data / "train" / f"{multi.ids[r]}.jpg").read_bytes() for r in rows]
+    np.testing.assert_allclose(serve(images=tf.constant(files))["probabilities"].numpy(), probs, atol=1e-4)

@@ -75,7 +75,8 @@ def _preprocessors(inputs: tuple[ImageInput, ...]):
 
 
 def load_serving_model(path: str | Path, weights: str | None = None) -> ServingModel:
-    """A fine-tuned model, or a head composed with the backbone its features came from."""
+    """A fine-tuned model, or a head composed with the backbone(s) its features came from
+    (an ensemble of them too)."""
     from dogtl.evaluation.predict import load_image_model
 
     path = Path(path)
@@ -83,7 +84,10 @@ def load_serving_model(path: str | Path, weights: str | None = None) -> ServingM
         raise DogtlError(f"{path}: a folder; pass a dogtl model file (models/finetuned.keras or "
                          "models/head.keras), not an export")
     model, meta, spec, size = load_image_model(path, weights)
-    return ServingModel(model=model, classes=[str(c) for c in meta["classes"]], inputs=(ImageInput(spec, size),),
+    # A head on several caches has one image input per backbone: lists of specs and sizes.
+    specs, sizes = (spec, size) if isinstance(spec, list) else ([spec], [size])
+    inputs = tuple(ImageInput(s, z) for s, z in zip(specs, sizes))
+    return ServingModel(model=model, classes=[str(c) for c in meta["classes"]], inputs=inputs,
                         name=str(meta.get("name") or path.stem), path=path, metadata=meta)
 
 
