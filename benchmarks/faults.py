@@ -53,6 +53,7 @@ class Command:
     name: str
     args: list  # {data}, {inputs}, {out} are filled in
     outputs: list  # files under {out} to compare
+    tmpfs_mb: int = 48  # the small disk of the "full" fault: room for an uninterrupted run
 
 
 COMMANDS = [
@@ -65,7 +66,7 @@ COMMANDS = [
                            "--patience", "100"], ["h.keras", "h.json", "h.history.csv"]),
     Command("finetune", ["finetune", "--data", "{data}", "--head", "{inputs}/head.keras", "--out", "{out}/f.keras",
                          "--epochs", "3", "--batch-size", "8", "--trainable-blocks", "1", "--patience", "100",
-                         "--deterministic"], ["f.keras", "f.json", "f.history.csv"]),
+                         "--deterministic"], ["f.keras", "f.json", "f.history.csv"], tmpfs_mb=800),
     Command("sweep", ["sweep", "--cache", "{inputs}/c.h5", "--param", "max_lr=1e-3,3e-3", "--param", "hidden=16,32",
                       "--epochs", "3", "--fuse", "1", "--out", "{out}/s"], ["s/results.csv"]),
 ]
@@ -228,7 +229,7 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
     mounted = False
     if fault == "full":
         out.mkdir(exist_ok=True)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(out)]).returncode == 0
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={command.tmpfs_mb}m", "tmpfs", str(out)]).returncode == 0
         if not mounted:
             return Outcome(False, False, False, False, False, "cannot mount a tmpfs (needs root)")
     try:

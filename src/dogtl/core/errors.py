@@ -66,7 +66,7 @@ def os_error_message(error: OSError) -> str | None:
     if name in ("ENOSPC", "EDQUOT"):
         mb = getattr(error, "dogtl_needed_mb", None)
         need = f"{mb:,.0f} MB" if mb else "space"
-        mount = _mount_point(path or os.getcwd())
+        mount = _mount_point(path) if path else "the disk it was writing to (the output's)"
     where = f"{path}: " if path else ""
     return f"{where}{_OS_ADVICE[name].format(need=need, mount=mount)} ({error.strerror or name})"
 
