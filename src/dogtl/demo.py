@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import atomic_path, check_overwrite
+from dogtl.core.files import atomic_path
 
 log = logging.getLogger(__name__)
 Note = Callable[[str], None]
@@ -93,9 +93,9 @@ def _fresh_dir(config: DemoConfig) -> Path:
     """The demo folder, emptied of an earlier demo's outputs (only with --force)."""
     root = Path(config.dir)
     existing = [name for name in GENERATED if (root / name).exists()]
-    if existing:
-        check_overwrite(root / existing[0], config.force, "--dir",
-                        detail=f" ({root} already holds a demo: {', '.join(existing)})")
+    if existing and not config.force:
+        raise DogtlError(f"{root} already holds a demo ({', '.join(existing)}): pass --force to overwrite it "
+                         "or choose another --dir")
     for name in existing:
         (shutil.rmtree if (root / name).is_dir() else Path.unlink)(root / name)
     for sub in ("models", "reports"):

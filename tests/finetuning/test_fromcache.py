@@ -36,10 +36,11 @@ def from_cache(cut_stage3, tmp_path_factory):
 def test_before_its_first_step_it_is_the_head_on_cached_features(cut_stage3):
     from dogtl.core.artifacts import load_model
     from dogtl.features.cache import open_cache
+    from dogtl.core.locks import writes
     from dogtl.features.cut import CutReader
     from dogtl.finetuning.fromcache import prepare_from_cache
 
-    setup = prepare_from_cache(_config(cut_stage3, cut_stage3.root / "unused.keras"), None)
+    setup = writes(prepare_from_cache)(_config(cut_stage3, cut_stage3.root / "unused.keras"), None)
     model, head, trainable = setup.source.build(setup)
     assert trainable and all("block_15_" in n or "block_16_" in n or n.startswith("Conv_1") for n in trainable)
     cache = open_cache(cut_stage3.cache)

@@ -162,4 +162,4 @@ def test_serve_refuses_model_that_cannot_load(tmp_path):
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip")
     (tmp_path / "broken.json").write_text((_tiny.model_path().with_suffix(".json")).read_text())
-    assert_clean_error(run_cli("serve", broken), "cannot load model")
+    assert_clean_error(run_cli("serve", broken), "broken.keras: damaged")  # its content hash differs

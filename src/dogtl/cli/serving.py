@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from dogtl.cli.common import friendly_errors
+from dogtl.core.errors import SettingError
 
 
 @friendly_errors
@@ -34,17 +35,17 @@ def export_cmd(
     from dogtl.serving.model import load_serving_model
 
     if format not in ex.FORMATS:
-        raise ValueError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
+        raise SettingError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
     if quantize not in ex.QUANTIZE:
-        raise ValueError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
+        raise SettingError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
     if format == "savedmodel" and quantize != "none":
-        raise ValueError("--quantize applies to --format tflite only")
+        raise SettingError("--quantize applies to --format tflite only")
     if format == "tflite" and out is not None and out.suffix != ".tflite":
-        raise ValueError(f"--out {out}: a TFLite model file must end in .tflite")
+        raise SettingError(f"--out {out}: a TFLite model file must end in .tflite")
     if check_images:
         absent = [str(p) for p in check_images if not p.is_file()]
         if absent:
-            raise ValueError(f"--check-images: no such file: {', '.join(absent[:3])}")
+            raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
     sm = load_serving_model(model, weights)
     if out is None:
         Path("export").mkdir(exist_ok=True)

@@ -24,7 +24,12 @@ def require_free_space(path: str | Path, needed_bytes: int, what: str, margin: f
     free = free_bytes(path)
     if free < needed_bytes * margin:
         raise DiskSpaceError(
-            f"{what} needs about {needed_bytes / MB:,.0f} MB at {path} but only {free / MB:,.0f} MB "
-            f"are free there; free {max(needed_bytes * margin - free, 0) / MB:,.0f} MB (or choose "
-            f"another path) and rerun the same command: finished work is kept"
+            f"{what} needs about {_mb(needed_bytes)} at {path} but only {_mb(free)} are free there; "
+            f"free {_mb(max(needed_bytes * margin - free, 0))} (or choose another path) and rerun the same "
+            "command: finished work is kept"
         )
+
+
+def _mb(size: float) -> str:
+    """Megabytes, with a decimal while small (a 0.3 MB cut should not read as 0 MB)."""
+    return f"{size / MB:,.1f} MB" if size < 10 * MB else f"{size / MB:,.0f} MB"

@@ -22,6 +22,8 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from dogtl.core.errors import SettingError
+
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 PRECISION_HELP = ("Number format of the backbone's arithmetic: auto (bfloat16 on CPUs with AVX512-BF16/AMX, "
@@ -60,7 +62,7 @@ def native_bfloat16() -> bool:
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise SettingError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     return precision
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dogtl.core.errors import CacheError, DogtlError
+from dogtl.core.errors import CacheError, DogtlError, SettingError
 
 CUT_DTYPES = ("float16", "int8")
 BYTES = {"float16": 2, "int8": 1}
@@ -56,7 +56,7 @@ def extraction_model(backbone, spec, n: int):
 def cut_info(backbone, spec, n: int, dtype: str) -> dict:
     """What the fingerprint records of a cut: blocks, stored dtype and the shape of one image's cut."""
     if dtype not in CUT_DTYPES:
-        raise ValueError(f"--cut-dtype {dtype!r} must be one of {', '.join(CUT_DTYPES)}")
+        raise SettingError(f"--cut-dtype {dtype!r} must be one of {', '.join(CUT_DTYPES)}")
     shape = [int(d) for d in cut_tensor(backbone, spec, n).shape[1:]]
     return {"blocks": int(n), "dtype": dtype, "shape": shape}
 

@@ -231,7 +231,9 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
         size = cut_bytes(fingerprint["cut"], (1 + config.passes) * len(lab) + (1 + config.tta_passes) * len(tst))
         note(f"cut activations (top {config.cut_blocks} blocks, {fingerprint['cut']['shape']} in "
              f"{config.cut_dtype}): {size / 1e6:,.1f} MB in the cache, as much again while extracting")
-    require_free_space(path.parent, space_needed(path, fingerprint, len(lab), len(tst)), "extract-features")
+    require_free_space(path.parent, space_needed(path, fingerprint, len(lab), len(tst)),
+                       f"extract-features --cut-blocks {config.cut_blocks} (features and cut activations)"
+                       if config.cut_blocks else "extract-features")
     partial.start(fingerprint)
     model = extraction_model(backbone, spec, config.cut_blocks) if config.cut_blocks else backbone
     infer = (tf.function(lambda x: model(x, training=False), reduce_retracing=True) if strategy is None

@@ -16,13 +16,15 @@ from typing import Callable
 
 import numpy as np
 
+from dogtl.core.errors import SettingError
+
 log = logging.getLogger(__name__)
 
 
 class MicroBatcher:
     def __init__(self, predict: Callable[[tuple], np.ndarray], max_batch: int = 32, max_wait_s: float = 0.005):
         if max_batch < 1:
-            raise ValueError(f"--max-batch {max_batch} must be at least 1")
+            raise SettingError(f"--max-batch {max_batch} must be at least 1")
         self.predict, self.max_batch, self.max_wait_s = predict, int(max_batch), float(max_wait_s)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
