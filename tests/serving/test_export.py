@@ -81,7 +81,6 @@ def test_savedmodel_refuses_bad_image_and_overwrite(saved_model, loaded, tiny_mo
     assert_clean_error(run_cli("export", tiny_model, "--out", saved_model), "exists", "--force")
 
 
-@pytest.mark.slow  # converting even a tiny mobilenet_v2 to TFLite takes ~40 s on 2 cores
 def test_tflite_uint8_input_labels_and_check(tflite, serving_model, serving_images):
     import tensorflow as tf
 

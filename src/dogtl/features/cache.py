@@ -310,21 +310,8 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
                     _fill_pass(ds, p, source, n, shape, f"{split} {key}")
 
 
-@dataclass
-class FeatureCache:
-    """A complete cache, opened for reading. Features are read on demand."""
-
-    path: Path
-    fingerprint: dict
-    versions: dict
-    classes: list[str]
-    ids: np.ndarray
-    labels: np.ndarray
-    is_val: np.ndarray
-    test_ids: np.ndarray
-    skipped: list[str]
-    shapes: dict = field(default_factory=dict)
-    weights_path: str | None = None  # where a local weights file was at extraction (not in the fingerprint)
+class CacheShapes:
+    """What the shapes {split: (passes, rows, dim)} say, for one cache or several side by side."""
 
     @property
     def num_passes(self) -> int:
@@ -338,6 +325,23 @@ class FeatureCache:
     @property
     def feature_dim(self) -> int:
         return self.shapes["labelled"][2]
+
+
+@dataclass
+class FeatureCache(CacheShapes):
+    """A complete cache, opened for reading. Features are read on demand."""
+
+    path: Path
+    fingerprint: dict
+    versions: dict
+    classes: list[str]
+    ids: np.ndarray
+    labels: np.ndarray
+    is_val: np.ndarray
+    test_ids: np.ndarray
+    skipped: list[str]
+    shapes: dict = field(default_factory=dict)
+    weights_path: str | None = None  # where a local weights file was at extraction (not in the fingerprint)
 
     def features(self, split: str = "labelled", passes=None) -> np.ndarray:
         """float32 features [passes, rows, dim] of `split` ("labelled" or "test")."""

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import CacheError
-from dogtl.features.cache import FeatureCache, fingerprint_differences, open_cache
+from dogtl.features.cache import CacheShapes, FeatureCache, fingerprint_differences, open_cache
 
 # Fingerprint settings that may differ between caches concatenated into one head.
 PER_BACKBONE = {"backbone", "weights", "image_size", "preprocessing", "feature_dim", "dtype", "shard"}
 
 
-class MultiCache:
+class MultiCache(CacheShapes):
     """Read-only view of several caches of the same images as one cache (FeatureCache's interface)."""
 
     def __init__(self, caches: list[FeatureCache]):
@@ -43,18 +43,6 @@ class MultiCache:
                             "dtype": "float16" if dtypes == {"float16"} else "float32"}
         self.shapes = {split: (first.shapes[split][0], first.shapes[split][1],
                                sum(c.shapes[split][2] for c in self.caches)) for split in first.shapes}
-
-    @property
-    def num_passes(self) -> int:
-        return self.shapes["labelled"][0]
-
-    @property
-    def num_test_passes(self) -> int:
-        return self.shapes["test"][0]
-
-    @property
-    def feature_dim(self) -> int:
-        return self.shapes["labelled"][2]
 
     def features(self, split: str = "labelled", passes=None) -> np.ndarray:
         """float32 features [passes, rows, sum of dims]: each cache's, side by side, in --cache order."""
