@@ -132,11 +132,14 @@ def test_sweep_ensemble_writes_the_top_trials_as_one_model(caches, tmp_path):
 
 
 def test_auto_searches_within_budget_and_writes_an_ensemble(caches, tmp_path):
-    from dogtl.head.auto import auto_train
+    from dogtl.head.auto import AUTO_FIRST, auto_train
 
     out = tmp_path / "auto.keras"
     r = auto_train(caches["small"], out, budget=3, round_trials=2, epochs=3, top=2, folds=2)
-    assert out.exists() and r.trials == 2  # the first round always runs; the budget stops the search there
+    # The first round always runs (train-head's settings first, then 2 draws); the budget stops the search there.
+    assert out.exists() and r.trials == len(AUTO_FIRST) + 2
+    hidden = {tuple(json.loads(f.read_text())["settings"]["hidden"]) for f in r.folder.glob("search-*/trials/*.json")}
+    assert {(), (1024,)} <= hidden  # the linear head and the recipe's head were among the trials
     meta = json.loads(out.with_suffix(".json").read_text())
     assert 1 <= len(meta["ensemble"]["members"]) <= 2 and meta["metrics"] == r.metrics
     assert r.metrics["val_accuracy"] > 0.5  # 4 classes: chance 0.25

@@ -2,7 +2,8 @@
 
 A bounded random search with the sweep machinery (`sweeps/`), scored by 3-fold
 cross-validation over the cache's training split (the validation split stays unseen until
-the end), over AUTO_PARAMS: the architecture (linear, one hidden layer of 512 or 1024),
+the end), over AUTO_FIRST (train-head's defaults, linear and with the recipe's hidden layer)
+and then AUTO_PARAMS: the architecture (linear, one hidden layer of 512 or 1024),
 optimizer, peak and base learning rates, dropout on the input and after the hidden layer,
 label smoothing and weight decay. Then the best trials (at most AUTO_TOP, each within
 AUTO_MARGIN of the best's cross-validated log loss) are retrained on the whole training split
@@ -38,6 +39,10 @@ AUTO_PARAMS = (
     "label_smoothing=0.0..0.15",
     "weight_decay=0,1e-4,1e-3",
 )
+# Tried first, before the random draws: train-head's own settings with a linear head, and the
+# recipe's head. A random draw rarely lands on them, and on the measured caches they beat most
+# draws (benchmarks/quality.py: the linear head at defaults was the best head on two caches).
+AUTO_FIRST = ({"hidden": ()}, {})
 AUTO_FOLDS = 3
 AUTO_TOP = 5
 # Ensemble members: the best trial and those whose cross-validated log loss is within this
@@ -71,7 +76,8 @@ def _round(cache, folder: Path, trials: int, seed: int, progress, epochs: int, f
         for record in (seeded_from / "trials").glob("*.json"):  # finished runs: the sweep skips them
             shutil.copy2(record, folder / "trials" / record.name)
     config = SweepConfig(cache=cache, params=AUTO_PARAMS, trials=trials, folds=folds, epochs=epochs,
-                         seed=seed, out=str(folder), force=seeded_from is not None, folds_in_train=True)
+                         seed=seed, out=str(folder), force=seeded_from is not None, folds_in_train=True,
+                         first=AUTO_FIRST)
     return run_sweep(config, progress=progress)
 
 

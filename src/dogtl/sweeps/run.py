@@ -67,6 +67,7 @@ class SweepConfig:
     force: bool = False
     ensemble: int | None = None  # also retrain the top K trials and save their ensemble (OUT/ensemble.keras)
     folds_in_train: bool = False  # folds over the cache's training split only (the validation split unseen)
+    first: tuple = ()  # trials (dicts of searched settings) run before the random sample, e.g. known-good ones
 
     def __post_init__(self):
         object.__setattr__(self, "params", tuple(self.params or ()))
@@ -111,7 +112,8 @@ def _spec(config: SweepConfig, space: SearchSpace, cache, base: dict) -> dict:
     return {"cache": ", ".join(str(Path(p).resolve()) for p in as_paths(config.cache)),
             "cache_fingerprint": digest(cache.fingerprint)[:16],
             "space": space.to_json(), "trials": config.trials, "folds": config.folds,
-            "seed": config.seed, "base": base, **({"folds_in_train": True} if config.folds_in_train else {})}
+            "seed": config.seed, "base": base, **({"folds_in_train": True} if config.folds_in_train else {}),
+            **({"first": [dict(t) for t in config.first]} if config.first else {})}
 
 
 def _resolvable(trials: list[dict], base: dict, train_sizes: list[int]):
@@ -164,7 +166,9 @@ def _prepare_out(config: SweepConfig, spec: dict) -> Path:
 def _expand(config: SweepConfig, space: SearchSpace, base: dict) -> tuple[list[dict], list[str]]:
     """The trials to run (a random sample, the grid, or train-head's defaults) and the refused ones."""
     if config.trials:
-        return sample(space, base, config.trials, config.seed)
+        trials, dropped = sample(space, base, config.trials, config.seed)
+        first = [dict(t) for t in config.first]
+        return first + [t for t in trials if t not in first], dropped
     if space.params:
         return grid(space, base)
     return [{}], []
