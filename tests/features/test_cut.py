@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 
-from dogtl.core.errors import CacheError, DiskSpaceError
+from dogtl.core.errors import DiskSpaceError
 from dogtl.features.cache import PartialCache, fingerprint_differences, open_cache
 
 

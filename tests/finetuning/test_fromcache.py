@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from conftest import assert_clean_error, run_cli
 
-from dogtl.core.errors import DogtlError
 
 SETTINGS = dict(epochs=2, patience=5, batch_size=8, optimizer="adam", base_lr=1e-3)
 

@@ -23,8 +23,6 @@ CLASSES = ["beagle", "collie", "pug", "whippet"]
 
 
 def _images(folder: Path, count: int = 8) -> list[Path]:
-    from PIL import Image
-
     from dogtl.data.synthetic import draw_image
 
     rng = np.random.default_rng(3)

@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 
 import _tiny

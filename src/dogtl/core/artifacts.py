@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from dogtl.core.errors import DamagedError, DogtlError
-from dogtl.core.files import atomic_paths, check_overwrite, json_text, write_text_atomic
+from dogtl.core.files import atomic_paths, check_overwrite, file_sha256, json_text, write_text_atomic
 
 
 def metadata_path(model_path: str | Path) -> Path:
@@ -36,14 +36,6 @@ def check_writable(path: str | Path, force: bool) -> Path:
 
 INTEGRITY = "integrity"
 RETRAIN = "retrain it (or copy it again from where it was made)"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _metadata_sha256(metadata: dict) -> str:

@@ -9,6 +9,7 @@ at the end. This module is the only place that renames a file into place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import ExitStack, contextmanager
@@ -52,6 +53,15 @@ def atomic_paths(*paths: str | Path):
     (Only a crash in the microseconds between the renames could still mix old and new.)"""
     with ExitStack() as stack:
         yield [stack.enter_context(atomic_path(p)) for p in paths]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MB blocks (models, weights files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _json_default(value):

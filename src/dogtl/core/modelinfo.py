@@ -81,7 +81,7 @@ def backbone_weights(meta: dict, override: str | None = None) -> str:
     """
     recorded = meta["weights"]
     if override is not None:
-        if not _same_weights(recorded, override):
+        if not same_weights(recorded, override):
             raise DogtlError(f"--weights {override} is not the backbone the model was trained on "
                              f"({recorded}); pass that one")
         return override
@@ -95,13 +95,13 @@ def backbone_weights(meta: dict, override: str | None = None) -> str:
     if not Path(path).is_file():
         raise DogtlError(f"the model's backbone weights file {name} is no longer at {path}; "
                          "pass --weights PATH")
-    if not _same_weights(recorded, path):
+    if not same_weights(recorded, path):
         raise DogtlError(f"{path} is no longer the model's backbone weights file {name} ({recorded}): "
                          "its content changed; pass --weights PATH")
     return path
 
 
-def _same_weights(recorded: str, weights: str) -> bool:
+def same_weights(recorded: str, weights: str) -> bool:
     from dogtl.core.models import weights_identity
     from dogtl.features.cache import fingerprint_differences
 

@@ -22,11 +22,9 @@ def weights_identity(weights: str) -> str:
         raise DogtlError(
             f"--weights {weights}: no such file; pass 'imagenet', 'none' or a path to a local weights file"
         )
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"file:{path.name}:sha256:{h.hexdigest()[:16]}"
+    from dogtl.core.files import file_sha256
+
+    return f"file:{path.name}:sha256:{file_sha256(path)[:16]}"
 
 
 def build_backbone(spec: BackboneSpec, weights: str, image_size: int):

@@ -164,7 +164,7 @@ def multi_pass_dataset(segments, spec: BackboneSpec, image_size: int, *, seed: i
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _clean_reason(message: str) -> str:
+def clean_reason(message: str) -> str:
     """TensorFlow's op error text without its graph/op decorations."""
     text = re.sub(r"\{\{[^}]*\}\}", "", message)
     text = re.split(r"\s*\[Op:|\n|\s*Condition x|\s*\[\[", text)[0]
@@ -189,7 +189,7 @@ def decode_error(path: str | Path) -> str | None:
         load_image(str(path), 8)
         return None
     except tf.errors.OpError as e:
-        reason = _clean_reason(getattr(e, "message", str(e)))
+        reason = clean_reason(getattr(e, "message", str(e)))
     if head == b"\xff\xd8" and tail != b"\xff\xd9" and TOO_LARGE not in reason:
         return "Premature end of JPEG data (truncated file)"
     if reason.startswith("Unknown image file format"):

@@ -202,7 +202,7 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
         if probs is not None:
             source = "cached features"
     if probs is None:
-        probs, ok, passes = _from_images(config, model_path, meta, spec, size, paths, progress)
+        probs, ok, passes = _from_images(config, model_path, paths, progress)
 
     skipped = [f"{paths[i]}\t{decode_error(paths[i]) or 'unreadable'}" for i in np.flatnonzero(~ok)]
     if skipped and config.on_bad_image == "fail":
@@ -259,22 +259,15 @@ def _augmentation_of(meta):
     return (AugmentConfig(**aug) if aug else AugmentConfig()), int(fingerprint.get("seed", 0))
 
 
-def _from_images(config, model_path, meta, spec, size, paths, progress):
+def _from_images(config, model_path, paths, progress):
     model, meta, spec, size = load_image_model(model_path, config.weights)
     augmentation, seed = _augmentation_of(meta)
+    from dogtl.evaluation.tta import image_probabilities
+
     passes = 1 + (config.tta_passes if config.tta else 0)
-    total, runs = [], []
-    for p in range(passes):
-        def step(done, n, p=p):
-            if progress:
-                progress(p * n + done, passes * n)
-        probs, ok = predict_images(model, paths, spec, size, pass_index=p, seed=seed,
-                                   augmentation=augmentation, batch_size=config.batch_size, progress=step,
-                                   precision=config.precision)
-        total.append(probs)
-        runs.append(ok)
-    ok = np.logical_and.reduce(runs)
-    return np.mean(total, axis=0), ok, passes
+    probs, ok = image_probabilities(model, paths, spec, size, passes=passes, seed=seed, augmentation=augmentation,
+                                    batch_size=config.batch_size, progress=progress, precision=config.precision)
+    return probs, ok, passes
 
 
 # ----------------------------------------------------------------------------- single images

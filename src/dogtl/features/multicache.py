@@ -153,14 +153,14 @@ def multi_image_model(path, meta: dict, weights: str | None = None):
     head: every backbone of its caches, each with its own weights and size, feeding the head.
     `weights` (a local file) replaces the recorded file of the backbones that used that file."""
     from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import _same_weights, backbone_weights, check_model_matches
+    from dogtl.core.modelinfo import same_weights, backbone_weights, check_model_matches
     from dogtl.core.models import build_backbone, compose_multi, renamed
     from dogtl.features.backbones import get_backbone
 
     specs, sizes, backbones, names = [], [], [], set()
     for entry in meta["backbones"]:
         spec, size = get_backbone(entry["backbone"]), int(entry["image_size"])
-        override = weights if weights is not None and _same_weights(entry["weights"], weights) else None
+        override = weights if weights is not None and same_weights(entry["weights"], weights) else None
         backbone = build_backbone(spec, backbone_weights(entry, override), size)
         if backbone.name in names:
             backbone = renamed(backbone, f"{backbone.name}_{len(backbones)}")

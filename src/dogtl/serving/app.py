@@ -67,12 +67,12 @@ class Predictor:
         """The model's inputs for one encoded image, or BadUpload saying why it cannot be read."""
         import tensorflow as tf
 
-        from dogtl.data.images import TOO_LARGE, _clean_reason
+        from dogtl.data.images import TOO_LARGE, clean_reason
 
         try:
             return tuple(x.numpy() for x in self._decode(tf.constant(data)))
         except tf.errors.OpError as e:
-            reason = _clean_reason(getattr(e, "message", str(e)))
+            reason = clean_reason(getattr(e, "message", str(e)))
         if TOO_LARGE in reason:
             raise BadUpload(413, f"{reason}: send a smaller image")
         if data[:2] == b"\xff\xd8" and data[-2:] != b"\xff\xd9":
