@@ -16,7 +16,9 @@ The moments are uniform over the uninterrupted run's wall time, drawn with --see
 
 Prints one table: runs, interrupted (the fault hit a running command), clean (a one-line message
 or none, no traceback), resumed (the rerun finished), identical (to the uninterrupted run) and
-tidy (no lock, temporary or progress file left after the rerun).
+tidy (no lock, temporary or progress file left after the rerun) and late (the fault hit after
+the final rename, while the command was exiting: its outputs were complete, and the rerun said
+they exist; counted as resumed).
 """
 
 from __future__ import annotations
@@ -194,6 +196,7 @@ class Outcome:
     identical: bool
     tidy: bool
     note: str = ""
+    late: bool = False  # the fault hit after the final rename: the outputs were complete already
 
 
 def _fill(folder: Path) -> Path:
@@ -256,7 +259,11 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
             (folder / "rerun.stderr").write_text(rerun.stderr)
         else:  # it finished before the fault: a rerun would (rightly) refuse to overwrite
             rerun = process
-        resumed = rerun.returncode == 0
+        # Killed after its final rename (while exiting): the outputs are complete, and the rerun
+        # rightly refuses to overwrite them without --force. Nothing is lost: counted as resumed.
+        late = (interrupted and rerun.returncode != 0 and "exists: pass --force" in rerun.stderr
+                and outputs_of(command, out) == reference)
+        resumed = rerun.returncode == 0 or late
         if not resumed:
             note = note or (rerun.stderr.strip().splitlines() or ["?"])[-1][:200]
         identical = resumed and outputs_of(command, out) == reference
@@ -266,7 +273,7 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
             note = "differs: " + ", ".join(k for k in reference if got.get(k) != reference[k])
         if left and not note:
             note = "left " + ", ".join(left[:3])
-        return Outcome(interrupted, clean, resumed, identical, not left, note)
+        return Outcome(interrupted, clean, resumed, identical, not left, note, late)
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(out)])
@@ -342,7 +349,7 @@ def main(argv=None):
                                                             im[1], reference), enumerate(moments)))
             row = {"command": command.name, "fault": fault, "runs": len(outcomes),
                    **{k: sum(getattr(o, k) for o in outcomes) for k in ("interrupted", "clean", "resumed",
-                                                                      "identical", "tidy")},
+                                                                      "identical", "tidy", "late")},
                    "notes": sorted({o.note for o in outcomes if o.note})}
             rows.append(row)
             print(f"  {fault:5s} {row['identical']}/{row['runs']} identical "
@@ -350,12 +357,12 @@ def main(argv=None):
                   + (f"; notes: {row['notes'][:3]}" if row["notes"] else ""), flush=True)
     print()
     header = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
-             f"{'identical':>9s} {'tidy':>4s}"
+             f"{'identical':>9s} {'tidy':>4s} {'late':>4s}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['command']:20s} {r['fault']:5s} {r['runs']:4d} {r['interrupted']:11d} {r['clean']:5d} "
-              f"{r['resumed']:7d} {r['identical']:9d} {r['tidy']:4d}")
+              f"{r['resumed']:7d} {r['identical']:9d} {r['tidy']:4d} {r['late']:4d}")
     if args.determinism_cost:
         determinism_cost(paths, root)
     if args.dir is None:

@@ -10,6 +10,10 @@ import os
 import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# `auto` precision is float32 in tests on every CPU (this process and the commands it starts), so
+# their numbers do not depend on whether the CPU has hardware bfloat16; tests of that choice
+# patch it, and reduced precision is tested by asking for it.
+os.environ.setdefault("DOGTL_NATIVE_BFLOAT16", "0")
 
 import pytest  # noqa: E402
 

@@ -189,6 +189,11 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
                                                   out=str(root / "submission.csv"), force=True))
     result.artifacts["submission"] = submission.path
     say(f"[6/6] predicted {submission.rows} test images -> {submission.path}")
-    say(f"try the model in a browser: dogtl serve {tuned.model_path}   (then open http://127.0.0.1:8000/)")
+    import importlib.util
+
+    serve = f"dogtl serve {tuned.model_path}   (then open http://127.0.0.1:8000/)"
+    if importlib.util.find_spec("fastapi") is None:  # the plain install has no web server
+        serve = f"pip install 'dogtl[serve]' && {serve}"
+    say(f"try the model in a browser: {serve}")
     result.seconds = time.perf_counter() - started
     return result

@@ -47,6 +47,25 @@ def test_a_fixed_temporary_name_and_endings_that_pick_a_format(tmp_path):
     assert temporary_sibling(tmp_path / "head.keras").suffix == ".keras"
 
 
+def test_an_os_error_without_a_file_name_is_given_the_target_s(tmp_path):
+    """Keras's zip writer on a full disk raises ENOSPC naming no file: the one-line message
+    must still say which file could not be written."""
+    import errno
+
+    from dogtl.core.errors import os_error_message
+
+    target = tmp_path / "head.keras"
+    with pytest.raises(OSError) as caught:
+        with atomic_path(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(target)
+    assert os_error_message(caught.value).startswith(f"{target}: the disk is full")
+    with pytest.raises(OSError) as caught:  # a named file keeps its own name
+        with atomic_path(target):
+            raise OSError(errno.EACCES, "Permission denied", str(tmp_path / "other"))
+    assert caught.value.filename == str(tmp_path / "other")
+
+
 def test_atomic_paths_renames_none_until_all_are_written(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     with pytest.raises(Boom):

@@ -126,3 +126,26 @@ def test_two_processes_racing_for_one_lock_one_wins(tmp_path):
     outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outcomes.count("won") == 1, outcomes
     assert outcomes.count("refused") == 7, outcomes
+
+
+def test_a_lock_that_cannot_be_written_leaves_no_empty_lock_behind(tmp_path, monkeypatch):
+    """Found by benchmarks/faults.py: on a full disk the lock file was created but stayed empty,
+    and the rerun with room was refused as 'another process is starting to write'."""
+    import errno
+
+    from dogtl.core import locks
+    from dogtl.core.errors import os_error_message
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    artifact = tmp_path / "features.h5"
+    with monkeypatch.context() as m:
+        m.setattr(locks.os, "fsync", full)
+        with pytest.raises(OSError) as caught:
+            with artifact_lock(artifact, "the feature cache"):
+                pass
+    assert not lock_path(artifact).exists()
+    assert os_error_message(caught.value).startswith(f"{lock_path(artifact)}: the disk is full")
+    with artifact_lock(artifact, "the feature cache"):  # the rerun, with room again
+        assert lock_path(artifact).exists()

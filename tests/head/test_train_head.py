@@ -476,3 +476,26 @@ def test_head_weights_depend_on_the_seed_alone_while_other_threads_draw_random_n
     assert len(alone) > 8  # kernels, biases, BatchNorm, and the dropout layers' seed states
     for other in crowded:
         assert all(np.array_equal(a, b) for a, b in zip(alone, other))
+
+
+def test_a_failed_save_leaves_none_of_the_outputs_so_the_rerun_is_not_refused(separable, tmp_path, monkeypatch):
+    """Found by benchmarks/faults.py: a kill between the history CSV and the model left the CSV,
+    and the rerun refused to overwrite it. The four files are renamed together now."""
+    from dogtl.core import artifacts
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    out = tmp_path / "head.keras"
+    config = HeadConfig(epochs=2, seed=3, **FAST)
+    with monkeypatch.context() as m:
+        m.setattr(artifacts, "save_model", killed)
+        with pytest.raises(Killed):
+            train_head(config, cache=separable, out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no history, plot, model or temporary file
+    result = train_head(config, cache=separable, out=out)  # the rerun
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.history.csv", "head.json", "head.keras", "head.png"]
+    assert len(pd.read_csv(result.history_path)) == 2

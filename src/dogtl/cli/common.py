@@ -45,9 +45,9 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         from dogtl.core.errors import DogtlError, os_error_message
 
-        _quiet_tensorflow()
-        previous = _terminate_as_interrupt()
+        previous = _terminate_as_interrupt()  # first: a SIGTERM while TensorFlow loads is handled too
         try:
+            _quiet_tensorflow()
             return command(*args, **kwargs)
         except DogtlError as e:
             fail(str(e))

@@ -42,6 +42,10 @@ def atomic_path(path: str | Path, tmp: str | Path | None = None, durable: bool =
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if not e.filename:  # a writer that does not say which file (Keras's zip on a full disk)
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

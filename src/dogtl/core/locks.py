@@ -114,10 +114,15 @@ def _create(path: Path, owner: dict) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(owner, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(owner, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: an empty lock left behind would refuse the rerun
+        path.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)
+        raise
     return True
 
 

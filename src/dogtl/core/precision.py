@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +33,16 @@ PRECISION_HELP = ("Number format of the backbone's arithmetic: auto (bfloat16 on
 _REWRITE = "auto_mixed_precision_onednn_bfloat16"
 
 
+NATIVE_ENV = "DOGTL_NATIVE_BFLOAT16"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bfloat16() -> bool:
-    """True on a CPU with bfloat16 matmul instructions (AVX512-BF16 or AMX)."""
+    """True on a CPU with bfloat16 matmul instructions (AVX512-BF16 or AMX), unless
+    DOGTL_NATIVE_BFLOAT16 says otherwise: 0 makes `auto` float32 everywhere (the same numbers on
+    every CPU: machines of a cluster that share a cache, or a test suite), 1 trusts the CPU."""
+    if os.environ.get(NATIVE_ENV) in ("0", "1"):
+        return os.environ[NATIVE_ENV] == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

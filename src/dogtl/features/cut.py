@@ -137,17 +137,16 @@ class CutReader:
 
     def read(self, split: str, pass_index: int, rows) -> np.ndarray:
         """[len(rows), H, W, C] float32 of `rows` (any order) of one pass."""
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows)
         g = self.file[split]
+        # Row by row: each row is one chunk, and h5py's selection of a list of rows reads them
+        # ~50x slower (245 ms against 5 ms for 16 rows of xception's 19x19x728), which starved
+        # fine-tuning from the cache.
         try:
-            values = g["cut"][pass_index, rows[order]]
-            scale = g["cut_scale"][pass_index, rows[order]] if "cut_scale" in g else None
+            values = np.stack([g["cut"][pass_index, int(i)] for i in rows])
+            scale = np.stack([g["cut_scale"][pass_index, int(i)] for i in rows]) if "cut_scale" in g else None
         except (OSError, KeyError) as e:
             raise CacheError(f"{self.path}: damaged cut activations ({str(e)[:120]}); extract again") from None
-        out = np.empty_like(values, dtype=np.float32)
-        out[order] = decode(values, scale)
-        return out
+        return decode(values, scale)
 
     def close(self) -> None:
         self.file.close()

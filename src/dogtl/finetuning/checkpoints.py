@@ -3,7 +3,8 @@
 After each finished epoch the folder holds that epoch's model (with its optimizer state),
 the best model so far, and `state.json`, written last and atomically: a kill at any moment
 leaves the state of the last finished epoch, which the same command resumes from. The
-state names the settings, head and cache it belongs to, so another run's is refused.
+state names the settings, head and cache it belongs to, so another run's is refused, and
+the content hash of each checkpoint it keeps, so one damaged on disk is never trained on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dogtl.core.early_stopping import EarlyStopping
-from dogtl.core.errors import DogtlError
+from dogtl.core.errors import DamagedError, DogtlError
 
 STATE = "state.json"
 
@@ -52,6 +53,8 @@ class Checkpoints:
     def beside(cls, out: Path, identity: dict) -> "Checkpoints":
         return cls(out.with_name(out.name + ".partial"), json.loads(json.dumps(identity)))
 
+    hashes: dict = field(default_factory=dict, compare=False)  # checkpoint name -> SHA-256, from state.json
+
     def load(self, force: bool) -> RunState | None:
         """The state of a killed run of this identity, or None; another run's state is refused
         (discarded with `force`)."""
@@ -66,6 +69,8 @@ class Checkpoints:
                                  "head: rerun it with those settings to finish it, or pass --force to discard it")
             self.remove()
             return None
+        self.hashes.clear()
+        self.hashes.update(saved.get("hashes", {}))
         return RunState.from_json(saved["state"])
 
     def save_model(self, model, epoch: int) -> str:
@@ -82,15 +87,24 @@ class Checkpoints:
         """A checkpointed model, compiled, with its optimizer state (under the caller's scope)."""
         import keras
 
+        from dogtl.core.files import file_sha256
         from dogtl.head import schedules  # noqa: F401  registers the cyclical schedule for loading
 
-        return keras.saving.load_model(self.folder / name, compile=True)
+        path = self.folder / name
+        if name in self.hashes and file_sha256(path) != self.hashes[name]:
+            raise DamagedError(f"{path}: damaged (its content hash differs from the one in {STATE}); "
+                               f"delete {self.folder} and rerun the same command to start this fine-tuning over")
+        return keras.saving.load_model(path, compile=True)
 
     def commit(self, state: RunState) -> None:
         """Record `state` (atomically), then drop the checkpoints it no longer needs."""
-        from dogtl.core.files import write_json_atomic
+        from dogtl.core.files import file_sha256, write_json_atomic
 
-        write_json_atomic(self.folder / STATE, {"identity": self.identity, "state": state.to_json()})
+        kept = {state.best_file, state.last_file}
+        hashes = {name: self.hashes.get(name) or file_sha256(self.folder / name) for name in kept}
+        write_json_atomic(self.folder / STATE, {"identity": self.identity, "state": state.to_json(), "hashes": hashes})
+        self.hashes.clear()
+        self.hashes.update(hashes)
         keep = {state.best_file, state.last_file, STATE}
         for path in self.folder.iterdir():
             if path.name not in keep:

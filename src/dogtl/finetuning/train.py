@@ -246,7 +246,7 @@ def validate_setup(setup: Setup, model) -> tuple[np.ndarray, dict]:
 def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> FinetuneResult:
     """Write the best model with its metadata, history and plot; remove the checkpoints."""
     from dogtl.core.artifacts import save_model
-    from dogtl.core.files import write_csv_atomic
+    from dogtl.core.files import atomic_paths, write_csv_atomic
     from dogtl.core.modelinfo import weights_path_to_record
 
     from dogtl.core.precision import set_policy
@@ -269,14 +269,15 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
         "settings": asdict(setup.config), "metrics": metrics, "trainable_layers": state.trainable_layers,
     }
     history_path = setup.out.with_suffix(".history.csv")
-    write_csv_atomic(history, history_path)
-    plot_path = None
-    if len(history):
-        from dogtl.core.plots import plot_history
+    plot_path = setup.out.with_suffix(".png") if len(history) else None
+    # The files together (as train-head writes them), the checkpoints removed only after them.
+    with atomic_paths(*[p for p in (history_path, plot_path) if p]) as tmps:
+        write_csv_atomic(history, tmps[0])
+        if plot_path:
+            from dogtl.core.plots import plot_history
 
-        plot_path = setup.out.with_suffix(".png")
-        plot_history(history, plot_path)
-    save_model(best, setup.out, metadata)
+            plot_history(history, tmps[1])
+        save_model(best, setup.out, metadata)
     setup.checkpoints.remove()
     return FinetuneResult(setup.out, state.before, state.best, best_epoch, state.epoch, resumed_from,
                           state.trainable_layers, state.head_difference, history, history_path, plot_path, seconds)

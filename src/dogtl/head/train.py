@@ -21,7 +21,7 @@ import numpy as np
 
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import CacheError, DogtlError
-from dogtl.core.files import check_overwrite, write_csv_atomic
+from dogtl.core.files import atomic_paths, check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
 from dogtl.evaluation.metrics import scores
 from dogtl.head.settings import HeadConfig, Resolved
@@ -219,9 +219,12 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
         "passes_used": int(data.train_features.shape[0]), "resolved": asdict(fit.resolved),
         "history": paths["history"].name,
     }
-    write_csv_atomic(fit.history, paths["history"])
-    plot_history(fit.history, paths["plot"])
-    save_model(fit.model, paths["model"], metadata)
+    # All four files or none (bar the microseconds between renames): a kill between them would
+    # leave some, and the rerun would refuse to overwrite them.
+    with atomic_paths(paths["history"], paths["plot"]) as (history_tmp, plot_tmp):
+        write_csv_atomic(fit.history, history_tmp)
+        plot_history(fit.history, plot_tmp)
+        save_model(fit.model, paths["model"], metadata)
     return HeadResult(paths["model"], fit.metrics, fit.history, paths["history"], paths["plot"],
                       time.perf_counter() - started, fit.seconds_per_epoch, int(data.train_features.shape[1]),
                       int(len(data.val_labels)), int(data.train_features.shape[0]), fit.resolved)
