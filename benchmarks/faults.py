@@ -271,6 +271,8 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
         if resumed and not identical and not note:
             got = outputs_of(command, out)
             note = "differs: " + ", ".join(k for k in reference if got.get(k) != reference[k])
+            if mounted:  # keep what differs: the tmpfs goes away below
+                shutil.copytree(out, folder / "out-differs", ignore=shutil.ignore_patterns("filler"))
         if left and not note:
             note = "left " + ", ".join(left[:3])
         return Outcome(interrupted, clean, resumed, identical, not left, note, late)
