@@ -237,8 +237,11 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
             return Outcome(False, False, False, False, False, "cannot mount a tmpfs (needs root)")
     try:
         argv = _argv(command, paths, out)
+        # SIGINT's default restored: a shell's background job (`... &`) starts with it ignored,
+        # and so would the command, which would never see the Ctrl-C this sends.
         process = subprocess.Popen([sys.executable, "-m", "dogtl.cli", *argv], cwd=folder, env=_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         filler = None
         try:
             process.wait(timeout=moment)
