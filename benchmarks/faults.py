@@ -262,17 +262,17 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
             (folder / "rerun.stderr").write_text(rerun.stderr)
         else:  # it finished before the fault: a rerun would (rightly) refuse to overwrite
             rerun = process
+        got = outputs_of(command, out)
         # Killed after its final rename (while exiting): the outputs are complete, and the rerun
         # rightly refuses to overwrite them without --force. Nothing is lost: counted as resumed.
         late = (interrupted and rerun.returncode != 0 and "exists: pass --force" in rerun.stderr
-                and outputs_of(command, out) == reference)
+                and got == reference)
         resumed = rerun.returncode == 0 or late
         if not resumed:
             note = note or (rerun.stderr.strip().splitlines() or ["?"])[-1][:200]
-        identical = resumed and outputs_of(command, out) == reference
+        identical = resumed and got == reference
         left = untidy(out)
         if resumed and not identical and not note:
-            got = outputs_of(command, out)
             note = "differs: " + ", ".join(k for k in reference if got.get(k) != reference[k])
             if mounted:  # keep what differs: the tmpfs goes away below
                 shutil.copytree(out, folder / "out-differs", ignore=shutil.ignore_patterns("filler"))

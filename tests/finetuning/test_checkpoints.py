@@ -27,8 +27,9 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_on_resume(tmp_path):
                         head_difference=0.0, stopping=EarlyStopping(2)))
 
     resumed = Checkpoints.beside(tmp_path / "f.keras", identity)  # a new process
-    assert resumed.load(force=False).last_file == name
-    loaded = resumed.load_model(name)  # intact: loads, same weights
+    state = resumed.load(force=False)
+    assert state.last_file == name
+    loaded = resumed.load_model(name, state)  # intact: loads, same weights
     assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), model.get_weights()))
 
     path = run.folder / name
@@ -36,6 +37,6 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused_on_resume(tmp_path):
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     resumed = Checkpoints.beside(tmp_path / "f.keras", identity)
-    resumed.load(force=False)
+    state = resumed.load(force=False)
     with pytest.raises(DamagedError, match=rf"{name}: damaged .*delete .*f.keras.partial and rerun"):
-        resumed.load_model(name)
+        resumed.load_model(name, state)

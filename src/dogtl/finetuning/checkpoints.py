@@ -33,6 +33,7 @@ class RunState:
     head_difference: float  # max |p(images) - p(cached features)| on clean validation images
     stopping: EarlyStopping  # its best epoch is the best model's (0: the head itself)
     history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    hashes: dict = field(default_factory=dict)  # SHA-256 of the kept checkpoints, checked on loading
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -53,8 +54,6 @@ class Checkpoints:
     def beside(cls, out: Path, identity: dict) -> "Checkpoints":
         return cls(out.with_name(out.name + ".partial"), json.loads(json.dumps(identity)))
 
-    hashes: dict = field(default_factory=dict, compare=False)  # checkpoint name -> SHA-256, from state.json
-
     def load(self, force: bool) -> RunState | None:
         """The state of a killed run of this identity, or None; another run's state is refused
         (discarded with `force`)."""
@@ -69,8 +68,6 @@ class Checkpoints:
                                  "head: rerun it with those settings to finish it, or pass --force to discard it")
             self.remove()
             return None
-        self.hashes.clear()
-        self.hashes.update(saved.get("hashes", {}))
         return RunState.from_json(saved["state"])
 
     def save_model(self, model, epoch: int) -> str:
@@ -83,15 +80,16 @@ class Checkpoints:
             model.save(tmp)
         return name
 
-    def load_model(self, name: str):
-        """A checkpointed model, compiled, with its optimizer state (under the caller's scope)."""
+    def load_model(self, name: str, state: RunState):
+        """A checkpointed model of `state`, compiled, with its optimizer state (under the caller's
+        scope); refused if it is not the file `state` recorded."""
         import keras
 
         from dogtl.core.files import file_sha256
         from dogtl.head import schedules  # noqa: F401  registers the cyclical schedule for loading
 
         path = self.folder / name
-        if name in self.hashes and file_sha256(path) != self.hashes[name]:
+        if name in state.hashes and file_sha256(path) != state.hashes[name]:
             raise DamagedError(f"{path}: damaged (its content hash differs from the one in {STATE}); "
                                f"delete {self.folder} and rerun the same command to start this fine-tuning over")
         return keras.saving.load_model(path, compile=True)
@@ -101,10 +99,8 @@ class Checkpoints:
         from dogtl.core.files import file_sha256, write_json_atomic
 
         kept = {state.best_file, state.last_file}
-        hashes = {name: self.hashes.get(name) or file_sha256(self.folder / name) for name in kept}
-        write_json_atomic(self.folder / STATE, {"identity": self.identity, "state": state.to_json(), "hashes": hashes})
-        self.hashes.clear()
-        self.hashes.update(hashes)
+        state.hashes = {name: state.hashes.get(name) or file_sha256(self.folder / name) for name in kept}
+        write_json_atomic(self.folder / STATE, {"identity": self.identity, "state": state.to_json()})
         keep = {state.best_file, state.last_file, STATE}
         for path in self.folder.iterdir():
             if path.name not in keep:

@@ -101,7 +101,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
         resumed_from = 0
     else:
         with scope(strategy):
-            model = setup.checkpoints.load_model(state.last_file)
+            model = setup.checkpoints.load_model(state.last_file, state)
         state.stopping.patience = config.patience  # may change between a kill and its resumption
         resumed_from = state.epoch
         log.info("resuming fine-tuning after epoch %d", resumed_from)
@@ -251,7 +251,7 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
 
     from dogtl.core.precision import set_policy
 
-    best = setup.checkpoints.load_model(state.best_file)
+    best = setup.checkpoints.load_model(state.best_file, state)
     if setup.source:  # the whole backbone + head, the frozen part as it came
         best = setup.source.export(setup, best)
     set_policy(best, "float32")  # saved models compute in float32, whatever they trained in
