@@ -45,7 +45,8 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         from dogtl.core.errors import DogtlError, os_error_message
 
-        previous = _terminate_as_interrupt()  # first: a SIGTERM while TensorFlow loads is handled too
+        received.clear()
+        previous = _interrupt_on_signals()  # first: a signal while TensorFlow loads is handled too
         try:
             _quiet_tensorflow()
             return command(*args, **kwargs)
@@ -54,37 +55,62 @@ def friendly_errors(command):
         except OSError as e:
             message = os_error_message(e)
             if message is None:
-                _bug(e)
+                _bug_unless_signalled(e)
             fail(message, code=1)
-        except _Terminated:
-            typer.secho("terminated: finished work is kept; rerun the same command to resume",
-                        err=True, fg=typer.colors.YELLOW)
-            raise typer.Exit(143)
         except KeyboardInterrupt:
-            typer.secho("interrupted: finished work is kept; rerun the same command to resume",
-                        err=True, fg=typer.colors.YELLOW)
-            raise typer.Exit(130)
+            _interrupted()
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001  a bug: shown as one, never as a user error
-            _bug(e)
+            _bug_unless_signalled(e)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return wrapper
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so the same cleanup as Ctrl-C runs (locks released)."""
+received: list[int] = []  # the signals (SIGINT, SIGTERM) this command got
 
 
-def _terminate_as_interrupt():
+def _interrupted():
+    """Ctrl-C (exit 130) or SIGTERM (exit 143): finished work is kept."""
+    what, code = ("terminated", 143) if signal.SIGTERM in received else ("interrupted", 130)
+    typer.secho(f"{what}: finished work is kept; rerun the same command to resume", err=True,
+                fg=typer.colors.YELLOW)
+    raise typer.Exit(code)
+
+
+def _bug_unless_signalled(error: BaseException):
+    """An exception after a signal is the signal's doing, not a bug: the KeyboardInterrupt it raised
+    inside TensorFlow can surface as another error (a SystemError from its C code, say)."""
+    if received:
+        _interrupted()
+    _bug(error)
+
+
+def _in_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt_on_signals() -> dict:
+    """SIGINT and SIGTERM raise KeyboardInterrupt where the process is, so the same cleanup runs for
+    both (locks released); returns the handlers they replace. In a finalizer (`__del__`, which
+    TensorFlow runs often) Python would print and drop the exception, so the signal is sent again
+    a moment later instead."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def handler(signum, frame):
-        raise _Terminated()
-    return signal.signal(signal.SIGTERM, handler)
+        received.append(signum)
+        if _in_finalizer(frame):
+            threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+            return
+        raise KeyboardInterrupt
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def bug_report(error: BaseException) -> str:

@@ -1,0 +1,60 @@
+"""cli.common: Ctrl-C and SIGTERM end a command as an interruption wherever they land, found by
+benchmarks/faults.py (one was dropped inside a TensorFlow finalizer, one surfaced as a SystemError
+from TensorFlow's C code and was reported as a bug)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import typer
+
+from dogtl.cli.common import friendly_errors
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_is_not_lost(capsys):
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside __del__, where Python drops exceptions
+
+    @friendly_errors
+    def command():
+        Finalized()  # dropped at once
+        time.sleep(3)  # the signal, sent again, interrupts this
+        return "finished"
+
+    with pytest.raises(typer.Exit) as caught:
+        command()
+    assert caught.value.exit_code == 130
+    assert "interrupted: finished work is kept" in capsys.readouterr().err
+
+
+def test_an_error_a_sigterm_caused_is_an_interruption_not_a_bug(capsys):
+    @friendly_errors
+    def command():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(3)
+        except KeyboardInterrupt:  # as TensorFlow's C code turned it, mid-trace
+            raise SystemError("Objects/listobject.c:338: bad argument to internal function") from None
+
+    with pytest.raises(typer.Exit) as caught:
+        command()
+    err = capsys.readouterr().err
+    assert caught.value.exit_code == 143
+    assert "terminated: finished work is kept" in err and "bug" not in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_without_a_signal_an_unexpected_error_is_still_a_bug(capsys):
+    @friendly_errors
+    def command():
+        raise SystemError("a real bug")
+
+    with pytest.raises(typer.Exit) as caught:
+        command()
+    assert caught.value.exit_code == 1
+    assert "this is a bug in dogtl" in capsys.readouterr().err
