@@ -107,7 +107,9 @@ def _interrupt_on_signals() -> dict:
     def handler(signum, frame):
         received.append(signum)
         if _in_finalizer(frame):
-            threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+            again = threading.Timer(0.1, os.kill, (os.getpid(), signum))
+            again.daemon = True  # never holds up the exit
+            again.start()
             return
         raise KeyboardInterrupt
     return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
