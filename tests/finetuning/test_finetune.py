@@ -285,3 +285,26 @@ def test_config_file_unknown_or_mistyped_settings_are_refused(stage3, tmp_path):
     assert_clean_error(run_cli(*base, "--config", mistyped), r"^error: --epochs 'three': expected an integer$")
     assert_clean_error(run_cli(*base, "--config", tmp_path / "none.toml"), r"--config .*none.toml: no such file")
     assert not (tmp_path / "ft.keras").exists()
+
+
+def test_a_deterministic_run_killed_and_resumed_trains_as_the_uninterrupted_one(stage3, tmp_path):
+    """Found by benchmarks/faults.py: a resumed epoch drew other dropout masks than the
+    uninterrupted run (a .keras file does not hold the seed generators' states)."""
+    from dogtl.finetuning.train import finetune
+
+    settings = dict(epochs=2, patience=5, deterministic=True)
+    whole = finetune(_config(stage3, tmp_path / "whole.keras", **settings))
+
+    seen = []
+
+    def killer(done, total):
+        seen.append(done)
+        if len(seen) == 4:  # step 1 of epoch 2
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed.keras"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_config(stage3, out, **settings), progress=killer)
+    resumed = finetune(_config(stage3, out, **settings))
+    assert resumed.resumed_from == 1
+    assert resumed.history.to_dict("list") == whole.history.to_dict("list")  # bit-identical epochs

@@ -34,6 +34,7 @@ class RunState:
     stopping: EarlyStopping  # its best epoch is the best model's (0: the head itself)
     history: list[dict] = field(default_factory=list)  # one row per finished epoch
     hashes: dict = field(default_factory=dict)  # SHA-256 of the kept checkpoints, checked on loading
+    random_state: list = field(default_factory=list)  # the last checkpoint's dropout generators
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -41,6 +42,24 @@ class RunState:
     @classmethod
     def from_json(cls, saved: dict) -> "RunState":
         return cls(**{**saved, "stopping": EarlyStopping(**saved["stopping"])})
+
+
+def random_state(model) -> list:
+    """The states of the model's random generators (its dropout layers' seed generators), which a
+    .keras file does not hold: a resumed run restores them, so it draws the dropout masks the
+    uninterrupted run would have drawn (found by benchmarks/faults.py: resumed epochs differed)."""
+    import numpy as np
+
+    return [np.asarray(v).tolist() for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def restore_random_state(model, state: list) -> None:
+    import numpy as np
+
+    generators = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    if len(state) == len(generators):  # a state.json of an older dogtl has none: left as built
+        for v, value in zip(generators, state):
+            v.assign(np.asarray(value, dtype=v.dtype))
 
 
 @dataclass(frozen=True)

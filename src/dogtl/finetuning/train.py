@@ -22,7 +22,7 @@ import pandas as pd
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import DataError
 from dogtl.core.locks import hold, writes
-from dogtl.finetuning.checkpoints import Checkpoints, RunState
+from dogtl.finetuning.checkpoints import Checkpoints, RunState, random_state, restore_random_state
 from dogtl.finetuning.data import training_dataset, validate
 from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
 
@@ -102,6 +102,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
     else:
         with scope(strategy):
             model = setup.checkpoints.load_model(state.last_file, state)
+            restore_random_state(model, state.random_state)
         state.stopping.patience = config.patience  # may change between a kill and its resumption
         resumed_from = state.epoch
         log.info("resuming fine-tuning after epoch %d", resumed_from)
@@ -175,7 +176,8 @@ def start(setup: Setup) -> tuple[object, RunState]:
     first = setup.checkpoints.save_model(model, 0)
     state = RunState(epoch=0, before=before, best=before, best_file=first, last_file=first,
                      trainable_layers=trainable, head_difference=difference,
-                     stopping=EarlyStopping(setup.config.patience, best_loss=before["val_log_loss"]))
+                     stopping=EarlyStopping(setup.config.patience, best_loss=before["val_log_loss"]),
+                     random_state=random_state(model))
     setup.checkpoints.commit(state)
     return model, state
 
@@ -225,6 +227,7 @@ def end_epoch(setup: Setup, model, state: RunState, epoch: int, logs: dict, repo
     state.history.append(row)
     state.epoch = epoch
     state.last_file = setup.checkpoints.save_model(model, epoch)
+    state.random_state = random_state(model)
     best = state.stopping.update(epoch, metrics["val_log_loss"])
     if best:
         state.best, state.best_file = metrics, state.last_file
