@@ -8,11 +8,13 @@ In one run, each measured in its own fresh process (so peak memory is its own):
             `--passes` augmented passes), backbone, float16, crash-safe batch files, HDF5.
 The pipeline's images/s is steady state: from the end of its first batch (which traces the
 model, like the bare side's untimed warm-up) to its last batch; the final HDF5 assembly
-is reported separately. Bare runs before, between and after the pipelines; each
-pipeline is compared with the mean of the bare runs just before and after it. CPU time
-per image (all threads) is printed too: unlike images/s it hardly depends on what else
-the machine runs, so bare/pipeline CPU time is the ratio to expect on a quiet machine
-whose cores the model keeps busy.
+is reported separately. Each precision runs --rounds rounds of bare, pipeline N0, bare,
+pipeline N1, bare; each pipeline is compared with the mean of the bare runs just before and
+after it, and the median over rounds is the result (every round is printed: on a shared VM a
+single run moves by +-7%). CPU time per image (all threads) is printed too.
+The preparation alone (decoding, augmentation and batching, no model) is measured once: its
+CPU time against the model's bounds pipeline/bare when the model keeps every core busy, as on
+a CPU, where the two share the cores.
 Peak memory is the process's max RSS (and with --trace-python its peak Python-side
 allocation, numpy arrays included, via tracemalloc), for two image counts: flat means
 bounded memory.
@@ -26,7 +28,7 @@ with the cosine similarity of its pooled features to float32's on the same batch
 CPU with AMX/AVX512-BF16: auto >= 1.4x float32. On a CPU without them auto is float32 (1.0x)
 and a forced bfloat16 is emulated (slower): the table shows which this machine is.
 
-    python benchmarks/bench_extract.py            # xception at 299 px, 32 per batch, N = 64 and 256 (minutes)
+    python benchmarks/bench_extract.py            # xception at 299 px, 32 per batch, N = 64 and 256, 3 rounds (~30 min on 2 cores)
     python benchmarks/bench_extract.py --quick    # smoke run: resnet50 at 64 px, seconds
 """
 
@@ -118,6 +120,25 @@ def worker_pipeline(args) -> dict:
             "py_peak_mb": py_peak / 2**20, "file_mb": summary.file_bytes / 1e6}
 
 
+def worker_prep(args) -> dict:
+    """The pipeline without the model: what decoding, augmentation and batching cost alone."""
+    from dogtl.data.augment import AugmentConfig
+    from dogtl.data.folders import load_dataset
+    from dogtl.data.images import multi_pass_dataset
+    from dogtl.features.backbones import get_backbone
+
+    paths = [str(p) for p in load_dataset(args.data).paths]
+    everything = range(len(paths))
+    segments = [(p, everything, everything, paths) for p in range(1 + args.passes)]
+    times = []
+    for _ in multi_pass_dataset(segments, get_backbone(args.backbone), args.image_size, seed=2018,
+                                augmentation=AugmentConfig(), batch_size=args.batch_size):
+        times.append((time.perf_counter(), cpu_seconds()))
+    images = (len(times) - 1) * args.batch_size  # from the end of the first batch (tracing) on
+    return {"cpu_ms": 1000 * (times[-1][1] - times[0][1]) / images,
+            "wall_ms": 1000 * (times[-1][0] - times[0][0]) / images}
+
+
 def run_worker(kind: str, args, **extra) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--backbone", args.backbone,
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
@@ -144,22 +165,24 @@ def main():
     parser.add_argument("--passes", type=int, default=1, help="augmented passes on top of the clean one")
     parser.add_argument("--counts", type=int, nargs=2, default=[64, 256], help="two image counts")
     parser.add_argument("--bare-batches", type=int, default=4, help="timed batches per bare run")
+    parser.add_argument("--rounds", type=int, default=3, help="pipeline runs per precision and count (medians)")
     parser.add_argument("--trace-python", action="store_true",
                         help="also report the pipeline's peak Python-side allocation (tracemalloc; slows it a little)")
     parser.add_argument("--precisions", nargs="+", default=["float32", "auto", "bfloat16:keras", "bfloat16:rewrite"],
                         help="precisions to compare (NAME, or NAME:keras / NAME:rewrite to force that mechanism "
                              "on the bare forward)")
-    parser.add_argument("--worker", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["bare", "pipeline", "prep"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--how", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker_bare(args) if args.worker == "bare" else worker_pipeline(args)
+        result = {"bare": worker_bare, "pipeline": worker_pipeline, "prep": worker_prep}[args.worker](args)
         print(json.dumps(result))
         return
     if args.quick:
         args.backbone, args.image_size, args.batch_size, args.counts, args.bare_batches = "resnet50", 64, 16, [32, 96], 8
+        args.rounds = 1
 
     from dogtl.data.synthetic import make_kaggle_dataset
 
@@ -171,74 +194,81 @@ def main():
             per_class = -(-n // 4)
             folders[n] = make_kaggle_dataset(Path(tmp) / f"n{n}" / "data", num_classes=4, per_class=per_class,
                                              test_images=0, size=args.image_size, seed=n)
-        # bare, pipeline, bare, pipeline, bare: each pipeline is compared with the bare runs
-        # just before and after it, which halves the effect of a machine whose load drifts.
+        prep = run_worker("prep", args, data=folders[args.counts[1]])
+        # Rounds of bare, pipeline N0, bare, pipeline N1, bare: each pipeline is compared with the
+        # bare runs just before and after it, which cancels most of a shared machine's drifting
+        # load, and the median over rounds drops the rounds that another tenant disturbed.
         # Every precision's pipeline runs at both counts (float32's also give the memory check).
         rows = {}
         for name in args.precisions:
             precision, _, how = name.partition(":")
             opts = dict(precision=precision, how={"keras": "keras-policy", "rewrite": "onednn-rewrite"}.get(how, False))
-            bare, pipes = [run_worker("bare", args, **opts)], {}
+            bare, pipes = [run_worker("bare", args, **opts)], []
             # a forced mechanism is measured on the bare forward only (extraction uses core/precision's)
-            for n in ([] if how else args.counts):
-                pipes[n] = run_worker("pipeline", args, data=folders[n], precision=precision)
-                bare.append(run_worker("bare", args, **opts))
+            for _ in range(0 if how else args.rounds):
+                for n in args.counts:
+                    pipes.append((n, run_worker("pipeline", args, data=folders[n], precision=precision)))
+                    bare.append(run_worker("bare", args, **opts))
             rows[name] = (bare, pipes)
             print(f"  measured {name}: bare {[round(b['rate'], 2) for b in bare]} img/s, pipeline "
-                  f"{[round(p['rate'], 2) for p in pipes.values()]} img/s", flush=True)
+                  f"{[(n, round(p['rate'], 2)) for n, p in pipes]} (N, img/s)", flush=True)
     bare, pipes = rows["float32"]
     print("float32 bare forward: " + ", ".join(f"{b['rate']:.2f}" for b in bare) + " img/s, "
           + ", ".join(f"{b['cpu_ms']:.0f}" for b in bare) + f" CPU-ms/img, peak RSS {max(b['rss_mb'] for b in bare):.0f} MB")
-    worst = {}
+    median = statistics.median
+    summary = {}  # name -> {n: (ratios, cpu ratios, pipeline rates)}
     for name, (bare_runs, pipe_runs) in rows.items():
-        ratios, cpu_ratios = [], []
-        for k, (n, p) in enumerate(pipe_runs.items()):
+        per_count = summary.setdefault(name, {})
+        for k, (n, p) in enumerate(pipe_runs):
             ref = (bare_runs[k]["rate"] + bare_runs[k + 1]["rate"]) / 2
             ref_cpu = (bare_runs[k]["cpu_ms"] + bare_runs[k + 1]["cpu_ms"]) / 2
+            ratios, cpu_ratios, rates = per_count.setdefault(n, ([], [], []))
             ratios.append(p["rate"] / ref)
             cpu_ratios.append(ref_cpu / p["cpu_ms"])
+            rates.append(p["rate"])
             print(f"{name:8s} pipeline N={n:<5d}: {p['rate']:8.2f} img/s  ratio {ratios[-1]:.3f} (bare {ref:.2f})  "
                   f"CPU {p['cpu_ms']:.0f} ms/img, ratio {cpu_ratios[-1]:.3f}  "
                   f"[{p['images']} image-passes, assembly {p['assembly_s']:.2f} s, total {p['total_s']:.1f} s]  "
                   f"peak RSS {p['rss_mb']:.0f} MB" + (f", peak Python {p['py_peak_mb']:.1f} MB" if args.trace_python else "")
                   + f", file {p['file_mb']:.1f} MB")
-        if ratios:
-            worst[name] = (min(ratios), min(cpu_ratios))
-    small, large = (pipes[n] for n in args.counts)
+    small, large = (next(p for n, p in pipes if n == count) for count in args.counts)
     print(f"memory N={args.counts[0]} -> {args.counts[1]}: RSS {large['rss_mb'] - small['rss_mb']:+.0f} MB"
           + (f", Python {large['py_peak_mb'] - small['py_peak_mb']:+.1f} MB" if args.trace_python else ""))
-    for name, (ratio, cpu_ratio) in worst.items():
-        print(f"{name}: ratio pipeline / bare images/s (worst) = {ratio:.3f}  (target >= 0.95); "
-              f"bare / pipeline CPU time per image (worst) = {cpu_ratio:.3f}")
+    print(f"preparation alone (decode, augmentation, batching; no model): {prep['cpu_ms']:.1f} CPU-ms and "
+          f"{prep['wall_ms']:.1f} ms per image-pass")
+    for name, per_count in summary.items():
+        for n, (ratios, cpu_ratios, _) in per_count.items():
+            bare_cpu = median(b["cpu_ms"] for b in rows[name][0])
+            print(f"{name}: N={n} pipeline / bare images/s = {median(ratios):.3f} median of "
+                  f"{', '.join(f'{r:.3f}' for r in ratios)} (target >= 0.95); bare / pipeline CPU time per "
+                  f"image {median(cpu_ratios):.3f}; with no contention at most "
+                  f"{bare_cpu / (bare_cpu + prep['cpu_ms']):.3f} (preparation {prep['cpu_ms']:.1f} of the model's "
+                  f"{bare_cpu:.0f} CPU-ms per image)")
 
     from dogtl.core.precision import cpu_bfloat16
 
     n0 = args.counts[1]  # the longer run: steadier
-
-    def around(bare):  # the bare runs just before and after the N = n0 pipeline (or the only one)
-        return bare[1:3] or bare
-    base_bare = statistics.mean(b["rate"] for b in around(rows["float32"][0]))
-    base_pipe = rows["float32"][1][n0]["rate"]
-    print(f"\nprecision side by side (N={n0}; CPU has hardware bfloat16 (avx512_bf16/amx_bf16): "
+    base_bare = median(b["rate"] for b in rows["float32"][0])
+    base_pipe = median(summary["float32"][n0][2])
+    base_cpu = median(b["cpu_ms"] for b in rows["float32"][0])
+    print(f"\nprecision side by side (medians; pipeline at N={n0}; CPU has hardware bfloat16 (avx512_bf16/amx_bf16): "
           f"{'yes' if cpu_bfloat16() else 'no'})")
     print(f"{'precision':16s} {'computes in':11s} {'mechanism':15s} {'bare img/s':>10s} {'pipe img/s':>10s} "
           f"{'pipe/bare':>9s} {'bare vs f32':>11s} {'pipe vs f32':>11s} {'CPU-ms/img':>10s} {'CPU vs f32':>10s} "
           f"{'cos vs f32':>10s}")
-    base_cpu = statistics.mean(b["cpu_ms"] for b in around(rows["float32"][0]))
-    for name, (bare, pipes) in rows.items():
-        b = statistics.mean(x["rate"] for x in around(bare))
-        p = pipes[n0]["rate"] if pipes else float("nan")
-        print(f"{name:16s} {bare[0]['resolved']:11s} {bare[0]['mechanism']:15s} {b:10.2f} {p:10.2f} {p / b:9.3f} "
-              f"{b / base_bare:10.2f}x {p / base_pipe:10.2f}x {statistics.mean(x['cpu_ms'] for x in around(bare)):10.0f} "
-              f"{base_cpu / statistics.mean(x['cpu_ms'] for x in around(bare)):9.2f}x {bare[0]['cosine']:10.6f}"
+    for name, (bare, _) in rows.items():
+        b = median(x["rate"] for x in bare)
+        p = median(summary[name][n0][2]) if summary[name] else float("nan")
+        ratio = median(summary[name][n0][0]) if summary[name] else float("nan")
+        cpu = median(x["cpu_ms"] for x in bare)
+        print(f"{name:16s} {bare[0]['resolved']:11s} {bare[0]['mechanism']:15s} {b:10.2f} {p:10.2f} {ratio:9.3f} "
+              f"{b / base_bare:10.2f}x {p / base_pipe:10.2f}x {cpu:10.0f} {base_cpu / cpu:9.2f}x {bare[0]['cosine']:10.6f}"
               + ("  (bit-identical to float32)" if bare[0]["identical"] and name != "float32" else ""))
-    auto = rows.get("auto")
-    if auto:
-        print(f"auto / float32 pipeline images/s = {auto[1][n0]['rate'] / base_pipe:.2f}x (target >= 1.4x on a CPU "
-              "with AMX/AVX512-BF16); CPU time per image float32 / auto (bare) = "
-              f"{base_cpu / statistics.mean(x['cpu_ms'] for x in around(auto[0])):.2f}x. On a shared machine "
-              "images/s move with the load; CPU time per image hardly does.")
-
+    if summary.get("auto"):
+        auto_cpu = median(x["cpu_ms"] for x in rows["auto"][0])
+        print(f"auto / float32 pipeline images/s = {median(summary['auto'][n0][2]) / base_pipe:.2f}x (target >= 1.4x "
+              f"on a CPU with AMX/AVX512-BF16); CPU time per image float32 / auto (bare) = {base_cpu / auto_cpu:.2f}x. "
+              "On a shared machine images/s move with the load; CPU time per image hardly does.")
 
 if __name__ == "__main__":
     main()

@@ -125,3 +125,26 @@ def test_pipeline_augmentation_depends_on_the_index_not_on_order_or_company(odd_
     assert not np.allclose(a[0], images([0], 1, seed=1)[0])
     clean = images([0, 1], 2, pass_index=0)
     assert not np.allclose(a[0], clean[0])
+
+
+@pytest.mark.parametrize("shape", [(SIZE, SIZE, 3), (37, 53, 3), (20, 16, 1)])
+def test_the_warp_samples_as_tensorflows_projective_transform_op(shape):
+    """The compiled warp is TF's ImageProjectiveTransformV3 (bilinear, edges repeated) to float
+    rounding, for every kind of draw, edges included."""
+    import tensorflow as tf
+
+    from dogtl.data.augment import _warp_fn
+
+    image = np.random.default_rng(2).uniform(0, 255, shape).astype(np.float32)
+    for k in range(12):
+        u = np.random.default_rng(k).uniform(-1, 1, 6).astype(np.float32)
+        t = np.array([1 + 0.4 * u[0], 0.5 * u[1], 8 * u[2], -0.5 * u[1], 1 - 0.4 * u[3], 8 * u[4]], np.float32)
+        if k % 3 == 0:
+            t[0] = -t[0]  # mirrored
+        ours = _warp_fn()(tf.constant(image), tf.constant(t)).numpy()
+        theirs = tf.raw_ops.ImageProjectiveTransformV3(
+            images=image[None], transforms=np.append(t, [0, 0])[None].astype(np.float32),
+            output_shape=shape[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0].numpy()
+        assert ours.shape == shape
+        np.testing.assert_allclose(ours, theirs, atol=0.02)
+        assert not np.allclose(ours, image, atol=1)  # the draw moved pixels: the comparison is not of identities

@@ -6,6 +6,7 @@ augmented pass p of image i is the same in a resumed, sharded or repeated run.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from dogtl.core.errors import SettingError
@@ -53,11 +54,37 @@ def augment(image, config: AugmentConfig, seed):
     a00, a01, a10, a11 = flip * cos, flip * sin, -sin, cos
     cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
     ox, oy = cx + tx, cy + ty
-    transform = tf.stack([a00, a01, cx - a00 * ox - a01 * oy,
-                          a10, a11, cy - a10 * ox - a11 * oy, 0.0, 0.0])
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform[None],
-        output_shape=tf.shape(image)[:2], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="NEAREST",
-    )
-    return out[0]
+    return _warp_fn()(image, tf.stack([a00, a01, cx - a00 * ox - a01 * oy, a10, a11, cy - a10 * ox - a11 * oy]))
+
+
+@functools.cache
+def _warp_fn():
+    """Bilinear affine warp, edges repeated: TF's ImageProjectiveTransformV3 (BILINEAR, fill
+    NEAREST) to float rounding, compiled by XLA into one fused loop. That op costs ~4 ms of CPU per
+    299 px image, as much as 3% of the backbone's forward on a 2-core CPU, which extraction has
+    to share with it; this costs ~1 ms (benchmarks/bench_extract.py)."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def warp(image, t):
+        # Output pixel (x, y) samples the input at (t0 x + t1 y + t2, t3 x + t4 y + t5), clamped to the image.
+        shape = tf.shape(image)
+        height, width = shape[0], shape[1]
+        xs = tf.cast(tf.range(width), tf.float32)[None, :]
+        ys = tf.cast(tf.range(height), tf.float32)[:, None]
+        qx = tf.clip_by_value(t[0] * xs + t[1] * ys + t[2], 0.0, tf.cast(width - 1, tf.float32))
+        qy = tf.clip_by_value(t[3] * xs + t[4] * ys + t[5], 0.0, tf.cast(height - 1, tf.float32))
+        x0, y0 = tf.floor(qx), tf.floor(qy)
+        fx, fy = (qx - x0)[..., None], (qy - y0)[..., None]
+        x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+        x1, y1 = tf.minimum(x0 + 1, width - 1), tf.minimum(y0 + 1, height - 1)
+        pixels = tf.reshape(image, [-1, shape[2]])
+
+        def at(y, x):
+            return tf.gather(pixels, y * width + x)
+
+        top = at(y0, x0) + fx * (at(y0, x1) - at(y0, x0))
+        bottom = at(y1, x0) + fx * (at(y1, x1) - at(y1, x0))
+        return top + fy * (bottom - top)
+
+    return warp
