@@ -122,17 +122,19 @@ def worker_pipeline(args) -> dict:
 
 def worker_prep(args) -> dict:
     """The pipeline without the model: what decoding, augmentation and batching cost alone."""
-    from dogtl.data.augment import AugmentConfig
     from dogtl.data.folders import load_dataset
     from dogtl.data.images import multi_pass_dataset
     from dogtl.features.backbones import get_backbone
+    from dogtl.features.extract import ExtractConfig
+
+    defaults = ExtractConfig()  # the seed and augmentation the pipeline worker extracts with
 
     paths = [str(p) for p in load_dataset(args.data).paths]
     everything = range(len(paths))
     segments = [(p, everything, everything, paths) for p in range(1 + args.passes)]
     times = []
-    for _ in multi_pass_dataset(segments, get_backbone(args.backbone), args.image_size, seed=2018,
-                                augmentation=AugmentConfig(), batch_size=args.batch_size):
+    for _ in multi_pass_dataset(segments, get_backbone(args.backbone), args.image_size, seed=defaults.seed,
+                                augmentation=defaults.augmentation, batch_size=args.batch_size):
         times.append((time.perf_counter(), cpu_seconds()))
     images = (len(times) - 1) * args.batch_size  # from the end of the first batch (tracing) on
     return {"cpu_ms": 1000 * (times[-1][1] - times[0][1]) / images,
@@ -237,8 +239,8 @@ def main():
     print(f"preparation alone (decode, augmentation, batching; no model): {prep['cpu_ms']:.1f} CPU-ms and "
           f"{prep['wall_ms']:.1f} ms per image-pass")
     for name, per_count in summary.items():
+        bare_cpu = median(b["cpu_ms"] for b in rows[name][0])
         for n, (ratios, cpu_ratios, _) in per_count.items():
-            bare_cpu = median(b["cpu_ms"] for b in rows[name][0])
             print(f"{name}: N={n} pipeline / bare images/s = {median(ratios):.3f} median of "
                   f"{', '.join(f'{r:.3f}' for r in ratios)} (target >= 0.95); bare / pipeline CPU time per "
                   f"image {median(cpu_ratios):.3f}; with no contention at most "
@@ -269,6 +271,7 @@ def main():
         print(f"auto / float32 pipeline images/s = {median(summary['auto'][n0][2]) / base_pipe:.2f}x (target >= 1.4x "
               f"on a CPU with AMX/AVX512-BF16); CPU time per image float32 / auto (bare) = {base_cpu / auto_cpu:.2f}x. "
               "On a shared machine images/s move with the load; CPU time per image hardly does.")
+
 
 if __name__ == "__main__":
     main()

@@ -80,11 +80,8 @@ def _warp_fn():
         x1, y1 = tf.minimum(x0 + 1, width - 1), tf.minimum(y0 + 1, height - 1)
         pixels = tf.reshape(image, [-1, shape[2]])
 
-        def at(y, x):
-            return tf.gather(pixels, y * width + x)
-
-        top = at(y0, x0) + fx * (at(y0, x1) - at(y0, x0))
-        bottom = at(y1, x0) + fx * (at(y1, x1) - at(y1, x0))
+        a, b, c, d = (tf.gather(pixels, y * width + x) for y, x in ((y0, x0), (y0, x1), (y1, x0), (y1, x1)))
+        top, bottom = a + fx * (b - a), c + fx * (d - c)
         return top + fy * (bottom - top)
 
     return warp
