@@ -5,17 +5,21 @@ In one run, each measured in its own fresh process (so peak memory is its own):
             tf.function as extraction on random tensors of the same size and batch;
   pipeline  `extract.extract_features` over real JPEG files written by `dogtl.synthetic`
             at the model's input size: tf.data decode + resize + augmentation (1 clean and
-            `--passes` augmented passes), backbone, float16, crash-safe batch files, HDF5.
+            `--passes` augmented passes), backbone, float16, crash-safe batch files, HDF5;
+            after each of its batches, a second copy of the backbone runs one bare batch in
+            the same process, and pipeline/bare compares the two over the same minutes. (Run
+            in processes of their own, minutes apart, the two sides of the ratio moved by +-7%
+            with this VM's other tenants, more than the pipeline's own cost.)
 The pipeline's images/s is steady state: from the end of its first batch (which traces the
-model, like the bare side's untimed warm-up) to its last batch; the final HDF5 assembly
-is reported separately. Each precision runs --rounds rounds of bare, pipeline N0, bare,
-pipeline N1, bare; each pipeline is compared with the mean of the bare runs just before and
-after it, and the median over rounds is the result (every round is printed: on a shared VM a
-single run moves by +-7%). CPU time per image (all threads) is printed too.
+model, like the bare side's untimed warm-up) to its last batch, less the paired bare batches;
+the final HDF5 assembly is reported separately. Each precision runs bare, then --rounds rounds
+of pipeline N0 and N1, then bare; the median over rounds is the result, and every round is
+printed. CPU time per image (all threads) is printed too: the paired bare batches' equals the
+bare process's when the pipeline's preparation kept to the pipeline's side.
 The preparation alone (decoding, augmentation and batching, no model) is measured once: its
 CPU time against the model's bounds pipeline/bare when the model keeps every core busy, as on
 a CPU, where the two share the cores.
-Peak memory is the process's max RSS (and with --trace-python its peak Python-side
+Peak memory is the process's max RSS (the paired backbone included; and with --trace-python its peak Python-side
 allocation, numpy arrays included, via tracemalloc), for two image counts: flat means
 bounded memory.
 Target: ratio >= 0.95 on CPU.
@@ -28,7 +32,7 @@ with the cosine similarity of its pooled features to float32's on the same batch
 CPU with AMX/AVX512-BF16: auto >= 1.4x float32. On a CPU without them auto is float32 (1.0x)
 and a forced bfloat16 is emulated (slower): the table shows which this machine is.
 
-    python benchmarks/bench_extract.py            # xception at 299 px, 32 per batch, N = 64 and 256, 3 rounds (~30 min on 2 cores)
+    python benchmarks/bench_extract.py            # xception at 299 px, 32 per batch, N = 64 and 256, 3 rounds (~35 min on 2 cores)
     python benchmarks/bench_extract.py --quick    # smoke run: resnet50 at 64 px, seconds
 """
 
@@ -89,34 +93,62 @@ def worker_bare(args) -> dict:
 
 
 def worker_pipeline(args) -> dict:
+    """extract_features, with a bare forward of a second copy of the backbone on a fixed batch
+    after each of its batches (from its progress callback): each pipeline batch is paired with a
+    bare one run in the same process moments later, so a shared machine's drifting load falls on
+    both alike. The bare calls run while the pipeline's prefetch buffer is full (the preparation
+    refills it within the next pipeline batch, in a small fraction of its time), so the pipeline's
+    contention stays on the pipeline's side; their CPU time per image is printed to show it."""
     import tracemalloc
 
+    import numpy as np
+    import tensorflow as tf
+
+    from dogtl.core.models import build_backbone
+    from dogtl.core.precision import computing_in, resolve
+    from dogtl.features.backbones import get_backbone
     from dogtl.features.extract import ExtractConfig, extract_features
 
-    import tensorflow  # noqa: F401  (its import is not the pipeline's memory)
-
+    reference = build_backbone(get_backbone(args.backbone), "none", args.image_size)
+    batch = tf.constant(np.random.default_rng(0).uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)),
+                        tf.float32)
     if args.trace_python:
         tracemalloc.start()  # slows Python-side work: off unless asked for
-    marks = []
+    marks = []  # per progress call: (time, done, total, cpu) as the pipeline reached it, then after the bare batch
+    bare = []  # (seconds, cpu seconds) of each paired bare batch
 
     def progress(done, total):
         marks.append((time.perf_counter(), done, total, cpu_seconds()))
+        if marks[-1][1] > (marks[-2][1] if len(marks) > 1 else 0):  # after a batch, not a pass's end
+            started, cpu = time.perf_counter(), cpu_seconds()
+            np.asarray(infer(batch)).astype(np.float16)
+            bare.append((time.perf_counter() - started, cpu_seconds() - cpu))
         if args.trace_python and done >= args.batch_size and len(marks) > 1 and marks[-2][1] < args.batch_size:
             tracemalloc.reset_peak()  # from the first batch on: not the model's construction
+        marks[-1] = marks[-1] + (time.perf_counter(), cpu_seconds())
+
     config = ExtractConfig(data=args.data, cache=str(Path(args.data).parent / f"features-{args.precision}-{time.time_ns()}.h5"),
                            backbone=args.backbone, weights="none", image_size=args.image_size,
                            passes=args.passes, batch_size=args.batch_size, val_fraction=0.0,
                            precision=args.precision)
-    started = time.perf_counter()
-    summary = extract_features(config, progress=progress)
-    ended = time.perf_counter()
+    with computing_in(reference, resolve(args.precision)):
+        infer = tf.function(lambda x: reference(x, training=False), reduce_retracing=True)  # as extract.py
+        infer(batch).numpy()  # traced before the pipeline starts
+        started = time.perf_counter()
+        summary = extract_features(config, progress=progress)
+        ended = time.perf_counter()
     py_peak = tracemalloc.get_traced_memory()[1] if args.trace_python else float("nan")
-    first = next(m for m in marks if m[1] >= args.batch_size)
-    last = next(m for m in marks if m[1] == m[2])
+    # Steady state: from the end of the first batch (which traces the model) to the last.
+    steps = [m for m in marks if m[1] >= args.batch_size]
+    first, last = steps[0], next(m for m in steps if m[1] == m[2])
+    bare_s, bare_cpu = (sum(b[k] for b in bare[1:]) for k in (0, 1))  # the first pairs the tracing batch
     images = last[1] - first[1]
-    return {"rate": images / (last[0] - first[0]), "cpu_ms": 1000 * (last[3] - first[3]) / images,
-            "images": last[2],
-            "assembly_s": ended - last[0], "total_s": ended - started, "rss_mb": peak_rss_mb(),
+    pipe_s = last[0] - first[4] - (bare_s - bare[-1][0])  # the last bare batch runs after last[0]
+    pipe_cpu = last[3] - first[5] - (bare_cpu - bare[-1][1])
+    bare_images = (len(bare) - 1) * args.batch_size
+    return {"rate": images / pipe_s, "cpu_ms": 1000 * pipe_cpu / images,
+            "paired_rate": bare_images / bare_s, "paired_cpu_ms": 1000 * bare_cpu / bare_images,
+            "images": last[2], "assembly_s": ended - last[4], "total_s": ended - started, "rss_mb": peak_rss_mb(),
             "py_peak_mb": py_peak / 2**20, "file_mb": summary.file_bytes / 1e6}
 
 
@@ -197,10 +229,11 @@ def main():
             folders[n] = make_kaggle_dataset(Path(tmp) / f"n{n}" / "data", num_classes=4, per_class=per_class,
                                              test_images=0, size=args.image_size, seed=n)
         prep = run_worker("prep", args, data=folders[args.counts[1]])
-        # Rounds of bare, pipeline N0, bare, pipeline N1, bare: each pipeline is compared with the
-        # bare runs just before and after it, which cancels most of a shared machine's drifting
-        # load, and the median over rounds drops the rounds that another tenant disturbed.
-        # Every precision's pipeline runs at both counts (float32's also give the memory check).
+        # Each pipeline batch is paired with a bare forward in the same process (worker_pipeline),
+        # and the median over rounds drops the rounds that another tenant disturbed. The bare
+        # workers before and after a precision's pipelines give its features' cosine and its
+        # images/s in a process of its own. Every precision's pipeline runs at both counts
+        # (float32's also give the memory check).
         rows = {}
         for name in args.precisions:
             precision, _, how = name.partition(":")
@@ -210,7 +243,7 @@ def main():
             for _ in range(0 if how else args.rounds):
                 for n in args.counts:
                     pipes.append((n, run_worker("pipeline", args, data=folders[n], precision=precision)))
-                    bare.append(run_worker("bare", args, **opts))
+            bare.append(run_worker("bare", args, **opts))
             rows[name] = (bare, pipes)
             print(f"  measured {name}: bare {[round(b['rate'], 2) for b in bare]} img/s, pipeline "
                   f"{[(n, round(p['rate'], 2)) for n, p in pipes]} (N, img/s)", flush=True)
@@ -221,27 +254,30 @@ def main():
     summary = {}  # name -> {n: (ratios, cpu ratios, pipeline rates)}
     for name, (bare_runs, pipe_runs) in rows.items():
         per_count = summary.setdefault(name, {})
-        for k, (n, p) in enumerate(pipe_runs):
-            ref = (bare_runs[k]["rate"] + bare_runs[k + 1]["rate"]) / 2
-            ref_cpu = (bare_runs[k]["cpu_ms"] + bare_runs[k + 1]["cpu_ms"]) / 2
+        for n, p in pipe_runs:
             ratios, cpu_ratios, rates = per_count.setdefault(n, ([], [], []))
-            ratios.append(p["rate"] / ref)
-            cpu_ratios.append(ref_cpu / p["cpu_ms"])
+            ratios.append(p["rate"] / p["paired_rate"])
+            cpu_ratios.append(p["paired_cpu_ms"] / p["cpu_ms"])
             rates.append(p["rate"])
-            print(f"{name:8s} pipeline N={n:<5d}: {p['rate']:8.2f} img/s  ratio {ratios[-1]:.3f} (bare {ref:.2f})  "
-                  f"CPU {p['cpu_ms']:.0f} ms/img, ratio {cpu_ratios[-1]:.3f}  "
-                  f"[{p['images']} image-passes, assembly {p['assembly_s']:.2f} s, total {p['total_s']:.1f} s]  "
-                  f"peak RSS {p['rss_mb']:.0f} MB" + (f", peak Python {p['py_peak_mb']:.1f} MB" if args.trace_python else "")
-                  + f", file {p['file_mb']:.1f} MB")
+            print(f"{name:8s} pipeline N={n:<5d}: {p['rate']:8.2f} img/s  ratio {ratios[-1]:.3f} (paired bare "
+                  f"{p['paired_rate']:.2f})  CPU {p['cpu_ms']:.0f} ms/img, ratio {cpu_ratios[-1]:.3f} (paired bare "
+                  f"{p['paired_cpu_ms']:.0f})  [{p['images']} image-passes, assembly {p['assembly_s']:.2f} s, "
+                  f"total {p['total_s']:.1f} s]  peak RSS {p['rss_mb']:.0f} MB"
+                  + (f", peak Python {p['py_peak_mb']:.1f} MB" if args.trace_python else "") + f", file {p['file_mb']:.1f} MB")
     small, large = (next(p for n, p in pipes if n == count) for count in args.counts)
     print(f"memory N={args.counts[0]} -> {args.counts[1]}: RSS {large['rss_mb'] - small['rss_mb']:+.0f} MB"
           + (f", Python {large['py_peak_mb'] - small['py_peak_mb']:+.1f} MB" if args.trace_python else ""))
     print(f"preparation alone (decode, augmentation, batching; no model): {prep['cpu_ms']:.1f} CPU-ms and "
           f"{prep['wall_ms']:.1f} ms per image-pass")
     for name, per_count in summary.items():
+        if not per_count:
+            continue
         bare_cpu = median(b["cpu_ms"] for b in rows[name][0])
+        paired_cpu = median(p["paired_cpu_ms"] for _, p in rows[name][1])
+        print(f"{name}: the bare forward's CPU-ms per image in its own process {bare_cpu:.0f}, paired with the "
+              f"pipeline {paired_cpu:.0f} (close when the pipeline's preparation kept to the pipeline's side)")
         for n, (ratios, cpu_ratios, _) in per_count.items():
-            print(f"{name}: N={n} pipeline / bare images/s = {median(ratios):.3f} median of "
+            print(f"{name}: N={n} pipeline / paired bare images/s = {median(ratios):.3f} median of "
                   f"{', '.join(f'{r:.3f}' for r in ratios)} (target >= 0.95); bare / pipeline CPU time per "
                   f"image {median(cpu_ratios):.3f}; with no contention at most "
                   f"{bare_cpu / (bare_cpu + prep['cpu_ms']):.3f} (preparation {prep['cpu_ms']:.1f} of the model's "
