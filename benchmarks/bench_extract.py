@@ -62,29 +62,47 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def worker_bare(args) -> dict:
+def bare_forward(args, batches: int):
+    """The backbone (weights none), `batches` random input batches and the timed forward pass:
+    the same tf.function as extraction (extract.py), its output taken to float16 as stored."""
     import numpy as np
     import tensorflow as tf
 
     from dogtl.core.models import build_backbone
-    from dogtl.core.precision import computing_in, resolve
     from dogtl.features.backbones import get_backbone
 
-    spec = get_backbone(args.backbone)
-    model = build_backbone(spec, "none", args.image_size)
+    model = build_backbone(get_backbone(args.backbone), "none", args.image_size)
     rng = np.random.default_rng(0)
-    batches = [tf.constant(rng.uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)),
-                           tf.float32) for _ in range(2)]
+    inputs = [tf.constant(rng.uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)), tf.float32)
+              for _ in range(batches)]
+    infer = None  # traced on first use, inside the caller's precision (core/precision.computing_in)
+
+    def timed(batch):
+        """(seconds, CPU seconds, features) of one forward pass."""
+        nonlocal infer
+        if infer is None:
+            infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        started, cpu = time.perf_counter(), cpu_seconds()
+        features = np.asarray(infer(batch))
+        features.astype(np.float16)
+        return time.perf_counter() - started, cpu_seconds() - cpu, features
+
+    return model, inputs, timed
+
+
+def worker_bare(args) -> dict:
+    import numpy as np
+
+    from dogtl.core.precision import computing_in, resolve
+
+    model, batches, timed = bare_forward(args, 2)
     reference = np.asarray(model(batches[0], training=False), np.float64)  # float32 features
     resolved = resolve(args.precision)
     with computing_in(model, resolved, args.how) as how:
-        infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # as extract.py
-        first = np.asarray(infer(batches[0])).astype(np.float64)  # warm-up: tracing, first-call allocations
-        infer(batches[1]).numpy()
-        started, cpu = time.perf_counter(), cpu_seconds()
-        for k in range(args.bare_batches):
-            np.asarray(infer(batches[k % 2])).astype(np.float16)
-        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+        first = timed(batches[0])[2].astype(np.float64)  # warm-up: tracing, first-call allocations
+        timed(batches[1])
+        runs = [timed(batches[k % 2]) for k in range(args.bare_batches)]
+    seconds, cpu = (sum(r[k] for r in runs) for k in (0, 1))
     cosine = np.sum(first * reference, 1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(reference, axis=1) + 1e-30)
     images = args.bare_batches * args.batch_size
     return {"rate": images / seconds, "cpu_ms": 1000 * cpu / images, "rss_mb": peak_rss_mb(),
@@ -101,55 +119,50 @@ def worker_pipeline(args) -> dict:
     contention stays on the pipeline's side; their CPU time per image is printed to show it."""
     import tracemalloc
 
-    import numpy as np
-    import tensorflow as tf
-
-    from dogtl.core.models import build_backbone
     from dogtl.core.precision import computing_in, resolve
-    from dogtl.features.backbones import get_backbone
     from dogtl.features.extract import ExtractConfig, extract_features
 
-    reference = build_backbone(get_backbone(args.backbone), "none", args.image_size)
-    batch = tf.constant(np.random.default_rng(0).uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)),
-                        tf.float32)
+    reference, (batch,), timed = bare_forward(args, 1)
     if args.trace_python:
         tracemalloc.start()  # slows Python-side work: off unless asked for
-    marks = []  # per progress call: (time, done, total, cpu) as the pipeline reached it, then after the bare batch
-    bare = []  # (seconds, cpu seconds) of each paired bare batch
+    # Steady state runs from the end of the first batch (which traces the model) to the last one.
+    pipe = [0.0, 0.0]  # its seconds and CPU seconds, the paired bare batches left out
+    bare = []  # (seconds, CPU seconds) of each paired bare batch after the first
+    state = {"done": 0, "since": None, "first": None, "ended": None}
 
     def progress(done, total):
-        marks.append((time.perf_counter(), done, total, cpu_seconds()))
-        if marks[-1][1] > (marks[-2][1] if len(marks) > 1 else 0):  # after a batch, not a pass's end
-            started, cpu = time.perf_counter(), cpu_seconds()
-            np.asarray(infer(batch)).astype(np.float16)
-            bare.append((time.perf_counter() - started, cpu_seconds() - cpu))
-        if args.trace_python and done >= args.batch_size and len(marks) > 1 and marks[-2][1] < args.batch_size:
-            tracemalloc.reset_peak()  # from the first batch on: not the model's construction
-        marks[-1] = marks[-1] + (time.perf_counter(), cpu_seconds())
+        now = (time.perf_counter(), cpu_seconds())
+        if state["first"] is not None and state["done"] < total:
+            pipe[0] += now[0] - state["since"][0]
+            pipe[1] += now[1] - state["since"][1]
+        if done > state["done"]:  # after a batch, not a pass's end
+            pair = timed(batch)
+            if state["first"] is None:  # the first batch: tracing on both sides
+                state["first"] = done
+                if args.trace_python:
+                    tracemalloc.reset_peak()  # from here on: not the model's construction
+            else:
+                bare.append(pair)
+        state["done"], state["since"] = done, (time.perf_counter(), cpu_seconds())
+        if done == total and state["ended"] is None:
+            state["ended"] = state["since"][0]
 
     config = ExtractConfig(data=args.data, cache=str(Path(args.data).parent / f"features-{args.precision}-{time.time_ns()}.h5"),
                            backbone=args.backbone, weights="none", image_size=args.image_size,
                            passes=args.passes, batch_size=args.batch_size, val_fraction=0.0,
                            precision=args.precision)
     with computing_in(reference, resolve(args.precision)):
-        infer = tf.function(lambda x: reference(x, training=False), reduce_retracing=True)  # as extract.py
-        infer(batch).numpy()  # traced before the pipeline starts
+        timed(batch)  # traced before the pipeline starts
         started = time.perf_counter()
         summary = extract_features(config, progress=progress)
         ended = time.perf_counter()
     py_peak = tracemalloc.get_traced_memory()[1] if args.trace_python else float("nan")
-    # Steady state: from the end of the first batch (which traces the model) to the last.
-    steps = [m for m in marks if m[1] >= args.batch_size]
-    first, last = steps[0], next(m for m in steps if m[1] == m[2])
-    bare_s, bare_cpu = (sum(b[k] for b in bare[1:]) for k in (0, 1))  # the first pairs the tracing batch
-    images = last[1] - first[1]
-    pipe_s = last[0] - first[4] - (bare_s - bare[-1][0])  # the last bare batch runs after last[0]
-    pipe_cpu = last[3] - first[5] - (bare_cpu - bare[-1][1])
-    bare_images = (len(bare) - 1) * args.batch_size
-    return {"rate": images / pipe_s, "cpu_ms": 1000 * pipe_cpu / images,
+    images, bare_images = state["done"] - state["first"], len(bare) * args.batch_size
+    bare_s, bare_cpu = (sum(b[k] for b in bare) for k in (0, 1))
+    return {"rate": images / pipe[0], "cpu_ms": 1000 * pipe[1] / images,
             "paired_rate": bare_images / bare_s, "paired_cpu_ms": 1000 * bare_cpu / bare_images,
-            "images": last[2], "assembly_s": ended - last[4], "total_s": ended - started, "rss_mb": peak_rss_mb(),
-            "py_peak_mb": py_peak / 2**20, "file_mb": summary.file_bytes / 1e6}
+            "images": state["done"], "assembly_s": ended - state["ended"], "total_s": ended - started,
+            "rss_mb": peak_rss_mb(), "py_peak_mb": py_peak / 2**20, "file_mb": summary.file_bytes / 1e6}
 
 
 def worker_prep(args) -> dict:
