@@ -10,14 +10,18 @@
 Every function takes the command's options as keyword arguments (underscores for hyphens),
 returns the stage's result object (metrics and paths), and raises `dogtl.DogtlError` with the
 same one-line messages as the command line. `progress=True` shows a progress bar, in a
-terminal or a Jupyter notebook; a callable gets the raw progress events instead. The `dogtl`
-commands are a thin layer over exactly these functions.
+terminal or a Jupyter notebook; a callable gets the raw progress events instead. `track=True`
+(train_head, sweep, finetune, evaluate) records the run in MLflow, as `--track` does
+(`dogtl.core.tracking`). The `dogtl` commands are a thin layer over exactly these functions.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+
+from dogtl.core import tracking
 
 
 @contextmanager
@@ -63,7 +67,7 @@ def merge_cache(shards, out=None, *, copy: bool = False, force: bool = False):
 
 
 def train_head(cache="cache/features.h5", out="models/head.keras", *, force: bool = False, progress=True,
-               **settings):
+               track: bool = False, **settings):
     """Stage two: train the head on cached features. `settings`: any train-head setting
     (`dogtl.head.settings.HEAD_SETTINGS`), e.g. epochs=30, hidden=(512,), max_lr=2e-3."""
     from dogtl.cli.common import EpochProgress
@@ -71,8 +75,14 @@ def train_head(cache="cache/features.h5", out="models/head.keras", *, force: boo
     from dogtl.head.train import train_head as run
 
     config = HeadConfig(**settings)
-    with _bar(progress, lambda: EpochProgress("training the head", config.epochs)) as update:
-        return run(config, cache=cache, out=out, force=force, progress=update)
+    params = {**asdict(config), "cache": cache, "out": out}
+    with tracking.start("train-head", f"train-head {Path(out).name}", track, params) as tracked, \
+            _bar(progress, lambda: EpochProgress("training the head", config.epochs)) as update:
+        result = run(config, cache=cache, out=out, force=force, progress=tracking.tee(
+            update, lambda row: tracked.epoch({k: v for k, v in row.items() if k != "epochs"})))
+        tracked.params({"resolved": asdict(result.resolved)})
+        tracked.result(result.metrics, tracking.model_files(result.model_path))
+        return result
 
 
 def lr_find(cache="cache/features.h5", out="models/lr-find.png", *, force: bool = False, **settings):
@@ -84,7 +94,7 @@ def lr_find(cache="cache/features.h5", out="models/lr-find.png", *, force: bool 
 
 
 def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: bool = False, progress=True,
-          **settings):
+          track: bool = False, **settings):
     """Train many heads and rank them by validation log loss. `params`: ["max_lr=1e-3,3e-3", ...]
     as `--param`; `space`: a TOML/JSON file; `settings`: trials, folds, epochs, jobs, backend, ..."""
     from dogtl.sweeps.run import SweepConfig, run_sweep
@@ -98,8 +108,16 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
 
         return TrialProgress("trials" if not config.folds else "trial folds")
 
-    with _bar(progress, make) as update:
-        return run_sweep(config, progress=update)
+    with tracking.start("sweep", "sweep", track, {k: v for k, v in asdict(config).items() if k != "force"}) as tracked, \
+            _bar(progress, make) as update:
+        result = run_sweep(config, progress=tracking.tee(update, tracking.trial_observer(tracked, config.folds)))
+        tracked.tags({"mlflow.runName": f"sweep {result.out.name}", "dogtl.out": str(result.out)})
+        best = result.results.iloc[0] if len(result.results) else {}
+        tracked.result({"val_log_loss": best.get("val_log_loss"), "val_accuracy": best.get("val_accuracy"),
+                        "trials": result.trials, "seconds": result.seconds},
+                       [result.results_path, result.best_path, result.plot_path,
+                        *(tracking.model_files(result.ensemble.model_path)[:2] if result.ensemble else [])])
+        return result
 
 
 def ensemble(models, out="models/ensemble.keras", *, force: bool = False):
@@ -110,7 +128,7 @@ def ensemble(models, out="models/ensemble.keras", *, force: bool = False):
 
 
 def finetune(data="data", head="models/head.keras", out="models/finetuned.keras", *, force: bool = False,
-             progress=True, report=None, **settings):
+             progress=True, report=None, track: bool = False, **settings):
     """Stage three: fine-tune the top backbone blocks with the trained head, on the images.
     `settings`: any finetune setting (`dogtl.finetuning.settings.FINETUNE_SETTINGS`); `report`
     gets one line per finished epoch."""
@@ -118,17 +136,34 @@ def finetune(data="data", head="models/head.keras", out="models/finetuned.keras"
     from dogtl.finetuning.train import finetune as run
 
     config = FinetuneConfig(data=str(data), head=str(head), out=str(out), force=force, **settings)
-    with _bar(progress, _images("fine-tuning")) as update:
-        return run(config, progress=update, report=report)
+    params = {k: v for k, v in asdict(config).items() if k != "force"}
+    with tracking.start("finetune", f"finetune {Path(out).name}", track, params) as tracked, \
+            _bar(progress, _images("fine-tuning")) as update:
+        result = run(config, progress=update, report=report)
+        b = result.before  # step 0: the head it started from
+        tracked.epoch({"val_loss": b["val_log_loss"], "val_accuracy": b["val_accuracy"]}, step=0)
+        tracked.history(result.history.to_dict("records"))
+        tracked.result({**result.after, "head_val_log_loss": b["val_log_loss"],
+                        "head_val_accuracy": b["val_accuracy"], "best_epoch": result.best_epoch,
+                        "epochs_run": result.epochs_run}, tracking.model_files(result.model_path))
+        return result
 
 
-def evaluate(model="models/finetuned.keras", *, data=None, force: bool = False, progress=True, **settings):
+def evaluate(model="models/finetuned.keras", *, data=None, force: bool = False, progress=True, track: bool = False,
+             **settings):
     """Accuracy, log loss, top-k, per-class accuracy and confusions on the validation split."""
     from dogtl.evaluation.evaluate import EvaluateConfig, evaluate as run
 
     config = EvaluateConfig(model=str(model), data=str(data) if data else None, force=force, **settings)
-    with _bar(progress, _images("evaluating")) as update:
-        return run(config, progress=update)
+    params = {k: v for k, v in asdict(config).items() if k != "force"}
+    with tracking.start("evaluate", f"evaluate {Path(model).name}", track, params) as tracked, \
+            _bar(progress, _images("evaluating")) as update:
+        report = run(config, progress=update)
+        tracked.result({"val_accuracy": report.accuracy, "val_log_loss": report.log_loss,
+                        f"val_top_{report.top_k}_accuracy": report.top_k_accuracy,
+                        **tracking.numbers(report.tta or {}, "tta_val_")},
+                       [report.json_path, report.csv_path, report.png_path])
+        return report
 
 
 def predict(images=(), *, model=None, data="data", out="submission.csv", force: bool = False, progress=True,

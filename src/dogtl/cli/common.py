@@ -199,6 +199,18 @@ class EpochProgress(_RichBar):
         self.progress.update(self.task, completed=row["epoch"], val_loss=f"{row['val_loss']:.4f}")
 
 
+TRACK_OPTION = typer.Option(False, "--track", help=(
+    "Record the run in MLflow: settings, per-epoch metrics, the result, plots and the model file "
+    "(pip install 'dogtl[track]'). Goes to MLFLOW_TRACKING_URI (a tracking server), else MLflow's local "
+    "default in this folder (mlflow.db, mlruns/: see it with `mlflow ui`); experiment MLFLOW_EXPERIMENT_NAME or dogtl."))
+
+
+def show_tracking(track: bool) -> None:
+    """With --track, the line naming the MLflow run and where it went is shown."""
+    if track:
+        logging.getLogger("dogtl.core.tracking").setLevel(logging.INFO)
+
+
 CONFIG_OPTION = typer.Option(None, "--config", help=(
     "TOML or JSON file of this command's settings, keys = option names with underscores (e.g. max_lr = 0.002); "
     "options given on the command line win over the file."))

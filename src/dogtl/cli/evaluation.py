@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import ImageProgress, friendly_errors
+from dogtl.cli.common import TRACK_OPTION, ImageProgress, friendly_errors, show_tracking
 from dogtl.core.precision import PRECISION_HELP
 
 
@@ -25,15 +25,17 @@ def evaluate_cmd(
     tta: bool = typer.Option(False, "--tta", help="Also report test-time augmentation: probabilities averaged over the clean and augmented passes of the validation images (cached for head models: seconds), beside the plain figures."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing reports."),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
+    track: bool = TRACK_OPTION,
 ):
     """Report accuracy, log loss, top-k accuracy, per-class accuracy and the most confused pairs.
 
     On the validation split stored in the cache. Writes a JSON report, a per-class CSV and a PNG of the confusion among the most confused classes.
     """
+    show_tracking(track)
     with ImageProgress("evaluating") as bar:
         r = api.evaluate(model, data=data, force=force, progress=bar.update, cache=str(cache) if cache else None,
                          out=str(out) if out else None, top_k=top_k, confused=confused, batch_size=batch_size,
-                         weights=weights, precision=precision, tta=tta)
+                         weights=weights, precision=precision, tta=tta, track=track)
     typer.echo(f"{r.model} on {r.images} validation images ({r.source}):")
     typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}"
                + ("   (plain)" if r.tta else ""))

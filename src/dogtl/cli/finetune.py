@@ -8,22 +8,24 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import CONFIG_OPTION, ImageProgress, apply_config_file, friendly_errors
+from dogtl.cli.common import CONFIG_OPTION, TRACK_OPTION, ImageProgress, apply_config_file, friendly_errors, show_tracking
 from dogtl.core.settings import with_options
 from dogtl.finetuning.settings import FINETUNE_SETTINGS
 
 
 @friendly_errors
 @with_options(FINETUNE_SETTINGS)
-def finetune_cmd(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION, settings: dict = None):
+def finetune_cmd(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION, track: bool = TRACK_OPTION,
+                 settings: dict = None):
     """Fine-tune the top backbone blocks together with the trained head, on the images.
 
     The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
     """
     settings, _ = apply_config_file(ctx, settings, config, FINETUNE_SETTINGS, "finetune")
+    show_tracking(track)
     with ImageProgress("fine-tuning") as bar:
         result = api.finetune(progress=bar.update, report=lambda line: bar.progress.console.print(
-            line, markup=False, highlight=False, soft_wrap=True), **settings)
+            line, markup=False, highlight=False, soft_wrap=True), track=track, **settings)
     b, a = result.before, result.after
     if result.resumed_from:
         typer.echo(f"resumed after epoch {result.resumed_from}")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import CONFIG_OPTION, apply_config_file, friendly_errors
+from dogtl.cli.common import CONFIG_OPTION, TRACK_OPTION, apply_config_file, friendly_errors, show_tracking
 from dogtl.core.settings import with_options
 from dogtl.head.settings import HEAD_SETTINGS, LRFIND_SETTINGS
 
@@ -32,6 +32,7 @@ def train_head_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing model (and its metadata, history and plot)."),
     auto: bool = typer.Option(False, "--auto", help="No tuning needed: a bounded random search (3 folds of the training split; architecture, optimizer, rates, dropout, label smoothing, weight decay) whose top 5 trials, retrained, are saved as one ensemble model at --out. The other head options are ignored."),
     budget: float = typer.Option(120.0, help="With --auto: seconds the whole search and retraining may take."),
+    track: bool = TRACK_OPTION,
     settings: dict = None,
 ):
     """Train the dense head on cached features with a cyclical learning rate.
@@ -40,15 +41,16 @@ def train_head_cmd(
     """
     settings, io = apply_config_file(ctx, settings, config, HEAD_SETTINGS, "train_head",
                                      {"cache": cache_arg(cache), "out": out})
+    show_tracking(track)
     if auto:
-        return _auto(io, budget, force)
+        return _auto(io, budget, force, track)
 
     def report(row):
         typer.echo(f"epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
                    f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
                    f"{row['seconds']:.2f} s")
 
-    result = api.train_head(**io, force=force, progress=report, **settings)
+    result = api.train_head(**io, force=force, progress=report, track=track, **settings)
     m = result.metrics
     r = result.resolved
     typer.echo(f"trained on {result.train_images} images x {result.passes} pass(es) at batch {r.batch_size}, "
@@ -83,8 +85,9 @@ def lr_find_cmd(
     typer.echo(f"wrote {r.plot_path}")
 
 
-def _auto(io: dict, budget: float, force: bool) -> None:
-    from dogtl.head.auto import auto_train
+def _auto(io: dict, budget: float, force: bool, track: bool) -> None:
+    from dogtl.core import tracking
+    from dogtl.head.auto import AUTO_FOLDS, auto_train
 
     def report(event):
         record = event.get("record")
@@ -92,7 +95,11 @@ def _auto(io: dict, budget: float, force: bool) -> None:
             typer.echo(f"[{event['done']}/{event['total']}] {event['label']}: val log loss "
                        f"{record['metrics']['val_log_loss']:.4f}  (best {event['best']:.4f})")
 
-    r = auto_train(io["cache"], io["out"], budget=budget, force=force, progress=report)
+    name = f"train-head --auto {Path(io['out']).name}"
+    with tracking.start("train-head --auto", name, track, {**io, "budget": budget}) as tracked:
+        r = auto_train(io["cache"], io["out"], budget=budget, force=force,
+                       progress=tracking.tee(report, tracking.trial_observer(tracked, AUTO_FOLDS)))
+        tracked.result({**r.metrics, "trials": r.trials, "seconds": r.seconds}, tracking.model_files(r.model_path)[:2])
     typer.echo(f"searched {r.trials} trials in {r.folder} ({r.seconds:.0f} s of a {r.budget:.0f} s budget)")
     typer.echo(f"best single trial, retrained: validation accuracy {r.best_single['val_accuracy']:.4f}  "
                f"log loss {r.best_single['val_log_loss']:.4f}")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import _RichBar, friendly_errors, interactive
+from dogtl.cli.common import TRACK_OPTION, _RichBar, friendly_errors, interactive, show_tracking
 
 
 class TrialProgress(_RichBar):
@@ -63,18 +63,20 @@ def sweep_cmd(
     out: Optional[Path] = typer.Option(None, help="Sweep folder (default: sweeps/sweep-<hash of these settings>). Rerunning the same command resumes an interrupted sweep."),
     force: bool = typer.Option(False, "--force", help="Start over in --out, discarding its finished trials (also if it holds another sweep)."),
     ensemble: Optional[int] = typer.Option(None, help="Also retrain the top K trials on the training split and write their ensemble (one model averaging their probabilities) as OUT/ensemble.keras, with its validation log loss next to the best single trial's."),
+    track: bool = TRACK_OPTION,
 ):
     """Train many heads on the cached features and rank their settings by validation log loss.
 
     Grid search over every combination, or random search with --trials N. Writes OUT/results.csv (best first: settings, validation log loss and accuracy with their spread over folds, epochs run, seconds), OUT/best.toml (use it: dogtl train-head --config OUT/best.toml), OUT/sweep.png (each parameter against validation log loss). Every finished trial is saved as it ends: interrupted, the same command resumes.
     """
+    show_tracking(track)
     with TrialProgress("trials" if not folds else "trial folds") as bar:
         from dogtl.cli.head import cache_arg
 
         result = api.sweep(cache_arg(cache), params=param or (), space=space, out=out, force=force,
                            progress=lambda event: bar.update({**event, "folds": folds or 1}), trials=trials,
                            folds=folds, epochs=epochs, jobs=jobs, backend=backend, scheduler=scheduler, seed=seed,
-                           fuse=fuse, ensemble=ensemble)
+                           fuse=fuse, ensemble=ensemble, track=track)
     frame = result.results
     typer.echo(f"{result.trials} trials ({result.runs} runs now, {result.skipped} finished before) "
                f"in {result.seconds:.0f} s" + (f"; {len(result.dropped)} combinations skipped (train-head refuses "
