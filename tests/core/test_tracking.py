@@ -157,6 +157,19 @@ def test_finetune_run_starts_at_the_head(experiment, stage3, tmp_path):
     assert {"finetuned.keras", "finetuned.json", "finetuned.history.csv"} <= artifacts(client, run.info.run_id)
 
 
+@pytest.mark.slow
+def test_auto_trials_are_child_runs(experiment, small_cache, tmp_path):
+    result = run_cli("train-head", "--cache", small_cache, "--out", tmp_path / "auto.keras", "--auto",
+                     "--budget", 20, "--track")
+    assert result.exit_code == 0, result.output
+    runs = experiment()
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.run_name == "train-head --auto auto.keras" and parent.data.params["budget"] == "20.0"
+    assert len(children) >= 2 and all(c.data.metrics.get("val_log_loss") is not None for c in children)
+    assert {"auto.keras", "auto.json"} <= artifacts(experiment.client, parent.info.run_id)
+
+
 def test_a_failed_stage_ends_its_run_failed(experiment, tmp_path):
     result = run_cli("train-head", "--cache", tmp_path / "missing.h5", "--out", tmp_path / "h.keras", "--track")
     assert_clean_error(result, "missing.h5")
@@ -165,6 +178,21 @@ def test_a_failed_stage_ends_its_run_failed(experiment, tmp_path):
 
 
 # -- without a server ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_without_a_uri_runs_go_to_mlflows_local_default(small_cache, tmp_path, monkeypatch):
+    import dogtl
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    dogtl.train_head(cache=small_cache, out="models/head.keras", epochs=1, hidden=(8,), progress=False, track=True)
+    client = mlflow.MlflowClient(mlflow.get_tracking_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("dogtl").experiment_id])
+    assert run.data.metrics["epochs_run"] == 1
+    stored = {p.name for p in (tmp_path / "mlruns").rglob("head*")}  # MLflow >= 3.7: mlflow.db + mlruns/
+    assert (tmp_path / "mlflow.db").exists() and {"head.keras", "head.json"} <= stored
+
 
 def test_tracking_off_never_imports_mlflow_and_on_without_it_says_what_to_install(small_cache, tmp_path, monkeypatch):
     import dogtl

@@ -178,21 +178,22 @@ def _ending(run: MlflowRun, quiet: bool = False) -> Iterator[MlflowRun]:
             run._send("end", run.client.set_terminated, run.id, status)
 
 
-def _experiment(client) -> str:
+def _experiment(client) -> tuple[str, str]:
+    """(id, name) of the experiment runs go to, created on first use."""
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if experiment_id:
-        return experiment_id
+        return experiment_id, client.get_experiment(experiment_id).name
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     found = client.get_experiment_by_name(name)
     if found is not None:
-        return found.experiment_id
+        return found.experiment_id, name
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name), name
     except Exception:  # created meanwhile by another process
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
-        return found.experiment_id
+        return found.experiment_id, name
 
 
 def tee(*callbacks):
@@ -246,7 +247,7 @@ def start(command: str, name: str, enabled: bool, params: dict | None = None) ->
     uri = where()
     try:
         client = mlflow.MlflowClient()
-        experiment_id = _experiment(client)
+        experiment_id, experiment = _experiment(client)
         active = mlflow.active_run()
         run = _create(client, experiment_id, name, active.info.run_id if active else None,
                       {"dogtl.command": command})
@@ -254,7 +255,7 @@ def start(command: str, name: str, enabled: bool, params: dict | None = None) ->
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DogtlError(f"--track: cannot start an MLflow run at {uri} ({first}); check MLFLOW_TRACKING_URI "
                          "or leave out --track") from None
-    log.info("MLflow run %s (%s) in experiment %s at %s", name, run.id, experiment_id, uri)
+    log.info("tracking to MLflow at %s: experiment %r, run %r (%s)", uri, experiment, name, run.id)
     with _ending(run):
         if params:
             run.params(params)
