@@ -170,11 +170,15 @@ def test_auto_trials_are_child_runs(experiment, small_cache, tmp_path):
     assert {"auto.keras", "auto.json"} <= artifacts(experiment.client, parent.info.run_id)
 
 
-def test_a_failed_stage_ends_its_run_failed(experiment, tmp_path):
+def test_a_failed_stage_ends_its_run_failed_and_an_interrupted_one_killed(experiment, tmp_path):
+    from dogtl.core import tracking
+
     result = run_cli("train-head", "--cache", tmp_path / "missing.h5", "--out", tmp_path / "h.keras", "--track")
     assert_clean_error(result, "missing.h5")
-    [run] = experiment()
-    assert run.info.status == "FAILED"
+    with pytest.raises(KeyboardInterrupt), tracking.start("finetune", "interrupted", True):
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM as the commands receive it
+    assert [(r.info.run_name, r.info.status) for r in experiment()] == [
+        ("train-head h.keras", "FAILED"), ("interrupted", "KILLED")]
 
 
 # -- without a server ----------------------------------------------------------------------------

@@ -92,9 +92,11 @@ class MlflowRun(Run):
         try:
             call(*args, **kwargs)
         except Exception as e:  # the work goes on; its outputs are on disk either way
-            self.failed = True
-            log.warning("MLflow tracking stopped for run %s: cannot log its %s (%s)", self.id, what,
-                        str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+            self._stop(what, e)
+
+    def _stop(self, what: str, error: Exception) -> None:
+        self.failed = True
+        log.warning("MLflow tracking stopped for run %s: cannot log its %s (%s)", self.id, what, first_line(error))
 
     def _batch(self, what: str, metrics: dict | None = None, params: dict | None = None, step: int = 0,
                tags: dict | None = None) -> None:
@@ -140,7 +142,7 @@ class MlflowRun(Run):
         try:
             run = _create(self.client, self.experiment_id, name, self.id)
         except Exception as e:
-            self._send("trial", _raise, e)
+            self._stop(f"child run {name!r}", e)
             yield Run()
             return
         with _ending(run, quiet=True):
@@ -149,8 +151,9 @@ class MlflowRun(Run):
             yield run
 
 
-def _raise(error):
-    raise error
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _create(client, experiment_id: str, name: str, parent: str | None, tags: dict | None = None) -> MlflowRun:
@@ -252,9 +255,8 @@ def start(command: str, name: str, enabled: bool, params: dict | None = None) ->
         run = _create(client, experiment_id, name, active.info.run_id if active else None,
                       {"dogtl.command": command})
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise DogtlError(f"--track: cannot start an MLflow run at {uri} ({first}); check MLFLOW_TRACKING_URI "
-                         "or leave out --track") from None
+        raise DogtlError(f"--track: cannot start an MLflow run at {uri} ({first_line(e)}); check "
+                         "MLFLOW_TRACKING_URI or leave out --track") from None
     log.info("tracking to MLflow at %s: experiment %r, run %r (%s)", uri, experiment, name, run.id)
     with _ending(run):
         if params:
