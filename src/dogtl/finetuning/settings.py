@@ -49,8 +49,8 @@ FINETUNE_SETTINGS = (
     replace(_HEAD["patience"], default=3),
     Setting("seed", "int", None, "Shuffling seed (default: the cache's seed).", optional=True),
     Setting("deterministic", "bool", False, "Deterministic ops and seeded everything: the same command gives the "
-            "same weights bit for bit on CPU, also after a kill and resume (slower; see the README's "
-            "reproducibility section).", searchable=False),
+            "same weights bit for bit on CPU, also after a kill and resume (slower; see docs/reliability.md).",
+            searchable=False),
     Setting("force", "bool", False, "Overwrite --out; discard an unfinished run made with other settings."),
     Setting("strategy", "str", "default", "default (one device), mirrored (every local GPU) or multi-worker (hosts "
             "in TF_CONFIG). --batch-size is the global batch: with N devices, N x the batch and (linear scaling "

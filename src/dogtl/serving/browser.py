@@ -1,4 +1,4 @@
-"""Headless Chromium through selenium, for the page's test and the README screenshot."""
+"""Headless Chromium through selenium, for the page's test and its screenshot in docs/deploying.md."""
 
 from __future__ import annotations
 
