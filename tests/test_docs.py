@@ -70,3 +70,13 @@ def test_a_broken_link_is_found(tmp_path):
     page.write_text("# A `b` c!\n\n[x](page.md#a-b-c) [y](missing.md) [z](#nope)\n```\n[w](not-a-link.md)\n```\n")
     assert links(page) == ["page.md#a-b-c", "missing.md", "#nope"]
     assert anchors(page) == {"a-b-c"}
+
+
+def test_the_readme_intro_lists_every_command():
+    from typer.main import get_command
+
+    from dogtl.cli import app
+
+    intro = (ROOT / "README.md").read_text().split("\n## ")[0]
+    missing = [name for name in get_command(app).commands if f"`dogtl {name}`" not in intro]
+    assert not missing, f"add them to the README's command table: {missing}"
