@@ -21,6 +21,7 @@ Then prints each stage's estimate for the recipe. Run it on the machine you want
 
     python benchmarks/recipe_time.py                 # 128 images, ~5 minutes on 2 CPU cores
     python benchmarks/recipe_time.py --images 512    # a GPU: more images, steadier rates
+    python benchmarks/recipe_time.py --quick         # smoke run of this script (mobilenet_v2, 32 images)
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128, help="generated training images (4 classes)")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (the first is not timed)")
     parser.add_argument("--backbone", default="xception")
+    parser.add_argument("--quick", action="store_true", help="smoke run: mobilenet_v2, 32 images, 2 epochs")
     args = parser.parse_args()
+    if args.quick:
+        args.backbone, args.images, args.epochs = "mobilenet_v2", 32, 2
 
     from dogtl.data.synthetic import make_kaggle_dataset
     from dogtl.features.cache import open_cache
