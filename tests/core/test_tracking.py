@@ -134,8 +134,10 @@ def test_evaluate_run_holds_the_report(experiment, small_cache, tmp_path):
     import dogtl
 
     head = dogtl.train_head(cache=small_cache, out=tmp_path / "head.keras", epochs=2, hidden=(8,), progress=False)
-    report = dogtl.evaluate(head.model_path, progress=False, track=True)
-    [run] = experiment()
+    with mlflow.start_run(run_name="a notebook's own run") as outer:  # dogtl's run becomes its child
+        report = dogtl.evaluate(head.model_path, progress=False, track=True)
+    [_, run] = experiment()
+    assert run.data.tags["mlflow.parentRunId"] == outer.info.run_id
     assert run.info.run_name == "evaluate head.keras" and run.data.params["model"] == str(head.model_path)
     assert run.data.metrics["val_accuracy"] == pytest.approx(report.accuracy)
     assert run.data.metrics["val_log_loss"] == pytest.approx(report.log_loss)
