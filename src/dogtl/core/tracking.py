@@ -74,7 +74,7 @@ def flatten(values: dict, prefix: str = "") -> dict[str, str]:
 
 
 def numbers(values: dict, prefix: str = "") -> dict[str, float]:
-    """The finite-or-not numeric entries of `values` as floats (bools and text left out)."""
+    """The numeric entries of `values` as floats, NaN included (bools, text and None left out)."""
     return {f"{prefix}{k}": float(v) for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -112,18 +112,18 @@ class MlflowRun(Run):
         self._batch("settings", params=flatten(values))
 
     def epoch(self, row: dict, step: int | None = None) -> None:
-        step = int(row["epoch"] if step is None else step)
-        self._batch(f"epoch {step}", metrics=numbers({k: v for k, v in row.items() if k != "epoch"},
-                                                     EPOCH_PREFIX), step=step)
+        self._epochs([(int(row["epoch"] if step is None else step), row)])
 
     def history(self, rows: Iterable[dict]) -> None:  # one request for the whole history
+        self._epochs([(int(row["epoch"]), row) for row in rows])
+
+    def _epochs(self, rows: list[tuple[int, dict]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, int(row["epoch"]))
-                   for row in rows for k, v in numbers({k: v for k, v in row.items() if k != "epoch"},
-                                                       EPOCH_PREFIX).items()]
-        self._send("history", self.client.log_batch, self.id, metrics=metrics)
+        metrics = [Metric(k, v, now, step) for step, row in rows
+                   for k, v in numbers({k: v for k, v in row.items() if k != "epoch"}, EPOCH_PREFIX).items()]
+        self._send("per-epoch metrics", self.client.log_batch, self.id, metrics=metrics)
 
     def result(self, metrics: dict, files: Iterable = ()) -> None:
         self._batch("result", metrics=numbers(metrics))
