@@ -1,0 +1,137 @@
+"""How fast does `dogtl bot` answer photos, beside `dogtl serve` on the same model?
+
+The model is bench_serve's (the real pretrained MobileNetV2 backbone of ../shared/weights at 160 px
+with a head trained on scikit-learn's digits, upscaled: real images), the photos its PNG files.
+`dogtl bot` runs in its own process against the fake Bot API server of tests/serving/fake_telegram.py
+(on loopback, in this process); M chats each send their share of N photos one after another,
+the next when the previous is answered (as M people would), and a photo's latency is from the
+moment the fake server offers it in getUpdates to the moment the bot's sendMessage arrives
+(getUpdates, getFile, the download, decoding, the batched model call and sendMessage; the bot logs
+at its default --log-level info). Beside it,
+`dogtl serve` in its own process with M clients sending the same number of images in the same way
+(bench_serve.run_clients), both with the same --max-batch. The ratio is bot/serve replies per second.
+
+    flock /work/bench.lock python benchmarks/bench_bot.py           # ~3 min on 2 cores
+    flock /work/bench.lock python benchmarks/bench_bot.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "serving")]
+
+from bench_serve import WEIGHTS, Served, build_model, pct, run_clients  # noqa: E402
+from fake_telegram import TOKEN, FakeTelegram, Process  # noqa: E402
+
+
+def photo_sizes(payloads: list[bytes]) -> list[tuple[bytes, int, int]]:
+    from PIL import Image
+
+    return [(data, *Image.open(io.BytesIO(data)).size) for data in payloads]
+
+
+def run_chats(tg: FakeTelegram, chats: int, photos: list[tuple[bytes, int, int]], per_chat: int, first_chat: int):
+    """(replies/s, latencies in ms): `chats` threads, each sending `per_chat` photos in its own
+    chat, the next once the previous is answered."""
+    latencies, lock, errors = [], threading.Lock(), []
+    start = threading.Barrier(chats + 1)
+
+    def chat(c: int):
+        chat_id = first_chat + c
+        mine = []
+        start.wait()
+        for i in range(per_chat):
+            message_id = tg.send_photo(chat_id, photos[(c * per_chat + i) % len(photos)])
+            reply = tg.wait_replies(chat_id, i + 1, timeout=120)[i]
+            if reply.reply_to != message_id or not reply.text.startswith(("Most likely", "I'm not sure")):
+                errors.append(reply.text)
+            mine.append((reply.at - tg.sent_at(message_id)) * 1000)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=chat, args=(c,)) for c in range(chats)]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    if errors:
+        raise RuntimeError(f"{len(errors)} wrong replies, e.g. {errors[0]!r}")
+    return len(latencies) / elapsed, latencies
+
+
+def start_bot(model: Path, tg: FakeTelegram, max_batch: int) -> Process:
+    env = dict(os.environ, TELEGRAM_BOT_TOKEN=TOKEN, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    bot = Process([sys.executable, "-m", "dogtl.cli", "bot", str(model), "--api-base", tg.api_base,
+                   "--max-batch", str(max_batch)], env=env)
+    bot.wait_for(r"answers with", timeout=300)
+    return bot
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--photos", type=int, default=160, help="N: photos per measurement, shared by the chats")
+    parser.add_argument("--chats", type=int, nargs="+", default=[1, 8, 32], help="M: chats (and serve's clients)")
+    parser.add_argument("--max-batch", type=int, default=8, help="both processes' --max-batch (the bot's default)")
+    parser.add_argument("--quick", action="store_true", help="48 photos per measurement")
+    args = parser.parse_args()
+    if args.quick:
+        args.photos = 48
+    if not args.weights.is_file():
+        sys.exit(f"{args.weights}: the pretrained backbone weights are needed (see ../shared/weights/README.md)")
+
+    root = Path(tempfile.mkdtemp(prefix="bench-bot-"))
+    model_path, files = build_model(root, args.weights)
+    payloads = [f.read_bytes() for f in files]
+    photos = photo_sizes(payloads)
+    print(f"model: mobilenet_v2 ({args.weights.name}) at 160 px + digits head; {len(files)} PNG files; "
+          f"{os.cpu_count()} CPUs; {args.photos} photos per row; --max-batch {args.max_batch} for both")
+    print("load before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    rows = {}
+    with FakeTelegram() as tg:
+        bot = start_bot(model_path, tg, args.max_batch)
+        try:
+            run_chats(tg, 4, photos, 3, first_chat=1)  # warm-up
+            for k, chats in enumerate(args.chats):
+                per_chat = max(1, args.photos // chats)
+                rows[chats] = [run_chats(tg, chats, photos, per_chat, first_chat=1000 * (k + 1))]
+        finally:
+            code = bot.stop()
+        calls = re.search(r"answered (\d+) images in (\d+) model calls", bot.output)
+        if code != 0 or not calls:
+            sys.exit(f"dogtl bot ended with {code}:\n{bot.output[-2000:]}")
+    served = Served(model_path, args.max_batch)
+    try:
+        run_clients(served.port, 4, payloads, 3, 30)  # warm-up
+        for chats in args.chats:
+            per_client = max(1, args.photos // chats)
+            rows[chats].append(run_clients(served.port, chats, payloads, per_client, 600))
+    finally:
+        served.stop()
+    print("load after: ", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print(f"{'chats':>5} | {'bot replies/s':>13} {'p50 ms':>8} {'p99 ms':>8} {'photos':>6} | "
+          f"{'serve req/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'requests':>8} | {'bot/serve':>9}")
+    for chats, ((bot_rps, bot_lat), (serve_rps, serve_lat)) in rows.items():
+        print(f"{chats:>5} | {bot_rps:13.1f} {pct(bot_lat, 50):8.1f} {pct(bot_lat, 99):8.1f} {len(bot_lat):6d} | "
+              f"{serve_rps:11.1f} {pct(serve_lat, 50):8.1f} {pct(serve_lat, 99):8.1f} {len(serve_lat):8d} | "
+              f"{bot_rps / serve_rps:9.2f}")
+    images, model_calls = int(calls[1]), int(calls[2])
+    print(f"the bot answered {images} photos in {model_calls} model calls ({images / model_calls:.1f} per call)")
+
+
+if __name__ == "__main__":
+    main()
