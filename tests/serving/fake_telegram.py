@@ -56,6 +56,7 @@ class _State:
     calls: list = field(default_factory=list)  # (method, params) in arrival order
     files: dict = field(default_factory=dict)
     sent_at: dict = field(default_factory=dict)  # message_id -> time.monotonic() when queued
+    floods: dict = field(default_factory=dict)  # chat_id -> retry_after for its next sendMessage
     next_update: int = 1
     next_message: int = 1
     next_file: int = 1
@@ -167,6 +168,11 @@ class FakeTelegram:
             "location": {"location": {"latitude": 52.37, "longitude": 4.89}},
         }[kind]
 
+    def flood(self, chat_id: int, retry_after: int = 1) -> None:
+        """The next sendMessage to `chat_id` gets Telegram's 429 flood-control answer."""
+        with self.state.cond:
+            self.state.floods[chat_id] = retry_after
+
     def replies(self, chat_id: int | None = None) -> list[Reply]:
         with self.state.cond:
             return [r for r in self.state.replies if chat_id is None or r.chat_id == chat_id]
@@ -218,6 +224,10 @@ class FakeTelegram:
             chat_id, text = int(params["chat_id"]), str(params["text"])
             reply_to = (params.get("reply_parameters") or {}).get("message_id") or params.get("reply_to_message_id")
             with s.cond:
+                retry_after = s.floods.pop(chat_id, None)
+                if retry_after is not None:
+                    return 429, {**_error(429, f"Too Many Requests: retry after {retry_after}"),
+                                 "parameters": {"retry_after": retry_after}}
                 message_id = s.next_message
                 s.next_message += 1
                 s.replies.append(Reply(chat_id, text, reply_to, time.monotonic()))

@@ -19,6 +19,7 @@ from conftest import assert_clean_error, run_cli
 from fake_telegram import TOKEN, FakeTelegram, Process
 
 pytest.importorskip("telegram", reason="the bot extra is not installed: pip install 'dogtl[bot]'")
+pytest.importorskip("aiolimiter", reason="the bot extra is not installed: pip install 'dogtl[bot]'")
 
 MAX_FILE_MB = 1
 MIN_CONFIDENCE = 0.55
@@ -176,6 +177,16 @@ def test_every_other_message_gets_its_reply_and_the_bot_goes_on(tg, bot, expecte
     _assert_answer(tg.wait_replies(415)[0].text, expected[0], threshold)
     assert len(tg.replies(-500)) == 1
     assert bot.proc.poll() is None
+
+
+def test_flood_control_answer_is_waited_out(tg, bot, expected, threshold):
+    """Telegram's 429 "retry after 1": the bot waits and sends the reply again."""
+    tg.flood(450, retry_after=1)
+    tg.send_photo(450, _tiny.images()[2].read_bytes())
+    (reply,) = tg.wait_replies(450)
+    _assert_answer(reply.text, expected[2], threshold)
+    tries = [p for p in tg.calls("sendMessage") if p["chat_id"] == 450]
+    assert len(tries) == 2 and tries[0]["text"] == reply.text
 
 
 def test_concurrent_photos_from_many_chats_share_model_calls(tg, bot, expected, threshold):

@@ -54,8 +54,9 @@ def require_bot_extra():
     """Import python-telegram-bot, or say how to install it."""
     try:
         import telegram.ext  # noqa: F401
-    except ImportError:
-        raise DogtlError("dogtl bot needs the bot extra (python-telegram-bot is missing): "
+        import aiolimiter  # noqa: F401  (python-telegram-bot's rate limiter)
+    except ImportError as e:
+        raise DogtlError(f"dogtl bot needs the bot extra ({e.name or 'python-telegram-bot'} is missing): "
                          "pip install 'dogtl[bot]'") from None
 
 
@@ -221,12 +222,16 @@ class BreedBot:
 
     def application(self, token: str, api_base: str = DEFAULT_API_BASE):
         """A python-telegram-bot Application polling the Bot API at `api_base`."""
-        from telegram.ext import Application, CommandHandler, MessageHandler, filters
+        from telegram.ext import AIORateLimiter, Application, CommandHandler, MessageHandler, filters
 
         base_url, file_url = api_urls(api_base)
+        # Flood control: when Telegram answers 429 the limiter waits the time it asks for and sends
+        # again; in groups it keeps to Telegram's 20 messages a minute. No overall cap: PTB's
+        # would count getFile calls too, and a reply is owed to every photo.
+        limiter = AIORateLimiter(overall_max_rate=0, max_retries=3)
         app = (Application.builder().token(token).base_url(base_url).base_file_url(file_url)
-               .concurrent_updates(MAX_CONCURRENT_UPDATES).post_init(self._started).post_stop(self._stopped)
-               .build())
+               .concurrent_updates(MAX_CONCURRENT_UPDATES).rate_limiter(limiter)
+               .post_init(self._started).post_stop(self._stopped).build())
         private = filters.ChatType.PRIVATE  # hints only in private chats: a group is not spammed
         app.add_handlers([
             CommandHandler("start", self._reply_with(_start_text(self.sm.classes))),
