@@ -103,14 +103,19 @@ def main():
     print("load before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     rows = {}
     with FakeTelegram() as tg:
+        began = time.monotonic()
         bot = start_bot(model_path, tg, args.max_batch)
         try:
-            run_chats(tg, 4, photos, 3, first_chat=1)  # warm-up
+            run_chats(tg, 1, photos, 1, first_chat=1)
+            first_answer = time.monotonic() - began  # a restart's gap: photos wait at Telegram meanwhile
+            run_chats(tg, 4, photos, 3, first_chat=2)  # warm-up
             for k, chats in enumerate(args.chats):
                 per_chat = max(1, args.photos // chats)
                 rows[chats] = [run_chats(tg, chats, photos, per_chat, first_chat=1000 * (k + 1))]
         finally:
+            stopping = time.monotonic()
             code = bot.stop()
+            stopped = time.monotonic() - stopping
         calls = re.search(r"answered (\d+) images in (\d+) model calls", bot.output)
         if code != 0 or not calls:
             sys.exit(f"dogtl bot ended with {code}:\n{bot.output[-2000:]}")
@@ -130,7 +135,8 @@ def main():
               f"{serve_rps:11.1f} {pct(serve_lat, 50):8.1f} {pct(serve_lat, 99):8.1f} {len(serve_lat):8d} | "
               f"{bot_rps / serve_rps:9.2f}")
     images, model_calls = int(calls[1]), int(calls[2])
-    print(f"the bot answered {images} photos in {model_calls} model calls ({images / model_calls:.1f} per call)")
+    print(f"the bot answered {images} photos in {model_calls} model calls ({images / model_calls:.1f} per call); "
+          f"from its start to its first answer {first_answer:.1f} s, from SIGTERM to its exit {stopped:.1f} s")
 
 
 if __name__ == "__main__":

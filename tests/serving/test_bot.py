@@ -158,8 +158,8 @@ def test_every_other_message_gets_its_reply_and_the_bot_goes_on(tg, bot, expecte
               rf"1\.0 MB, over my limit of {MAX_FILE_MB} MB"),  # no size stated: measured after download
         412: (lambda c: tg.send_document(c, good, "huge.png", "image/png", size=30 * 1024 * 1024, declare_size=False),
               f"over my limit of {MAX_FILE_MB} MB"),  # no size stated: getFile refuses over 20 MB
-        413: (lambda c: tg.send_document(c, _bomb(), "bomb.png", "image/png"), "too large"),
-        414: (lambda c: tg.send_document(c, b"", "empty.jpg", "image/jpeg"), "couldn't read that file"),
+        413: (lambda c: tg.send_document(c, _bomb(), "bomb.png", "image/png"), "too many pixels"),
+        414: (lambda c: tg.send_document(c, b"", "empty.jpg", "image/jpeg"), "That file is empty"),
     }
     sent = {chat: send(chat) for chat, (send, _) in cases.items()}
     for chat, (_, needle) in cases.items():

@@ -46,6 +46,8 @@ NOT_AN_IMAGE_FILE = ("That file ({name}) is not an image. Send a photo, or an im
 TOO_BIG = "That file is {size} MB, over my limit of {limit:g} MB. Send it as a photo instead: Telegram makes photos smaller."
 TOO_BIG_UNKNOWN = "That file is over my limit of {limit:g} MB. Send it as a photo instead: Telegram makes photos smaller."
 UNREADABLE = "Sorry, I couldn't read that file as an image ({reason}). Try sending the picture as a photo."
+TOO_MANY_PIXELS = "That image has too many pixels for me to open. Send it as a photo instead: Telegram makes photos smaller."
+EMPTY = "That file is empty. Send the picture again as a photo."
 DOWNLOAD_FAILED = "Sorry, I couldn't download that from Telegram. Please send it again."
 FAILED = "Sorry, something went wrong on my side. Please try again in a moment."
 
@@ -317,12 +319,15 @@ class BreedBot:
             return await message.reply_text(DOWNLOAD_FAILED, do_quote=True)
         if len(data) > self.max_bytes:
             return await self._too_big(message, len(data))
+        if not data:
+            return await message.reply_text(EMPTY, do_quote=True)
         try:
             inputs = await asyncio.get_running_loop().run_in_executor(self.pool, self.predictor.decode, bytes(data))
-        except BadUpload as e:
+        except BadUpload as e:  # serve's 413: a decompression bomb, refused from its header
             log.info("chat %s: unreadable image: %s", message.chat_id, e.message)
             reason = re.sub(r"^cannot read the image \((.*)\)$", r"\1", e.message)
-            return await message.reply_text(UNREADABLE.format(reason=reason), do_quote=True)
+            text = TOO_MANY_PIXELS if e.status == 413 else UNREADABLE.format(reason=reason)
+            return await message.reply_text(text, do_quote=True)
         row = await self.batcher.submit(inputs)
         top = [(p["class"], p["probability"]) for p in self.predictor.top(row)]
         await message.reply_text(describe(top, self.settings.min_confidence), do_quote=True)
