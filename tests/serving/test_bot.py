@@ -52,15 +52,19 @@ def tg():
         yield server
 
 
+def _start_bot(tg: FakeTelegram, *options: str) -> Process:
+    """`dogtl bot` on the tiny model in its own process, the token from TELEGRAM_BOT_TOKEN."""
+    env = dict(os.environ, TELEGRAM_BOT_TOKEN=TOKEN, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return Process([sys.executable, "-m", "dogtl.cli", "bot", str(_tiny.model_path()), "--api-base", tg.api_base,
+                    "--min-confidence", str(MIN_CONFIDENCE), *options], env=env)
+
+
 @pytest.fixture(scope="module")
 def bot(tg, request):
-    """`dogtl bot` with the token from TELEGRAM_BOT_TOKEN, at --log-level debug (every request's
-    URL is logged: the token must still not appear), with a long batching window so that photos
-    arriving together surely share a model call."""
-    env = dict(os.environ, TELEGRAM_BOT_TOKEN=TOKEN, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    process = Process([sys.executable, "-m", "dogtl.cli", "bot", str(_tiny.model_path()), "--api-base", tg.api_base,
-                       "--min-confidence", str(MIN_CONFIDENCE), "--batch-wait-ms", "150", "--max-batch", "8",
-                       "--max-file-mb", str(MAX_FILE_MB), "--log-level", "debug"], env=env)
+    """`dogtl bot` at --log-level debug (every request's URL is logged: the token must still not
+    appear), with a long batching window so that photos arriving together surely share a model call."""
+    process = _start_bot(tg, "--batch-wait-ms", "150", "--max-batch", "8", "--max-file-mb", str(MAX_FILE_MB),
+                         "--log-level", "debug")
     try:
         request.getfixturevalue("threshold")  # computed while the bot starts
         process.wait_for(r"is answering with tiny", timeout=300)
@@ -239,6 +243,36 @@ def test_sigterm_answers_the_photo_in_hand_and_stops_cleanly(tg, bot, expected, 
     assert "Traceback" not in output, output
     assert "/bot<token>/getUpdates" in output  # httpx logged its URLs at debug, redacted
     assert SECRET not in output and SECRET.replace("-", "%2D") not in output
+
+
+@pytest.mark.slow
+def test_restart_loses_no_photo(expected, threshold):
+    """A restart (the way to update the model): the photo in hand when SIGTERM comes is answered
+    by the old process, a photo sent while no bot runs by the new one, and none twice."""
+    good = [p.read_bytes() for p in _tiny.images()]
+    with FakeTelegram() as tg:
+        old = _start_bot(tg)
+        first = tg.send_photo(1, good[0])
+        tg.wait_replies(1, timeout=300)
+        in_hand = tg.send_photo(2, good[1], delay_s=1.5)
+        deadline = time.monotonic() + 60
+        while not any(p["file_id"] == "file-2" for p in tg.calls("getFile")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert old.stop(signal.SIGTERM, timeout=60) == 0
+        while_down = tg.send_photo(3, good[2])
+        new = _start_bot(tg)
+        try:
+            tg.wait_replies(3, timeout=300)
+            time.sleep(1)  # time for a wrong second answer to arrive
+        finally:
+            assert new.stop() == 0
+    answers = {}
+    for reply in tg.replies():
+        answers.setdefault(reply.reply_to, []).append(reply.text)
+    assert sorted(answers) == [first, in_hand, while_down] and all(len(a) == 1 for a in answers.values()), answers
+    for message_id, k in ((first, 0), (in_hand, 1), (while_down, 2)):
+        _assert_answer(answers[message_id][0], expected[k], threshold)
+    assert "chat 3:" in new.output and "chat 3:" not in old.output
 
 
 # ---- start-up errors, in-process -----------------------------------------------------------

@@ -68,7 +68,9 @@ def require_bot_extra():
 class BotSettings:
     top: int = 3  # classes in a reply
     max_batch: int = 8  # most images per model call
-    batch_wait_ms: float = 5.0  # how long the first image of a batch waits for others
+    # How long the first image of a batch waits for others: a chat answer takes a network round trip
+    # to Telegram anyway, and a longer wait than serve's 5 ms fills batches (bench_bot.py).
+    batch_wait_ms: float = 25.0
     min_confidence: float = 0.5  # below this for the best class the reply says it is not sure
     max_file_mb: float = 20.0  # larger files are refused before downloading (the cloud API's own limit)
 
@@ -205,17 +207,15 @@ def _help_text(s: BotSettings) -> str:
 class BreedBot:
     """The loaded model and its batcher, and the handlers that answer each kind of message."""
 
-    def __init__(self, sm: ServingModel, settings: BotSettings = BotSettings(), decode_threads: int | None = None):
+    def __init__(self, sm: ServingModel, settings: BotSettings = BotSettings()):
         require_bot_extra()
         self.sm, self.settings = sm, settings
         self.predictor = Predictor(sm, settings.top)
         self.predictor.warm_up()
         self.batcher = MicroBatcher(self._predict, max_batch=settings.max_batch,
                                     max_wait_s=settings.batch_wait_ms / 1000)
-        self.pool = ThreadPoolExecutor(max_workers=decode_threads or min(8, os.cpu_count() or 2),
-                                       thread_name_prefix="dogtl-decode")
+        self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="dogtl-decode")
         self.max_bytes = int(settings.max_file_mb * MB)
-        self.username: str | None = None
 
     def _predict(self, inputs: tuple):
         rows = self.predictor.predict(inputs)
@@ -236,16 +236,16 @@ class BreedBot:
                .post_init(self._started).post_stop(self._stopped).build())
         private = filters.ChatType.PRIVATE  # hints only in private chats: a group is not spammed
         app.add_handlers([
-            CommandHandler("start", self._reply_with(_start_text(self.sm.classes))),
-            CommandHandler("help", self._reply_with(_help_text(self.settings))),
+            CommandHandler("start", _reply_with(_start_text(self.sm.classes))),
+            CommandHandler("help", _reply_with(_help_text(self.settings))),
             MessageHandler(filters.PHOTO, self.on_photo),
             # Before documents: Telegram sends a GIF as an animation and a document at once.
             MessageHandler((filters.VIDEO | filters.VIDEO_NOTE | filters.ANIMATION) & private,
-                           self._reply_with(HINT_VIDEO)),
+                           _reply_with(HINT_VIDEO)),
             MessageHandler(filters.Document.ALL, self.on_document),
-            MessageHandler(filters.Sticker.ALL & private, self._reply_with(HINT_STICKER)),
-            MessageHandler(filters.TEXT & private, self._reply_with(HINT_TEXT)),  # unknown /commands too
-            MessageHandler(private, self._reply_with(HINT_OTHER)),
+            MessageHandler(filters.Sticker.ALL & private, _reply_with(HINT_STICKER)),
+            MessageHandler(filters.TEXT & private, _reply_with(HINT_TEXT)),  # unknown /commands too
+            MessageHandler(private, _reply_with(HINT_OTHER)),
         ])
         app.add_error_handler(self.on_error)
         return app
@@ -260,13 +260,12 @@ class BreedBot:
         from telegram.error import TelegramError
 
         await self.batcher.start()
-        self.username = app.bot.username
         try:  # the command menu Telegram apps show; the bot works without it
             await app.bot.set_my_commands([BotCommand("start", "What this bot does"),
                                            BotCommand("help", "What to send")])
         except TelegramError as e:
             log.warning("could not set the command menu: %s", e)
-        log.info("@%s is answering with %s (%d classes); stop with Ctrl-C or SIGTERM", self.username,
+        log.info("@%s is answering with %s (%d classes); stop with Ctrl-C or SIGTERM", app.bot.username,
                  self.sm.name, len(self.sm.classes))
 
     async def _stopped(self, app) -> None:
@@ -274,11 +273,6 @@ class BreedBot:
         await self.batcher.stop()
         self.pool.shutdown(wait=True)
         log.info("answered %d images in %d model calls", self.batcher.images, self.batcher.calls)
-
-    def _reply_with(self, text: str):
-        async def reply(update, context):
-            await update.effective_message.reply_text(text, do_quote=True)
-        return reply
 
     async def on_photo(self, update, context) -> None:
         sizes = update.effective_message.photo
@@ -349,7 +343,14 @@ class BreedBot:
         log.error("handling a message failed: %s", context.error, exc_info=context.error)
         if isinstance(update, Update) and update.effective_message:
             with contextlib.suppress(TelegramError):
-                await update.effective_message.reply_text(FAILED)
+                await update.effective_message.reply_text(FAILED, do_quote=True)
+
+
+def _reply_with(text: str):
+    """A handler that answers with `text`."""
+    async def reply(update, context):
+        await update.effective_message.reply_text(text, do_quote=True)
+    return reply
 
 
 def check_connection(token: str, api_base: str = DEFAULT_API_BASE) -> str:
