@@ -26,14 +26,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "serving")]
 
-from bench_serve import WEIGHTS, Served, build_model, pct, run_clients  # noqa: E402
+from bench_serve import WEIGHTS, Served, build_model, pct, run_clients, run_users  # noqa: E402
 from fake_telegram import TOKEN, FakeTelegram, Process  # noqa: E402
 
 
@@ -46,33 +45,18 @@ def photo_sizes(payloads: list[bytes]) -> list[tuple[bytes, int, int]]:
 def run_chats(tg: FakeTelegram, chats: int, photos: list[tuple[bytes, int, int]], per_chat: int, first_chat: int):
     """(replies/s, latencies in ms): `chats` threads, each sending `per_chat` photos in its own
     chat, the next once the previous is answered."""
-    latencies, lock, errors = [], threading.Lock(), []
-    start = threading.Barrier(chats + 1)
 
     def chat(c: int):
-        chat_id = first_chat + c
-        mine = []
-        start.wait()
+        chat_id, latencies, errors = first_chat + c, [], []
         for i in range(per_chat):
             message_id = tg.send_photo(chat_id, photos[(c * per_chat + i) % len(photos)])
             reply = tg.wait_replies(chat_id, i + 1, timeout=120)[i]
             if reply.reply_to != message_id or not reply.text.startswith(("Most likely", "I'm not sure")):
-                errors.append(reply.text)
-            mine.append((reply.at - tg.sent_at(message_id)) * 1000)
-        with lock:
-            latencies.extend(mine)
+                errors.append(repr(reply.text))
+            latencies.append((reply.at - tg.sent_at(message_id)) * 1000)
+        return latencies, errors
 
-    threads = [threading.Thread(target=chat, args=(c,)) for c in range(chats)]
-    for t in threads:
-        t.start()
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    if errors:
-        raise RuntimeError(f"{len(errors)} wrong replies, e.g. {errors[0]!r}")
-    return len(latencies) / elapsed, latencies
+    return run_users(chats, chat)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -143,6 +127,10 @@ def main():
                         if (chats, side) not in best or rps > best[chats, side][0]:
                             best[chats, side] = (rps, lat)
             rss = [peak_rss_mb(bot.proc.pid), peak_rss_mb(served.proc.pid)]
+        except Exception:
+            errors = [k for k, line in enumerate(bot.lines) if " ERROR " in line or " WARNING " in line]
+            print("\n".join(bot.lines[errors[0]:errors[0] + 60] if errors else bot.lines[-20:]))
+            raise
         finally:
             if served is not None:
                 served.stop()

@@ -174,7 +174,7 @@ def describe(top: list[tuple[str, float]], min_confidence: float) -> str:
     beagle (91%); maybe a basset (6%).' Alternatives under 1% are left out. Below
     `min_confidence` for the best class, it says it is not sure and lists the candidates."""
     shown = [f"{with_article(readable(name))} ({percent(p)})" for name, p in top[:1]]
-    shown += [f"{with_article(readable(name))} ({percent(p)})" for name, p in top[1:] if round(p * 100) >= 1]
+    shown += [f"{with_article(readable(name))} ({percent(p)})" for name, p in top[1:] if p >= 0.01]
     if top[0][1] < min_confidence:
         return (f"I'm not sure about this one. It could be {_or_list(shown)}, but I wouldn't bet on it. "
                 "A sharp photo with the dog filling the frame works best.")
