@@ -34,6 +34,7 @@ DEFAULT_API_BASE = "https://api.telegram.org/bot"
 MB = 1024 * 1024
 MAX_CONCURRENT_UPDATES = 64  # messages handled at once (each holds at most one download in memory)
 DOWNLOAD_TIMEOUT_S = 60
+REQUEST_TIMEOUT_S = 20  # any other Bot API call
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp")
 _TOKEN_SHAPE = re.compile(r"\d{3,}(?::|%3A)[A-Za-z0-9_-]{20,}", re.IGNORECASE)  # %3A: in a quoted URL
 
@@ -231,7 +232,11 @@ class BreedBot:
         # again; in groups it keeps to Telegram's 20 messages a minute. No overall cap: PTB's
         # would count getFile calls too, and a reply is owed to every photo.
         limiter = AIORateLimiter(overall_max_rate=0, max_retries=3)
+        # Timeouts well above python-telegram-bot's 5 s: on a busy machine a slow answer is better
+        # than a "something went wrong" (downloads have their own, DOWNLOAD_TIMEOUT_S).
         app = (Application.builder().token(token).base_url(base_url).base_file_url(file_url)
+               .connect_timeout(REQUEST_TIMEOUT_S).read_timeout(REQUEST_TIMEOUT_S)
+               .write_timeout(REQUEST_TIMEOUT_S).pool_timeout(REQUEST_TIMEOUT_S)
                .concurrent_updates(MAX_CONCURRENT_UPDATES).rate_limiter(limiter)
                .post_init(self._started).post_stop(self._stopped).build())
         private = filters.ChatType.PRIVATE  # hints only in private chats: a group is not spammed
