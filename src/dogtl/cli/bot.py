@@ -23,7 +23,7 @@ def bot_cmd(
     top: int = typer.Option(3, help="Classes named in each reply (alternatives under 1% are left out)."),
     min_confidence: float = typer.Option(0.5, help="Below this probability for the best class the reply says it is not sure instead of naming one breed (0.5: the best guess is more likely wrong than right)."),
     max_batch: int = typer.Option(8, help="Most images per model call: photos arriving together, from any chats, are batched."),
-    batch_wait_ms: float = typer.Option(25.0, help="How long the first photo of a batch waits for others (ms): unnoticeable in a chat, and it fills batches."),
+    batch_wait_ms: float = typer.Option(25.0, help="The longest the first photo of a batch waits for the photos still being downloaded or decoded (ms); a lone photo never waits."),
     max_file_mb: float = typer.Option(20.0, help="Larger files get a reply saying so and are not downloaded (20 MB is the cloud Bot API's own download limit)."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
     log_level: str = typer.Option("info", help=f"Logging: {', '.join(LOG_LEVELS)}. The token is taken out of every line."),

@@ -69,8 +69,8 @@ def require_bot_extra():
 class BotSettings:
     top: int = 3  # classes in a reply
     max_batch: int = 8  # most images per model call
-    # How long the first image of a batch waits for others: a chat answer takes a network round trip
-    # to Telegram anyway, and a longer wait than serve's 5 ms fills batches (bench_bot.py).
+    # The longest the first image of a batch waits for the photos being downloaded or decoded
+    # (never when none are); an answer in a chat takes a round trip to Telegram anyway.
     batch_wait_ms: float = 25.0
     min_confidence: float = 0.5  # below this for the best class the reply says it is not sure
     max_file_mb: float = 20.0  # larger files are refused before downloading (the cloud API's own limit)
@@ -213,8 +213,9 @@ class BreedBot:
         self.sm, self.settings = sm, settings
         self.predictor = Predictor(sm, settings.top)
         self.predictor.warm_up()
+        self._coming = 0  # photos being downloaded or decoded
         self.batcher = MicroBatcher(self._predict, max_batch=settings.max_batch,
-                                    max_wait_s=settings.batch_wait_ms / 1000)
+                                    max_wait_s=settings.batch_wait_ms / 1000, coming=lambda: self._coming)
         self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="dogtl-decode")
         self.max_bytes = int(settings.max_file_mb * MB)
 
@@ -298,46 +299,53 @@ class BreedBot:
         await self._classify(message, document.file_id, document.file_size)
 
     async def _classify(self, message, file_id: str, declared_size: int | None) -> None:
-        from telegram.error import BadRequest, TelegramError
-
         started = time.perf_counter()
-        if declared_size and declared_size > self.max_bytes:
-            return await self._too_big(message, declared_size)
+        self._coming += 1  # the batcher waits for photos on their way, and only for those
         try:
-            file = await message.get_bot().get_file(file_id)
-            if file.file_size and file.file_size > self.max_bytes:
-                return await self._too_big(message, file.file_size)
-            data = await file.download_as_bytearray(read_timeout=DOWNLOAD_TIMEOUT_S)
-        except BadRequest as e:
-            if "too big" in str(e).lower():
-                return await self._too_big(message, None)
-            log.warning("chat %s: could not get the file: %s", message.chat_id, e)
-            return await message.reply_text(DOWNLOAD_FAILED, do_quote=True)
-        except TelegramError as e:  # network errors and timeouts included
-            log.warning("chat %s: could not download the file: %s", message.chat_id, e)
-            return await message.reply_text(DOWNLOAD_FAILED, do_quote=True)
-        if len(data) > self.max_bytes:
-            return await self._too_big(message, len(data))
-        if not data:
-            return await message.reply_text(EMPTY, do_quote=True)
-        try:
-            inputs = await asyncio.get_running_loop().run_in_executor(self.pool, self.predictor.decode, bytes(data))
-        except BadUpload as e:  # serve's 413: a decompression bomb, refused from its header
-            log.info("chat %s: unreadable image: %s", message.chat_id, e.message)
-            reason = re.sub(r"^cannot read the image \((.*)\)$", r"\1", e.message)
-            text = TOO_MANY_PIXELS if e.status == 413 else UNREADABLE.format(reason=reason)
-            return await message.reply_text(text, do_quote=True)
+            inputs = await self._read_image(message.get_bot(), message.chat_id, file_id, declared_size)
+        finally:
+            self._coming -= 1
+        if isinstance(inputs, str):  # why it cannot be answered
+            return await message.reply_text(inputs, do_quote=True)
         row = await self.batcher.submit(inputs)
         top = [(p["class"], p["probability"]) for p in self.predictor.top(row)]
         await message.reply_text(describe(top, self.settings.min_confidence), do_quote=True)
         log.info("chat %s: %s (%.0f%%) in %.2f s", message.chat_id, top[0][0], top[0][1] * 100,
                  time.perf_counter() - started)
 
-    async def _too_big(self, message, size: int | None) -> None:
+    async def _read_image(self, bot, chat_id: int, file_id: str, declared_size: int | None) -> tuple | str:
+        """The model's inputs for the file, or the reply saying why there are none."""
+        from telegram.error import BadRequest, TelegramError
+
+        if declared_size and declared_size > self.max_bytes:
+            return self._too_big(declared_size)
+        try:
+            file = await bot.get_file(file_id)
+            if file.file_size and file.file_size > self.max_bytes:
+                return self._too_big(file.file_size)
+            data = await file.download_as_bytearray(read_timeout=DOWNLOAD_TIMEOUT_S)
+        except BadRequest as e:
+            if "too big" in str(e).lower():
+                return self._too_big(None)
+            log.warning("chat %s: could not get the file: %s", chat_id, e)
+            return DOWNLOAD_FAILED
+        except TelegramError as e:  # network errors and timeouts included
+            log.warning("chat %s: could not download the file: %s", chat_id, e)
+            return DOWNLOAD_FAILED
+        if len(data) > self.max_bytes:
+            return self._too_big(len(data))
+        if not data:
+            return EMPTY
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self.predictor.decode, bytes(data))
+        except BadUpload as e:  # serve's 413: a decompression bomb, refused from its header
+            log.info("chat %s: unreadable image: %s", chat_id, e.message)
+            return TOO_MANY_PIXELS if e.status == 413 else UNREADABLE.format(
+                reason=re.sub(r"^cannot read the image \((.*)\)$", r"\1", e.message))
+
+    def _too_big(self, size: int | None) -> str:
         limit = self.settings.max_file_mb
-        text = (TOO_BIG.format(size=f"{size / MB:.1f}", limit=limit) if size
-                else TOO_BIG_UNKNOWN.format(limit=limit))
-        await message.reply_text(text, do_quote=True)
+        return TOO_BIG.format(size=f"{size / MB:.1f}", limit=limit) if size else TOO_BIG_UNKNOWN.format(limit=limit)
 
     async def on_error(self, update, context) -> None:
         """A handler failed (a bug, or Telegram unreachable while replying): log it, tell the
