@@ -10,7 +10,8 @@ moment the fake server offers it in getUpdates to the moment the bot's sendMessa
 logs at its default --log-level info). Beside it, `dogtl serve` in its own process with M clients
 sending the same number of images in the same way (bench_serve.run_clients). Both run the whole
 time and take turns, --rounds times per row, each keeping its best round; both get the same
---max-batch, and each its own default batching window (the bot 25 ms, serve 5 ms). The ratio is
+--max-batch, and each its own default batching window (the bot up to 25 ms while photos are on
+their way, serve 5 ms). The ratio is
 bot/serve replies per second; CPU per answer is measured on each process over all its rounds.
 
     python benchmarks/bench_bot.py           # ~4 min on 2 cores
@@ -84,7 +85,7 @@ def main():
     parser.add_argument("--photos", type=int, default=160, help="N: photos per measurement, shared by the chats")
     parser.add_argument("--chats", type=int, nargs="+", default=[1, 8, 32], help="M: chats (and serve's clients)")
     parser.add_argument("--max-batch", type=int, default=8, help="both processes' --max-batch (the bot's default)")
-    parser.add_argument("--batch-wait-ms", type=float, default=25.0, help="the bot's --batch-wait-ms (its default)")
+    parser.add_argument("--batch-wait-ms", type=float, default=25.0, help="the bot's --batch-wait-ms (default: its own)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per row, the best kept")
     parser.add_argument("--quick", action="store_true", help="48 photos per measurement, 1 round")
     args = parser.parse_args()

@@ -2,8 +2,9 @@
 
 A photo, or an image sent as a file, is downloaded, decoded with `dogtl serve`'s decoder
 (app.Predictor, so the pixels are `dogtl predict`'s) in a thread pool, and put on `dogtl serve`'s
-micro-batcher (batching.MicroBatcher): photos from many chats share one model call. Updates are
-handled concurrently, so a slow download holds up only its own chat. Replies are written for a
+micro-batcher (batching.MicroBatcher): photos from many chats share one model call, which waits
+for the photos still downloading or decoding and for nothing else. Updates are handled
+concurrently, so a slow download holds up only its own chat. Replies are written for a
 dog owner: readable class names, percentages, and "not sure" when the best match is below
 `min_confidence` (a calibrated model's top class is then more likely wrong than right).
 
