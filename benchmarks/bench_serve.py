@@ -104,16 +104,40 @@ class Served:
         self.proc.wait(60)
 
 
+def run_users(users: int, user) -> tuple[float, list[float]]:
+    """(answers/s, latencies in ms) of `users` threads started together, each running
+    user(k) -> (its latencies in ms, its errors); RuntimeError if any went wrong."""
+    results: list = [None] * users
+    start = threading.Barrier(users + 1)
+
+    def run(k: int):
+        start.wait()
+        results[k] = user(k)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(users)]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    if None in results:
+        raise RuntimeError("a user thread failed (its traceback is above)")
+    errors = [e for _, errs in results for e in errs]
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed, e.g. {errors[0]}")
+    latencies = [x for lat, _ in results for x in lat]
+    return len(latencies) / elapsed, latencies
+
+
 def run_clients(port: int, clients: int, payloads: list[bytes], requests: int, seconds: float):
     """(requests/s, latencies in ms) for `clients` threads, each sending up to `requests` images
     for at most `seconds` seconds over one keep-alive connection."""
-    latencies, lock, errors = [], threading.Lock(), []
-    start = threading.Barrier(clients + 1)
 
     def client(k: int):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine = []
-        start.wait()
+        latencies, errors = [], []
         stop = time.perf_counter() + seconds
         for i in range(requests):
             if time.perf_counter() > stop:
@@ -125,22 +149,11 @@ def run_clients(port: int, clients: int, payloads: list[bytes], requests: int, s
             answer = json.loads(response.read())
             if response.status != 200:
                 errors.append(answer)
-            mine.append((time.perf_counter() - t) * 1000)
+            latencies.append((time.perf_counter() - t) * 1000)
         conn.close()
-        with lock:
-            latencies.extend(mine)
+        return latencies, errors
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
-    return len(latencies) / elapsed, latencies
+    return run_users(clients, client)
 
 
 def in_process(predictor, payloads: list[bytes], batch: int, images: int, pool):

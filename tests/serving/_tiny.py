@@ -81,3 +81,14 @@ def serving_model():
     from dogtl.serving.model import load_serving_model
 
     return load_serving_model(model_path())
+
+
+@functools.cache
+def predicted() -> np.ndarray:
+    """dogtl predict's probabilities for `images()`: what every serving path must answer."""
+    from dogtl.evaluation.predict import predict_images
+
+    sm = serving_model()
+    probs, ok = predict_images(sm.model, list(images()), sm.inputs[0].spec, sm.size)
+    assert ok.all()
+    return probs

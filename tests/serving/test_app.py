@@ -31,13 +31,7 @@ def client(app):
 
 @pytest.fixture(scope="module")
 def expected():
-    """dogtl predict's probabilities for the test images."""
-    from dogtl.evaluation.predict import predict_images
-
-    sm = _tiny.serving_model()
-    probs, ok = predict_images(sm.model, list(_tiny.images()), sm.inputs[0].spec, sm.size)
-    assert ok.all()
-    return probs
+    return _tiny.predicted()
 
 
 def _assert_answer(answer, row):

@@ -23,7 +23,7 @@ def _main():
 
 def _register() -> None:
     """Commands in the order data flows through them, which is the order `dogtl --help` lists."""
-    from dogtl.cli import demo, ensemble, evaluation, features, finetune, head, serving, sweep
+    from dogtl.cli import bot, demo, ensemble, evaluation, features, finetune, head, serving, sweep
 
     for name, command in [
         ("extract-features", features.extract_features_cmd), ("merge-cache", features.merge_cache_cmd),
@@ -31,6 +31,7 @@ def _register() -> None:
         ("ensemble", ensemble.ensemble_cmd),
         ("finetune", finetune.finetune_cmd), ("evaluate", evaluation.evaluate_cmd),
         ("predict", evaluation.predict_cmd), ("export", serving.export_cmd), ("serve", serving.serve_cmd),
+        ("bot", bot.bot_cmd),
         ("demo", demo.demo_cmd),
     ]:
         app.command(name)(command)

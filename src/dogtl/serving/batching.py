@@ -4,6 +4,8 @@ Each request puts its preprocessed image on a queue and awaits a future. One wor
 first waiting image, then whatever else arrives within `max_wait_s`, up to `max_batch`
 images, and runs the model once on the stack in a single model thread; every request gets
 its row. With max_batch=1 every image is its own call (the benchmark's "unbatched").
+Given `coming` (how many requests are on their way: being downloaded or decoded), it waits only
+while some are, so a lone request is not held up at all.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class MicroBatcher:
-    def __init__(self, predict: Callable[[tuple], np.ndarray], max_batch: int = 32, max_wait_s: float = 0.005):
+    def __init__(self, predict: Callable[[tuple], np.ndarray], max_batch: int = 32, max_wait_s: float = 0.005,
+                 coming: Callable[[], int] | None = None):
         if max_batch < 1:
             raise SettingError(f"--max-batch {max_batch} must be at least 1")
         self.predict, self.max_batch, self.max_wait_s = predict, int(max_batch), float(max_wait_s)
+        self.coming = coming
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dogtl-model")
@@ -63,6 +67,8 @@ class MicroBatcher:
                     continue
                 except asyncio.QueueEmpty:
                     pass
+                if self.coming is not None and self.coming() == 0:
+                    break
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
