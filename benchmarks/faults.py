@@ -9,9 +9,13 @@ finetune --deterministic, sweep) and each fault:
           filler file fills; needs root, else skipped), then the filler is removed
 the same command is rerun to completion and its outputs are compared with an uninterrupted
 run's: bit-identical features, model weights, metrics and sweep results (times excepted).
-The moments are uniform over the uninterrupted run's wall time, drawn with --seed.
+The moments are drawn with --seed (printed first; `--seed random` draws one): half uniform over
+the uninterrupted run's wall time, half over its last seconds, from 2 s before its first output
+appeared to 0.5 s after it exited (the final writes, renames and clean-up, where a kill leaves
+temporaries behind). With --jobs 2 or more the two uninterrupted runs that time this run side by
+side, as the faulted runs do.
 
-    python benchmarks/faults.py --runs 10            # every command and fault (long: ~1 h on 2 cores)
+    python benchmarks/faults.py --runs 10 --seed random   # every command and fault (long: ~1 h on 2 cores)
     python benchmarks/faults.py --runs 3 --commands extract,train-head --faults kill,full
 
 Prints one table: runs, interrupted (the fault hit a running command), clean (a one-line message
@@ -284,20 +288,44 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
             subprocess.run(["umount", "-l", str(out)])
 
 
-def reference_run(command: Command, paths: dict, folder: Path) -> tuple[dict, float]:
-    (folder / "out").mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    r = dogtl(_argv(command, paths, folder / "out"), folder)
-    seconds = time.perf_counter() - started
-    if r.returncode != 0:
-        sys.exit(f"uninterrupted {command.name} failed:\n{r.stderr}")
-    return outputs_of(command, folder / "out"), seconds
+@dataclass
+class Timing:
+    seconds: float  # from start to exit
+    output_at: float  # when its first output appeared (its final renames began)
 
 
-def determinism_check(command: Command, paths: dict, folder: Path, reference: dict) -> bool:
-    """A second uninterrupted run: is the command reproducible at all?"""
-    again, _ = reference_run(command, paths, folder)
-    return again == reference
+def reference_run(command: Command, paths: dict, folder: Path) -> tuple[dict, Timing]:
+    """An uninterrupted run: its outputs, and when its outputs appeared and it exited."""
+    out = folder / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    started, output_at = time.perf_counter(), None
+    with open(folder / "stderr", "w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "dogtl.cli", *_argv(command, paths, out)], cwd=folder,
+                                   env=_env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        while process.poll() is None:
+            if output_at is None and any((out / name).exists() for name in command.outputs):
+                output_at = time.perf_counter() - started
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        if process.returncode != 0:
+            stderr.seek(0)
+            sys.exit(f"uninterrupted {command.name} failed:\n{stderr.read()}")
+    return outputs_of(command, out), Timing(seconds, seconds if output_at is None else output_at)
+
+
+def draw_moments(rng: random.Random, runs: int, timing: Timing) -> list[float]:
+    """Every other moment over the whole run, the others over its last seconds (see the docstring)."""
+    end = (max(0.0, timing.output_at - 2.0), timing.seconds + 0.5)
+    return [rng.uniform(*end) if i % 2 else rng.uniform(0, timing.seconds) for i in range(runs)]
+
+
+def parse_seed(text: str) -> int:
+    if text == "random":
+        return random.SystemRandom().randrange(1, 10**6)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed {text!r}: give a whole number or 'random'") from None
 
 
 def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
@@ -308,8 +336,8 @@ def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
     weights = {"--deterministic": [], "default": []}
     for i in range(repeats):
         for label, command in (("default", plain), ("--deterministic", base)):
-            ref, seconds = reference_run(command, paths, root / f"cost-{label}-{i}")
-            times[label].append(seconds)
+            ref, timing = reference_run(command, paths, root / f"cost-{label}-{i}")
+            times[label].append(timing.seconds)
             weights[label].append(ref["f.keras"])
     print("\nfinetune (3 epochs, synthetic images, CPU): wall time per run, including start-up")
     for label in ("default", "--deterministic"):
@@ -321,7 +349,8 @@ def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10, help="runs per command and fault")
-    parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--seed", type=parse_seed, default=15,
+                        help="seed of the moments (a number, or 'random' to draw one; printed either way)")
     parser.add_argument("--commands", default=",".join(c.name for c in COMMANDS),
                         help="comma-separated: " + ", ".join(c.name for c in COMMANDS))
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated: " + ", ".join(FAULTS))
@@ -337,18 +366,22 @@ def main(argv=None):
     if "full" in faults and os.geteuid() != 0:
         print("skipping the full-disk fault: it mounts a tmpfs, which needs root")
         faults.remove("full")
-    print(f"work folder {root}; {args.runs} runs per command and fault, seed {args.seed}", flush=True)
+    print(f"seed {args.seed}; work folder {root}; {args.runs} runs per command and fault", flush=True)
     paths = setup(root)
     rows = []
     for command in wanted:
         slug = command.name.replace(" ", "").replace("--", "-")
-        reference, seconds = reference_run(command, paths, root / slug / "reference")
-        reproducible = determinism_check(command, paths, root / slug / "reference-2", reference)
-        print(f"{command.name}: uninterrupted run {seconds:.1f} s; a second uninterrupted run identical: "
-              f"{reproducible}", flush=True)
+        # Two uninterrupted runs, side by side when the faulted runs will be: the first is the
+        # reference, the second says whether the command is reproducible at all.
+        with ThreadPoolExecutor(min(2, args.jobs)) as pool:
+            (reference, timing), (again, timing2) = pool.map(
+                lambda name: reference_run(command, paths, root / slug / name), ["reference", "reference-2"])
+        timing = Timing((timing.seconds + timing2.seconds) / 2, (timing.output_at + timing2.output_at) / 2)
+        print(f"{command.name}: uninterrupted run {timing.seconds:.1f} s (first output at {timing.output_at:.1f} s); "
+              f"a second uninterrupted run identical: {again == reference}", flush=True)
         rng = random.Random(f"{args.seed}-{command.name}")
         for fault in faults:
-            moments = [rng.uniform(0, seconds) for _ in range(args.runs)]
+            moments = draw_moments(rng, args.runs, timing)
             with ThreadPoolExecutor(args.jobs) as pool:
                 outcomes = list(pool.map(lambda im: one_run(command, fault, paths, root / slug / f"{fault}-{im[0]}",
                                                             im[1], reference), enumerate(moments)))
@@ -360,7 +393,7 @@ def main(argv=None):
             print(f"  {fault:5s} {row['identical']}/{row['runs']} identical "
                   f"(moments {', '.join(f'{m:.1f}' for m in moments)} s)"
                   + (f"; notes: {row['notes'][:3]}" if row["notes"] else ""), flush=True)
-    print()
+    print(f"\nseed {args.seed}")
     header = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
              f"{'identical':>9s} {'tidy':>4s} {'late':>4s}"
     print(header)
@@ -372,7 +405,7 @@ def main(argv=None):
         determinism_cost(paths, root)
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
-    failed = [r for r in rows if r["identical"] != r["runs"] or r["resumed"] != r["runs"] or r["clean"] != r["runs"]]
+    failed = [r for r in rows if any(r[k] != r["runs"] for k in ("clean", "resumed", "identical", "tidy"))]
     return 1 if failed else 0
 
 
