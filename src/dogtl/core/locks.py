@@ -241,14 +241,14 @@ def _refusal(owner: dict, artifact: Path, what: str, path: Path) -> str:
             f"is writing {what} {artifact}; wait for it or stop it{hint}")
 
 
-def tidy(artifact: str | Path) -> None:
+def tidy(artifact: str | Path, what: str = "the file") -> None:
     """Remove what writers of `artifact` that are gone left behind, unless a live one holds it
     (a command that refuses to overwrite the artifact calls this: a run killed after its final
     rename left its lock, its progress folder or temporaries, and its rerun stops there)."""
     artifact = Path(artifact).absolute()
     if lock_path(artifact).exists() or leftovers(artifact, _gone):
         try:
-            with artifact_lock(artifact):
+            with artifact_lock(artifact, what):
                 pass
         except (LockedError, OSError):  # a live writer's, or a folder we cannot write: left alone
             pass
