@@ -211,13 +211,15 @@ def test_a_progress_folder_goes_only_once_its_artifact_was_written_from_it(tmp_p
     model, progress = tmp_path / "f.keras", tmp_path / "f.keras.partial"
     progress.mkdir()
     (progress / "state.json").write_text("{}")
+    (progress / "epoch-0001.keras").write_text("a checkpoint")
     model.write_text("an older model, being replaced with --force")
     _older(model)
     with artifact_lock(model):
         pass
     assert (progress / "state.json").exists()  # resumable work of the killed --force run
-    _older(progress / "state.json", 120)
-    _older(progress, 120)
+    for name in ("state.json", "epoch-0001.keras"):
+        _older(progress / name, 120)
+    (progress / "epoch-0001.keras").unlink()  # its removal began, then a kill: the folder itself is newer
     with artifact_lock(model):  # the model was written after the last checkpoint: the run finished
         pass
     assert not progress.exists() and model.exists()

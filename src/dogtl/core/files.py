@@ -78,7 +78,7 @@ def leftovers(artifact: str | Path, gone) -> list[Path]:
     if artifact.is_dir() and not artifact.is_symlink():
         found += within(artifact, fixed_too=False)
     if progress.is_dir():
-        finished = artifact.is_file() and artifact.stat().st_mtime_ns > _newest_change(progress)
+        finished = artifact.is_file() and artifact.stat().st_mtime_ns > _newest_file(progress)
         found += [progress] if finished else within(progress, fixed_too=True)
     return found
 
@@ -90,11 +90,14 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
-def _newest_change(folder: Path) -> int:
-    newest = folder.stat().st_mtime_ns
+def _newest_file(folder: Path) -> int:
+    """The last write to a file in `folder` (not the folder's own time: removing files changes
+    that, and a removal interrupted half-way must still count as finished)."""
+    newest = 0
     for entry in folder.rglob("*"):
         try:
-            newest = max(newest, entry.lstat().st_mtime_ns)
+            if entry.is_file():
+                newest = max(newest, entry.lstat().st_mtime_ns)
         except FileNotFoundError:
             pass
     return newest
