@@ -2,7 +2,7 @@
 
 For each command (extract-features, extract-features --shard, merge-cache --copy, train-head,
 finetune --deterministic, sweep) and each fault:
-  kill    SIGKILL at a random moment from start-up to the final rename
+  kill    SIGKILL at a random moment
   term    SIGTERM at a random moment
   int     SIGINT (Ctrl-C) at a random moment
   full    the disk fills up at a random moment (the outputs are on a small tmpfs, which a
@@ -10,10 +10,12 @@ finetune --deterministic, sweep) and each fault:
 the same command is rerun to completion and its outputs are compared with an uninterrupted
 run's: bit-identical features, model weights, metrics and sweep results (times excepted).
 The moments are drawn with --seed (printed first; `--seed random` draws one): half uniform over
-the uninterrupted run's wall time, half over its last seconds, from 2 s before its first output
-appeared to 0.5 s after it exited (the final writes, renames and clean-up, where a kill leaves
-temporaries behind). With --jobs 2 or more the two uninterrupted runs that time this run side by
-side, as the faulted runs do.
+the uninterrupted run's wall time, half over its final phase, where a kill leaves temporaries
+behind: from the moment the first output or a temporary file of one appears (watched for, so
+a machine slower than when the uninterrupted run was timed does not move them) to 0.5 s after
+the uninterrupted run exited (the final writes, renames and clean-up), written "end+S" below.
+With --jobs 2 or more the two uninterrupted runs that time this run side by side, as the
+faulted runs do.
 
     python benchmarks/faults.py --runs 10 --seed random   # every command and fault (long: ~1 h on 2 cores)
     python benchmarks/faults.py --runs 3 --commands extract,train-head --faults kill,full
@@ -229,7 +231,41 @@ def _clean_output(stderr: str) -> bool:
     return "Traceback" not in stderr and sum(line.startswith("error: ") for line in stderr.splitlines()) <= 1
 
 
-def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: float, reference: dict) -> Outcome:
+@dataclass(frozen=True)
+class Moment:
+    seconds: float
+    after_final: bool = False  # counted from the start of the final phase, not from the start
+
+    def __str__(self):
+        return f"end+{self.seconds:.1f}" if self.after_final else f"{self.seconds:.1f}"
+
+
+def in_final_phase(command: Command, out: Path) -> bool:
+    """An output, or a temporary file of one (`<stem>.tmp-<pid>...`, `<name>.tmp`), exists."""
+    for name in command.outputs:
+        target = out / name
+        stem = target.name.partition(".")[0]
+        try:
+            if any(e.name == target.name or e.name.startswith(f"{stem}.tmp-") or e.name == target.name + ".tmp"
+                   for e in target.parent.iterdir()):
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def _wait(process: subprocess.Popen, command: Command, out: Path, moment: Moment) -> None:
+    """Until `moment` or the process's exit, whichever comes first."""
+    if moment.after_final:
+        while process.poll() is None and not in_final_phase(command, out):
+            time.sleep(0.01)
+    try:
+        process.wait(timeout=moment.seconds)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Moment, reference: dict) -> Outcome:
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "out"
     out.mkdir(exist_ok=True)
@@ -247,9 +283,8 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         filler = None
-        try:
-            process.wait(timeout=moment)
-        except subprocess.TimeoutExpired:
+        _wait(process, command, out, moment)
+        if process.poll() is None:
             if fault == "full":
                 filler = _fill(out)
             else:
@@ -291,32 +326,32 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
 @dataclass
 class Timing:
     seconds: float  # from start to exit
-    output_at: float  # when its first output appeared (its final renames began)
+    final_at: float  # when its final phase began (in_final_phase)
 
 
 def reference_run(command: Command, paths: dict, folder: Path) -> tuple[dict, Timing]:
     """An uninterrupted run: its outputs, and when its outputs appeared and it exited."""
     out = folder / "out"
     out.mkdir(parents=True, exist_ok=True)
-    started, output_at = time.perf_counter(), None
+    started, final_at = time.perf_counter(), None
     with open(folder / "stderr", "w+") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "dogtl.cli", *_argv(command, paths, out)], cwd=folder,
                                    env=_env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         while process.poll() is None:
-            if output_at is None and any((out / name).exists() for name in command.outputs):
-                output_at = time.perf_counter() - started
-            time.sleep(0.02)
+            if final_at is None and in_final_phase(command, out):
+                final_at = time.perf_counter() - started
+            time.sleep(0.01)
         seconds = time.perf_counter() - started
         if process.returncode != 0:
             stderr.seek(0)
             sys.exit(f"uninterrupted {command.name} failed:\n{stderr.read()}")
-    return outputs_of(command, out), Timing(seconds, seconds if output_at is None else output_at)
+    return outputs_of(command, out), Timing(seconds, seconds if final_at is None else final_at)
 
 
-def draw_moments(rng: random.Random, runs: int, timing: Timing) -> list[float]:
-    """Every other moment over the whole run, the others over its last seconds (see the docstring)."""
-    end = (max(0.0, timing.output_at - 2.0), timing.seconds + 0.5)
-    return [rng.uniform(*end) if i % 2 else rng.uniform(0, timing.seconds) for i in range(runs)]
+def draw_moments(rng: random.Random, runs: int, timing: Timing) -> list[Moment]:
+    """Every other moment over the whole run, the others over its final phase (see the docstring)."""
+    return [Moment(rng.uniform(0, timing.seconds - timing.final_at + 0.5), after_final=True) if i % 2
+            else Moment(rng.uniform(0, timing.seconds)) for i in range(runs)]
 
 
 def parse_seed(text: str) -> int:
@@ -376,8 +411,8 @@ def main(argv=None):
         with ThreadPoolExecutor(min(2, args.jobs)) as pool:
             (reference, timing), (again, timing2) = pool.map(
                 lambda name: reference_run(command, paths, root / slug / name), ["reference", "reference-2"])
-        timing = Timing((timing.seconds + timing2.seconds) / 2, (timing.output_at + timing2.output_at) / 2)
-        print(f"{command.name}: uninterrupted run {timing.seconds:.1f} s (first output at {timing.output_at:.1f} s); "
+        timing = Timing((timing.seconds + timing2.seconds) / 2, (timing.final_at + timing2.final_at) / 2)
+        print(f"{command.name}: uninterrupted run {timing.seconds:.1f} s (final phase from {timing.final_at:.1f} s); "
               f"a second uninterrupted run identical: {again == reference}", flush=True)
         rng = random.Random(f"{args.seed}-{command.name}")
         for fault in faults:
@@ -391,7 +426,7 @@ def main(argv=None):
                    "notes": sorted({o.note for o in outcomes if o.note})}
             rows.append(row)
             print(f"  {fault:5s} {row['identical']}/{row['runs']} identical "
-                  f"(moments {', '.join(f'{m:.1f}' for m in moments)} s)"
+                  f"(moments {', '.join(map(str, moments))} s)"
                   + (f"; notes: {row['notes'][:3]}" if row["notes"] else ""), flush=True)
     print(f"\nseed {args.seed}")
     header = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
