@@ -86,7 +86,7 @@ def leftovers(artifact: str | Path, gone) -> list[Path]:
 def _entries(folder: Path) -> list[Path]:
     try:
         return sorted(folder.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # gone, not a folder, or not ours to list: nothing to tidy there
         return []
 
 
