@@ -381,6 +381,15 @@ def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
     print(f"  cost of --deterministic: {np.median(times['--deterministic']) / np.median(times['default']):.2f}x")
 
 
+HEADER = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
+         f"{'identical':>9s} {'tidy':>4s} {'late':>4s}"
+
+
+def table_line(r: dict) -> str:
+    return (f"{r['command']:20s} {r['fault']:5s} {r['runs']:4d} {r['interrupted']:11d} {r['clean']:5d} "
+            f"{r['resumed']:7d} {r['identical']:9d} {r['tidy']:4d} {r['late']:4d}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10, help="runs per command and fault")
@@ -425,17 +434,13 @@ def main(argv=None):
                                                                       "identical", "tidy", "late")},
                    "notes": sorted({o.note for o in outcomes if o.note})}
             rows.append(row)
-            print(f"  {fault:5s} {row['identical']}/{row['runs']} identical "
-                  f"(moments {', '.join(map(str, moments))} s)"
+            print(f"  {table_line(row)}  (moments {', '.join(map(str, moments))} s)"
                   + (f"; notes: {row['notes'][:3]}" if row["notes"] else ""), flush=True)
     print(f"\nseed {args.seed}")
-    header = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
-             f"{'identical':>9s} {'tidy':>4s} {'late':>4s}"
-    print(header)
-    print("-" * len(header))
+    print(HEADER)
+    print("-" * len(HEADER))
     for r in rows:
-        print(f"{r['command']:20s} {r['fault']:5s} {r['runs']:4d} {r['interrupted']:11d} {r['clean']:5d} "
-              f"{r['resumed']:7d} {r['identical']:9d} {r['tidy']:4d} {r['late']:4d}")
+        print(table_line(r))
     if args.determinism_cost:
         determinism_cost(paths, root)
     if args.dir is None:
