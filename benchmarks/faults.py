@@ -265,7 +265,9 @@ def _wait(process: subprocess.Popen, command: Command, out: Path, moment: Moment
         pass
 
 
-def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Moment, reference: dict) -> Outcome:
+def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Moment, reference: dict,
+            limit: float = 900) -> Outcome:
+    """`limit`: seconds the faulted run, and then its rerun, may take."""
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "out"
     out.mkdir(exist_ok=True)
@@ -289,7 +291,7 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Mom
                 filler = _fill(out)
             else:
                 process.send_signal(SIGNALS[fault])
-        _, stderr = process.communicate(timeout=900)
+        _, stderr = process.communicate(timeout=limit)
         (folder / "fault.stderr").write_text(stderr)
         interrupted = process.returncode != 0
         clean = fault == "kill" or _clean_output(stderr)
@@ -297,7 +299,7 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Mom
         if filler is not None:
             filler.unlink()
         if interrupted:  # the same command again, to finish the work
-            rerun = dogtl(argv, folder)
+            rerun = dogtl(argv, folder, timeout=limit)
             (folder / "rerun.stderr").write_text(rerun.stderr)
         else:  # it finished before the fault: a rerun would (rightly) refuse to overwrite
             rerun = process
@@ -426,9 +428,10 @@ def main(argv=None):
         rng = random.Random(f"{args.seed}-{command.name}")
         for fault in faults:
             moments = draw_moments(rng, args.runs, timing)
+            limit = max(900.0, 5 * timing.seconds)  # a loaded machine may be slower still
             with ThreadPoolExecutor(args.jobs) as pool:
                 outcomes = list(pool.map(lambda im: one_run(command, fault, paths, root / slug / f"{fault}-{im[0]}",
-                                                            im[1], reference), enumerate(moments)))
+                                                            im[1], reference, limit), enumerate(moments)))
             row = {"command": command.name, "fault": fault, "runs": len(outcomes),
                    **{k: sum(getattr(o, k) for o in outcomes) for k in ("interrupted", "clean", "resumed",
                                                                       "identical", "tidy", "late")},
