@@ -58,7 +58,7 @@ def export_savedmodel(sm: ServingModel, out: str | Path, *, top_k: int = 5, forc
         raise DogtlError(f"--out {out}: folder '{out.parent}' does not exist; create it or choose another --out")
     target = out / VERSION
     out.mkdir(exist_ok=True)
-    with artifact_lock(target, "the SavedModel"):  # which removes what a killed export left
+    with artifact_lock(out, "the SavedModel folder"):  # which removes what a killed export left in it
         if target.exists() and not force:
             raise DogtlError(f"{target} exists: pass --force to overwrite it or choose another --out")
         require_free_space(out, _model_bytes(sm), "the SavedModel")
