@@ -2,16 +2,22 @@
 
 For each command (extract-features, extract-features --shard, merge-cache --copy, train-head,
 finetune --deterministic, sweep) and each fault:
-  kill    SIGKILL at a random moment from start-up to the final rename
+  kill    SIGKILL at a random moment
   term    SIGTERM at a random moment
   int     SIGINT (Ctrl-C) at a random moment
   full    the disk fills up at a random moment (the outputs are on a small tmpfs, which a
           filler file fills; needs root, else skipped), then the filler is removed
 the same command is rerun to completion and its outputs are compared with an uninterrupted
 run's: bit-identical features, model weights, metrics and sweep results (times excepted).
-The moments are uniform over the uninterrupted run's wall time, drawn with --seed.
+The moments are drawn with --seed (printed first; `--seed random` draws one): half uniform over
+the uninterrupted run's wall time, half over its final phase, where a kill leaves temporaries
+behind: from the moment the first output or a temporary file of one appears (watched for, so
+a machine slower than when the uninterrupted run was timed does not move them) to 0.5 s after
+the uninterrupted run exited (the final writes, renames and clean-up), written "end+S" below.
+With --jobs 2 or more the two uninterrupted runs that time this run side by side, as the
+faulted runs do.
 
-    python benchmarks/faults.py --runs 10            # every command and fault (long: ~1 h on 2 cores)
+    python benchmarks/faults.py --runs 10 --seed random   # every command and fault (long: ~1 h on 2 cores)
     python benchmarks/faults.py --runs 3 --commands extract,train-head --faults kill,full
 
 Prints one table: runs, interrupted (the fault hit a running command), clean (a one-line message
@@ -225,7 +231,43 @@ def _clean_output(stderr: str) -> bool:
     return "Traceback" not in stderr and sum(line.startswith("error: ") for line in stderr.splitlines()) <= 1
 
 
-def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: float, reference: dict) -> Outcome:
+@dataclass(frozen=True)
+class Moment:
+    seconds: float
+    after_final: bool = False  # counted from the start of the final phase, not from the start
+
+    def __str__(self):
+        return f"end+{self.seconds:.1f}" if self.after_final else f"{self.seconds:.1f}"
+
+
+def in_final_phase(command: Command, out: Path) -> bool:
+    """An output, or a temporary file of one (`<stem>.tmp-<pid>...`, `<name>.tmp`), exists."""
+    for name in command.outputs:
+        target = out / name
+        stem = target.name.partition(".")[0]
+        try:
+            if any(e.name == target.name or e.name.startswith(f"{stem}.tmp-") or e.name == target.name + ".tmp"
+                   for e in target.parent.iterdir()):
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def _wait(process: subprocess.Popen, command: Command, out: Path, moment: Moment) -> None:
+    """Until `moment` or the process's exit, whichever comes first."""
+    if moment.after_final:
+        while process.poll() is None and not in_final_phase(command, out):
+            time.sleep(0.01)
+    try:
+        process.wait(timeout=moment.seconds)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Moment, reference: dict,
+            limit: float = 900) -> Outcome:
+    """`limit`: seconds the faulted run, and then its rerun, may take."""
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "out"
     out.mkdir(exist_ok=True)
@@ -243,14 +285,13 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         filler = None
-        try:
-            process.wait(timeout=moment)
-        except subprocess.TimeoutExpired:
+        _wait(process, command, out, moment)
+        if process.poll() is None:
             if fault == "full":
                 filler = _fill(out)
             else:
                 process.send_signal(SIGNALS[fault])
-        _, stderr = process.communicate(timeout=900)
+        _, stderr = process.communicate(timeout=limit)
         (folder / "fault.stderr").write_text(stderr)
         interrupted = process.returncode != 0
         clean = fault == "kill" or _clean_output(stderr)
@@ -258,7 +299,7 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
         if filler is not None:
             filler.unlink()
         if interrupted:  # the same command again, to finish the work
-            rerun = dogtl(argv, folder)
+            rerun = dogtl(argv, folder, timeout=limit)
             (folder / "rerun.stderr").write_text(rerun.stderr)
         else:  # it finished before the fault: a rerun would (rightly) refuse to overwrite
             rerun = process
@@ -284,20 +325,44 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: flo
             subprocess.run(["umount", "-l", str(out)])
 
 
-def reference_run(command: Command, paths: dict, folder: Path) -> tuple[dict, float]:
-    (folder / "out").mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    r = dogtl(_argv(command, paths, folder / "out"), folder)
-    seconds = time.perf_counter() - started
-    if r.returncode != 0:
-        sys.exit(f"uninterrupted {command.name} failed:\n{r.stderr}")
-    return outputs_of(command, folder / "out"), seconds
+@dataclass
+class Timing:
+    seconds: float  # from start to exit
+    final_at: float  # when its final phase began (in_final_phase)
 
 
-def determinism_check(command: Command, paths: dict, folder: Path, reference: dict) -> bool:
-    """A second uninterrupted run: is the command reproducible at all?"""
-    again, _ = reference_run(command, paths, folder)
-    return again == reference
+def reference_run(command: Command, paths: dict, folder: Path) -> tuple[dict, Timing]:
+    """An uninterrupted run: its outputs, and when its outputs appeared and it exited."""
+    out = folder / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    started, final_at = time.perf_counter(), None
+    with open(folder / "stderr", "w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "dogtl.cli", *_argv(command, paths, out)], cwd=folder,
+                                   env=_env(), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        while process.poll() is None:
+            if final_at is None and in_final_phase(command, out):
+                final_at = time.perf_counter() - started
+            time.sleep(0.01)
+        seconds = time.perf_counter() - started
+        if process.returncode != 0:
+            stderr.seek(0)
+            sys.exit(f"uninterrupted {command.name} failed:\n{stderr.read()}")
+    return outputs_of(command, out), Timing(seconds, seconds if final_at is None else final_at)
+
+
+def draw_moments(rng: random.Random, runs: int, timing: Timing) -> list[Moment]:
+    """Every other moment over the whole run, the others over its final phase (see the docstring)."""
+    return [Moment(rng.uniform(0, timing.seconds - timing.final_at + 0.5), after_final=True) if i % 2
+            else Moment(rng.uniform(0, timing.seconds)) for i in range(runs)]
+
+
+def parse_seed(text: str) -> int:
+    if text == "random":
+        return random.SystemRandom().randrange(1, 10**6)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed {text!r}: give a whole number or 'random'") from None
 
 
 def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
@@ -308,8 +373,8 @@ def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
     weights = {"--deterministic": [], "default": []}
     for i in range(repeats):
         for label, command in (("default", plain), ("--deterministic", base)):
-            ref, seconds = reference_run(command, paths, root / f"cost-{label}-{i}")
-            times[label].append(seconds)
+            ref, timing = reference_run(command, paths, root / f"cost-{label}-{i}")
+            times[label].append(timing.seconds)
             weights[label].append(ref["f.keras"])
     print("\nfinetune (3 epochs, synthetic images, CPU): wall time per run, including start-up")
     for label in ("default", "--deterministic"):
@@ -318,10 +383,20 @@ def determinism_cost(paths: dict, root: Path, repeats: int = 2) -> None:
     print(f"  cost of --deterministic: {np.median(times['--deterministic']) / np.median(times['default']):.2f}x")
 
 
+HEADER = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
+         f"{'identical':>9s} {'tidy':>4s} {'late':>4s}"
+
+
+def table_line(r: dict) -> str:
+    return (f"{r['command']:20s} {r['fault']:5s} {r['runs']:4d} {r['interrupted']:11d} {r['clean']:5d} "
+            f"{r['resumed']:7d} {r['identical']:9d} {r['tidy']:4d} {r['late']:4d}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10, help="runs per command and fault")
-    parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--seed", type=parse_seed, default=15,
+                        help="seed of the moments (a number, or 'random' to draw one; printed either way)")
     parser.add_argument("--commands", default=",".join(c.name for c in COMMANDS),
                         help="comma-separated: " + ", ".join(c.name for c in COMMANDS))
     parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated: " + ", ".join(FAULTS))
@@ -337,42 +412,43 @@ def main(argv=None):
     if "full" in faults and os.geteuid() != 0:
         print("skipping the full-disk fault: it mounts a tmpfs, which needs root")
         faults.remove("full")
-    print(f"work folder {root}; {args.runs} runs per command and fault, seed {args.seed}", flush=True)
+    print(f"seed {args.seed}; work folder {root}; {args.runs} runs per command and fault", flush=True)
     paths = setup(root)
     rows = []
     for command in wanted:
         slug = command.name.replace(" ", "").replace("--", "-")
-        reference, seconds = reference_run(command, paths, root / slug / "reference")
-        reproducible = determinism_check(command, paths, root / slug / "reference-2", reference)
-        print(f"{command.name}: uninterrupted run {seconds:.1f} s; a second uninterrupted run identical: "
-              f"{reproducible}", flush=True)
+        # Two uninterrupted runs, side by side when the faulted runs will be: the first is the
+        # reference, the second says whether the command is reproducible at all.
+        with ThreadPoolExecutor(min(2, args.jobs)) as pool:
+            (reference, timing), (again, timing2) = pool.map(
+                lambda name: reference_run(command, paths, root / slug / name), ["reference", "reference-2"])
+        timing = Timing((timing.seconds + timing2.seconds) / 2, (timing.final_at + timing2.final_at) / 2)
+        print(f"{command.name}: uninterrupted run {timing.seconds:.1f} s (final phase from {timing.final_at:.1f} s); "
+              f"a second uninterrupted run identical: {again == reference}", flush=True)
         rng = random.Random(f"{args.seed}-{command.name}")
         for fault in faults:
-            moments = [rng.uniform(0, seconds) for _ in range(args.runs)]
+            moments = draw_moments(rng, args.runs, timing)
+            limit = max(900.0, 5 * timing.seconds)  # a loaded machine may be slower still
             with ThreadPoolExecutor(args.jobs) as pool:
                 outcomes = list(pool.map(lambda im: one_run(command, fault, paths, root / slug / f"{fault}-{im[0]}",
-                                                            im[1], reference), enumerate(moments)))
+                                                            im[1], reference, limit), enumerate(moments)))
             row = {"command": command.name, "fault": fault, "runs": len(outcomes),
                    **{k: sum(getattr(o, k) for o in outcomes) for k in ("interrupted", "clean", "resumed",
                                                                       "identical", "tidy", "late")},
                    "notes": sorted({o.note for o in outcomes if o.note})}
             rows.append(row)
-            print(f"  {fault:5s} {row['identical']}/{row['runs']} identical "
-                  f"(moments {', '.join(f'{m:.1f}' for m in moments)} s)"
+            print(f"  {table_line(row)}  (moments {', '.join(map(str, moments))} s)"
                   + (f"; notes: {row['notes'][:3]}" if row["notes"] else ""), flush=True)
-    print()
-    header = f"{'command':20s} {'fault':5s} {'runs':>4s} {'interrupted':>11s} {'clean':>5s} {'resumed':>7s} " \
-             f"{'identical':>9s} {'tidy':>4s} {'late':>4s}"
-    print(header)
-    print("-" * len(header))
+    print(f"\nseed {args.seed}")
+    print(HEADER)
+    print("-" * len(HEADER))
     for r in rows:
-        print(f"{r['command']:20s} {r['fault']:5s} {r['runs']:4d} {r['interrupted']:11d} {r['clean']:5d} "
-              f"{r['resumed']:7d} {r['identical']:9d} {r['tidy']:4d} {r['late']:4d}")
+        print(table_line(r))
     if args.determinism_cost:
         determinism_cost(paths, root)
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
-    failed = [r for r in rows if r["identical"] != r["runs"] or r["resumed"] != r["runs"] or r["clean"] != r["runs"]]
+    failed = [r for r in rows if any(r[k] != r["runs"] for k in ("clean", "resumed", "identical", "tidy"))]
     return 1 if failed else 0
 
 

@@ -149,3 +149,108 @@ def test_a_lock_that_cannot_be_written_leaves_no_empty_lock_behind(tmp_path, mon
     assert os_error_message(caught.value).startswith(f"{lock_path(artifact)}: the disk is full")
     with artifact_lock(artifact, "the feature cache"):  # the rerun, with room again
         assert lock_path(artifact).exists()
+
+
+# --- what writers that are gone leave behind (issue 27) --------------------------------------
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _older(path, seconds: float = 60):
+    os.utime(path, (path.stat().st_mtime - seconds,) * 2)
+
+
+def test_taking_the_lock_removes_a_gone_writers_temporaries_and_nobody_elses(tmp_path):
+    """Beside the artifact, inside it (a folder) and in its progress folder: the temporaries of a
+    process that is not running go; those of live processes, of other artifacts and the resumable
+    progress stay."""
+    dead, live = _dead_pid(), os.getpid()
+    model = tmp_path / "head.keras"
+    for name in (f"head.tmp-{dead}.history.csv", f"head.tmp-{dead}.tmp-{dead}.png", f"head.tmp-{live}.json",
+                 f"finetuned.tmp-{dead}.keras", "head.keras.tmp", "notes.tmp", "head.json",
+                 "head.keras.lock.takeover"):  # a taker of a stale lock killed in its milliseconds
+        (tmp_path / name).write_text("x")
+    (tmp_path / f"1.tmp-{dead}").mkdir()  # an export's folder: another artifact's, left alone here
+    progress = tmp_path / "head.keras.partial"
+    progress.mkdir()
+    for name in ("state.json", f"epoch-0002.tmp-{dead}.keras", "labelled-p0-000000000-000000004.npz.tmp"):
+        (progress / name).write_text("x")
+    with artifact_lock(model, "the model"):
+        pass
+    assert _files(tmp_path) == sorted([f"1.tmp-{dead}", f"finetuned.tmp-{dead}.keras", "head.json",
+                                       f"head.tmp-{live}.json", "head.keras.partial",
+                                       "head.keras.partial/state.json", "notes.tmp"])
+
+    sweep = tmp_path / "sweep"
+    (sweep / "trials").mkdir(parents=True)
+    for name in (f"trials/abc-f0.tmp-{dead}.json", "trials/abc-f1.json", f"results.tmp-{live}.csv"):
+        (sweep / name).write_text("x")
+    with artifact_lock(sweep, "the sweep folder"):
+        pass
+    assert _files(sweep) == ["results.tmp-%d.csv" % live, "trials", "trials/abc-f1.json"]
+
+
+def test_a_temporary_older_than_the_process_now_under_its_pid_is_a_gone_writers(tmp_path):
+    """A reused pid (or a reboot): the file was written before that process started."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        fresh, old = tmp_path / f"c.tmp-{sleeper.pid}.json", tmp_path / f"c.tmp-{sleeper.pid}.png"
+        fresh.write_text("being written")
+        old.write_text("left by a process of that pid before this one")
+        _older(old, 3600)
+        with artifact_lock(tmp_path / "c.json"):
+            pass
+        assert fresh.exists() and not old.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_progress_folder_goes_only_once_its_artifact_was_written_from_it(tmp_path):
+    model, progress = tmp_path / "f.keras", tmp_path / "f.keras.partial"
+    progress.mkdir()
+    (progress / "state.json").write_text("{}")
+    (progress / "epoch-0001.keras").write_text("a checkpoint")
+    model.write_text("an older model, being replaced with --force")
+    _older(model)
+    with artifact_lock(model):
+        pass
+    assert (progress / "state.json").exists()  # resumable work of the killed --force run
+    for name in ("state.json", "epoch-0001.keras"):
+        _older(progress / name, 120)
+    (progress / "epoch-0001.keras").unlink()  # its removal began, then a kill: the folder itself is newer
+    with artifact_lock(model):  # the model was written after the last checkpoint: the run finished
+        pass
+    assert not progress.exists() and model.exists()
+
+
+def test_a_refused_overwrite_tidies_after_a_gone_writer_but_never_a_live_one(tmp_path):
+    """A run killed after its final rename left its lock and its progress folder; its rerun stops at
+    'exists', and that is where they go. A live writer's are left alone."""
+    from dogtl.core.files import check_overwrite
+
+    model, progress = tmp_path / "f.keras", tmp_path / "f.keras.partial"
+    progress.mkdir()
+    (progress / "state.json").write_text("{}")
+    _older(progress / "state.json")
+    _older(progress)
+    model.write_text("the finished model")
+    _write_lock(model, pid=_dead_pid())
+    with pytest.raises(DogtlError, match="f.keras exists: pass --force"):
+        check_overwrite(model, force=False)
+    assert _files(tmp_path) == ["f.keras"]
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        from dogtl.core.locks import _start_ticks
+
+        progress.mkdir()
+        _older(progress)  # as finished as above: only the live lock keeps it
+        _write_lock(model, pid=sleeper.pid, start_ticks=_start_ticks(sleeper.pid))
+        with pytest.raises(DogtlError, match="f.keras exists"):
+            check_overwrite(model, force=False)
+        assert _files(tmp_path) == ["f.keras", "f.keras.lock", "f.keras.partial"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -145,7 +145,10 @@ def test_same_settings_are_up_to_date(synthetic_data, cache_copy):
 
 
 def test_leftovers_of_a_run_killed_after_its_rename_are_cleaned(synthetic_data, cache_copy):
-    PartialCache(cache_copy).start(open_cache(cache_copy).fingerprint)
+    partial = PartialCache(cache_copy)
+    partial.start(open_cache(cache_copy).fingerprint)
+    for path in (partial.dir / "fingerprint.json", partial.dir):  # saved before the cache was written
+        os.utime(path, ns=(cache_copy.stat().st_mtime_ns - 10**9,) * 2)
     result = _extract(synthetic_data, cache_copy)
     assert result.exit_code == 0 and "already up to date" in result.stdout
     assert not PartialCache(cache_copy).dir.exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -78,7 +81,13 @@ def test_savedmodel_refuses_bad_image_and_overwrite(saved_model, loaded, tiny_mo
 
     with pytest.raises(tf.errors.InvalidArgumentError):
         loaded.signatures["serving_default"](images=tf.constant([odd_images["bad_not_image"].read_bytes()]))
+    # What an export killed at its end left (its pid is gone) goes, even when the rerun is refused.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (saved_model / f"1.tmp-{gone}").mkdir()
+    (saved_model / f"labels.tmp-{gone}.txt").write_text("a")
     assert_clean_error(run_cli("export", tiny_model, "--out", saved_model), "exists", "--force")
+    assert sorted(p.name for p in saved_model.iterdir()) == ["1", "labels.txt"]
 
 
 def test_tflite_uint8_input_labels_and_check(tflite, serving_model, serving_images):

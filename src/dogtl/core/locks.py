@@ -10,6 +10,11 @@ A lock whose process is gone (kill -9, a reboot: other boot id, or a pid now use
 process: other start time) is taken over, with a logged note. A lock taken on another host
 cannot be checked from here and is refused, naming the host and the file to delete.
 
+Whoever takes an artifact's lock first removes what writers of it that are gone left behind
+(core.files.leftovers: temporaries of processes that are not running, a finished run's progress
+folder), and so does a command refusing to overwrite an existing artifact (`tidy`): a run killed
+at any moment leaves nothing once the same command has run again.
+
 Stage functions mark themselves `@writes` and call `hold(path, what)` where they know what they
 write: the locks they hold are released when the function returns or raises.
 """
@@ -21,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -29,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dogtl.core.errors import LockedError
+from dogtl.core.files import leftovers
 
 log = logging.getLogger(__name__)
 CREATING_GRACE_S = 10.0  # an empty lock file younger than this is a writer still filling it in
@@ -65,6 +72,40 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, rounded down), or None if unknown."""
+    try:
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(_start_ticks(pid)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _gone(pid: int, mtime: float) -> bool:
+    """Process `pid` cannot have written a file last changed at `mtime`: it is not running, or the
+    process now running under that pid started after the change (a reused pid, a reboot)."""
+    if not _alive(pid):
+        return True
+    started = _started_at(pid)
+    return started is not None and started > mtime + 1.0
+
+
+def _remove_leftovers(artifact: Path, what: str) -> None:
+    """Called holding the artifact's lock. A take-over guard is of no use while the lock's owner
+    is alive (no one takes over a live lock): one found now was left by a killed taker."""
+    _guard(lock_path(artifact)).unlink(missing_ok=True)
+    found = leftovers(artifact, _gone)
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if found:
+        log.warning("removed what an earlier writer of %s %s left behind: %s", what, artifact,
+                    ", ".join(p.name for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else ""))
 
 
 def _owner() -> dict:
@@ -126,10 +167,14 @@ def _create(path: Path, owner: dict) -> bool:
     return True
 
 
+def _guard(path: Path) -> Path:
+    return path.with_name(path.name + ".takeover")
+
+
 def _take_over(path: Path, owner: dict, reason: str, what: str) -> None:
     """Remove a stale lock, unless another process replaced it meanwhile: the removal is guarded
     by `<lock>.takeover` (created exclusively) and the lock is read again under the guard."""
-    guard = path.with_name(path.name + ".takeover")
+    guard = _guard(path)
     try:
         fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -177,6 +222,7 @@ def artifact_lock(artifact: str | Path, what: str = "it"):
         raise LockedError(f"{path}: could not take the lock on {what} {artifact}; rerun the command")
     _held[path] = 1
     try:
+        _remove_leftovers(artifact, what)
         yield path
     finally:
         _held.pop(path, None)
@@ -193,6 +239,19 @@ def _refusal(owner: dict, artifact: Path, what: str, path: Path) -> str:
     hint = "" if here else f" (if it is no longer running there, delete {path})"
     return (f"another dogtl process (pid {owner.get('pid', '?')}{where}, started {owner.get('started', '?')}) "
             f"is writing {what} {artifact}; wait for it or stop it{hint}")
+
+
+def tidy(artifact: str | Path, what: str = "the file") -> None:
+    """Remove what writers of `artifact` that are gone left behind, unless a live one holds it
+    (a command that refuses to overwrite the artifact calls this: a run killed after its final
+    rename left its lock, its progress folder or temporaries, and its rerun stops there)."""
+    artifact = Path(artifact).absolute()
+    if lock_path(artifact).exists() or leftovers(artifact, _gone):
+        try:
+            with artifact_lock(artifact, what):
+                pass
+        except (LockedError, OSError):  # a live writer's, or a folder we cannot write: left alone
+            pass
 
 
 def writes(function):

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import CacheError, DamagedError, SettingError
-from dogtl.core.files import atomic_path, write_text_atomic
+from dogtl.core.files import atomic_path, fixed_temporary, progress_folder, write_text_atomic
 
 FORMAT = "dogtl-features"
 FORMAT_VERSION = 1
@@ -88,8 +88,7 @@ def fingerprint_differences(stored: dict, wanted: dict) -> list[str]:
 
 
 def partial_dir(path: Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".partial")
+    return progress_folder(path)
 
 
 class PartialCache:
@@ -133,7 +132,7 @@ class PartialCache:
         # and fsyncing every batch stalls the model on a busy disk. A batch damaged by an OS crash
         # fails its zip CRC check when read and is then removed and redone. The fixed temporary
         # name lets the batch a killed run was writing be overwritten when it is redone.
-        with atomic_path(self.dir / name, tmp=_tmp_name(self.dir / name)) as tmp, open(tmp, "wb") as f:
+        with atomic_path(self.dir / name, tmp=fixed_temporary(self.dir / name)) as tmp, open(tmp, "wb") as f:
             np.savez(f, positions=positions, features=features, **extra)
 
     def _load(self, part: Path, *keys):
@@ -179,12 +178,6 @@ def space_needed(path: Path, fingerprint: dict, images: int, test_images: int) -
     folder = partial_dir(path)
     saved = sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
     return max(0, features - saved) + features
-
-
-def _tmp_name(path: Path) -> Path:
-    """`<name>.tmp`: one per file whatever the process, so what a killed run was writing is
-    overwritten by the next run (a per-process name would be left behind)."""
-    return path.with_name(path.name + ".tmp")
 
 
 def _fill_pass(ds, p: int, source, n: int, dim, where: str) -> None:
@@ -260,7 +253,7 @@ def cache_file_writer(path: str | Path, fingerprint: dict, versions: dict, class
     import h5py
 
     path = Path(path)
-    with atomic_path(path, tmp=_tmp_name(path), durable=True) as tmp:
+    with atomic_path(path, tmp=fixed_temporary(path), durable=True) as tmp:
         with h5py.File(tmp, "w") as f:
             _write_header(f, fingerprint, versions, classes, skipped)
             yield f

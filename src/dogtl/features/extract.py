@@ -154,8 +154,7 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
             existing, problem = None, str(e)
         if existing is not None and not fingerprint_differences(existing.fingerprint, fingerprint):
             problem = damage(path) if force else None  # --force redoes a cache whose checksums fail
-            if problem is None:
-                partial.remove()  # left over when a run was killed between its rename and cleanup
+            if problem is None:  # (a finished run's leftovers went when the lock was taken: core.locks)
                 return existing
             existing = None
         if existing is not None and not force:

@@ -71,7 +71,9 @@ class Checkpoints:
 
     @classmethod
     def beside(cls, out: Path, identity: dict) -> "Checkpoints":
-        return cls(out.with_name(out.name + ".partial"), json.loads(json.dumps(identity)))
+        from dogtl.core.files import progress_folder
+
+        return cls(progress_folder(out), json.loads(json.dumps(identity)))
 
     def load(self, force: bool) -> RunState | None:
         """The state of a killed run of this identity, or None; another run's state is refused

@@ -20,7 +20,8 @@ import numpy as np
 
 from dogtl.core.diskspace import require_free_space
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import atomic_path, check_overwrite, write_text_atomic
+from dogtl.core.files import atomic_path, check_overwrite, temporary_sibling, write_text_atomic
+from dogtl.core.locks import artifact_lock
 from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
 
 log = logging.getLogger(__name__)
@@ -56,25 +57,27 @@ def export_savedmodel(sm: ServingModel, out: str | Path, *, top_k: int = 5, forc
     if not out.parent.is_dir():
         raise DogtlError(f"--out {out}: folder '{out.parent}' does not exist; create it or choose another --out")
     target = out / VERSION
-    if target.exists() and not force:
-        raise DogtlError(f"{target} exists: pass --force to overwrite it or choose another --out")
     out.mkdir(exist_ok=True)
-    require_free_space(out, _model_bytes(sm), "the SavedModel")
+    with artifact_lock(out, "the SavedModel folder"):  # which removes what a killed export left in it
+        if target.exists() and not force:
+            raise DogtlError(f"{target} exists: pass --force to overwrite it or choose another --out")
+        require_free_space(out, _model_bytes(sm), "the SavedModel")
 
-    archive = keras.export.ExportArchive()
-    archive.track(sm.model)
-    archive.add_endpoint(name="serving_default", fn=encoded_batch_fn(sm, top_k),
-                         input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    tmp, old = out / f".{VERSION}.tmp-{os.getpid()}", out / f".{VERSION}.old-{os.getpid()}"
-    try:
-        archive.write_out(str(tmp), verbose=False)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    write_text_atomic(out / "labels.txt", "".join(f"{c}\n" for c in sm.classes))
+        archive = keras.export.ExportArchive()
+        archive.track(sm.model)
+        archive.add_endpoint(name="serving_default", fn=encoded_batch_fn(sm, top_k),
+                             input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        # Not numbers, so TF Serving never loads them as versions.
+        tmp, old = temporary_sibling(target), temporary_sibling(out / f"{VERSION}.old")
+        try:
+            archive.write_out(str(tmp), verbose=False)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        write_text_atomic(out / "labels.txt", "".join(f"{c}\n" for c in sm.classes))
     return target
 
 
@@ -114,11 +117,12 @@ def export_tflite(sm: ServingModel, out: str | Path, *, quantize: str = "none", 
     if out.suffix != ".tflite":
         raise DogtlError(f"--out {out}: a TFLite model file must end in .tflite")
     check_overwrite(out, force)
-    require_free_space(out.parent, _model_bytes(sm), "the TFLite model")
-    data = tflite_bytes(sm, quantize)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
-    write_text_atomic(labels_path(out), "".join(f"{c}\n" for c in sm.classes))
+    with artifact_lock(out, "the TFLite model"):
+        require_free_space(out.parent, _model_bytes(sm), "the TFLite model")
+        data = tflite_bytes(sm, quantize)
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(data)
+        write_text_atomic(labels_path(out), "".join(f"{c}\n" for c in sm.classes))
     return out
 
 
