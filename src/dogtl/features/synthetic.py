@@ -31,7 +31,8 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
     rng.shuffle(labels)
     means = rng.standard_normal((num_classes, dim)).astype(np.float32) * separation
     base = means[labels] + noise * rng.standard_normal((num_images, dim), dtype=np.float32)
-    is_val = split_validation(labels, val_fraction, seed) if val_fraction else np.zeros(num_images, bool)
+    ids = [f"img{i:06d}" for i in range(num_images)]
+    is_val = split_validation(ids, labels, val_fraction, seed)
 
     def pass_loader(p: int, rows: np.ndarray, n: int):
         def load():
@@ -50,7 +51,7 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
                    "num_test_images": test_images, "file_list": f"synthetic-{seed}"}
     write_cache(path, fingerprint=fingerprint, versions={"dogtl": "synthetic"},
                 classes=[f"class_{k:03d}" for k in range(num_classes)],
-                labelled={"ids": [f"img{i:06d}" for i in range(num_images)], "labels": labels, "is_val": is_val,
+                labelled={"ids": ids, "labels": labels, "is_val": is_val,
                           "index": np.arange(num_images, dtype=np.int64),
                           "features": [pass_loader(p, base, num_images) for p in range(1 + passes)]},
                 test={"ids": [f"test{i:06d}" for i in range(test_images)],
