@@ -21,8 +21,8 @@ from dogtl.data.augment import AugmentConfig
 from dogtl.features.backbones import check_image_size, get_backbone
 from dogtl.features.cache import (FORMAT_VERSION, IMAGE_KEY, IMAGE_LISTS, PartialCache, damage,
                                   fingerprint_differences, is_cache_file, open_cache, space_needed, write_cache)
-from dogtl.features.incremental import Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan, \
-    updates_after
+from dogtl.features.incremental import (Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan,
+                                        updates_after)
 from dogtl.data.folders import Dataset, load_dataset, split_validation
 from dogtl.core.errors import CacheError, DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
@@ -85,7 +85,7 @@ class ExtractConfig:
 @dataclass
 class ExtractSummary:
     path: Path
-    status: str  # "written" or "up to date"
+    status: str  # "written", "updated" (an existing cache, for other images) or "up to date"
     images: int
     test_images: int
     passes: int
@@ -194,7 +194,7 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
     return None, base
 
 
-def _check_plan(partial: PartialCache, plan, lists: dict) -> None:
+def _check_plan(partial: PartialCache, plan, lists: dict) -> str:
     """An unfinished run's batches number the images it was computing: resume them only for the
     same list (the cache it updates could have been replaced since)."""
     import hashlib
@@ -324,6 +324,8 @@ def _computed(partial: PartialCache, split: str, pass_index: int, todo: np.ndarr
     """A callable streaming the saved batches of one pass as (file numbers, block)."""
     def chunks():
         for positions, values in partial.iter_pass(split, pass_index, key):
+            if len(positions) and positions.max() >= len(todo):
+                raise CacheError(f"pass {pass_index} of {split} images is inconsistent; rerun with --force")
             yield todo[positions], values
     return chunks
 

@@ -22,7 +22,6 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
     `pass_transform(pass_index, features, labels, is_val) -> features` may rewrite a pass
     (tests use it to make clean and augmented passes tell different stories)."""
     from dogtl.features.cache import write_cache
-    from dogtl.data.folders import split_validation
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +31,12 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
     means = rng.standard_normal((num_classes, dim)).astype(np.float32) * separation
     base = means[labels] + noise * rng.standard_normal((num_images, dim), dtype=np.float32)
     ids = [f"img{i:06d}" for i in range(num_images)]
-    is_val = split_validation(ids, labels, val_fraction, seed)
+    # Exactly val_fraction of each class (its first rows, labels being shuffled), so tests count on
+    # the sizes; an extraction draws each image's side (data.folders.split_validation).
+    is_val = np.zeros(num_images, bool)
+    for k in range(num_classes):
+        rows = np.flatnonzero(labels == k)
+        is_val[rows[:min(int(round(val_fraction * len(rows))), len(rows) - 1)]] = True
 
     def pass_loader(p: int, rows: np.ndarray, n: int):
         def load():
