@@ -204,6 +204,11 @@ def test_what_cannot_be_updated_is_refused_naming_why(small_cache, changed, tmp_
     # Other settings as well as other images: refused (naming the setting) unless --force.
     assert_clean_error(_extract(changed[0], cache, "--passes", 3), r"passes: cache has 2, now 3", "--force")
     assert cache.read_bytes() == before
+    # An unfinished extraction of other images is not thrown away: finish it first, or delete it.
+    PartialCache(cache).start(dict(open_cache(cache).fingerprint, file_list="0123456789abcdef"))
+    assert_clean_error(_extract(changed[0], cache), r"unfinished extraction of other images \(file_list ",
+                       r"delete that folder to start over from .*features\.h5 \(--force recomputes everything\)")
+    PartialCache(cache).remove()
     # A format-1 cache: still read by every stage (its augmentation keyed by file number), never updated.
     _format_1(cache)
     c = open_cache(cache)

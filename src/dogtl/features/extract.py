@@ -184,6 +184,12 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
             path.unlink()
     if partial.exists():
         diff = fingerprint_differences(partial.fingerprint(), fingerprint)
+        if diff and not force and not fingerprint_differences(partial.fingerprint(), fingerprint, ignore=IMAGE_LISTS):
+            raise CacheError(
+                f"{partial.dir} holds an unfinished extraction of other images ({'; '.join(diff)}). Put the "
+                "images back as they were and rerun to finish it, then rerun for the change; or delete that "
+                f"folder to start over{' from ' + str(path) if base is not None else ''} (--force recomputes everything)"
+            )
         if diff and not force:
             raise CacheError(
                 f"{partial.dir} holds an unfinished extraction with other settings ({'; '.join(diff)}). "
