@@ -106,8 +106,12 @@ def test_update_computes_only_the_change_and_equals_a_fresh_extraction(updated, 
     assert result.exit_code == 0, result.output
     assert CHANGE in result.output
     assert f"updated {path}: 25 labelled images" in result.output and "(4 images computed, 26 copied" in result.output
-    # The backbone ran on the 3 new or edited labelled images in each of 3 passes, the new test image in 2.
-    assert sorted(writes) == [("labelled", p, 3) for p in range(3)] + [("test", p, 1) for p in range(2)]
+    # The backbone ran on the 3 new or edited labelled images in each of 3 passes, the new test image in 2:
+    # 11 image-passes in 3 batches of 4 (batches run across passes).
+    done = {}
+    for split, pass_index, n in writes:
+        done[split, pass_index] = done.get((split, pass_index), 0) + n
+    assert done == {("labelled", 0): 3, ("labelled", 1): 3, ("labelled", 2): 3, ("test", 0): 1, ("test", 1): 1}
     assert_same(path, fresh)
 
     old, new = open_cache(small_cache), open_cache(path)
@@ -171,7 +175,7 @@ def test_kill_9_during_an_update_resumes_identically_and_keeps_the_old_cache(sma
         assert killed.returncode == -9, killed.stderr
         assert_same(cache, small_cache)  # the old cache is intact at its path until the very end
 
-    run("first", "batch:3")  # batches of 2: the clean pass's 2, then the 1st of pass 1
+    run("first", "batch:3")  # batches of 2: [p0: 0, 1], [p0: 2, p1: 0] killed saving p1's row
     run("second", "cache")  # everything computed, the updated cache not renamed into place
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
@@ -179,10 +183,10 @@ def test_kill_9_during_an_update_resumes_identically_and_keeps_the_old_cache(sma
     assert_same(cache, fresh)  # batches of 2 (padded), of 4 in the fresh run: the same bits
 
     writes = [json.loads(line) for line in log.read_text().splitlines()]
-    # first: 3 batches (the 3rd killed before its rename); second: the 3rd again and the rest:
-    # pass 1's 2nd, pass 2's two (labelled), test passes 0 and 1; nothing after.
+    # first: 3 saves (the 3rd killed before its rename); second: pass 1 from its first row (the row
+    # in flight redone), pass 2, test passes 0 and 1, in 4 batches and 6 saves; nothing after.
     assert [w[0] for w in writes] == ["first"] * 3 + ["second"] * 6
-    assert writes[2][1:] == writes[3][1:] == ["labelled", 1, [0, 1]]
+    assert writes[2][1:] == ["labelled", 1, [0]] and writes[3][1:] == ["labelled", 1, [0, 1]]
 
 
 def _format_1(cache):

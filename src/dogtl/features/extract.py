@@ -352,7 +352,9 @@ class _PassRunner:
     """Runs the backbone over every pass, saving each finished batch.
 
     All passes of both splits form one stream of batches (images.multi_pass_dataset), each
-    pass starting at its first unsaved batch. Every pass covers every file it is given,
+    pass starting at its first unsaved batch; a batch may end one pass and begin the next (its
+    rows are saved per pass), so a small update's passes share batches instead of each
+    padding its own. Every pass covers every file it is given,
     positions numbering them; unreadable files are missing from every pass. Progress counts
     image-passes: `total` is (1 + passes) x images (+ the test images' passes); skipped
     images count as done, so the count ends exactly at `total`.
@@ -399,17 +401,21 @@ class _PassRunner:
                                 self.spec, self.image_size, seed=self.config.seed,
                                 augmentation=self.config.augmentation, batch_size=self.config.batch_size)
         current = 0
-        for tag, pos, _, images in ds if ds is not None else []:
-            k = int(tag[0])
-            for s in segments[current:k]:
-                self._finish(s)
-            current = k
-            self._batch(segments[k], pos.numpy(), images)
+        for tags, pos, _, images in ds if ds is not None else []:
+            tags, pos = tags.numpy(), pos.numpy()
+            out = self._infer(images)  # one call, whichever passes the batch spans
+            for k in np.unique(tags):
+                for s in segments[current:k]:
+                    self._finish(s)
+                current = k
+                rows = tags == k
+                self._batch(segments[k], pos[rows], tuple(o[rows] for o in out) if isinstance(out, tuple) else out[rows])
         for s in segments[current:]:
             self._finish(s)
         return {split: self.good[split].tolist() for split in splits}
 
-    def _batch(self, s, pos, images):
+    def _batch(self, s, pos, out):
+        """Check and save one pass's rows `pos` of a batch, `out` the backbone's outputs for them."""
         if s.pass_index == 0:
             if self.config.on_bad_image == "fail" and (pos[0] != s.expected or pos[-1] - pos[0] != len(pos) - 1):
                 self._fail(s, pos)
@@ -417,7 +423,7 @@ class _PassRunner:
             good = self.good[s.split]
             if not np.array_equal(pos, good[(good >= s.expected) & (good <= pos[-1])]):
                 self._fail(s, pos)
-        out, extra = self._infer(images), {}
+        extra = {}
         if self.cut_dtype:
             from dogtl.features.cut import encode
 
@@ -428,17 +434,18 @@ class _PassRunner:
         s.expected = int(pos[-1]) + 1
 
     def _infer(self, images):
-        """The backbone on a batch padded to --batch-size: every call has the same shape, so an
-        image's features do not depend on the batch it lands in (a last batch of one image runs
-        other kernels, a bit apart), and resumed, sharded and incremental runs give the same bits."""
+        """The backbone's outputs (arrays) on a batch padded to --batch-size: every call has the same
+        shape, so an image's features do not depend on the batch it lands in (a last batch of one
+        image runs other kernels, a bit apart), and resumed, sharded and incremental runs give the
+        same bits."""
         import tensorflow as tf
 
         n = int(images.shape[0])
         pad = self.config.batch_size - n
-        if pad <= 0:
-            return self.infer(images)
-        out = self.infer(tf.concat([images, tf.zeros([pad, *images.shape[1:]], images.dtype)], 0))
-        return tuple(o[:n] for o in out) if isinstance(out, (tuple, list)) else out[:n]
+        if pad > 0:
+            images = tf.concat([images, tf.zeros([pad, *images.shape[1:]], images.dtype)], 0)
+        out = self.infer(images)
+        return tuple(np.asarray(o)[:n] for o in out) if isinstance(out, (tuple, list)) else np.asarray(out)[:n]
 
     def _finish(self, s):
         """After the last batch of a pass: unreadable files at its end, the clean pass's record."""
