@@ -369,7 +369,8 @@ class FeatureCache(CacheShapes):
     weights_path: str | None = None  # where a local weights file was at extraction (not in the fingerprint)
     format_version: int = FORMAT_VERSION
     # The incremental updates that led to this cache, oldest first: {"from": {file_list, test_file_list}
-    # before, "to": {...} after, "change": "+500 images, 3 relabelled, ..."}. Empty for a fresh extraction.
+    # before, "to": {...} after, "labelled": "+500 images, 3 relabelled, ...", "test": "..."}. Empty for a
+    # fresh extraction (features/incremental.py).
     updates: list = field(default_factory=list)
 
     def column(self, split: str, name: str) -> np.ndarray | None:
