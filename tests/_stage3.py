@@ -61,7 +61,7 @@ def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE, **ext
     cache_path = root / "features.h5"
     extract_features(ExtractConfig(data=str(data), cache=str(cache_path), backbone=backbone, weights=str(weights),
                                    image_size=size, passes=1, tta_passes=1, batch_size=8, val_fraction=0.25,
-                                   dtype="float32", **extract))
+                                   seed=0, dtype="float32", **extract))  # seed 0: 2 of each class's 8 in validation
     cache = open_cache(cache_path)
     keras.utils.set_random_seed(0)
     head = build_head(spec.feature_dim, len(cache.classes), hidden=(32,), input_dropout=0.1, dropout=0.1)

@@ -49,7 +49,9 @@ def extract_features(data="data", cache="cache/features.h5", *, force: bool = Fa
     """Stage one: run the frozen backbone over every image (and augmented passes) into `cache`.
     `settings`: backbone, weights, image_size, passes, tta_passes, batch_size, val_fraction, seed,
     on_bad_image, dtype, shard, strategy, precision, cut_blocks, cut_dtype (see `dogtl extract-features
-    --help`); `note` gets a line before the work starts (the disk the cut activations take)."""
+    --help`); `note` gets a line before the work starts (what changed when a cache whose images changed
+    is updated; the disk the cut activations take). Returns an ExtractSummary: status "written",
+    "updated" or "up to date"."""
     from dogtl.data.augment import AugmentConfig
     from dogtl.features.extract import ExtractConfig, extract_features as run
 

@@ -3,6 +3,7 @@ one-line errors for structurally bad data."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 from PIL import Image
 
-from dogtl.data.folders import load_dataset, split_validation
+from dogtl.data.folders import content_hashes, load_dataset, split_validation
 from dogtl.core.errors import DataError
 
 
@@ -31,18 +32,31 @@ def test_kaggle_layout(synthetic_data):
     assert all(p == synthetic_data / "train" / f"{i}.jpg" for i, p in zip(ds.ids, ds.paths))
     assert list(ds.test_ids) == sorted(p.stem for p in (synthetic_data / "test").iterdir())
     assert ds.sample_submission == synthetic_data / "sample_submission.csv"
-    assert len(ds.file_list_hash()) == 16 and ds.file_list_hash() == load_dataset(synthetic_data).file_list_hash()
+    hashes = content_hashes(ds.paths)
+    assert hashes[0] == hashlib.sha256(ds.paths[0].read_bytes()).hexdigest() and len(set(hashes)) == len(hashes)
+    assert content_hashes([synthetic_data / "nothing.jpg"]) == [""]  # unreadable: tried (and reported) later
 
 
-def test_file_list_hash_sees_changed_labels_and_files(data_copy):
-    before = load_dataset(data_copy).file_list_hash()
+def test_file_lists_see_changed_labels_and_contents_but_test_images_apart(data_copy):
+    from dogtl.features.incremental import image_lists, list_fingerprint
+
+    def lists():
+        return list_fingerprint(image_lists(load_dataset(data_copy)))
+
+    before = lists()
     table = pd.read_csv(data_copy / "labels.csv")
     table.loc[0, "breed"], table.loc[len(table) - 1, "breed"] = table.loc[len(table) - 1, "breed"], table.loc[0, "breed"]
     table.to_csv(data_copy / "labels.csv", index=False)
-    relabelled = load_dataset(data_copy).file_list_hash()
-    with open(data_copy / "train" / f"{table.loc[1, 'id']}.jpg", "ab") as f:
-        f.write(b"\0")
-    assert len({before, relabelled, load_dataset(data_copy).file_list_hash()}) == 3
+    relabelled = lists()
+    image = data_copy / "train" / f"{table.loc[1, 'id']}.jpg"
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 1  # same size, other content
+    image.write_bytes(bytes(data))
+    edited = lists()
+    assert len({before["file_list"], relabelled["file_list"], edited["file_list"]}) == 3
+    assert before["test_file_list"] == edited["test_file_list"] and edited["num_images"] == len(table)
+    (data_copy / "test" / "late.jpg").write_bytes(image.read_bytes())
+    assert lists()["test_file_list"] != edited["test_file_list"] and lists()["file_list"] == edited["file_list"]
 
 
 def test_folder_per_class_layout(tmp_path):
@@ -67,17 +81,25 @@ def test_folder_per_class_layout(tmp_path):
     assert ds.test_ids == ("t1",) and ds.sample_submission is None
 
 
-def test_split_is_stratified_seeded_and_keeps_single_image_classes_in_training():
-    labels = np.repeat(np.arange(4), [20, 10, 10, 1]).astype(np.int32)
-    a = split_validation(labels, 0.2, seed=2018)
-    assert a.dtype == bool and a.sum() == 8  # 20% of the 40 images of classes with >= 2 images
-    assert [int(a[labels == k].sum()) for k in range(3)] == [4, 2, 2]  # stratified
-    assert not a[labels == 3].any()  # the single image stays in training
-    assert np.array_equal(a, split_validation(labels, 0.2, seed=2018))
-    assert not np.array_equal(a, split_validation(labels, 0.2, seed=7))
-    assert not split_validation(labels, 0.0, seed=1).any()
-    with pytest.raises(DataError, match="too few images"):
-        split_validation(np.array([0, 0, 1, 1], np.int32), 0.9, seed=1)
+def test_split_is_each_images_own_draw_stratified_on_average_and_never_a_whole_class():
+    ids = [f"img{i:05d}" for i in range(4011)]
+    labels = np.repeat(np.arange(4), [2000, 2000, 10, 1]).astype(np.int32)
+    a = split_validation(ids, labels, 0.2, seed=2018)
+    assert a.dtype == bool and np.array_equal(a, split_validation(ids, labels, 0.2, seed=2018))
+    assert not np.array_equal(a, split_validation(ids, labels, 0.2, seed=7))
+    for k in (0, 1):  # 20% of a class on average: 400 +- 4 standard deviations (17.9)
+        assert abs(int(a[labels == k].sum()) - 400) < 72
+    assert not a[labels == 3].any()  # a class of one trains
+    # Its own draw: other images arriving, leaving or changing class do not move an image.
+    kept = np.r_[0:1500, 2000:4011]
+    assert np.array_equal(split_validation([ids[i] for i in kept], labels[kept], 0.2, seed=2018), a[kept])
+    relabelled = labels.copy()
+    relabelled[:100] = 1
+    assert np.array_equal(split_validation(ids, relabelled, 0.2, seed=2018), a)
+    assert not split_validation(ids, np.zeros(len(ids), np.int32), 0.0, seed=1).any()
+    # The one guard: a class never goes wholly to validation (its highest draw trains).
+    pairs = split_validation(ids[:40], np.repeat(np.arange(20), 2).astype(np.int32), 0.9, seed=1)
+    assert pairs.reshape(20, 2).sum(axis=1).max() == 1 and pairs.sum() > 10
 
 
 def _edit_labels(data, transform):

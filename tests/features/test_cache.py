@@ -4,6 +4,7 @@ crash-safe partial batches and streaming assembly."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import shutil
 import weakref
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dogtl.data.augment import image_keys
 from dogtl.features.cache import RESUME_HINT, PartialCache, fingerprint_differences, open_cache, partial_dir, write_cache
 from dogtl.core.errors import CacheError
 
@@ -20,7 +22,7 @@ from dogtl.core.errors import CacheError
 def test_schema_is_plain_hdf5(small_cache, synthetic_data):
     table = pd.read_csv(synthetic_data / "labels.csv")
     with h5py.File(small_cache, "r") as f:
-        assert f.attrs["format"] == "dogtl-features" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == "dogtl-features" and f.attrs["format_version"] == 2
         assert bool(f.attrs["complete"]) is True
         fp = json.loads(f.attrs["fingerprint"])
         versions = json.loads(f.attrs["versions"])
@@ -32,13 +34,18 @@ def test_schema_is_plain_hdf5(small_cache, synthetic_data):
         assert [classes[k] for k in labels] == list(table["breed"])
         assert labels.dtype == np.int32 and f["labelled/is_val"].dtype == bool
         assert list(f["labelled/index"][:]) == list(range(24))
+        assert np.array_equal(f["labelled/key"][:], image_keys(ids))  # augmentation keyed by the image id
+        assert list(f["labelled/sha256"].asstr()[:]) == [
+            hashlib.sha256((synthetic_data / "train" / f"{i}.jpg").read_bytes()).hexdigest() for i in ids]
         assert f["labelled/features"].shape == (3, 24, 2048) and f["labelled/features"].dtype == np.float16
         assert list(f["test/ids"].asstr()[:]) == [f"test{j:05d}" for j in range(4)]
         assert f["test/features"].shape == (2, 4, 2048) and f["test/features"].dtype == np.float16
         assert f["skipped"].shape == (0,)
         features = f["labelled/features"][:].astype(np.float32)
     assert {"backbone", "weights", "image_size", "preprocessing", "feature_dim", "augmentation", "passes",
-            "tta_passes", "seed", "val_fraction", "dtype", "file_list", "num_images", "num_test_images"} <= set(fp)
+            "tta_passes", "seed", "val_fraction", "dtype", "file_list", "num_images", "test_file_list",
+            "num_test_images"} <= set(fp)
+    assert fp["image_key"] == "image id"
     assert fp["backbone"] == "resnet50" and fp["weights"] == "none" and fp["image_size"] == 32
     assert fp["preprocessing"] == "keras.applications.resnet50.preprocess_input"
     assert fp["augmentation"] == {"rotation": 45.0, "zoom": 0.25, "shift": 0.2, "hflip": True}
@@ -54,7 +61,10 @@ def test_feature_cache_reader(small_cache):
     c = open_cache(small_cache)
     assert (c.num_passes, c.num_test_passes, c.feature_dim) == (3, 2, 2048)
     assert len(c.ids) == len(c.labels) == len(c.is_val) == 24 and len(c.test_ids) == 4
-    assert c.is_val.sum() == 3 and sorted(np.bincount(c.labels[c.is_val])) == [1, 1, 1]  # 10%, stratified
+    from dogtl.data.folders import split_validation
+
+    assert np.array_equal(c.is_val, split_validation(c.ids, c.labels, 0.1, 2018))  # each image's own draw
+    assert np.bincount(c.labels[c.is_val]).min() >= 1 and np.bincount(c.labels[~c.is_val]).min() >= 1
     everything = c.features()
     assert everything.dtype == np.float32 and everything.shape == (3, 24, 2048)
     assert np.array_equal(c.features(passes=[2, 0]), everything[[2, 0]])
@@ -66,7 +76,7 @@ def test_feature_cache_reader(small_cache):
 
 
 def test_clean_and_augmented_passes_are_the_backbone_on_those_images(small_cache, synthetic_data):
-    """Row i, pass p holds backbone(augment(image i, key (seed, p, i))): nothing misordered."""
+    """Row i, pass p holds backbone(augment(image i, key (seed, p, key of id i))): nothing misordered."""
     import tensorflow as tf
 
     from dogtl.data.augment import AugmentConfig, augment, image_seed
@@ -83,7 +93,7 @@ def test_clean_and_augmented_passes_are_the_backbone_on_those_images(small_cache
         for i in rows:
             image = load_image(str(synthetic_data / "train" / f"{c.ids[i]}.jpg"), 32)
             if p:
-                image = augment(image, AugmentConfig(), image_seed(2018, p, i))
+                image = augment(image, AugmentConfig(), image_seed(2018, p, image_keys([c.ids[i]])[0]))
             images.append(preprocess_fn(spec)(image))
         expected = model(tf.stack(images), training=False).numpy()
         got = c.features(passes=[p])[0][rows]

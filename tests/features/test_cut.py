@@ -44,11 +44,11 @@ def test_cut_activations_equal_the_frozen_part_on_the_same_augmented_pass(cut_st
     spec, size = get_backbone("mobilenet_v2"), 48
     frozen, top = split_backbone(build_backbone(spec, str(cut_stage3.weights), size), spec, 2)
     with h5py.File(cut_stage3.cache) as f:
-        index = f["labelled/index"][:]
+        index, keys = f["labelled/index"][:], f["labelled/key"][:]
     paths = [load_dataset(cut_stage3.data).paths[i] for i in index]
     reader = CutReader(cache)
     for p in (0, 1):
-        _, _, images = next(iter(image_dataset(paths, spec, size, indices=index, pass_index=p, seed=cache.fingerprint["seed"],
+        _, _, images = next(iter(image_dataset(paths, spec, size, indices=keys, pass_index=p, seed=cache.fingerprint["seed"],
                                                augmentation=AugmentConfig(**cache.fingerprint["augmentation"]),
                                                batch_size=len(paths))))
         want = np.asarray(frozen(images, training=False))

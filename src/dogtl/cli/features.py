@@ -22,7 +22,7 @@ def extract_features_cmd(
     passes: int = typer.Option(5, help="Augmented passes over every labelled image, on top of the clean pass."),
     tta_passes: int = typer.Option(0, help="Augmented passes over test images, for test-time augmentation."),
     batch_size: int = typer.Option(32, help="Images per backbone call."),
-    val_fraction: float = typer.Option(0.1, help="Stratified validation fraction, stored in the cache for every later stage."),
+    val_fraction: float = typer.Option(0.1, help="Validation fraction, stored in the cache for every later stage. Each image's side is its own seeded draw, so it stays put when other images are added or removed; each class gives this fraction on average (a small class may give none) and keeps at least one training image."),
     seed: int = typer.Option(2018, help="Seed of the split and of every augmentation."),
     on_bad_image: str = typer.Option("skip", help="'skip' unreadable images (listed in the summary and the cache) or 'fail' on the first."),
     dtype: str = typer.Option("float16", help="Stored feature precision: float16 (half the disk) or float32."),
@@ -30,7 +30,7 @@ def extract_features_cmd(
     zoom: float = typer.Option(0.25, help="Augmentation: max zoom in or out, as a fraction."),
     shift: float = typer.Option(0.2, help="Augmentation: max shift, as a fraction of width/height."),
     hflip: bool = typer.Option(True, "--hflip/--no-hflip", help="Augmentation: random horizontal flips."),
-    force: bool = typer.Option(False, "--force", help="Replace a cache (or unfinished extraction) made with other settings."),
+    force: bool = typer.Option(False, "--force", help="Replace a cache (or unfinished extraction) made with other settings, recomputing every image. Not needed when only the images changed: see below."),
     shard: Optional[str] = typer.Option(None, help="I/N: extract only the I-th of N disjoint shards (one per machine) into CACHE-STEM.shard-I-of-N.h5; join them with `dogtl merge-cache`."),
     strategy: str = typer.Option("default", help="default (one device), mirrored (every local GPU) or multi-worker (hosts in TF_CONFIG). --batch-size is then the global batch, split over all replicas."),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " Recorded in the cache: a cache made at another precision is refused."),
@@ -40,7 +40,10 @@ def extract_features_cmd(
     """Run the frozen backbone once over every image (plus augmented passes) and cache pooled features.
 
     Killed or interrupted, the same command resumes where it stopped. A cache made with other
-    settings is refused, naming the difference, unless --force.
+    settings is refused, naming the difference, unless --force. When only the images changed
+    (added, removed, relabelled, edited, the test set arriving later), the cache is updated:
+    unchanged images are copied and only new or changed ones computed, giving the same cache as
+    a fresh extraction; heads trained on the old cache are then refused, naming the change.
     """
     with ImageProgress("extracting") as bar:
         summary = api.extract_features(
@@ -56,9 +59,12 @@ def _print_extract_summary(s):
     if s.status == "up to date":
         typer.echo(f"{s.path} is already up to date ({s.images} images, {s.passes} augmented passes); nothing to do")
         return
+    verb = "updated" if s.status == "updated" else "wrote"
+    copied = (f" ({s.computed} images computed, {s.images + s.test_images + len(s.skipped) - s.computed} copied "
+              "from the old cache)" if s.status == "updated" else "")
     typer.echo(
-        f"wrote {s.path}: {s.images} labelled images x (1 clean + {s.passes} augmented passes), "
-        f"{s.test_images} test images x {1 + s.tta_passes} passes, {len(s.skipped)} skipped, "
+        f"{verb} {s.path}: {s.images} labelled images x (1 clean + {s.passes} augmented passes), "
+        f"{s.test_images} test images x {1 + s.tta_passes} passes, {len(s.skipped)} skipped{copied}, "
         f"{s.seconds:.1f} s, {s.file_bytes / 1e6:.1f} MB"
     )
     for line in s.skipped:

@@ -120,7 +120,8 @@ def open_model_cache(meta: dict, override: str | Path | None = None, required: b
     Returns None when it is not required and cannot be found. A cache that differs from
     the one recorded with the model is refused, naming the differences.
     """
-    from dogtl.features.cache import fingerprint_differences, open_cache
+    from dogtl.features.cache import IMAGE_LISTS, TEST_LIST, fingerprint_differences, open_cache
+    from dogtl.features.incremental import changes_since
     from dogtl.features.multicache import is_multi, open_model_caches
 
     if is_multi(meta):
@@ -141,8 +142,13 @@ def open_model_cache(meta: dict, override: str | Path | None = None, required: b
             return None
         raise CacheError(f"{e} (the cache the model was trained on; pass --cache FILE if it moved)") from None
     recorded = meta.get("cache_fingerprint")
-    if recorded:
-        diff = fingerprint_differences(recorded, cache.fingerprint)
+    if recorded:  # test images arriving (or changing) later do not concern what the model learnt
+        diff = fingerprint_differences(recorded, cache.fingerprint, ignore=TEST_LIST)
+        change = None if fingerprint_differences(recorded, cache.fingerprint, ignore=IMAGE_LISTS) else \
+            changes_since(cache, recorded)
+        if change:
+            raise CacheError(f"{path} was updated since the model was trained on it ({change}); retrain the "
+                             "model on it, or pass --cache with the cache it was trained on")
         if diff:
             raise CacheError(f"{path} is not the cache the model was trained on ({'; '.join(diff[:3])}); "
                              "pass --cache with the right file or retrain the model")
@@ -152,10 +158,11 @@ def open_model_cache(meta: dict, override: str | Path | None = None, required: b
 
 
 def split_paths(cache, dataset) -> dict:
-    """Image paths, labels and augmentation indices of the cache's train and validation rows.
+    """Image paths, labels and augmentation keys ("indices") of the cache's train and validation rows.
 
-    The augmentation index of an image is its position in the data folder's file list, the
-    same number extraction used, so fine-tuning's pass p of an image is the cache's pass p.
+    The keys are those the cache's augmented passes were drawn with (a function of the image id;
+    format-1 caches: the file number at extraction), so fine-tuning's pass p of an image is the
+    cache's pass p.
     """
     from dogtl.core.errors import DataError
 
@@ -168,9 +175,11 @@ def split_paths(cache, dataset) -> dict:
         raise DataError(f"{dataset.root}: {len(missing)} images of the cache are missing "
                         f"(e.g. {missing[0]}); pass the --data folder the cache was extracted from")
     index = np.array([where[i] for i in cache.ids], dtype=np.int64)
+    keys = cache.augmentation_keys("labelled")
+    keys = index if keys is None else keys
     out = {}
     for name, mask in (("train", ~cache.is_val), ("val", cache.is_val)):
         rows = np.flatnonzero(mask)
         out[name] = {"paths": [dataset.paths[i] for i in index[rows]], "labels": cache.labels[rows].astype(np.int64),
-                     "indices": index[rows], "rows": rows}
+                     "indices": keys[rows], "rows": rows}
     return out

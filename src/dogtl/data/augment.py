@@ -1,12 +1,14 @@
 """The reference recipe's augmentation as one random affine warp per image.
 
-Every random number comes from stateless ops seeded by (seed, pass, index), so the
-augmented pass p of image i is the same in a resumed, sharded or repeated run.
+Every random number comes from stateless ops seeded by (seed, pass, key), the key being a
+function of the image's id (`image_keys`), so the augmented pass p of an image is the same in
+a resumed, sharded, incremental or repeated run, wherever the image is in the file list.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from dogtl.core.errors import SettingError
@@ -30,8 +32,17 @@ class AugmentConfig:
         return asdict(self)
 
 
+def image_keys(ids):
+    """The augmentation key of each image id: 63 bits of its SHA-256, as int64 (cache format 2;
+    format-1 caches used the image's number in the file list, which moves when images are added)."""
+    import numpy as np
+
+    return np.array([int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") >> 1 for i in ids],
+                    dtype=np.int64)
+
+
 def image_seed(seed: int, pass_index, index):
-    """A stateless-op seed that depends only on (seed, pass, image index)."""
+    """A stateless-op seed that depends only on (seed, pass, image key)."""
     import tensorflow as tf
 
     base = tf.stack([tf.cast(seed, tf.int64), tf.cast(pass_index, tf.int64)])

@@ -36,14 +36,22 @@ class Dataset:
     test_paths: tuple[Path, ...]
     sample_submission: Path | None
 
-    def file_list_hash(self) -> str:
-        """Identity of the file list: ids, labels and sizes (cheap, no content reads)."""
-        h = hashlib.sha256()
-        for i, p, y in zip(self.ids, self.paths, self.labels):
-            h.update(f"L\t{i}\t{self.classes[y]}\t{p.stat().st_size}\n".encode())
-        for i, p in zip(self.test_ids, self.test_paths):
-            h.update(f"T\t{i}\t{p.stat().st_size}\n".encode())
-        return h.hexdigest()[:16]
+
+def content_hashes(paths) -> list[str]:
+    """SHA-256 of each file's bytes: what identifies an image's content (a file that cannot be
+    read gets "" and is tried, and reported, by the decoder). Read by threads: hashing releases
+    the GIL, and a cold disk is the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(path) -> str:
+        try:
+            with open(path, "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return ""
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(digest, paths, chunksize=64))
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -182,29 +190,36 @@ def _read_folders(root: Path):
     return ids, paths, names
 
 
-def split_validation(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Stratified validation mask; classes with a single image stay in training."""
-    from sklearn.model_selection import train_test_split
+def _draw(seed: int, image_id: str) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, image id)."""
+    digest = hashlib.sha256(f"split\0{seed}\0{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
+
+def split_validation(ids, labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Validation mask: an image is in validation when its own draw (seed, id) is below
+    `val_fraction`, so adding, removing or relabelling other images never moves it, and
+    incremental and fresh extractions agree. Each class gives `val_fraction` of its images on
+    average (stratified in expectation, not exactly: a small class may have none). One guard,
+    the only way an image's side can depend on the others: a class never goes wholly to
+    validation, its highest draw training (a class of one always trains)."""
     if not 0.0 <= val_fraction < 1.0:
         raise SettingError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    is_val = np.zeros(len(labels), dtype=bool)
-    if val_fraction == 0.0:
-        return is_val
-    counts = np.bincount(labels)
-    singles = np.flatnonzero(counts == 1)
-    if len(singles):
-        log.warning("%d class(es) have a single image; it stays in the training split", len(singles))
-    eligible = np.flatnonzero(counts[labels] >= 2)
-    n_classes = int(np.count_nonzero(counts >= 2))
-    if n_classes == 0:
-        return is_val
-    n_val = max(n_classes, int(round(val_fraction * len(eligible))))
-    if n_val > len(eligible) - n_classes:
-        raise DataError(
-            f"too few images ({len(eligible)}) for a stratified validation split over "
-            f"{n_classes} classes: add images or pass --val-fraction 0"
-        )
-    _, val_idx = train_test_split(eligible, test_size=n_val, stratify=labels[eligible], random_state=seed)
-    is_val[val_idx] = True
+    labels = np.asarray(labels)
+    if val_fraction == 0.0 or not len(labels):
+        return np.zeros(len(labels), dtype=bool)
+    draws = np.array([_draw(seed, i) for i in ids], dtype=np.float64)
+    is_val = draws < val_fraction
+    order = np.lexsort((draws, labels))  # by class, then by draw
+    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+    singles = 0
+    for members in np.split(order, starts[1:]):
+        singles += len(members) == 1
+        if is_val[members].all():
+            is_val[members[-1]] = False
+    if singles:
+        log.warning("%d class(es) have a single image; it stays in the training split", singles)
+    if not is_val.any():
+        log.warning("no image drew a validation place (%d images, --val-fraction %g): later stages get no "
+                    "validation split; pass a larger --val-fraction", len(labels), val_fraction)
     return is_val

@@ -110,7 +110,8 @@ def _loader(spec: BackboneSpec, image_size: int, seed: int, augmentation: Augmen
     return _LOADERS[key]
 
 
-def _segment(loader, tag, positions, indices, paths, pass_index, batch_size, skip_bad):
+def _segment(loader, tag, positions, indices, paths, pass_index, skip_bad):
+    """Unbatched (tag, position, index, image) of one pass over `paths`."""
     import tensorflow as tf
 
     pass_index = tf.constant(pass_index, tf.int64)
@@ -120,7 +121,7 @@ def _segment(loader, tag, positions, indices, paths, pass_index, batch_size, ski
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if skip_bad:
         ds = ds.ignore_errors()
-    return ds.batch(batch_size)
+    return ds
 
 
 def image_dataset(paths, spec: BackboneSpec, image_size: int, *, positions=None, indices=None,
@@ -138,7 +139,7 @@ def image_dataset(paths, spec: BackboneSpec, image_size: int, *, positions=None,
     positions = list(range(len(paths))) if positions is None else list(positions)
     indices = positions if indices is None else list(indices)
     loader = _loader(spec, image_size, seed, augmentation)
-    ds = _segment(loader, tf.constant(0, tf.int64), positions, indices, paths, pass_index, batch_size, skip_bad)
+    ds = _segment(loader, tf.constant(0, tf.int64), positions, indices, paths, pass_index, skip_bad).batch(batch_size)
     return ds.map(lambda _, position, index, image: (position, index, image)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -146,22 +147,23 @@ def multi_pass_dataset(segments, spec: BackboneSpec, image_size: int, *, seed: i
                        augmentation: AugmentConfig | None, batch_size: int, skip_bad: bool = True):
     """One stream of batches (segment, position, index, image) over several passes.
 
-    `segments` is a list of (pass_index, positions, indices, paths); each is batched on its
-    own (a batch never mixes passes) and they follow each other in order, so decoding the
-    next pass overlaps the model's work on the end of the previous one.
+    `segments` is a list of (pass_index, positions, indices, paths); they follow each other in
+    order and are batched as one stream, so every batch but the last is full (a batch may end
+    one segment and begin the next: its segment numbers say where) and decoding the next pass
+    overlaps the model's work on the end of the previous one.
     """
     import tensorflow as tf
 
     loader = _loader(spec, image_size, seed, augmentation)
     parts = [_segment(loader, tf.constant(k, tf.int64), list(positions), list(indices), [str(p) for p in paths],
-                      pass_index, batch_size, skip_bad)
+                      pass_index, skip_bad)
              for k, (pass_index, positions, indices, paths) in enumerate(segments) if len(paths)]
     if not parts:
         return None
     ds = parts[0]
     for part in parts[1:]:
         ds = ds.concatenate(part)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def clean_reason(message: str) -> str:

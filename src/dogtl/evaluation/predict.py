@@ -259,6 +259,17 @@ def _augmentation_of(meta):
     return (AugmentConfig(**aug) if aug else AugmentConfig()), int(fingerprint.get("seed", 0))
 
 
+def _augmentation_keys(meta, paths):
+    """The keys the model's cache drew augmented passes of these files with: their ids' (file
+    stems, as test ids are) for a format-2 cache, so TTA on test/ID.jpg averages the cached TTA
+    passes of ID; else None (their positions, as format 1 numbered test files)."""
+    from dogtl.data.augment import image_keys
+    from dogtl.features.cache import IMAGE_KEY
+
+    fingerprint = meta.get("cache_fingerprint") or {}
+    return image_keys([Path(p).stem for p in paths]) if fingerprint.get("image_key") == IMAGE_KEY else None
+
+
 def _from_images(config, model_path, paths, progress):
     model, meta, spec, size = load_image_model(model_path, config.weights)
     augmentation, seed = _augmentation_of(meta)
@@ -266,6 +277,7 @@ def _from_images(config, model_path, paths, progress):
 
     passes = 1 + (config.tta_passes if config.tta else 0)
     probs, ok = image_probabilities(model, paths, spec, size, passes=passes, seed=seed, augmentation=augmentation,
+                                    indices=_augmentation_keys(meta, paths),
                                     batch_size=config.batch_size, progress=progress, precision=config.precision)
     return probs, ok, passes
 
@@ -284,7 +296,8 @@ def predict_top_k(config: PredictConfig, progress: Progress | None = None) -> li
     model, meta, spec, size = load_image_model(model_path, config.weights)
     augmentation, seed = _augmentation_of(meta)
     passes = 1 + (config.tta_passes if config.tta else 0)
-    runs = [predict_images(model, paths, spec, size, pass_index=p, seed=seed, augmentation=augmentation,
+    keys = _augmentation_keys(meta, paths)
+    runs = [predict_images(model, paths, spec, size, indices=keys, pass_index=p, seed=seed, augmentation=augmentation,
                            batch_size=config.batch_size, progress=progress, precision=config.precision)
             for p in range(passes)]
     probs = np.mean([r[0] for r in runs], axis=0)

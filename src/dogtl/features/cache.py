@@ -7,18 +7,19 @@ at a time, into one HDF5 file written as `<cache>.tmp` and renamed: a file at th
 path is always complete, and memory never holds more than one batch of features.
 
 HDF5 schema (readable with plain h5py):
-  attrs:  format="dogtl-features", format_version=1, complete=True,
+  attrs:  format="dogtl-features", format_version=2, complete=True,
           fingerprint=<JSON of every setting that produced it>, versions=<JSON>,
-          weights_path=<where a local --weights file was; informational, optional>
+          weights_path=<where a local --weights file was; informational, optional>,
+          updates=<JSON list of the incremental updates that led to this file; optional>
   classes                 (C,)           class names, sorted; labels index into it
   labelled/ids            (N,)           image ids (Kaggle id or "<class>/<stem>")
   labelled/labels         (N,)  int32
   labelled/is_val         (N,)  bool     the validation split every later stage uses
   labelled/index          (N,)  int64    the image's number in the data folder's file list
-                                         (its augmentation key)
+  labelled/key            (N,)  int64    its augmentation key, a function of its id (format 2)
+  labelled/sha256         (N,)           SHA-256 of the image file (format 2)
   labelled/features       (1+K, N, D)    pass 0 clean, passes 1..K augmented
-  test/ids                (M,)
-  test/index              (M,)  int64
+  test/ids, index, key, sha256 (M,)
   test/features           (1+T, M, D)    pass 0 clean, 1..T test-time augmentation
   skipped                 (S,)           "path<TAB>reason" for images that could not be read
   <split>/cut, cut_scale  optional: activations entering the top blocks (features/cut.py)
@@ -27,6 +28,10 @@ Damage is detected: every numeric dataset carries HDF5's fletcher32 checksum (a 
 fails the read, reported as damaged instead of read as numbers), and the attribute
 content_sha256 is a SHA-256 of the attributes and string datasets, which HDF5 cannot filter
 (checked when the cache is opened). Caches written before checksums still open.
+
+Format 1 (dogtl before incremental caches) keyed augmentation by `index` and drew the split
+over the whole file list: such caches still open and every stage reads them (the key being
+`index`), but extract-features cannot update them incrementally (features/incremental.py).
 """
 
 from __future__ import annotations
@@ -45,19 +50,27 @@ from dogtl.core.errors import CacheError, DamagedError, SettingError
 from dogtl.core.files import atomic_path, fixed_temporary, progress_folder, write_text_atomic
 
 FORMAT = "dogtl-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("labelled", "test")
+STRING_COLUMNS = ("ids", "sha256")  # the per-row datasets stored as strings
 RESUME_HINT = "incomplete, run extract-features again to resume"
 DAMAGED_HINT = "damaged: rerun extract-features --force"
 CHECKSUM = {"fletcher32": True}  # create_dataset options of every numeric dataset
-DIGESTED_ATTRS = ("format", "format_version", "fingerprint", "versions", "weights_path", "merged_from")
+DIGESTED_ATTRS = ("format", "format_version", "fingerprint", "versions", "weights_path", "merged_from", "updates")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Settings that do not change the features: differences are reported, never refused.
 INFORMATIONAL = {"versions", "batch_size"}
+# The fingerprint's image lists: labelled (what a head learnt from) and test. A cache that
+# differs from the data folder only in these is updated incrementally.
+LABELLED_LIST = ("file_list", "num_images")
+TEST_LIST = ("test_file_list", "num_test_images")
+IMAGE_LISTS = LABELLED_LIST + TEST_LIST
+IMAGE_KEY = "image id"  # fingerprint["image_key"]: what augmentation and the split are keyed by
 # Settings older caches do not record, and the value they had.
-_DEFAULTS = {"precision": "float32"}
-_HINTS = {"file_list": " (images, labels or files changed)", "num_images": " (labelled images)",
-          "num_test_images": " (test images)"}
+_DEFAULTS = {"precision": "float32", "image_key": "file number"}
+_HINTS = {"file_list": " (labelled images, labels or files changed)", "num_images": " (labelled images)",
+          "test_file_list": " (test images or files changed)", "num_test_images": " (test images)",
+          "image_key": " (what augmentation and the validation split are keyed by)"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -79,11 +92,16 @@ def _comparable(key: str, value):
     return value
 
 
-def fingerprint_differences(stored: dict, wanted: dict) -> list[str]:
-    """One 'setting: cache has X, now Y' line per setting that changes the features."""
+def fingerprint_differences(stored: dict, wanted: dict, ignore=()) -> list[str]:
+    """One 'setting: cache has X, now Y' line per setting that changes the features (and is
+    not in `ignore`)."""
     stored, wanted = _flat(stored), _flat(wanted)
-    keys = sorted(k for k in set(stored) | set(wanted) if k.split(".")[0] not in INFORMATIONAL)
-    return [f"{k}{_HINTS.get(k, '')}: cache has {stored.get(k)!r}, now {wanted.get(k)!r}"
+    keys = sorted(k for k in set(stored) | set(wanted) if k.split(".")[0] not in INFORMATIONAL and k not in ignore)
+
+    def shown(d, k):
+        return d.get(k, _DEFAULTS.get(k))
+
+    return [f"{k}{_HINTS.get(k, '')}: cache has {shown(stored, k)!r}, now {shown(wanted, k)!r}"
             for k in keys if _comparable(k, stored.get(k)) != _comparable(k, wanted.get(k))]
 
 
@@ -164,20 +182,24 @@ class PartialCache:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def space_needed(path: Path, fingerprint: dict, images: int, test_images: int) -> int:
-    """Bytes an extraction still needs on disk: its batch files (less those already saved) and
-    the cache file they are copied into at the end (both exist until the final rename)."""
-    item = np.dtype(fingerprint.get("dtype", "float32")).itemsize
-    dim = int(fingerprint["feature_dim"])
-    image_passes = (1 + int(fingerprint["passes"])) * images + (1 + int(fingerprint["tta_passes"])) * test_images
-    features = item * dim * image_passes
-    if fingerprint.get("cut"):  # activations entering the top blocks (features/cut.py)
-        from dogtl.features.cut import cut_bytes
+def space_needed(path: Path, fingerprint: dict, computed: tuple[int, int], stored: tuple[int, int]) -> int:
+    """Bytes an extraction still needs on disk: the batch files of the (labelled, test) images it
+    computes, less those already saved, and the cache file of all the images it stores, which
+    they (and an updated cache's rows) are copied into at the end; the old cache stays until the
+    final rename, so its room is not counted as free."""
+    def size(images: int, test_images: int) -> int:
+        item = np.dtype(fingerprint.get("dtype", "float32")).itemsize
+        image_passes = (1 + int(fingerprint["passes"])) * images + (1 + int(fingerprint["tta_passes"])) * test_images
+        features = item * int(fingerprint["feature_dim"]) * image_passes
+        if fingerprint.get("cut"):  # activations entering the top blocks (features/cut.py)
+            from dogtl.features.cut import cut_bytes
 
-        features += cut_bytes(fingerprint["cut"], image_passes)
+            features += cut_bytes(fingerprint["cut"], image_passes)
+        return features
+
     folder = partial_dir(path)
     saved = sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
-    return max(0, features - saved) + features
+    return max(0, size(*computed) - saved) + size(*stored)
 
 
 def _fill_pass(ds, p: int, source, n: int, dim, where: str) -> None:
@@ -262,13 +284,14 @@ def cache_file_writer(path: str | Path, fingerprint: dict, versions: dict, class
 
 
 def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, labelled: dict,
-                test: dict, skipped: list[str], weights_path: str | None = None) -> None:
+                test: dict, skipped: list[str], weights_path: str | None = None, updates=None) -> None:
     """Write the complete cache atomically.
 
     `labelled`/`test` map dataset names to arrays ("ids" as strings). Their "features" entry
     is a list with one item per pass: an array [rows, dim], or a callable returning such an
     array or an iterable of (row numbers, feature block) in row order, so a pass is copied
-    one batch at a time and memory does not grow with the number of images.
+    one batch at a time and memory does not grow with the number of images. `updates`: the
+    incremental updates that led to this cache (FeatureCache.updates).
     """
     import h5py
 
@@ -280,13 +303,15 @@ def write_cache(path: Path, *, fingerprint: dict, versions: dict, classes, label
     with cache_file_writer(path, fingerprint, versions, classes, skipped) as f:
         if weights_path:
             f.attrs["weights_path"] = weights_path
+        if updates:
+            f.attrs["updates"] = json.dumps(updates, sort_keys=True)
         for split, arrays in (("labelled", labelled), ("test", test)):
             g = f.create_group(split)
             n = len(arrays["ids"])
             for key, value in arrays.items():
                 if key == "features" or key in streamed:
                     continue
-                if key == "ids":
+                if key in STRING_COLUMNS:
                     g.create_dataset(key, data=np.array(list(value), dtype=object), dtype=str_dtype)
                 else:
                     create_numeric(g, key, data=np.asarray(value))
@@ -335,6 +360,42 @@ class FeatureCache(CacheShapes):
     skipped: list[str]
     shapes: dict = field(default_factory=dict)
     weights_path: str | None = None  # where a local weights file was at extraction (not in the fingerprint)
+    format_version: int = FORMAT_VERSION
+    # The incremental updates that led to this cache, oldest first: {"from": {file_list, test_file_list}
+    # before, "to": {...} after, "labelled": "+500 images, 3 relabelled, ...", "test": "..."}. Empty for a
+    # fresh extraction (features/incremental.py).
+    updates: list = field(default_factory=list)
+
+    def column(self, split: str, name: str) -> np.ndarray | None:
+        """A per-row dataset of `split` ("index", "key", "sha256", ...); None when this cache has none."""
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            if name not in f[split]:
+                return None
+            ds = f[split][name]
+            return ds.asstr()[:] if name in STRING_COLUMNS else read_block(self.path, ds, slice(None))
+
+    def augmentation_keys(self, split: str = "labelled") -> np.ndarray | None:
+        """The key augmented pass p of each row was drawn with: `key` (format 2), or `index` (format
+        1: the file number at extraction); None for a cache holding neither."""
+        keys = self.column(split, "key")
+        return self.column(split, "index") if keys is None else keys
+
+    def read_rows(self, split: str, pass_index: int, rows, key: str = "features") -> np.ndarray:
+        """Pass `pass_index` of the given rows (any order) of `features` or another per-pass dataset:
+        one read of the span they cover when they are near each other, else one read per row."""
+        import h5py
+
+        rows = np.asarray(rows, dtype=np.int64)
+        with h5py.File(self.path, "r") as f:
+            ds = f[split][key]
+            if not len(rows):
+                return np.empty((0, *ds.shape[2:]), ds.dtype)
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            if hi - lo <= 2 * len(rows) + 64:
+                return read_block(self.path, ds, pass_index, slice(lo, hi))[rows - lo]
+            return np.stack([read_block(self.path, ds, pass_index, int(r)) for r in rows])
 
     def features(self, split: str = "labelled", passes=None) -> np.ndarray:
         """float32 features [passes, rows, dim] of `split` ("labelled" or "test")."""
@@ -426,6 +487,8 @@ def open_cache(path: str | Path) -> FeatureCache:
                 skipped=list(f["skipped"].asstr()[:]),
                 shapes={s: f[s]["features"].shape for s in SPLITS},
                 weights_path=f.attrs.get("weights_path"),
+                format_version=int(f.attrs.get("format_version", 1)),
+                updates=json.loads(f.attrs.get("updates", "[]")),
             )
             _check_sources(path, f)
             stored = f.attrs.get("content_sha256")

@@ -1,8 +1,10 @@
 """Stage one: run the frozen backbone once over every image (+ augmented passes).
 
 Work is saved one batch at a time (cache.PartialCache), so a rerun of a killed
-extraction resumes at the first unsaved batch of each pass; pass p of image i depends
-only on (seed, p, i), so resumed features equal those of an uninterrupted run.
+extraction resumes at the first unsaved batch of each pass; pass p of an image depends
+only on (seed, p, its id) and every backbone call holds exactly --batch-size images, so
+resumed features equal those of an uninterrupted run. A cache made with the same settings
+from other images is updated: only new or changed images are computed (incremental.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import numpy as np
 
 from dogtl.data.augment import AugmentConfig
 from dogtl.features.backbones import check_image_size, get_backbone
-from dogtl.features.cache import (PartialCache, damage, fingerprint_differences, is_cache_file, open_cache,
-                                  space_needed, write_cache)
+from dogtl.features.cache import (FORMAT_VERSION, IMAGE_KEY, IMAGE_LISTS, PartialCache, damage,
+                                  fingerprint_differences, is_cache_file, open_cache, space_needed, write_cache)
+from dogtl.features.incremental import (Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan,
+                                        updates_after)
 from dogtl.data.folders import Dataset, load_dataset, split_validation
 from dogtl.core.errors import CacheError, DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
@@ -81,7 +85,7 @@ class ExtractConfig:
 @dataclass
 class ExtractSummary:
     path: Path
-    status: str  # "written" or "up to date"
+    status: str  # "written", "updated" (an existing cache, for other images) or "up to date"
     images: int
     test_images: int
     passes: int
@@ -90,6 +94,8 @@ class ExtractSummary:
     seconds: float
     file_bytes: int
     resumed: int = 0  # images found already done in an interrupted earlier run
+    change: Change | None = None  # an update of an existing cache: what changed (None: a fresh extraction)
+    computed: int = 0  # images (labelled and test) the backbone ran on, the others copied from the old cache
 
 
 def versions() -> dict:
@@ -103,8 +109,9 @@ def versions() -> dict:
             "h5py": h5py.__version__, "numpy": np.__version__}
 
 
-def make_fingerprint(config: ExtractConfig, dataset: Dataset, backbone=None) -> dict:
-    """`backbone` (the built model) is needed only with --cut-blocks, for the cut's shape."""
+def make_fingerprint(config: ExtractConfig, dataset: Dataset, lists: dict, backbone=None) -> dict:
+    """`lists`: incremental.image_lists(dataset); `backbone` (the built model) is needed only with
+    --cut-blocks, for the cut's shape."""
     from dogtl.core.models import weights_identity
     from dogtl.core.precision import resolve
     from dogtl.features.cut import cut_info
@@ -125,9 +132,8 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset, backbone=None) -> 
         "precision": resolve(config.precision),
         **({"cut": cut_info(backbone, spec, config.cut_blocks, config.cut_dtype)} if config.cut_blocks else {}),
         "data_layout": dataset.layout,
-        "file_list": dataset.file_list_hash(),
-        "num_images": len(dataset.ids),
-        "num_test_images": len(dataset.test_ids),
+        "image_key": IMAGE_KEY,
+        **list_fingerprint(lists),
         # A shard is this extraction's I-th of N parts: otherwise the same fingerprint.
         **({"shard": _shard(config).as_dict()} if config.shard else {}),
     }
@@ -140,11 +146,13 @@ def _shard(config: ExtractConfig):
 
 
 def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force: bool):
-    """Returns the up-to-date cache if there is one; refuses others unless forced.
+    """(the up-to-date cache if there is one, the cache to update if it differs only in its
+    images); refuses others unless forced, and --force recomputes everything.
 
     A file at `path` that is our format but unreadable is a damaged copy, worth nothing, and
     is replaced; a file that is not an HDF5 file at all is never overwritten without --force.
     """
+    base = None
     if path.exists():
         if path.is_dir():
             raise CacheError(f"--cache {path} is a folder: pass a file name such as {path / 'features.h5'}")
@@ -155,18 +163,32 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
         if existing is not None and not fingerprint_differences(existing.fingerprint, fingerprint):
             problem = damage(path) if force else None  # --force redoes a cache whose checksums fail
             if problem is None:  # (a finished run's leftovers went when the lock was taken: core.locks)
-                return existing
+                return existing, None
             existing = None
         if existing is not None and not force:
-            diff = "; ".join(fingerprint_differences(existing.fingerprint, fingerprint))
-            raise CacheError(f"{path} was made with other settings ({diff}). "
-                             "Pass --force to replace it, or --cache OTHER.h5")
-        if existing is None and not is_cache_file(path):
+            if existing.format_version < FORMAT_VERSION:
+                raise CacheError(f"{path} is a format-{existing.format_version} cache (made before incremental "
+                                 "caches: augmentation and the validation split keyed by file number, not image "
+                                 "id), which cannot be updated; every stage still reads it. Pass --force to "
+                                 "extract it again (later changes then cost only the new images), or --cache OTHER.h5")
+            if fingerprint_differences(existing.fingerprint, fingerprint, ignore=IMAGE_LISTS):
+                diff = "; ".join(fingerprint_differences(existing.fingerprint, fingerprint))
+                raise CacheError(f"{path} was made with other settings ({diff}). "
+                                 "Pass --force to replace it, or --cache OTHER.h5")
+            base = existing  # the same settings, other images: kept at `path` until the update replaces it
+        elif existing is None and not is_cache_file(path):
             check_overwrite(path, force, "--cache", detail=" and is not a dogtl feature cache")
-        log.warning("replacing %s (%s)", path, problem or "--force")
-        path.unlink()
+        if base is None:
+            log.warning("replacing %s (%s)", path, problem or "--force")
+            path.unlink()
     if partial.exists():
         diff = fingerprint_differences(partial.fingerprint(), fingerprint)
+        if diff and not force and not fingerprint_differences(partial.fingerprint(), fingerprint, ignore=IMAGE_LISTS):
+            raise CacheError(
+                f"{partial.dir} holds an unfinished extraction of other images ({'; '.join(diff)}). Put the "
+                "images back as they were and rerun to finish it, then rerun for the change; or delete that "
+                f"folder to start over{' from ' + str(path) if base is not None else ''} (--force recomputes everything)"
+            )
         if diff and not force:
             raise CacheError(
                 f"{partial.dir} holds an unfinished extraction with other settings ({'; '.join(diff)}). "
@@ -174,13 +196,31 @@ def _check_existing(path: Path, partial: PartialCache, fingerprint: dict, force:
             )
         if diff:
             partial.remove()
-    return None
+    return None, base
+
+
+def _check_plan(partial: PartialCache, plan, lists: dict) -> str:
+    """An unfinished run's batches number the images it was computing: resume them only for the
+    same list (the cache it updates could have been replaced since)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split, todo in plan.todo.items():
+        for i in todo:
+            h.update(f"{split}\t{lists[split].ids[i]}\t{lists[split].sha256[i]}\n".encode())
+    digest = h.hexdigest()
+    if partial.exists() and partial.load_json("plan.json") != digest:
+        log.warning("%s was computing other images (the cache it updates changed since): starting over",
+                    partial.dir)
+        partial.remove()
+    return digest
 
 
 @writes
 def extract_features(config: ExtractConfig, progress: Progress | None = None,
                      note: Callable[[str], None] | None = None) -> ExtractSummary:
-    """`note` gets one line before the work starts (the disk the cut activations take)."""
+    """`note` gets a line before the work starts: what changed when a cache is updated, the disk
+    the cut activations take."""
     started = time.perf_counter()
     spec = get_backbone(config.backbone)
     image_size = check_image_size(spec, config.image_size)
@@ -189,15 +229,16 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
 
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before any TensorFlow work
     dataset = load_dataset(config.data)
-    # The split is drawn over every labelled image before any work, so an impossible split
-    # fails now, and an image's split does not depend on which other images were unreadable.
-    is_val = split_validation(dataset.labels, config.val_fraction, config.seed)
+    lists = image_lists(dataset)  # ids, file contents and augmentation keys
+    # The split is drawn over every labelled image before any work, so an image's split does not
+    # depend on which other images were unreadable (nor, being its own draw, on the others at all).
+    is_val = split_validation(dataset.ids, dataset.labels, config.val_fraction, config.seed)
     backbone = None
     if config.cut_blocks:  # the cut's shape is part of the fingerprint
         from dogtl.core.models import build_backbone
 
         backbone = build_backbone(spec, config.weights, image_size)
-    fingerprint = make_fingerprint(config, dataset, backbone)
+    fingerprint = make_fingerprint(config, dataset, lists, backbone)
     shard = _shard(config)
     # This run's block of each split's file numbers (all of them unless sharded).
     lab, tst = range(len(dataset.ids)), range(len(dataset.test_ids))
@@ -207,13 +248,20 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     hold(path, "the feature shard" if shard else "the feature cache")  # one writer per cache or shard file
     partial = PartialCache(path)
-    existing = _check_existing(path, partial, fingerprint, config.force)
+    existing, base = _check_existing(path, partial, fingerprint, config.force)
     agree(strategy, extraction_progress(existing, partial, {"labelled": config.passes, "test": config.tta_passes}),
           "what is already extracted")
     if existing is not None:
         return ExtractSummary(path, "up to date", len(existing.ids), len(existing.test_ids),
                               existing.num_passes - 1, existing.num_test_passes - 1, existing.skipped,
                               time.perf_counter() - started, path.stat().st_size)
+    blocks = {"labelled": lab, "test": tst}
+    plan = update_plan(base, lists, blocks, is_val) if base is not None else fresh_plan(blocks)
+    todo = plan.todo  # file numbers the backbone runs on; the others are copied from `base`
+    computing = len(todo["labelled"]) + len(todo["test"])
+    if plan.change is not None and note:
+        note(plan.change.summary(computing))
+    digest = _check_plan(partial, plan, lists)
 
     import tensorflow as tf
 
@@ -221,58 +269,70 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     from dogtl.core.models import build_backbone
 
     from dogtl.core.precision import computing_in
-    from dogtl.features.cut import cut_bytes, extraction_model
+    from dogtl.features.cut import cut_bytes, extraction_model, stored_layout
 
     if backbone is None:
         with scope(strategy):  # the model's variables on every replica
             backbone = build_backbone(spec, config.weights, image_size)  # a bad weights file fails before any write
     if config.cut_blocks and note:
-        size = cut_bytes(fingerprint["cut"], (1 + config.passes) * len(lab) + (1 + config.tta_passes) * len(tst))
+        size = cut_bytes(fingerprint["cut"], (1 + config.passes) * len(todo["labelled"])
+                         + (1 + config.tta_passes) * len(todo["test"]))
         note(f"cut activations (top {config.cut_blocks} blocks, {fingerprint['cut']['shape']} in "
              f"{config.cut_dtype}): {size / 1e6:,.1f} MB in the cache, as much again while extracting")
-    require_free_space(path.parent, space_needed(path, fingerprint, len(lab), len(tst)),
+    require_free_space(path.parent, space_needed(path, fingerprint, (len(todo["labelled"]), len(todo["test"])),
+                                                 (len(lab), len(tst))),
                        f"extract-features --cut-blocks {config.cut_blocks} (features and cut activations)"
                        if config.cut_blocks else "extract-features")
     partial.start(fingerprint)
+    partial.save_json("plan.json", digest)
     model = extraction_model(backbone, spec, config.cut_blocks) if config.cut_blocks else backbone
     infer = (tf.function(lambda x: model(x, training=False), reduce_retracing=True) if strategy is None
              else replicated_infer(strategy, backbone))
     runner = _PassRunner(config, spec, image_size, partial, infer, progress)
     runner.cut_dtype = config.cut_dtype if config.cut_blocks else None
-    # Positions are numbers within this run's block; augmentation keys are file numbers (block start + position).
+    copied = {split: np.fromiter(plan.base_rows[split], np.int64) for split in todo}  # file numbers
+    # Positions number the images computed (todo); augmentation keys are functions of their ids.
     with computing_in(backbone, fingerprint["precision"]):
-        good = runner.run({"labelled": (dataset.paths[lab.start:lab.stop], config.passes, lab.start),
-                           "test": (dataset.test_paths[tst.start:tst.stop], config.tta_passes, tst.start)},
+        good = runner.run({split: ([lists[split].paths[i] for i in todo[split]], extra, lists[split].keys[todo[split]])
+                           for split, extra in (("labelled", config.passes), ("test", config.tta_passes))},
                           on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
-                          lambda split, readable: _check_readable(split, readable, dataset, config))
+                          lambda split, readable: _check_readable(
+                              split, np.concatenate([todo[split][readable], copied[split]]), dataset, config))
 
-    skipped = [f"{dataset.paths[i]}\t{_reason(dataset.paths[i])}"
-               for i in sorted(set(lab) - {lab.start + k for k in good["labelled"]})]
-    skipped += [f"{dataset.test_paths[i]}\t{_reason(dataset.test_paths[i])}"
-                for i in sorted(set(tst) - {tst.start + k for k in good["test"]})]
-    rows = np.asarray(good["labelled"], dtype=np.int64)  # positions in the block
-    test_rows = np.asarray(good["test"], dtype=np.int64)
-    at, test_at = lab.start + rows, tst.start + test_rows  # file numbers
-    from dogtl.features.cut import stored_layout
-
-    cut = {"labelled": {}, "test": {}}
-    for key in stored_layout(fingerprint):
-        cut["labelled"][key] = [runner.pass_chunks("labelled", p, rows, key) for p in range(1 + config.passes)]
-        cut["test"][key] = [runner.pass_chunks("test", p, test_rows, key) for p in range(1 + config.tta_passes)]
+    out, skipped, arrays = {}, [], {}
+    for split, passes in (("labelled", config.passes), ("test", config.tta_passes)):
+        images, readable = lists[split], np.asarray(good[split], dtype=np.int64)
+        unreadable = np.setdiff1d(np.arange(len(todo[split])), readable)
+        skipped += [f"{images.paths[i]}\t{_reason(images.paths[i])}" for i in todo[split][unreadable]]
+        out[split] = at = np.sort(np.concatenate([todo[split][readable], copied[split]]))  # file numbers
+        arrays[split] = {"ids": [images.ids[i] for i in at], "index": at, "key": images.keys[at],
+                         "sha256": [images.sha256[i] for i in at]}
+        layout = {"features": ((int(fingerprint["feature_dim"]),), config.dtype), **stored_layout(fingerprint)}
+        for key, (shape, dtype) in layout.items():
+            arrays[split][key] = [merged_pass(base, split, p, at, plan.base_rows[split],
+                                              _computed(partial, split, p, todo[split], key), shape, dtype, key)
+                                  for p in range(1 + passes)]
+    lab_at = out["labelled"]
     write_cache(
         path, fingerprint=fingerprint, versions=versions(), classes=list(dataset.classes),
-        labelled={"ids": [dataset.ids[i] for i in at], "labels": dataset.labels[at].astype(np.int32),
-                  "is_val": is_val[at], "index": at,
-                  "features": [runner.pass_chunks("labelled", p, rows) for p in range(1 + config.passes)],
-                  **cut["labelled"]},
-        test={"ids": [dataset.test_ids[i] for i in test_at], "index": test_at,
-              "features": [runner.pass_chunks("test", p, test_rows) for p in range(1 + config.tta_passes)],
-              **cut["test"]},
-        skipped=skipped, weights_path=weights_path_to_record(config.weights),
+        labelled={**arrays["labelled"], "labels": dataset.labels[lab_at].astype(np.int32), "is_val": is_val[lab_at]},
+        test=arrays["test"], skipped=skipped, weights_path=weights_path_to_record(config.weights),
+        updates=updates_after(base, fingerprint, plan.change) if base is not None else None,
     )
     partial.remove()
-    return ExtractSummary(path, "written", len(rows), len(test_rows), config.passes, config.tta_passes,
-                          skipped, time.perf_counter() - started, path.stat().st_size, runner.resumed)
+    return ExtractSummary(path, "updated" if base is not None else "written", len(lab_at), len(out["test"]),
+                          config.passes, config.tta_passes, skipped, time.perf_counter() - started,
+                          path.stat().st_size, runner.resumed, plan.change, computing)
+
+
+def _computed(partial: PartialCache, split: str, pass_index: int, todo: np.ndarray, key: str):
+    """A callable streaming the saved batches of one pass as (file numbers, block)."""
+    def chunks():
+        for positions, values in partial.iter_pass(split, pass_index, key):
+            if len(positions) and positions.max() >= len(todo):
+                raise CacheError(f"pass {pass_index} of {split} images is inconsistent; rerun with --force")
+            yield todo[positions], values
+    return chunks
 
 
 def _check_readable(split, readable, dataset, config):
@@ -291,8 +351,10 @@ class _PassRunner:
     """Runs the backbone over every pass, saving each finished batch.
 
     All passes of both splits form one stream of batches (images.multi_pass_dataset), each
-    pass starting at its first unsaved batch. Every pass covers every file, positions being
-    file numbers; unreadable files are missing from every pass. Progress counts
+    pass starting at its first unsaved batch; a batch may end one pass and begin the next (its
+    rows are saved per pass), so a small update's passes share batches instead of each
+    padding its own. Every pass covers every file it is given,
+    positions numbering them; unreadable files are missing from every pass. Progress counts
     image-passes: `total` is (1 + passes) x images (+ the test images' passes); skipped
     images count as done, so the count ends exactly at `total`.
     """
@@ -312,16 +374,16 @@ class _PassRunner:
             self.progress(min(self.done, self.total), self.total)
 
     def run(self, splits: dict, on_clean_pass=None) -> dict:
-        """Extracts what is missing; returns {split: numbers of the readable files}.
+        """Extracts what is missing; returns {split: positions of the readable files}.
 
-        `splits` maps a split to (paths, extra passes[, offset]): positions number `paths`
-        from 0, the augmentation key of position i is offset + i (a shard's file numbers).
+        `splits` maps a split to (paths, extra passes, augmentation keys): positions number
+        `paths` from 0, the augmentation key of position i is keys[i].
         """
         from dogtl.data.images import multi_pass_dataset
 
         self.good, self.on_clean_pass = {}, on_clean_pass
         segments = []
-        for split, (paths, extra, *offset) in splits.items():
+        for split, (paths, extra, keys) in splits.items():
             paths = [str(p) for p in paths]
             n = len(paths)
             self.total += (1 + extra) * n
@@ -330,26 +392,29 @@ class _PassRunner:
                 self.good[split] = np.asarray(readable, dtype=np.int64)
             for p in range(1 + extra):
                 start = n if (p == 0 and readable is not None) else min(self.partial.covered(split, p), n)
-                segments.append(_Segment(split, p, paths, start, offset=offset[0] if offset else 0))
+                segments.append(_Segment(split, p, paths, start, np.asarray(keys, dtype=np.int64)))
         self._advance(sum(s.start for s in segments), resumed=True)
 
-        ds = multi_pass_dataset([(s.pass_index, range(s.start, len(s.paths)),
-                                  range(s.offset + s.start, s.offset + len(s.paths)), s.paths[s.start:])
+        ds = multi_pass_dataset([(s.pass_index, range(s.start, len(s.paths)), s.keys[s.start:], s.paths[s.start:])
                                  for s in segments],
                                 self.spec, self.image_size, seed=self.config.seed,
                                 augmentation=self.config.augmentation, batch_size=self.config.batch_size)
         current = 0
-        for tag, pos, _, images in ds if ds is not None else []:
-            k = int(tag[0])
-            for s in segments[current:k]:
-                self._finish(s)
-            current = k
-            self._batch(segments[k], pos.numpy(), images)
+        for tags, pos, _, images in ds if ds is not None else []:
+            tags, pos = tags.numpy(), pos.numpy()
+            out = self._infer(images)  # one call, whichever passes the batch spans
+            for k in np.unique(tags):
+                for s in segments[current:k]:
+                    self._finish(s)
+                current = k
+                rows = tags == k
+                self._batch(segments[k], pos[rows], tuple(o[rows] for o in out) if isinstance(out, tuple) else out[rows])
         for s in segments[current:]:
             self._finish(s)
         return {split: self.good[split].tolist() for split in splits}
 
-    def _batch(self, s, pos, images):
+    def _batch(self, s, pos, out):
+        """Check and save one pass's rows `pos` of a batch, `out` the backbone's outputs for them."""
         if s.pass_index == 0:
             if self.config.on_bad_image == "fail" and (pos[0] != s.expected or pos[-1] - pos[0] != len(pos) - 1):
                 self._fail(s, pos)
@@ -357,7 +422,7 @@ class _PassRunner:
             good = self.good[s.split]
             if not np.array_equal(pos, good[(good >= s.expected) & (good <= pos[-1])]):
                 self._fail(s, pos)
-        out, extra = self.infer(images), {}
+        extra = {}
         if self.cut_dtype:
             from dogtl.features.cut import encode
 
@@ -366,6 +431,20 @@ class _PassRunner:
         self.partial.write(s.split, s.pass_index, pos, features, **extra)
         self._advance(int(pos[-1]) + 1 - s.expected)
         s.expected = int(pos[-1]) + 1
+
+    def _infer(self, images):
+        """The backbone's outputs (arrays) on a batch padded to --batch-size: every call has the same
+        shape, so an image's features do not depend on the batch it lands in (a last batch of one
+        image runs other kernels, a bit apart), and resumed, sharded and incremental runs give the
+        same bits."""
+        import tensorflow as tf
+
+        n = int(images.shape[0])
+        pad = self.config.batch_size - n
+        if pad > 0:
+            images = tf.concat([images, tf.zeros([pad, *images.shape[1:]], images.dtype)], 0)
+        out = self.infer(images)
+        return tuple(np.asarray(o)[:n] for o in out) if isinstance(out, (tuple, list)) else np.asarray(out)[:n]
 
     def _finish(self, s):
         """After the last batch of a pass: unreadable files at its end, the clean pass's record."""
@@ -414,17 +493,6 @@ class _PassRunner:
         raise DataError(f"{s.paths[extra]}: unreadable in the clean pass but readable in pass {s.pass_index}; "
                         "did it change during the run? rerun with --force")
 
-    def pass_chunks(self, split, pass_index, rows, key="features"):
-        """A callable streaming one pass as (row numbers, features) blocks (or another saved array,
-        `key`), one saved batch at a time."""
-        def chunks():
-            for positions, features in self.partial.iter_pass(split, pass_index, key):
-                at = np.searchsorted(rows, positions)  # positions are file numbers; rows the readable ones
-                if np.any(at >= len(rows)) or np.any(rows[np.minimum(at, len(rows) - 1)] != positions):
-                    raise CacheError(f"pass {pass_index} of {split} images is inconsistent; rerun with --force")
-                yield at, features
-        return chunks
-
 
 @dataclass
 class _Segment:
@@ -434,9 +502,9 @@ class _Segment:
     pass_index: int
     paths: list
     start: int
+    keys: np.ndarray  # augmentation key of each position
     expected: int = -1  # next position not yet accounted for
     finished: bool = False
-    offset: int = 0  # augmentation key of position 0 (a shard's first file number)
 
     def __post_init__(self):
         self.expected = self.start

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dogtl.features.cache import (SPLITS, cache_file_writer, create_numeric, fingerprint_differences, open_cache,
-                                 read_block, write_cache)
+from dogtl.features.cache import (SPLITS, STRING_COLUMNS, cache_file_writer, create_numeric, fingerprint_differences,
+                                 open_cache, read_block, write_cache)
 from dogtl.features.cut import stored_layout
 from dogtl.core.errors import CacheError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
@@ -180,6 +180,11 @@ def merge_caches(shards, out: str | Path | None = None, mode: str = "virtual", f
         "test": {"ids": [i for p in parts for i in p.cache.test_ids],
                  "index": np.concatenate([p.index["test"] for p in parts])},
     }
+    for split in SPLITS:  # format 2's augmentation keys and file contents
+        for name in ("key", "sha256"):
+            columns = [p.cache.column(split, name) for p in parts]
+            if all(c is not None for c in columns):
+                arrays[split][name] = np.concatenate(columns)
     if mode == "copy":
         for split in SPLITS:
             passes = parts[0].cache.shapes[split][0]
@@ -232,7 +237,7 @@ def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, ski
         for split in SPLITS:
             g = f.create_group(split)
             for key, value in arrays[split].items():
-                if key == "ids":
+                if key in STRING_COLUMNS:
                     g.create_dataset(key, data=np.array(list(value), dtype=object), dtype=strings)
                 else:
                     create_numeric(g, key, data=np.asarray(value))

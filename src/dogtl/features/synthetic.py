@@ -22,7 +22,6 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
     `pass_transform(pass_index, features, labels, is_val) -> features` may rewrite a pass
     (tests use it to make clean and augmented passes tell different stories)."""
     from dogtl.features.cache import write_cache
-    from dogtl.data.folders import split_validation
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,7 +30,13 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
     rng.shuffle(labels)
     means = rng.standard_normal((num_classes, dim)).astype(np.float32) * separation
     base = means[labels] + noise * rng.standard_normal((num_images, dim), dtype=np.float32)
-    is_val = split_validation(labels, val_fraction, seed) if val_fraction else np.zeros(num_images, bool)
+    ids = [f"img{i:06d}" for i in range(num_images)]
+    # Exactly val_fraction of each class (its first rows, labels being shuffled), so tests count on
+    # the sizes; an extraction draws each image's side (data.folders.split_validation).
+    is_val = np.zeros(num_images, bool)
+    for k in range(num_classes):
+        rows = np.flatnonzero(labels == k)
+        is_val[rows[:min(int(round(val_fraction * len(rows))), len(rows) - 1)]] = True
 
     def pass_loader(p: int, rows: np.ndarray, n: int):
         def load():
@@ -50,7 +55,7 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
                    "num_test_images": test_images, "file_list": f"synthetic-{seed}"}
     write_cache(path, fingerprint=fingerprint, versions={"dogtl": "synthetic"},
                 classes=[f"class_{k:03d}" for k in range(num_classes)],
-                labelled={"ids": [f"img{i:06d}" for i in range(num_images)], "labels": labels, "is_val": is_val,
+                labelled={"ids": ids, "labels": labels, "is_val": is_val,
                           "index": np.arange(num_images, dtype=np.int64),
                           "features": [pass_loader(p, base, num_images) for p in range(1 + passes)]},
                 test={"ids": [f"test{i:06d}" for i in range(test_images)],
