@@ -64,7 +64,7 @@ def test_feature_cache_reader(small_cache):
     from dogtl.data.folders import split_validation
 
     assert np.array_equal(c.is_val, split_validation(c.ids, c.labels, 0.1, 2018))  # each image's own draw
-    assert np.bincount(c.labels[c.is_val]).min() >= 1 and np.bincount(c.labels[~c.is_val]).min() >= 1
+    assert c.is_val.any() and np.bincount(c.labels[~c.is_val]).min() >= 1  # every class trains
     everything = c.features()
     assert everything.dtype == np.float32 and everything.shape == (3, 24, 2048)
     assert np.array_equal(c.features(passes=[2, 0]), everything[[2, 0]])
