@@ -52,8 +52,9 @@ DAMAGED_HINT = "damaged: rerun extract-features --force"
 CHECKSUM = {"fletcher32": True}  # create_dataset options of every numeric dataset
 DIGESTED_ATTRS = ("format", "format_version", "fingerprint", "versions", "weights_path", "merged_from")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Settings that do not change the features: differences are reported, never refused.
-INFORMATIONAL = {"versions", "batch_size"}
+# Settings that do not change the features: differences are reported, never refused. The runtime
+# gives the same features to float rounding (docs/runtimes.md), as TensorFlow does on another CPU.
+INFORMATIONAL = {"versions", "batch_size", "runtime"}
 # Settings older caches do not record, and the value they had.
 _DEFAULTS = {"precision": "float32"}
 _HINTS = {"file_list": " (images, labels or files changed)", "num_images": " (labelled images)",

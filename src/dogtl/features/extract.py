@@ -48,6 +48,7 @@ class ExtractConfig:
     shard: str | None = None  # "I/N": extract the I-th of N shards (see shards.py)
     strategy: str = "default"  # default | mirrored | multi-worker (see distribute.py)
     precision: str = "auto"  # the backbone's arithmetic (core/precision.py); recorded resolved
+    runtime: str = "auto"  # what runs the backbone (core/runtimes.py); recorded resolved, never refused
     cut_blocks: int = 0  # also store the activations entering the top N blocks (features/cut.py)
     cut_dtype: str = "float16"  # or int8 (per-image, per-channel scales)
 
@@ -71,6 +72,9 @@ class ExtractConfig:
         from dogtl.features.cut import CUT_DTYPES
 
         check_precision(self.precision)
+        from dogtl.core.runtimes import check_runtime
+
+        check_runtime(self.runtime)
         if self.cut_blocks < 0 or self.cut_dtype not in CUT_DTYPES:
             raise SettingError(f"--cut-blocks {self.cut_blocks} must be >= 0 and --cut-dtype {self.cut_dtype!r} "
                                f"one of {', '.join(CUT_DTYPES)}")
@@ -106,7 +110,7 @@ def versions() -> dict:
 def make_fingerprint(config: ExtractConfig, dataset: Dataset, backbone=None) -> dict:
     """`backbone` (the built model) is needed only with --cut-blocks, for the cut's shape."""
     from dogtl.core.models import weights_identity
-    from dogtl.core.precision import resolve
+    from dogtl.core.runtimes import plan
     from dogtl.features.cut import cut_info
 
     spec = get_backbone(config.backbone)
@@ -122,7 +126,7 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset, backbone=None) -> 
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "dtype": config.dtype,
-        "precision": resolve(config.precision),
+        "precision": plan(config.runtime, config.precision, None if config.strategy == "default" else config.strategy)[1],
         **({"cut": cut_info(backbone, spec, config.cut_blocks, config.cut_dtype)} if config.cut_blocks else {}),
         "data_layout": dataset.layout,
         "file_list": dataset.file_list_hash(),
@@ -216,12 +220,9 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
                               existing.num_passes - 1, existing.num_test_passes - 1, existing.skipped,
                               time.perf_counter() - started, path.stat().st_size)
 
-    import tensorflow as tf
-
     from dogtl.core.modelinfo import weights_path_to_record
     from dogtl.core.models import build_backbone
-
-    from dogtl.core.precision import computing_in
+    from dogtl.core.runtimes import frozen_forward
     from dogtl.features.cut import cut_bytes, extraction_model
 
     if backbone is None:
@@ -234,14 +235,16 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     require_free_space(path.parent, space_needed(path, fingerprint, len(lab), len(tst)),
                        f"extract-features --cut-blocks {config.cut_blocks} (features and cut activations)"
                        if config.cut_blocks else "extract-features")
-    partial.start(fingerprint)
     model = extraction_model(backbone, spec, config.cut_blocks) if config.cut_blocks else backbone
-    infer = (tf.function(lambda x: model(x, training=False), reduce_retracing=True) if strategy is None
-             else replicated_infer(strategy, backbone))
-    runner = _PassRunner(config, spec, image_size, partial, infer, progress)
+    forward = frozen_forward(model, runtime=config.runtime, precision=config.precision, strategy=strategy,
+                             label=f"{spec.name}-{image_size}" + (f"-cut{config.cut_blocks}" if config.cut_blocks else ""),
+                             tf_call=None if strategy is None else replicated_infer(strategy, backbone), note=note)
+    fingerprint = {**fingerprint, "runtime": forward.runtime}
+    partial.start(fingerprint)
+    runner = _PassRunner(config, spec, image_size, partial, forward, progress)
     runner.cut_dtype = config.cut_dtype if config.cut_blocks else None
     # Positions are numbers within this run's block; augmentation keys are file numbers (block start + position).
-    with computing_in(backbone, fingerprint["precision"]):
+    with forward:
         good = runner.run({"labelled": (dataset.paths[lab.start:lab.stop], config.passes, lab.start),
                            "test": (dataset.test_paths[tst.start:tst.stop], config.tta_passes, tst.start)},
                           on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
@@ -261,7 +264,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
         cut["labelled"][key] = [runner.pass_chunks("labelled", p, rows, key) for p in range(1 + config.passes)]
         cut["test"][key] = [runner.pass_chunks("test", p, test_rows, key) for p in range(1 + config.tta_passes)]
     write_cache(
-        path, fingerprint=fingerprint, versions=versions(), classes=list(dataset.classes),
+        path, fingerprint=fingerprint, versions={**versions(), "runtime": forward.version}, classes=list(dataset.classes),
         labelled={"ids": [dataset.ids[i] for i in at], "labels": dataset.labels[at].astype(np.int32),
                   "is_val": is_val[at], "index": at,
                   "features": [runner.pass_chunks("labelled", p, rows) for p in range(1 + config.passes)],
