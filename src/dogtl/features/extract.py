@@ -94,6 +94,7 @@ class ExtractSummary:
     seconds: float
     file_bytes: int
     resumed: int = 0  # images found already done in an interrupted earlier run
+    runtime: str | None = None  # what ran the backbone (None: nothing to extract)
 
 
 def versions() -> dict:
@@ -276,7 +277,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     )
     partial.remove()
     return ExtractSummary(path, "written", len(rows), len(test_rows), config.passes, config.tta_passes,
-                          skipped, time.perf_counter() - started, path.stat().st_size, runner.resumed)
+                          skipped, time.perf_counter() - started, path.stat().st_size, runner.resumed, forward.runtime)
 
 
 def _check_readable(split, readable, dataset, config):
