@@ -68,15 +68,18 @@ def check_runtime(runtime: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def missing(runtime: str) -> str | None:
+    """The first library `runtime` needs that cannot be imported; None when all can."""
+    return next((m for m in _MODULES.get(runtime, ()) if importlib.util.find_spec(m) is None), None)
+
+
 def installed(runtime: str) -> bool:
-    """Whether the libraries `runtime` needs can be imported (TensorFlow always can)."""
-    return all(importlib.util.find_spec(m) is not None for m in _MODULES.get(runtime, ()))
+    return missing(runtime) is None
 
 
 def require(runtime: str) -> None:
     if not installed(runtime):
-        missing = next(m for m in _MODULES[runtime] if importlib.util.find_spec(m) is None)
-        raise DogtlError(f"--runtime {runtime} needs {missing}, which is not installed: "
+        raise DogtlError(f"--runtime {runtime} needs {missing(runtime)}, which is not installed: "
                          f"pip install 'dogtl[{'onnx' if runtime == 'onnxruntime' else runtime}]', or use --runtime auto")
 
 
@@ -414,11 +417,14 @@ def _convert(model, runtime: str, folder: Path) -> None:
     model(probe if len(probe) > 1 else probe[0], training=False)  # Keras's ONNX export wants a called model
     target = folder / _FILES[runtime][0]
     try:
-        with warnings.catch_warnings(), _quiet_stderr(), _logging_kept():
+        with warnings.catch_warnings(), _quiet_stderr(), _logging_kept() as said:
             warnings.simplefilter("ignore")
             model.export(str(target), format="onnx" if runtime == "onnxruntime" else "openvino", verbose=False)
     except Exception as e:  # converters raise many types for ops they do not support
         raise ConversionError(_first_line(e)) from None
+    unsupported = [line for line in said if "unsupported ops" in line.lower()]
+    if unsupported:  # tf2onnx logs them and writes a model no runtime loads
+        raise ConversionError(unsupported[0][:200])
     if runtime == "openvino" and not (folder / "model.bin").exists():
         raise ConversionError("no model.bin written")
 
@@ -441,13 +447,26 @@ def _quiet_stderr():
 
 @contextlib.contextmanager
 def _logging_kept():
-    """OpenVINO's converter sets the root logger to ERROR and adds a filter to it (its `ovc`
-    logger set-up, checked on 2026.4): put the root logger back as it was."""
-    root = logging.getLogger()
-    level, filters = root.level, list(root.filters)
+    """Yields the list of what the converters log, which is kept from the user's log (tf2onnx
+    logs each unsupported operation as an error before the one line dogtl says); OpenVINO's
+    converter sets the root logger to ERROR and adds a filter to it (its `ovc` logger set-up,
+    checked on 2026.4): the root logger is put back as it was."""
+    root, converter = logging.getLogger(), logging.getLogger("tf2onnx")
+    level, filters, propagate = root.level, list(root.filters), converter.propagate
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    converter.addHandler(keep)
+    converter.propagate = False
     try:
-        yield
+        yield said
     finally:
+        converter.removeHandler(keep)
+        converter.propagate = propagate
         root.setLevel(level)
         root.filters[:] = filters
 

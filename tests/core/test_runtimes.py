@@ -1,0 +1,167 @@
+"""Runtimes: what `auto` picks, the conversion cache (reused, refused and rebuilt when stale or
+damaged), the one-line fallback, and features equal to TensorFlow's on every runtime."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from conftest import CHEAP, assert_clean_error, run_cli
+
+
+def _needs(runtime):
+    from dogtl.core.runtimes import installed
+
+    if not installed(runtime):
+        pytest.skip(f"{runtime} is not installed (pip install 'dogtl[onnx]'); .ci/run installs it")
+
+
+def _tiny(op=None, seed=0):
+    """A three-layer conv net (converts in a second), optionally with `op` between its layers."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(6, 3, activation="relu")(inputs)
+    if op is not None:
+        x = keras.layers.Lambda(op)(x)
+    x = keras.layers.Conv2D(5, 3)(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def _batch(n=3):
+    return np.random.default_rng(1).uniform(-1, 1, (n, 12, 12, 3)).astype(np.float32)
+
+
+def test_auto_and_precision_rules(monkeypatch):
+    from dogtl.core import precision, runtimes
+    from dogtl.core.errors import SettingError
+
+    monkeypatch.delenv(runtimes.AUTO_ENV, raising=False)
+    monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: None)
+    monkeypatch.setattr(runtimes, "installed", lambda r: True)
+    monkeypatch.setattr(precision, "cpu_bfloat16", lambda: True)
+    assert runtimes.plan("auto", "float32") == ("openvino", "float32")
+    assert runtimes.plan("auto", "auto") == ("openvino", "bfloat16")  # OpenVINO's hint, as TensorFlow's rewrite
+    assert runtimes.plan("onnxruntime", "auto") == ("onnxruntime", "float32")  # float32 only on CPUs
+    assert runtimes.plan("auto", "auto", strategy="mirrored")[0] == "tensorflow"
+    with pytest.raises(SettingError, match="onnxruntime computes in float32"):
+        runtimes.plan("onnxruntime", "bfloat16")
+    with pytest.raises(SettingError, match="--strategy"):
+        runtimes.plan("openvino", "float32", strategy="mirrored")
+    monkeypatch.setattr(precision, "cpu_bfloat16", lambda: False)
+    assert runtimes.plan("openvino", "auto") == ("openvino", "float32")
+    with pytest.raises(SettingError, match="openvino computes bfloat16 only"):
+        runtimes.plan("openvino", "bfloat16")
+    monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: True)  # a GPU: TensorFlow unless asked
+    assert runtimes.plan("auto", "float32") == ("tensorflow", "float32")
+    monkeypatch.setattr(runtimes, "installed", lambda r: r == "tensorflow")
+    monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: None)
+    assert runtimes.plan("auto", "float32") == ("tensorflow", "float32")  # nothing else installed
+    monkeypatch.setenv(runtimes.AUTO_ENV, "tensorflow")
+    assert runtimes.plan("auto", "float32") == ("tensorflow", "float32")
+    assert_clean_error(run_cli("extract-features", "--runtime", "tvm"), "--runtime 'tvm'", "openvino")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_conversion_cache_reused_then_rebuilt_when_damaged_or_stale(runtime, tmp_path, caplog):
+    from dogtl.core.runtimes import frozen_forward
+
+    _needs(runtime)
+    caplog.set_level(logging.INFO, logger="dogtl.core.runtimes")
+    model, x = _tiny(), _batch()
+    want = np.asarray(model(x))
+    first = frozen_forward(model, runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    assert first.runtime == runtime and first.fell_back is None
+    np.testing.assert_allclose(first(x), want, rtol=1e-4, atol=1e-5)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    files = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+
+    caplog.clear()
+    again = frozen_forward(_tiny(), runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    assert any("reusing" in r.message for r in caplog.records)  # the same model built again: no conversion
+    assert not any("converting" in r.message for r in caplog.records)
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == files
+    np.testing.assert_allclose(again(x), want, rtol=1e-4, atol=1e-5)
+
+    other = frozen_forward(_tiny(seed=1), runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    np.testing.assert_allclose(other(x), np.asarray(_tiny(seed=1)(x)), rtol=1e-4, atol=1e-5)  # other weights
+    assert len([p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2
+
+    model_file = entry / ("model.onnx" if runtime == "onnxruntime" else "model.bin")
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    model_file.write_bytes(bytes(data))
+    caplog.clear()
+    rebuilt = frozen_forward(model, runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "damaged" in warnings[0] and model_file.name in warnings[0], warnings
+    np.testing.assert_allclose(rebuilt(x), want, rtol=1e-4, atol=1e-5)
+
+    meta = json.loads((entry / "entry.json").read_text())
+    meta["key"]["versions"]["keras"] = "0.0.1"  # made by another converter version
+    (entry / "entry.json").write_text(json.dumps(meta))
+    caplog.clear()
+    frozen_forward(model, runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    assert any("stale" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+    assert json.loads((entry / "entry.json").read_text())["key"]["versions"]["keras"] != "0.0.1"
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_model_the_runtime_cannot_convert_runs_on_tensorflow_saying_so(runtime, tmp_path, caplog):
+    import tensorflow as tf
+
+    from dogtl.core.runtimes import frozen_forward
+
+    _needs(runtime)
+    model = _tiny(op=lambda t: tf.math.bessel_i0e(t))  # no converter has a rule for BesselI0e
+    forward = frozen_forward(model, runtime=runtime, precision="float32", label="bessel", cache_dir=tmp_path)
+    assert forward.runtime == "tensorflow" and forward.fell_back
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith(f"{runtime} cannot run bessel") and "running it on tensorflow" in warnings[0]
+    with forward:
+        np.testing.assert_allclose(forward(_batch()), np.asarray(model(_batch())), rtol=1e-6)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing half-made left behind
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_extracted_features_equal_tensorflows(runtime, stage3, tmp_path):
+    """The stage3 cache was extracted on TensorFlow in float32: the same settings on `runtime`
+    give the same features (cosine >= 0.9999 per image) and record the runtime, and the cache
+    made on one runtime is up to date for another (recorded, not refused)."""
+    from dogtl.core.runtimes import agreement
+    from dogtl.features.cache import open_cache
+
+    _needs(runtime)
+    reference = open_cache(stage3.cache)
+    out = tmp_path / "features.h5"
+    args = ["--data", stage3.data, "--backbone", "mobilenet_v2", "--weights", stage3.weights, "--image-size", 48,
+            "--passes", 1, "--tta-passes", 1, "--batch-size", 8, "--val-fraction", 0.25, "--dtype", "float32",
+            "--precision", "float32"]
+    result = run_cli("extract-features", "--cache", out, *args, "--runtime", runtime)
+    assert result.exit_code == 0, result.output
+    cache = open_cache(out)
+    assert cache.fingerprint["runtime"] == runtime and cache.versions["runtime"].startswith(runtime)
+    assert reference.fingerprint["runtime"] == "tensorflow"
+    assert list(cache.ids) == list(reference.ids)
+    for split, passes in (("labelled", 2), ("test", 2)):
+        for p in range(passes):
+            got, want = cache.features(split, passes=[p])[0], reference.features(split, passes=[p])[0]
+            assert np.std(want, axis=0).mean() > 1e-3  # the features tell images apart
+            check = agreement(got, want)
+            assert check["cosine"] >= 0.9999 and check["relative"] < 1e-3, (split, p, check)
+    again = run_cli("extract-features", "--cache", out, *args, "--runtime", "tensorflow")
+    assert again.exit_code == 0 and "already up to date" in again.output, again.output
+
+
+def test_extraction_with_a_missing_runtime_says_how_to_install_it(monkeypatch, synthetic_data, tmp_path):
+    from dogtl.core import runtimes
+
+    monkeypatch.setattr(runtimes, "missing", lambda runtime: "onnxruntime" if runtime == "onnxruntime" else None)
+    result = run_cli("extract-features", "--data", synthetic_data, "--cache", tmp_path / "f.h5", *CHEAP,
+                     "--runtime", "onnxruntime")
+    assert_clean_error(result, "needs onnxruntime", r"pip install 'dogtl\[onnx\]'")
