@@ -216,7 +216,9 @@ def tensorflow_forward(model, precision: str, call=None) -> Forward:
     fn = call or tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
     def run(inputs):
-        out = fn(list(inputs) if isinstance(inputs, tuple) else inputs)
+        if isinstance(inputs, (list, tuple)):  # one batch per model input
+            inputs = inputs[0] if len(inputs) == 1 else list(inputs)
+        out = fn(inputs)
         return [np.asarray(o) for o in out] if isinstance(out, (list, tuple)) else np.asarray(out)
 
     return Forward("tensorflow", precision, run, model)
