@@ -216,6 +216,48 @@ def worker_prep(args) -> dict:
             "wall_ms": 1000 * (times[-1][0] - times[0][0]) / images}
 
 
+def worker_side_by_side(args) -> dict:
+    """Every runtime's bare forward in one process, batch after batch in turn (TensorFlow, ONNX
+    Runtime, OpenVINO, TensorFlow, ...), so a shared machine's drifting load falls on all alike:
+    per runtime the median seconds per batch, and the median over turns of TensorFlow's seconds
+    over the runtime's in the same turn."""
+    import statistics
+
+    import numpy as np
+
+    from dogtl.core.models import build_backbone
+    from dogtl.core.runtimes import frozen_forward
+    from dogtl.features.backbones import get_backbone
+
+    spec = get_backbone(args.backbone)
+    model = build_backbone(spec, "none", args.image_size)
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32)
+    forwards = {}
+    for runtime in RUNTIMES:
+        try:
+            forward = frozen_forward(model, runtime=runtime, precision=args.precision,
+                                     label=f"{spec.name}-{args.image_size}")
+        except Exception as e:  # noqa: BLE001  a precision the runtime refuses
+            forwards[runtime] = str(e)[:100]
+            continue
+        forwards[runtime] = forward if forward.runtime == runtime else f"fell back: {forward.fell_back}"
+    usable = {r: f for r, f in forwards.items() if not isinstance(f, str)}
+    seconds = {r: [] for r in usable}
+    for turn in range(1 + args.bare_batches):
+        for runtime, forward in usable.items():
+            with forward:
+                started = time.perf_counter()
+                np.asarray(forward(batch)).astype(np.float16)
+                if turn:  # turn 0 warms up (tracing, first-call allocations)
+                    seconds[runtime].append(time.perf_counter() - started)
+    out = {r: (f if isinstance(f, str) else None) for r, f in forwards.items()}
+    for runtime, times in seconds.items():
+        out[runtime] = {"rate": args.batch_size / statistics.median(times), "precision": usable[runtime].precision,
+                        "vs_tf": statistics.median(t / s for t, s in zip(seconds["tensorflow"], times))}
+    return out
+
+
 def worker_cosine(args) -> dict:
     """Per-image cosine of each runtime's features to TensorFlow's float32 ones: the real
     pretrained MobileNetV2 on real photos, at --image-size."""
@@ -338,6 +380,10 @@ def runtime_study(args) -> None:
             data = Path(tmp) / f"{backbone}" / "data"  # the first n images of the size's folder
             make_subset(folders[size], data, n)
             for precision in args.runtime_precisions:
+                side = run_worker("side", args, precision=precision, bare_batches=args.side_batches)
+                print(f"  measured {backbone} {precision} side by side: " + ", ".join(
+                    f"{r} {v['rate']:.1f} img/s ({v['vs_tf']:.2f}x)" if isinstance(v, dict) else f"{r}: {v}"
+                    for r, v in side.items()), flush=True)
                 for runtime in RUNTIMES:
                     if runtime == "onnxruntime" and precision != "float32":
                         continue  # computes in float32 only: the float32 row
@@ -345,7 +391,7 @@ def runtime_study(args) -> None:
                     runs = [run_worker("pipeline", args, data=data, precision=precision) for _ in range(args.rounds)]
                     ok = [r for r in runs if "failed" not in r]
                     row = {"backbone": f"{backbone} {size}", "precision": precision, "runtime": runtime,
-                           "failed": None if ok else runs[0]["failed"]}
+                           "failed": None if ok else runs[0]["failed"], "side": side.get(runtime)}
                     if ok:
                         row.update(bare=median(r["paired_rate"] for r in ok), pipe=median(r["rate"] for r in ok),
                                    ratio=median(r["rate"] / r["paired_rate"] for r in ok),
@@ -357,18 +403,24 @@ def runtime_study(args) -> None:
                              else f"failed: {row['failed']}"), flush=True)
         cosines = run_worker("cosine", args, data=tmp, cosine_size=args.cosine_size) if WEIGHTS.is_file() else None
     print(f"\nmachine: {machine()}")
-    print(f"{'backbone':22s} {'precision':9s} {'runtime':11s} {'bare img/s':>10s} {'pipe img/s':>10s} "
-          f"{'bare/TF':>8s} {'pipe/TF':>8s} {'pipe/bare':>9s} {'CPU-ms/img':>10s}")
+    print("bare: the forward alone on random tensors; 'side by side' = every runtime in one process, batch after "
+          "batch in turn (its ratio: median over turns); pipeline: extract_features on JPEG files, paired with "
+          "bare batches in its own process (pipe/bare); pipe/TF: pipeline images/s over TensorFlow's (processes "
+          "minutes apart)")
+    print(f"{'backbone':22s} {'precision':9s} {'runtime':18s} {'side img/s':>10s} {'side/TF':>8s} {'bare img/s':>10s} "
+          f"{'pipe img/s':>10s} {'pipe/TF':>8s} {'pipe/bare':>9s}")
     for row in table:
         tf_row = next((r for r in table if r["backbone"] == row["backbone"] and r["precision"] == row["precision"]
                        and r["runtime"] == "tensorflow" and not r["failed"]), None)
         name = row["runtime"] + (" (auto)" if auto[row["precision"]][0] == row["runtime"] else "")
+        side = row["side"] if isinstance(row["side"], dict) else None
+        side_text = f"{side['rate']:10.1f} {side['vs_tf']:7.2f}x" if side else f"{'-':>10s} {'-':>8s}"
         if row["failed"]:
-            print(f"{row['backbone']:22s} {row['precision']:9s} {name:11s} failed: {row['failed']}")
+            print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text} failed: {row['failed']}")
             continue
-        vs = (lambda k: f"{row[k] / tf_row[k]:7.2f}x") if tf_row else (lambda k: f"{'-':>8s}")
-        print(f"{row['backbone']:22s} {row['precision']:9s} {name:11s} {row['bare']:10.1f} {row['pipe']:10.1f} "
-              f"{vs('bare')} {vs('pipe')} {row['ratio']:9.3f} {row['cpu']:10.1f}"
+        vs = f"{row['pipe'] / tf_row['pipe']:7.2f}x" if tf_row else f"{'-':>8s}"
+        print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text} {row['bare']:10.1f} "
+              f"{row['pipe']:10.1f} {vs} {row['ratio']:9.3f}"
               + ("" if row["ran"] == row["runtime"] else f"  (ran on {row['ran']})"))
     for size, p in prep.items():
         print(f"preparation alone at {size} px (decode, augmentation, batching; no model): {p['cpu_ms']:.1f} CPU-ms "
@@ -406,6 +458,7 @@ def main():
                         help="runtime study: backbones (sizes and image counts as STUDY)")
     parser.add_argument("--runtime-precisions", nargs="+", default=["float32", "auto"])
     parser.add_argument("--cosine-size", type=int, default=224)
+    parser.add_argument("--side-batches", type=int, default=6, help="turns of the side-by-side bare forward")
     parser.add_argument("--keep-going", action="store_true", default=True, help=argparse.SUPPRESS)
     parser.add_argument("--runtime", default="tensorflow", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", default="xception")
@@ -420,7 +473,7 @@ def main():
     parser.add_argument("--precisions", nargs="+", default=["float32", "auto", "bfloat16:keras", "bfloat16:rewrite"],
                         help="precisions to compare (NAME, or NAME:keras / NAME:rewrite to force that mechanism "
                              "on the bare forward)")
-    parser.add_argument("--worker", choices=["bare", "pipeline", "prep", "cosine"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["bare", "pipeline", "prep", "cosine", "side"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--how", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -429,13 +482,13 @@ def main():
         if args.worker == "cosine":
             args.image_size = args.cosine_size
         result = {"bare": worker_bare, "pipeline": worker_pipeline, "prep": worker_prep,
-                  "cosine": worker_cosine}[args.worker](args)
+                  "cosine": worker_cosine, "side": worker_side_by_side}[args.worker](args)
         print(json.dumps(result))
         return
     if not args.precision_study:
         args.study = [row for row in STUDY if row[0] in args.backbones]
         if args.quick:
-            args.study, args.rounds, args.cosine_size = [("mobilenet_v2", 96, 128)], 1, 96
+            args.study, args.rounds, args.cosine_size, args.side_batches = [("mobilenet_v2", 96, 128)], 1, 96, 3
         runtime_study(args)
         return
     args.keep_going = False

@@ -16,7 +16,7 @@ def _needs(runtime):
     from dogtl.core.runtimes import installed
 
     if not installed(runtime):
-        pytest.skip(f"{runtime} is not installed (pip install 'dogtl[onnx]'); .ci/run installs it")
+        pytest.skip(f"{runtime} is not installed (pip install 'dogtl[onnx]' or openvino); .ci/run installs it")
 
 
 def _tiny(op=None, seed=0):

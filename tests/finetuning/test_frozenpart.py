@@ -18,7 +18,7 @@ def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     from dogtl.finetuning.train import finetune
 
     if not installed("openvino"):
-        pytest.skip("openvino is not installed (pip install 'dogtl[openvino]'); .ci/run installs it")
+        pytest.skip("openvino is not installed (pip install openvino, a dogtl dependency); .ci/run installs it")
     out = tmp_path / "ft.keras"
     result = finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out), epochs=2,
                                      patience=5, batch_size=8, optimizer="adam", base_lr=1e-3, runtime="openvino",

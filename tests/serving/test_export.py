@@ -145,7 +145,7 @@ def runtime_export(request, tiny_model, serving_images, tmp_path_factory):
 
     fmt = request.param
     if not installed(RUNTIME_OF[fmt]):
-        pytest.skip(f"{RUNTIME_OF[fmt]} is not installed (pip install 'dogtl[onnx]'); .ci/run installs it")
+        pytest.skip(f"{RUNTIME_OF[fmt]} is not installed (pip install 'dogtl[onnx]' or openvino); .ci/run installs it")
     out = tmp_path_factory.mktemp(fmt) / f"tiny{SUFFIX[fmt]}"
     args = [a for p in serving_images for a in ("--check-images", p)]
     result = run_cli("export", tiny_model, "--format", fmt, "--out", out, *args)

@@ -79,8 +79,9 @@ def installed(runtime: str) -> bool:
 
 def require(runtime: str) -> None:
     if not installed(runtime):
-        raise DogtlError(f"--runtime {runtime} needs {missing(runtime)}, which is not installed: "
-                         f"pip install 'dogtl[{'onnx' if runtime == 'onnxruntime' else runtime}]', or use --runtime auto")
+        how = "pip install 'dogtl[onnx]'" if runtime == "onnxruntime" else "pip install 'openvino>=2025.1'"
+        raise DogtlError(f"--runtime {runtime} needs {missing(runtime)}, which is not installed: {how}, or use "
+                         "--runtime auto")
 
 
 def plan(runtime: str, precision: str, strategy=None) -> tuple[str, str]:
