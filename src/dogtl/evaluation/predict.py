@@ -69,9 +69,9 @@ class Submission:
     columns: list[str]
     source: str  # "cached features" or "images"
     passes: int
-    runtime: str | None = None  # what ran the model on images
     skipped: list[str] = field(default_factory=list)  # "path\treason"
     filled: int = 0  # rows written with uniform probabilities for unreadable images
+    runtime: str | None = None  # what ran the model on images
 
 
 @dataclass
