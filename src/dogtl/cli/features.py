@@ -61,7 +61,7 @@ def _print_extract_summary(s):
     typer.echo(
         f"wrote {s.path}: {s.images} labelled images x (1 clean + {s.passes} augmented passes), "
         f"{s.test_images} test images x {1 + s.tta_passes} passes, {len(s.skipped)} skipped, "
-        f"{s.seconds:.1f} s, {s.file_bytes / 1e6:.1f} MB"
+        f"{s.seconds:.1f} s on {s.runtime}, {s.file_bytes / 1e6:.1f} MB"
     )
     for line in s.skipped:
         path, _, reason = line.partition("\t")

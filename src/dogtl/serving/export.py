@@ -162,12 +162,7 @@ def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "au
     from dogtl.serving.model import encoded_to_pixels
 
     kept = [p for p in paths if _readable(p)]
-    if not kept:
-        raise DogtlError("none of the check images could be read")
-    serve = tf.function(encoded_batch_fn(sm))
-    keras_probs = np.concatenate([
-        serve(tf.constant([Path(p).read_bytes() for p in kept[i:i + 32]]))["probabilities"].numpy()
-        for i in range(0, len(kept), 32)]).astype(np.float64)
+    keras_probs = _keras_probabilities(sm, kept)
     forward = file_forward(path, runtime, "float32")
     pixels = [encoded_to_pixels(tf.constant(Path(p).read_bytes()), sm.inputs) for p in kept]
     got = np.concatenate([forward([np.stack([x[k].numpy() for x in pixels[i:i + 32]]) for k in range(len(sm.inputs))])
@@ -257,18 +252,25 @@ def client_pixels(paths, size: int):
     return np.array(images, dtype=np.uint8).reshape(-1, size, size, 3), kept
 
 
+def _keras_probabilities(sm: ServingModel, paths) -> np.ndarray:
+    """The Keras model's probabilities on the files through the SavedModel's own graph (dogtl's
+    float pipeline): what every export's check compares with."""
+    import tensorflow as tf
+
+    if not paths:
+        raise DogtlError("none of the check images could be read")
+    serve = tf.function(encoded_batch_fn(sm))
+    return np.concatenate([serve(tf.constant([Path(p).read_bytes() for p in paths[i:i + 32]]))["probabilities"].numpy()
+                           for i in range(0, len(paths), 32)]).astype(np.float64)
+
+
 def check_tflite(tflite: str | Path | bytes, sm: ServingModel, paths) -> ExportCheck:
     """Top-1 agreement and largest probability difference of the TFLite model against the Keras
     model (dogtl's float pipeline on the files) on `paths`."""
     import tensorflow as tf
 
     pixels, kept = client_pixels(paths, sm.size)
-    if not kept:
-        raise DogtlError("none of the check images could be read")
-    serve = tf.function(encoded_batch_fn(sm))
-    keras_probs = np.concatenate([
-        serve(tf.constant([Path(p).read_bytes() for p in kept[i:i + 32]]))["probabilities"].numpy()
-        for i in range(0, len(kept), 32)]).astype(np.float64)
+    keras_probs = _keras_probabilities(sm, kept)
     on_pixels = tf.function(lambda x: sm.call(pixels_to_inputs(x, sm.inputs)))
     same = np.concatenate([on_pixels(tf.constant(pixels[i:i + 32])).numpy()
                            for i in range(0, len(kept), 32)]).astype(np.float64)
