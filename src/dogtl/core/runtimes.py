@@ -39,8 +39,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dogtl.core.errors import DogtlError, SettingError
 
 log = logging.getLogger(__name__)
@@ -127,6 +125,8 @@ def model_digest(model) -> str:
     """The model's content: its layers' classes, input and output shapes and every weight's
     bytes, in order (not layer names, which Keras numbers per process). Equal for the same
     backbone, weights and image size in any process."""
+    import numpy as np
+
     h = hashlib.sha256()
     h.update(json.dumps([_shapes(model.inputs), _shapes(model.outputs)]).encode())
 
@@ -212,6 +212,8 @@ class Forward:
 
 def tensorflow_forward(model, precision: str, call=None) -> Forward:
     """The model as one tf.function (traced once per batch shape), or `call` (a replicated one)."""
+    import numpy as np
+
     import tensorflow as tf
 
     fn = call or tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -276,6 +278,8 @@ def file_forward(path: str | Path, runtime: str = "auto", precision: str = "auto
 
 
 def _file_forward(path: Path, runtime: str, precision: str) -> Forward:
+    import numpy as np
+
     call, inputs, outputs = (_onnxruntime_call(path) if runtime == "onnxruntime"
                              else _openvino_call(path, precision))
 
@@ -302,6 +306,8 @@ def _onnxruntime_call(path: Path):
 
 def _openvino_call(path: Path, precision: str):
     """(call, inputs, outputs) as _onnxruntime_call, compiled for the CPU in `precision`."""
+    import numpy as np
+
     import openvino as ov
 
     hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
@@ -408,6 +414,8 @@ def _locked(path: Path):
 
 
 def _probe(model) -> list[np.ndarray]:
+    import numpy as np
+
     rng = np.random.default_rng(0)
     return [rng.uniform(-1, 1, (2, *[int(d) for d in t.shape[1:]])).astype(np.float32) for t in model.inputs]
 
@@ -484,6 +492,8 @@ def _first_line(e: BaseException) -> str:
 
 def agreement(a, b) -> dict:
     """{'cosine': lowest per-row cosine similarity, 'relative': largest |a - b| / max |b|}."""
+    import numpy as np
+
     a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cosine = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300), 1.0)
@@ -493,6 +503,8 @@ def agreement(a, b) -> dict:
 
 def _check(model, runtime: str, folder: Path) -> dict:
     """The converted model against TensorFlow on the probe batch, both in float32."""
+    import numpy as np
+
     probe = _probe(model)
     want = model(probe if len(probe) > 1 else probe[0], training=False)
     want = [np.asarray(w) for w in (want if isinstance(want, (list, tuple)) else [want])]
