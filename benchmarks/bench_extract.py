@@ -243,18 +243,21 @@ def worker_side_by_side(args) -> dict:
             continue
         forwards[runtime] = forward if forward.runtime == runtime else f"fell back: {forward.fell_back}"
     usable = {r: f for r, f in forwards.items() if not isinstance(f, str)}
-    seconds = {r: [] for r in usable}
+    seconds, cpu = {r: [] for r in usable}, {r: [] for r in usable}
     for turn in range(1 + args.bare_batches):
         for runtime, forward in usable.items():
             with forward:
-                started = time.perf_counter()
+                started, used = time.perf_counter(), cpu_seconds()
                 np.asarray(forward(batch)).astype(np.float16)
                 if turn:  # turn 0 warms up (tracing, first-call allocations)
                     seconds[runtime].append(time.perf_counter() - started)
+                    cpu[runtime].append(cpu_seconds() - used)
     out = {r: (f if isinstance(f, str) else None) for r, f in forwards.items()}
     for runtime, times in seconds.items():
         out[runtime] = {"rate": args.batch_size / statistics.median(times), "precision": usable[runtime].precision,
-                        "vs_tf": statistics.median(t / s for t, s in zip(seconds["tensorflow"], times))}
+                        "vs_tf": statistics.median(t / s for t, s in zip(seconds["tensorflow"], times)),
+                        "cpu_ms": 1000 * statistics.median(cpu[runtime]) / args.batch_size,
+                        "cpu_vs_tf": statistics.median(cpu["tensorflow"]) / statistics.median(cpu[runtime])}
     return out
 
 
@@ -332,7 +335,9 @@ def run_worker(kind: str, args, **extra) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         if args.keep_going:
-            return {"failed": (out.stderr.strip().splitlines() or ["?"])[-1][:160]}
+            said = [line for line in out.stderr.strip().splitlines() if line.strip() and not line.startswith(
+                ("I0000", "W0000", "E0000", "WARNING: All", "To enable"))]
+            return {"failed": f"exit {out.returncode}: " + (said or ["?"])[-1][:160]}
         sys.exit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -382,11 +387,14 @@ def runtime_study(args) -> None:
             for precision in args.runtime_precisions:
                 side = run_worker("side", args, precision=precision, bare_batches=args.side_batches)
                 print(f"  measured {backbone} {precision} side by side: " + ", ".join(
-                    f"{r} {v['rate']:.1f} img/s ({v['vs_tf']:.2f}x)" if isinstance(v, dict) else f"{r}: {v}"
-                    for r, v in side.items()), flush=True)
+                    f"{r} {v['rate']:.1f} img/s ({v['vs_tf']:.2f}x), {v['cpu_ms']:.1f} CPU-ms/img ({v['cpu_vs_tf']:.2f}x)"
+                    if isinstance(v, dict) else f"{r}: {v}" for r, v in side.items()), flush=True)
                 for runtime in RUNTIMES:
-                    if runtime == "onnxruntime" and precision != "float32":
-                        continue  # computes in float32 only: the float32 row
+                    if precision not in args.pipeline_precisions or (runtime == "onnxruntime" and precision != "float32"):
+                        if isinstance(side.get(runtime), dict):  # the side-by-side forward only
+                            table.append({"backbone": f"{backbone} {size}", "precision": precision,
+                                          "runtime": runtime, "failed": None, "side": side[runtime], "pipe": None})
+                        continue
                     args.runtime = runtime
                     runs = [run_worker("pipeline", args, data=data, precision=precision) for _ in range(args.rounds)]
                     ok = [r for r in runs if "failed" not in r]
@@ -396,6 +404,7 @@ def runtime_study(args) -> None:
                         row.update(bare=median(r["paired_rate"] for r in ok), pipe=median(r["rate"] for r in ok),
                                    ratio=median(r["rate"] / r["paired_rate"] for r in ok),
                                    ran=ok[0]["runtime"], cpu=median(r["paired_cpu_ms"] for r in ok),
+                                   cpu_ratio=median(r["paired_cpu_ms"] / r["cpu_ms"] for r in ok),
                                    rounds=[round(r["rate"], 1) for r in ok])
                     table.append(row)
                     print(f"  measured {backbone} {precision} {runtime}: "
@@ -407,20 +416,27 @@ def runtime_study(args) -> None:
           "batch in turn (its ratio: median over turns); pipeline: extract_features on JPEG files, paired with "
           "bare batches in its own process (pipe/bare); pipe/TF: pipeline images/s over TensorFlow's (processes "
           "minutes apart)")
-    print(f"{'backbone':22s} {'precision':9s} {'runtime':18s} {'side img/s':>10s} {'side/TF':>8s} {'bare img/s':>10s} "
-          f"{'pipe img/s':>10s} {'pipe/TF':>8s} {'pipe/bare':>9s}")
+    print("CPU: CPU-ms per image (all threads), which the load of other processes hardly moves; on an idle "
+          "machine whose cores the runtime keeps busy, images/s ratios approach the CPU ratios; CPU pipe/bare = "
+          "the paired bare batches' CPU time per image over the pipeline's")
+    print(f"{'backbone':22s} {'precision':9s} {'runtime':18s} {'side img/s':>10s} {'side/TF':>8s} {'CPU-ms':>7s} "
+          f"{'CPU/TF':>7s} {'bare img/s':>10s} {'pipe img/s':>10s} {'pipe/TF':>8s} {'pipe/bare':>9s} {'CPU p/b':>8s}")
     for row in table:
         tf_row = next((r for r in table if r["backbone"] == row["backbone"] and r["precision"] == row["precision"]
                        and r["runtime"] == "tensorflow" and not r["failed"]), None)
         name = row["runtime"] + (" (auto)" if auto[row["precision"]][0] == row["runtime"] else "")
         side = row["side"] if isinstance(row["side"], dict) else None
-        side_text = f"{side['rate']:10.1f} {side['vs_tf']:7.2f}x" if side else f"{'-':>10s} {'-':>8s}"
+        side_text = (f"{side['rate']:10.1f} {side['vs_tf']:7.2f}x {side['cpu_ms']:7.1f} {side['cpu_vs_tf']:6.2f}x" if side
+                     else f"{'-':>10s} {'-':>8s} {'-':>7s} {'-':>7s}")
         if row["failed"]:
             print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text} failed: {row['failed']}")
             continue
-        vs = f"{row['pipe'] / tf_row['pipe']:7.2f}x" if tf_row else f"{'-':>8s}"
+        if row["pipe"] is None:
+            print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text}")
+            continue
+        vs = f"{row['pipe'] / tf_row['pipe']:7.2f}x" if tf_row and tf_row.get("pipe") else f"{'-':>8s}"
         print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text} {row['bare']:10.1f} "
-              f"{row['pipe']:10.1f} {vs} {row['ratio']:9.3f}"
+              f"{row['pipe']:10.1f} {vs} {row['ratio']:9.3f} {row['cpu_ratio']:8.3f}"
               + ("" if row["ran"] == row["runtime"] else f"  (ran on {row['ran']})"))
     for size, p in prep.items():
         print(f"preparation alone at {size} px (decode, augmentation, batching; no model): {p['cpu_ms']:.1f} CPU-ms "
@@ -457,6 +473,8 @@ def main():
     parser.add_argument("--backbones", nargs="+", default=[b for b, _, _ in STUDY],
                         help="runtime study: backbones (sizes and image counts as STUDY)")
     parser.add_argument("--runtime-precisions", nargs="+", default=["float32", "auto"])
+    parser.add_argument("--pipeline-precisions", nargs="+", default=["float32"],
+                        help="precisions whose pipeline is run (the others: the side-by-side forward only)")
     parser.add_argument("--cosine-size", type=int, default=224)
     parser.add_argument("--side-batches", type=int, default=6, help="turns of the side-by-side bare forward")
     parser.add_argument("--keep-going", action="store_true", default=True, help=argparse.SUPPRESS)
