@@ -44,6 +44,7 @@ def test_auto_and_precision_rules(monkeypatch):
     monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: None)
     monkeypatch.setattr(runtimes, "installed", lambda r: True)
     monkeypatch.setattr(precision, "cpu_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)  # not its cached original: restored after
     assert runtimes.plan("auto", "float32") == ("openvino", "float32")
     assert runtimes.plan("auto", "auto") == ("openvino", "bfloat16")  # OpenVINO's hint, as TensorFlow's rewrite
     assert runtimes.plan("onnxruntime", "auto") == ("onnxruntime", "float32")  # float32 only on CPUs
