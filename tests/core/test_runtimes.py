@@ -189,3 +189,30 @@ def test_predict_and_evaluate_on_openvino_equal_tensorflow(stage3, tmp_path):
     ov, tf = rows["openvino-eval"], rows["tensorflow-eval"]
     assert ov["runtime"] == "openvino" and tf["runtime"] == "tensorflow"
     assert ov["accuracy"] == tf["accuracy"] and abs(ov["log_loss"] - tf["log_loss"]) < 1e-4
+
+
+# What each converter manages, measured with OpenVINO 2026.4 and tf2onnx 1.17 (docs/runtimes.md).
+CANNOT = {("convnext_tiny", "onnxruntime"): "Erfc"}  # tf2onnx has no rule for GELU's Erfc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+@pytest.mark.parametrize("backbone", ["xception", "resnet50", "mobilenet_v2", "efficientnet_v2_b0", "convnext_tiny"])
+def test_backbones_convert_or_fall_back_as_documented(backbone, runtime, tmp_path):
+    from dogtl.core.models import build_backbone, calibrate_batchnorm
+    from dogtl.core.runtimes import agreement, frozen_forward
+    from dogtl.features.backbones import get_backbone
+
+    _needs(runtime)
+    spec = get_backbone(backbone)
+    size = max(spec.min_size, 64)
+    model = build_backbone(spec, "none", size)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+    calibrate_batchnorm(model, x)
+    forward = frozen_forward(model, runtime=runtime, precision="float32", label=backbone, cache_dir=tmp_path)
+    if (backbone, runtime) in CANNOT:
+        assert forward.runtime == "tensorflow" and CANNOT[backbone, runtime] in forward.fell_back
+        return
+    assert forward.runtime == runtime, forward.fell_back
+    check = agreement(forward(x), np.asarray(model(x)))
+    assert check["cosine"] >= 0.9999 and check["relative"] < 1e-3, check

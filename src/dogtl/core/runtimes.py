@@ -438,6 +438,22 @@ def _convert(model, runtime: str, folder: Path) -> None:
         raise ConversionError(unsupported[0][:200])
     if runtime == "openvino" and not (folder / "model.bin").exists():
         raise ConversionError("no model.bin written")
+    if runtime == "openvino":
+        _keep_model_outputs(target, len(model.outputs))
+
+
+def _keep_model_outputs(path: Path, count: int) -> None:
+    """OpenVINO's TensorFlow frontend makes some intermediate tensors results too (EfficientNetV2's
+    blocks, with OpenVINO 2026.4): keep the model's own outputs, which come first; the check
+    against TensorFlow then says whether they are right."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+    if len(model.outputs) > count:
+        kept = ov.Model(model.get_results()[:count], model.get_parameters(), model.friendly_name)
+        for name in ("model.xml", "model.bin"):
+            (path.parent / name).unlink()
+        ov.save_model(kept, str(path), compress_to_fp16=False)
 
 
 @contextlib.contextmanager
