@@ -1,4 +1,26 @@
-"""Extraction images/s against the bare backbone forward pass, and peak memory against N.
+"""Extraction images/s on each runtime against TensorFlow, against the bare forward pass, and
+peak memory against N.
+
+Runtimes (issue 23; the default run): for each of --backbones (xception at 299 px,
+mobilenet_v2, efficientnet_v2_s and convnext_tiny at 224, weights none) and each runtime
+(tensorflow, onnxruntime, openvino; `auto` is the one core/runtimes.py picks here) at each of
+--runtime-precisions (float32, the targets' precision, and auto), one process per (backbone,
+runtime, precision) measures the bare forward (random tensors, the runtime's forward as
+extraction builds it, core/runtimes.frozen_forward) and the full pipeline (extract_features
+with --runtime, paired with bare batches as below), --rounds times; the table prints the
+medians, each runtime's ratio to TensorFlow (bare and pipeline) and pipeline/bare. Conversions
+happen before any timing, into the conversion cache (reused by later runs). The per-image
+cosine of each runtime's features to TensorFlow's is measured with the real pretrained
+MobileNetV2 of ../shared/weights on real photos (/work/data/fashion's test images, else
+scikit-learn's digits) at 224 px, float32 and auto.
+Targets on a 2-core CPU at float32: auto >= 1.5x TensorFlow on xception, >= 3x on
+mobilenet_v2, >= 5x on convnext_tiny, pipeline/bare >= 0.95; cosine >= 0.9999 per image.
+
+    python benchmarks/bench_extract.py                   # the runtime study (~25 min on 2 cores, + conversions once)
+    python benchmarks/bench_extract.py --quick           # smoke run: mobilenet_v2 at 96 px, 1 round
+    python benchmarks/bench_extract.py --precision-study # issue 13's precision study below
+
+Precision study (--precision-study):
 
 In one run, each measured in its own fresh process (so peak memory is its own):
   bare      the frozen backbone (`models.build_backbone`, weights none) called by the same
@@ -32,13 +54,14 @@ with the cosine similarity of its pooled features to float32's on the same batch
 CPU with AMX/AVX512-BF16: auto >= 1.4x float32. On a CPU without them auto is float32 (1.0x)
 and a forced bfloat16 is emulated (slower): the table shows which this machine is.
 
-    python benchmarks/bench_extract.py            # xception at 299 px, 32 per batch, N = 64 and 256, 3 rounds (~35 min on 2 cores)
-    python benchmarks/bench_extract.py --quick    # smoke run: resnet50 at 64 px, seconds
+    python benchmarks/bench_extract.py --precision-study           # xception at 299 px, N = 64 and 256, 3 rounds (~35 min)
+    python benchmarks/bench_extract.py --precision-study --quick   # smoke run: resnet50 at 64 px, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -64,29 +87,34 @@ def cpu_seconds() -> float:
 
 def bare_forward(args, batches: int):
     """The backbone (weights none), `batches` random input batches and the timed forward pass:
-    the same tf.function as extraction (extract.py), its output taken to float16 as stored."""
+    the forward extraction builds (core/runtimes.frozen_forward: on TensorFlow the same
+    tf.function, traced on first use inside the caller's precision; on another runtime its
+    converted model, compiled in the precision), its output taken to float16 as stored."""
     import numpy as np
     import tensorflow as tf
 
     from dogtl.core.models import build_backbone
+    from dogtl.core.runtimes import frozen_forward
     from dogtl.features.backbones import get_backbone
 
-    model = build_backbone(get_backbone(args.backbone), "none", args.image_size)
+    spec = get_backbone(args.backbone)
+    model = build_backbone(spec, "none", args.image_size)
     rng = np.random.default_rng(0)
     inputs = [tf.constant(rng.uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)), tf.float32)
               for _ in range(batches)]
-    infer = None  # traced on first use, inside the caller's precision (core/precision.computing_in)
+    forward = frozen_forward(model, runtime=args.runtime, precision=args.precision,
+                             label=f"{spec.name}-{args.image_size}")
+    if forward.runtime != args.runtime and args.runtime != "auto":
+        sys.exit(f"{args.runtime} cannot run {spec.name}: {forward.fell_back}")
 
     def timed(batch):
         """(seconds, CPU seconds, features) of one forward pass."""
-        nonlocal infer
-        if infer is None:
-            infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         started, cpu = time.perf_counter(), cpu_seconds()
-        features = np.asarray(infer(batch))
+        features = np.asarray(forward(batch))
         features.astype(np.float16)
         return time.perf_counter() - started, cpu_seconds() - cpu, features
 
+    timed.forward = forward
     return model, inputs, timed
 
 
@@ -97,8 +125,9 @@ def worker_bare(args) -> dict:
 
     model, batches, timed = bare_forward(args, 2)
     reference = np.asarray(model(batches[0], training=False), np.float64)  # float32 features
-    resolved = resolve(args.precision)
-    with computing_in(model, resolved, args.how) as how:
+    resolved = timed.forward.precision
+    with (computing_in(model, resolved, args.how) if timed.forward.runtime == "tensorflow"
+          else contextlib.nullcontext(args.runtime)) as how:
         first = timed(batches[0])[2].astype(np.float64)  # warm-up: tracing, first-call allocations
         timed(batches[1])
         runs = [timed(batches[k % 2]) for k in range(args.bare_batches)]
@@ -106,7 +135,7 @@ def worker_bare(args) -> dict:
     cosine = np.sum(first * reference, 1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(reference, axis=1) + 1e-30)
     images = args.bare_batches * args.batch_size
     return {"rate": images / seconds, "cpu_ms": 1000 * cpu / images, "rss_mb": peak_rss_mb(),
-            "resolved": resolved, "mechanism": how, "cosine": float(cosine.min()),
+            "resolved": resolved, "mechanism": how, "cosine": float(cosine.min()), "runtime": timed.forward.runtime,
             "identical": bool(np.array_equal(first, reference))}
 
 
@@ -150,8 +179,9 @@ def worker_pipeline(args) -> dict:
     config = ExtractConfig(data=args.data, cache=str(Path(args.data).parent / f"features-{args.precision}-{time.time_ns()}.h5"),
                            backbone=args.backbone, weights="none", image_size=args.image_size,
                            passes=args.passes, batch_size=args.batch_size, val_fraction=0.0,
-                           precision=args.precision)
-    with computing_in(reference, resolve(args.precision)):
+                           precision=args.precision, runtime=args.runtime)
+    with (computing_in(reference, resolve(args.precision)) if timed.forward.runtime == "tensorflow"
+          else contextlib.nullcontext()):
         timed(batch)  # traced before the pipeline starts
         started = time.perf_counter()
         summary = extract_features(config, progress=progress)
@@ -159,7 +189,7 @@ def worker_pipeline(args) -> dict:
     py_peak = tracemalloc.get_traced_memory()[1] if args.trace_python else float("nan")
     images, bare_images = state["done"] - state["first"], len(bare) * args.batch_size
     bare_s, bare_cpu = (sum(b[k] for b in bare) for k in (0, 1))
-    return {"rate": images / pipe[0], "cpu_ms": 1000 * pipe[1] / images,
+    return {"rate": images / pipe[0], "cpu_ms": 1000 * pipe[1] / images, "runtime": summary.runtime,
             "paired_rate": bare_images / bare_s, "paired_cpu_ms": 1000 * bare_cpu / bare_images,
             "images": state["done"], "assembly_s": ended - state["ended"], "total_s": ended - started,
             "rss_mb": peak_rss_mb(), "py_peak_mb": py_peak / 2**20, "file_mb": summary.file_bytes / 1e6}
@@ -186,10 +216,115 @@ def worker_prep(args) -> dict:
             "wall_ms": 1000 * (times[-1][0] - times[0][0]) / images}
 
 
+def worker_side_by_side(args) -> dict:
+    """Every runtime's bare forward in one process, batch after batch in turn (TensorFlow, ONNX
+    Runtime, OpenVINO, TensorFlow, ...), so a shared machine's drifting load falls on all alike:
+    per runtime the median seconds per batch, and the median over turns of TensorFlow's seconds
+    over the runtime's in the same turn."""
+    import statistics
+
+    import numpy as np
+
+    from dogtl.core.models import build_backbone
+    from dogtl.core.runtimes import frozen_forward
+    from dogtl.features.backbones import get_backbone
+
+    spec = get_backbone(args.backbone)
+    model = build_backbone(spec, "none", args.image_size)
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(-1, 1, (args.batch_size, args.image_size, args.image_size, 3)).astype(np.float32)
+    forwards = {}
+    for runtime in RUNTIMES:
+        try:
+            forward = frozen_forward(model, runtime=runtime, precision=args.precision,
+                                     label=f"{spec.name}-{args.image_size}")
+        except Exception as e:  # noqa: BLE001  a precision the runtime refuses
+            forwards[runtime] = str(e)[:100]
+            continue
+        forwards[runtime] = forward if forward.runtime == runtime else f"fell back: {forward.fell_back}"
+    usable = {r: f for r, f in forwards.items() if not isinstance(f, str)}
+    seconds, cpu = {r: [] for r in usable}, {r: [] for r in usable}
+    for turn in range(1 + args.bare_batches):
+        for runtime, forward in usable.items():
+            with forward:
+                started, used = time.perf_counter(), cpu_seconds()
+                np.asarray(forward(batch)).astype(np.float16)
+                if turn:  # turn 0 warms up (tracing, first-call allocations)
+                    seconds[runtime].append(time.perf_counter() - started)
+                    cpu[runtime].append(cpu_seconds() - used)
+    out = {r: (f if isinstance(f, str) else None) for r, f in forwards.items()}
+    for runtime, times in seconds.items():
+        out[runtime] = {"rate": args.batch_size / statistics.median(times), "precision": usable[runtime].precision,
+                        "vs_tf": statistics.median(t / s for t, s in zip(seconds["tensorflow"], times)),
+                        "cpu_ms": 1000 * statistics.median(cpu[runtime]) / args.batch_size,
+                        "cpu_vs_tf": statistics.median(cpu["tensorflow"]) / statistics.median(cpu[runtime])}
+    return out
+
+
+def worker_cosine(args) -> dict:
+    """Per-image cosine of each runtime's features to TensorFlow's float32 ones: the real
+    pretrained MobileNetV2 on real photos, at --image-size."""
+    import numpy as np
+
+    from dogtl.core.models import build_backbone
+    from dogtl.core.runtimes import agreement, frozen_forward
+    from dogtl.data.images import image_dataset
+    from dogtl.features.backbones import get_backbone
+
+    spec = get_backbone("mobilenet_v2")
+    model = build_backbone(spec, str(WEIGHTS), args.image_size)
+    images = np.concatenate([x.numpy() for _, _, x in image_dataset(photos(args.data), spec, args.image_size,
+                                                                     batch_size=32)])
+    want = np.asarray(model.predict(images, batch_size=32, verbose=0), np.float64)
+    out = {}
+    for precision in ("float32", "auto"):
+        for runtime in ("tensorflow", "onnxruntime", "openvino"):
+            try:
+                forward = frozen_forward(model, runtime=runtime, precision=precision,
+                                         label=f"mobilenet_v2-stanford-dogs-{args.image_size}")
+            except Exception as e:  # noqa: BLE001  a precision the runtime refuses
+                out[f"{runtime}/{precision}"] = str(e)[:80]
+                continue
+            with forward:
+                got = np.concatenate([np.asarray(forward(images[i:i + 32]), np.float64)
+                                      for i in range(0, len(images), 32)])
+            a, b = got, want
+            cosine = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            out[f"{runtime}/{precision}"] = {"runtime": forward.runtime, "precision": forward.precision,
+                                              "images": len(images), "cosine_min": float(cosine.min()),
+                                              "cosine_median": float(np.median(cosine)),
+                                              "relative": agreement(got, want)["relative"]}
+    return out
+
+
+# ../shared beside the checkout (a worktree's is one folder further up)
+WEIGHTS = next((p / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5").is_file()),
+               Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5")
+FASHION = Path("/work/data/fashion/test")
+
+
+def photos(folder: str, count: int = 64) -> list[Path]:
+    """Real photos: the Fashion set's test images if they are here, else scikit-learn's digits,
+    upscaled, written into `folder`."""
+    if FASHION.is_dir():
+        return sorted(FASHION.glob("*.jpg"))[:count]
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits, paths = load_digits(), []
+    for k in range(count):
+        paths.append(Path(folder) / f"digit{k}.png")
+        Image.fromarray((255 - digits.images[k] * 255 / 16).astype(np.uint8)).convert("RGB").resize(
+            (96, 96), Image.BICUBIC).save(paths[-1])
+    return paths
+
+
 def run_worker(kind: str, args, **extra) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--backbone", args.backbone,
            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--passes", str(args.passes), "--bare-batches", str(args.bare_batches)]
+           "--passes", str(args.passes), "--bare-batches", str(args.bare_batches), "--runtime", args.runtime]
     if args.trace_python:
         cmd.append("--trace-python")
     for k, v in extra.items():
@@ -199,13 +334,151 @@ def run_worker(kind: str, args, **extra) -> dict:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
+        if args.keep_going:
+            said = [line for line in out.stderr.strip().splitlines() if line.strip() and not line.startswith(
+                ("I0000", "W0000", "E0000", "WARNING: All", "To enable"))]
+            return {"failed": f"exit {out.returncode}: " + (said or ["?"])[-1][:160]}
         sys.exit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# (backbone, image size, images): about half a minute of TensorFlow's pipeline each on 2 cores.
+STUDY = (("xception", 299, 64), ("mobilenet_v2", 224, 320), ("efficientnet_v2_s", 224, 96), ("convnext_tiny", 224, 64))
+RUNTIMES = ("tensorflow", "onnxruntime", "openvino")
+
+
+def machine() -> str:
+    import platform
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return (f"{model}, {os.cpu_count()} CPUs ({', '.join(isa)}), {platform.python_version()}; load averages "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def runtime_study(args) -> None:
+    import statistics
+
+    from dogtl.core.runtimes import plan, runtime_version
+    from dogtl.data.synthetic import make_kaggle_dataset
+
+    median = statistics.median
+    auto = {p: plan("auto", p) for p in args.runtime_precisions}
+    print(f"bench_extract runtimes: {machine()}")
+    print("versions: " + ", ".join(runtime_version(r) for r in RUNTIMES) + "; auto here = "
+          + ", ".join(f"{r} in {q} at --precision {p}" for p, (r, q) in auto.items()))
+    print(f"batch {args.batch_size}, 1 clean + {args.passes} augmented passes, weights none, {args.rounds} rounds "
+          "(medians); bare = the paired bare batches of the same process")
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders, prep = {}, {}
+        for backbone, size, n in args.study:
+            if size not in folders:
+                folders[size] = make_kaggle_dataset(Path(tmp) / f"s{size}" / "data", num_classes=4,
+                                                    per_class=-(-max(m for _, z, m in args.study if z == size) // 4),
+                                                    test_images=0, size=size, seed=size)
+                args.backbone, args.image_size = backbone, size
+                prep[size] = run_worker("prep", args, data=folders[size])
+        for backbone, size, n in args.study:
+            args.backbone, args.image_size = backbone, size
+            data = Path(tmp) / f"{backbone}" / "data"  # the first n images of the size's folder
+            make_subset(folders[size], data, n)
+            for precision in args.runtime_precisions:
+                side = run_worker("side", args, precision=precision, bare_batches=args.side_batches)
+                print(f"  measured {backbone} {precision} side by side: " + ", ".join(
+                    f"{r} {v['rate']:.1f} img/s ({v['vs_tf']:.2f}x), {v['cpu_ms']:.1f} CPU-ms/img ({v['cpu_vs_tf']:.2f}x)"
+                    if isinstance(v, dict) else f"{r}: {v}" for r, v in side.items()), flush=True)
+                for runtime in RUNTIMES:
+                    if precision not in args.pipeline_precisions or (runtime == "onnxruntime" and precision != "float32"):
+                        if isinstance(side.get(runtime), dict):  # the side-by-side forward only
+                            table.append({"backbone": f"{backbone} {size}", "precision": precision,
+                                          "runtime": runtime, "failed": None, "side": side[runtime], "pipe": None})
+                        continue
+                    args.runtime = runtime
+                    runs = [run_worker("pipeline", args, data=data, precision=precision) for _ in range(args.rounds)]
+                    ok = [r for r in runs if "failed" not in r]
+                    row = {"backbone": f"{backbone} {size}", "precision": precision, "runtime": runtime,
+                           "failed": None if ok else runs[0]["failed"], "side": side.get(runtime)}
+                    if ok:
+                        row.update(bare=median(r["paired_rate"] for r in ok), pipe=median(r["rate"] for r in ok),
+                                   ratio=median(r["rate"] / r["paired_rate"] for r in ok),
+                                   ran=ok[0]["runtime"], cpu=median(r["paired_cpu_ms"] for r in ok),
+                                   cpu_ratio=median(r["paired_cpu_ms"] / r["cpu_ms"] for r in ok),
+                                   rounds=[round(r["rate"], 1) for r in ok])
+                    table.append(row)
+                    print(f"  measured {backbone} {precision} {runtime}: "
+                          + (f"bare {row['bare']:.1f}, pipeline {row['pipe']:.1f} img/s {row['rounds']}" if ok
+                             else f"failed: {row['failed']}"), flush=True)
+        cosines = run_worker("cosine", args, data=tmp, cosine_size=args.cosine_size) if WEIGHTS.is_file() else None
+    print(f"\nmachine: {machine()}")
+    print("bare: the forward alone on random tensors; 'side by side' = every runtime in one process, batch after "
+          "batch in turn (its ratio: median over turns); pipeline: extract_features on JPEG files, paired with "
+          "bare batches in its own process (pipe/bare); pipe/TF: pipeline images/s over TensorFlow's (processes "
+          "minutes apart)")
+    print("CPU: CPU-ms per image (all threads), which the load of other processes hardly moves; on an idle "
+          "machine whose cores the runtime keeps busy, images/s ratios approach the CPU ratios; CPU pipe/bare = "
+          "the paired bare batches' CPU time per image over the pipeline's")
+    print(f"{'backbone':22s} {'precision':9s} {'runtime':18s} {'side img/s':>10s} {'side/TF':>8s} {'CPU-ms':>7s} "
+          f"{'CPU/TF':>7s} {'bare img/s':>10s} {'pipe img/s':>10s} {'pipe/TF':>8s} {'pipe/bare':>9s} {'CPU p/b':>8s}")
+    for row in table:
+        tf_row = next((r for r in table if r["backbone"] == row["backbone"] and r["precision"] == row["precision"]
+                       and r["runtime"] == "tensorflow" and not r["failed"]), None)
+        name = row["runtime"] + (" (auto)" if auto[row["precision"]][0] == row["runtime"] else "")
+        side = row["side"] if isinstance(row["side"], dict) else None
+        side_text = (f"{side['rate']:10.1f} {side['vs_tf']:7.2f}x {side['cpu_ms']:7.1f} {side['cpu_vs_tf']:6.2f}x" if side
+                     else f"{'-':>10s} {'-':>8s} {'-':>7s} {'-':>7s}")
+        if row["failed"]:
+            print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text} failed: {row['failed']}")
+            continue
+        if row["pipe"] is None:
+            print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text}")
+            continue
+        vs = f"{row['pipe'] / tf_row['pipe']:7.2f}x" if tf_row and tf_row.get("pipe") else f"{'-':>8s}"
+        print(f"{row['backbone']:22s} {row['precision']:9s} {name:18s} {side_text} {row['bare']:10.1f} "
+              f"{row['pipe']:10.1f} {vs} {row['ratio']:9.3f} {row['cpu_ratio']:8.3f}"
+              + ("" if row["ran"] == row["runtime"] else f"  (ran on {row['ran']})"))
+    for size, p in prep.items():
+        print(f"preparation alone at {size} px (decode, augmentation, batching; no model): {p['cpu_ms']:.1f} CPU-ms "
+              f"and {p['wall_ms']:.1f} ms per image-pass")
+    print("targets at float32: auto >= 1.5x TensorFlow on xception, >= 3x on mobilenet_v2, >= 5x on convnext_tiny "
+          "(pipe/TF of the auto row); pipe/bare >= 0.95")
+    if cosines:
+        print(f"\nper-image cosine to TensorFlow float32 features, real MobileNetV2 ({WEIGHTS.name}) at "
+              f"{args.cosine_size} px on {next(iter(v for v in cosines.values() if isinstance(v, dict)))['images']} "
+              "real photos (target >= 0.9999 at float32):")
+        for name, c in cosines.items():
+            print(f"  {name:24s} " + (f"min {c['cosine_min']:.6f}  median {c['cosine_median']:.6f}  largest "
+                                      f"relative difference {c['relative']:.2e}  (ran on {c['runtime']} in "
+                                      f"{c['precision']})" if isinstance(c, dict) else f"refused: {c}"))
+    else:
+        print(f"(no per-image cosine on real weights: {WEIGHTS} is not here)")
+
+
+def make_subset(source: Path, target: Path, n: int) -> None:
+    """A Kaggle-layout folder with the first `n` images of `source` (links, not copies)."""
+    import pandas as pd
+
+    labels = pd.read_csv(source / "labels.csv").head(n)
+    (target / "train").mkdir(parents=True)
+    for image_id in labels["id"]:
+        os.symlink(source / "train" / f"{image_id}.jpg", target / "train" / f"{image_id}.jpg")
+    labels.to_csv(target / "labels.csv", index=False)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run (resnet50, 64 px, few images)")
+    parser.add_argument("--precision-study", action="store_true", help="issue 13's precision study instead")
+    parser.add_argument("--backbones", nargs="+", default=[b for b, _, _ in STUDY],
+                        help="runtime study: backbones (sizes and image counts as STUDY)")
+    parser.add_argument("--runtime-precisions", nargs="+", default=["float32", "auto"])
+    parser.add_argument("--pipeline-precisions", nargs="+", default=["float32"],
+                        help="precisions whose pipeline is run (the others: the side-by-side forward only)")
+    parser.add_argument("--cosine-size", type=int, default=224)
+    parser.add_argument("--side-batches", type=int, default=6, help="turns of the side-by-side bare forward")
+    parser.add_argument("--keep-going", action="store_true", default=True, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", default="tensorflow", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", default="xception")
     parser.add_argument("--image-size", type=int, default=299)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -218,15 +491,25 @@ def main():
     parser.add_argument("--precisions", nargs="+", default=["float32", "auto", "bfloat16:keras", "bfloat16:rewrite"],
                         help="precisions to compare (NAME, or NAME:keras / NAME:rewrite to force that mechanism "
                              "on the bare forward)")
-    parser.add_argument("--worker", choices=["bare", "pipeline", "prep"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["bare", "pipeline", "prep", "cosine", "side"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--how", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = {"bare": worker_bare, "pipeline": worker_pipeline, "prep": worker_prep}[args.worker](args)
+        if args.worker == "cosine":
+            args.image_size = args.cosine_size
+        result = {"bare": worker_bare, "pipeline": worker_pipeline, "prep": worker_prep,
+                  "cosine": worker_cosine, "side": worker_side_by_side}[args.worker](args)
         print(json.dumps(result))
         return
+    if not args.precision_study:
+        args.study = [row for row in STUDY if row[0] in args.backbones]
+        if args.quick:
+            args.study, args.rounds, args.cosine_size, args.side_batches = [("mobilenet_v2", 96, 128)], 1, 96, 3
+        runtime_study(args)
+        return
+    args.keep_going = False
     if args.quick:
         args.backbone, args.image_size, args.batch_size, args.counts, args.bare_batches = "resnet50", 64, 16, [32, 96], 8
         args.rounds = 1

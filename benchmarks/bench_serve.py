@@ -11,8 +11,12 @@ pool, then one model call per batch of up to `clients` images, or per image with
 and the ratio served/in-process (in-process is measured just before and just after each served
 run and the faster is kept, so noise from other work on the machine lowers the ratio, never
 raises it).
+Runtimes (issue 23): the same with `dogtl serve --runtime onnxruntime|openvino` (the model
+converted, core/runtimes.py) at --max-batch 32, beside TensorFlow's, each with its in-process
+Predictor on the same runtime; the last table compares each runtime's served requests/s with
+TensorFlow's.
 
-    python benchmarks/bench_serve.py                 # ~4 min on 2 cores
+    python benchmarks/bench_serve.py                 # ~8 min on 2 cores
     python benchmarks/bench_serve.py --quick
 """
 
@@ -33,7 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-WEIGHTS = Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5"
+# ../shared beside the checkout (a worktree's is one folder further up)
+WEIGHTS = next((p / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5").is_file()),
+               Path(__file__).resolve().parents[1] / ".." / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5")
 SIZE = 160
 
 
@@ -81,11 +88,12 @@ def free_port() -> int:
 class Served:
     """`dogtl serve MODEL` in a subprocess, until stopped."""
 
-    def __init__(self, model: Path, max_batch: int):
+    def __init__(self, model: Path, max_batch: int, runtime: str = "tensorflow", precision: str = "auto"):
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.proc = subprocess.Popen([sys.executable, "-m", "dogtl.cli", "serve", str(model), "--port",
-                                      str(self.port), "--max-batch", str(max_batch)],
+                                      str(self.port), "--max-batch", str(max_batch), "--runtime", runtime,
+                                      "--precision", precision],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 180
         while True:
@@ -184,6 +192,8 @@ def main():
     parser.add_argument("--requests", type=int, default=40, help="most requests per client")
     parser.add_argument("--seconds", type=float, default=15, help="most seconds per client")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--precision", default="auto", help="every server's and in-process predictor's --precision")
+    parser.add_argument("--runtimes", nargs="+", default=["tensorflow", "onnxruntime", "openvino"])
     args = parser.parse_args()
     if args.quick:
         args.requests, args.seconds = 10, 5
@@ -196,15 +206,25 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model_path, files = build_model(root, args.weights)
     payloads = [f.read_bytes() for f in files]
-    predictor = Predictor(load_serving_model(model_path))
-    predictor.warm_up()
+    sm = load_serving_model(model_path)
+    predictors = {}
+    for runtime in args.runtimes:
+        predictors[runtime] = Predictor(sm, runtime=runtime, precision=args.precision)
+        predictors[runtime].warm_up()  # converted before any timing (the conversion cache)
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2))
     print(f"model: mobilenet_v2 ({args.weights.name}) at {SIZE} px + digits head; {len(files)} PNG files; "
-          f"{os.cpu_count()} CPUs; clients bounded by {args.requests} requests / {args.seconds:.0f} s each")
+          f"{os.cpu_count()} CPUs; load averages {' '.join(f'{x:.2f}' for x in os.getloadavg())}; clients bounded "
+          f"by {args.requests} requests / {args.seconds:.0f} s each; --precision {args.precision} ("
+          + ", ".join(f"{r} in {p.forward.precision}" for r, p in predictors.items()) + ")")
     rows = []
-    # (--max-batch, client counts): batching as shipped, a smaller batch, and no batching.
-    for max_batch, counts in ((32, (1, 8, 32)), (8, (32,)), (1, (1, 8, 32))):
-        served = Served(model_path, max_batch)
+    # (runtime, --max-batch, client counts): batching as shipped, a smaller batch, and no batching on
+    # TensorFlow; batching as shipped on the other runtimes.
+    configs = [("tensorflow", 32, (1, 8, 32)), ("tensorflow", 8, (32,)), ("tensorflow", 1, (1, 8, 32))]
+    configs = [c for c in configs if c[0] in args.runtimes]
+    configs += [(r, 32, (1, 8, 32)) for r in args.runtimes if r != "tensorflow"]
+    for runtime, max_batch, counts in configs:
+        predictor = predictors[runtime]
+        served = Served(model_path, max_batch, runtime, args.precision)
         try:
             run_clients(served.port, 4, payloads, 3, 10)  # warm-up
             for clients in counts:
@@ -216,18 +236,25 @@ def main():
                 after = in_process(predictor, payloads, batch, images, pool)
                 local_ips, local_lat = max(before, after, key=lambda r: r[0])
                 rows.append((clients, max_batch, rps, pct(lat, 50), pct(lat, 99), len(lat),
-                             local_ips, statistics.median(local_lat), rps / local_ips))
+                             local_ips, statistics.median(local_lat), rps / local_ips, runtime))
         finally:
             served.stop()
-    print(f"{'clients':>7} {'--max-batch':>11} | {'served req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'requests':>8} | "
-          f"{'in-process img/s':>16} {'batch':>5} {'per call ms':>11} | {'ratio':>5}")
-    for c, b, rps, p50, p99, n, ips, call_ms, ratio in rows:
-        print(f"{c:>7} {b:>11} | {rps:12.1f} {p50:8.1f} {p99:8.1f} {n:8d} | {ips:16.1f} {min(c, b):>5} "
+    print(f"{'runtime':>11} {'clients':>7} {'--max-batch':>11} | {'served req/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'requests':>8} | {'in-process img/s':>16} {'batch':>5} {'per call ms':>11} | {'ratio':>5}")
+    for c, b, rps, p50, p99, n, ips, call_ms, ratio, runtime in rows:
+        print(f"{runtime:>11} {c:>7} {b:>11} | {rps:12.1f} {p50:8.1f} {p99:8.1f} {n:8d} | {ips:16.1f} {min(c, b):>5} "
               f"{call_ms:11.1f} | {ratio:5.2f}")
-    on32 = next(r for r in rows if r[0] == 32 and r[1] == 32)
-    off32 = next(r for r in rows if r[0] == 32 and r[1] == 1)
-    print(f"32 clients: served with batching at {on32[8]:.2f} of in-process batched throughput (target >= 0.80); "
-          f"--max-batch 32 serves {on32[2] / off32[2]:.2f}x the requests/s of --max-batch 1")
+    on32 = next((r for r in rows if r[0] == 32 and r[1] == 32 and r[9] == "tensorflow"), None)
+    off32 = next((r for r in rows if r[0] == 32 and r[1] == 1), None)
+    if on32 and off32:
+        print(f"32 clients: served with batching at {on32[8]:.2f} of in-process batched throughput (target >= 0.80); "
+              f"--max-batch 32 serves {on32[2] / off32[2]:.2f}x the requests/s of --max-batch 1")
+    for clients in (1, 8, 32):
+        base = next((r for r in rows if r[0] == clients and r[1] == 32 and r[9] == "tensorflow"), None)
+        others = [r for r in rows if r[0] == clients and r[1] == 32 and r[9] != "tensorflow"]
+        if base and others:
+            print(f"{clients} client(s), --max-batch 32: served req/s over TensorFlow's: " + ", ".join(
+                f"{r[9]} {r[2] / base[2]:.2f}x (in-process {r[6] / base[6]:.2f}x)" for r in others))
 
 if __name__ == "__main__":
     main()

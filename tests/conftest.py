@@ -14,6 +14,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # their numbers do not depend on whether the CPU has hardware bfloat16; tests of that choice
 # patch it, and reduced precision is tested by asking for it.
 os.environ.setdefault("DOGTL_NATIVE_BFLOAT16", "0")
+# `auto` runtime is TensorFlow in tests (converting a backbone takes seconds); the tests of the
+# other runtimes ask for them, and convert into this session's own conversion cache.
+os.environ.setdefault("DOGTL_AUTO_RUNTIME", "tensorflow")
+if "DOGTL_RUNTIME_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DOGTL_RUNTIME_CACHE"] = tempfile.mkdtemp(prefix="dogtl-runtimes-")
+    atexit.register(shutil.rmtree, os.environ["DOGTL_RUNTIME_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -43,7 +43,7 @@ def _assert_answer(answer, row):
 
 
 def test_health_and_page(client):
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "classes": 4}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "classes": 4, "runtime": "tensorflow"}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text

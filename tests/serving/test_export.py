@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -109,13 +110,14 @@ def test_tflite_uint8_input_labels_and_check(tflite, serving_model, serving_imag
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--format", "onnx"], ["--format 'onnx'", "savedmodel"]),
+    (["--format", "pb"], ["--format 'pb'", "savedmodel", "openvino"]),
+    (["--format", "onnx", "--out", "x.xml"], [r"must end in \.onnx"]),
     (["--quantize", "dynamic"], ["--quantize applies to --format tflite"]),
     (["--format", "tflite", "--quantize", "int4"], ["--quantize 'int4'", "float16"]),
     (["--format", "tflite", "--out", "x.bin"], [r"must end in \.tflite"]),
 ])
 def test_export_bad_options(tiny_model, tmp_path, args, needles):
-    args = [a if a != "x.bin" else tmp_path / a for a in args]
+    args = [a if a not in ("x.bin", "x.xml") else tmp_path / a for a in args]
     assert_clean_error(run_cli("export", tiny_model, *args), *needles)
 
 
@@ -139,3 +141,89 @@ def test_head_model_deploys_with_its_backbone(stage3):
     want = predict_top_k(PredictConfig(model=str(stage3.head), images=(str(val[0]),), top_k=3))[0]
     assert [p["class"] for p in predictor.top(row)] == want.classes
     np.testing.assert_allclose([p["probability"] for p in predictor.top(row)], want.probabilities, rtol=1e-3, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------- ONNX and OpenVINO
+
+@pytest.fixture(scope="module", params=["onnx", "openvino"])
+def runtime_export(request, tiny_model, serving_images, tmp_path_factory):
+    """(format, exported file, export's output): `dogtl export --format onnx|openvino`, checked on the images."""
+    from dogtl.core.runtimes import installed
+    from dogtl.serving.export import RUNTIME_OF, SUFFIX
+
+    fmt = request.param
+    if not installed(RUNTIME_OF[fmt]):
+        pytest.skip(f"{RUNTIME_OF[fmt]} is not installed (pip install 'dogtl[onnx]' or openvino); .ci/run installs it")
+    out = tmp_path_factory.mktemp(fmt) / f"tiny{SUFFIX[fmt]}"
+    args = [a for p in serving_images for a in ("--check-images", p)]
+    result = run_cli("export", tiny_model, "--format", fmt, "--out", out, *args)
+    assert result.exit_code == 0, result.output
+    return fmt, out, result.output
+
+
+def test_onnx_and_openvino_exports_agree_with_keras(runtime_export, serving_model, serving_images):
+    """The exported file takes decoded pixels and gives dogtl predict's probabilities; the export's
+    own check says so, and its labels and metadata lie beside it."""
+    import tensorflow as tf
+
+    from dogtl.core.runtimes import file_forward
+    from dogtl.evaluation.predict import predict_images
+    from dogtl.serving.export import labels_path, metadata_path
+    from dogtl.serving.model import encoded_to_pixels
+
+    fmt, path, output = runtime_export
+    assert "top-1 agreement with the Keras model 100.0%" in output, output
+    assert labels_path(path).read_text().split() == serving_model.classes
+    meta = json.loads(metadata_path(path).read_text())
+    assert meta["classes"] == serving_model.classes and meta["inputs"] == [{"backbone": "mobilenet_v2", "size": 32,
+                                                                            "name": "pixels"}]
+    if fmt == "openvino":
+        assert path.with_suffix(".bin").stat().st_size > 1e6  # the weights
+    pixels = np.stack([encoded_to_pixels(tf.constant(p.read_bytes()), serving_model.inputs)[0].numpy()
+                       for p in serving_images])
+    assert pixels.max() > 100  # 0-255 pixels, not preprocessed
+    got = file_forward(path, "auto", "float32")(pixels)
+    want, ok = predict_images(serving_model.model, serving_images, serving_model.inputs[0].spec, serving_model.size)
+    assert ok.all() and np.ptp(want[:, 0]) > 0.05
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-4)
+
+
+def test_serve_serves_the_exported_file(runtime_export, serving_images):
+    """`dogtl serve tiny.onnx|.xml`: no Keras model; the same answers as the .keras model's server."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'dogtl[serve]'")
+    from fastapi.testclient import TestClient
+
+    from dogtl.serving.app import create_app
+    from dogtl.serving.model import load_serving_model
+
+    fmt, path, _ = runtime_export
+    sm = load_serving_model(path)
+    assert sm.model is None and sm.exported == fmt and sm.classes == _tiny.CLASSES
+    with TestClient(create_app(sm)) as exported, TestClient(create_app(_tiny.serving_model(), runtime="tensorflow")) as keras_app:
+        health = exported.get("/health").json()
+        assert health["runtime"] == ("onnxruntime" if fmt == "onnx" else "openvino") and health["model"] == "tiny"
+        for p in serving_images[:4]:
+            a = exported.post("/predict", content=p.read_bytes(), headers={"content-type": "image/jpeg"}).json()
+            b = keras_app.post("/predict", content=p.read_bytes(), headers={"content-type": "image/jpeg"}).json()
+            assert [x["class"] for x in a["predictions"]] == [x["class"] for x in b["predictions"]]
+            np.testing.assert_allclose([x["probability"] for x in a["predictions"]],
+                                       [x["probability"] for x in b["predictions"]], rtol=1e-3, atol=2e-4)
+    missing = path.with_name("lost" + path.suffix)
+    missing.write_bytes(path.read_bytes())
+    assert_clean_error(run_cli("serve", missing), "cannot read its metadata", "export the model again")
+
+
+def test_serve_runs_a_keras_models_backbone_on_openvino(runtime_export, serving_images):
+    """`dogtl serve model.keras --runtime openvino`: the model converted (the export's conversion,
+    reused from the conversion cache), the same probabilities as on TensorFlow."""
+    from dogtl.serving.app import Predictor
+
+    fmt, _, _ = runtime_export
+    if fmt != "openvino":
+        pytest.skip("one runtime is enough here")
+    on_tf, on_ov = Predictor(_tiny.serving_model(), runtime="tensorflow"), Predictor(_tiny.serving_model(),
+                                                                                     runtime="openvino")
+    assert on_ov.runtime == "openvino" and on_tf.runtime == "tensorflow"
+    inputs = [on_tf.decode(p.read_bytes()) for p in serving_images]
+    stacked = tuple(np.stack(parts) for parts in zip(*inputs))
+    np.testing.assert_allclose(on_ov.predict(stacked), on_tf.predict(stacked), rtol=1e-3, atol=2e-4)

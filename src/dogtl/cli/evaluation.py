@@ -10,6 +10,7 @@ import typer
 from dogtl import api
 from dogtl.cli.common import TRACK_OPTION, ImageProgress, friendly_errors, show_tracking
 from dogtl.core.precision import PRECISION_HELP
+from dogtl.core.runtimes import RUNTIME_HELP
 
 
 @friendly_errors
@@ -26,6 +27,7 @@ def evaluate_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite existing reports."),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
     track: bool = TRACK_OPTION,
+    runtime: str = typer.Option("auto", help=RUNTIME_HELP + " (On images only.)"),
 ):
     """Report accuracy, log loss, top-k accuracy, per-class accuracy and the most confused pairs.
 
@@ -35,8 +37,8 @@ def evaluate_cmd(
     with ImageProgress("evaluating") as bar:
         r = api.evaluate(model, data=data, force=force, progress=bar.update, cache=str(cache) if cache else None,
                          out=str(out) if out else None, top_k=top_k, confused=confused, batch_size=batch_size,
-                         weights=weights, precision=precision, tta=tta, track=track)
-    typer.echo(f"{r.model} on {r.images} validation images ({r.source}):")
+                         weights=weights, precision=precision, runtime=runtime, tta=tta, track=track)
+    typer.echo(f"{r.model} on {r.images} validation images ({r.source}{f', {r.runtime}' if r.runtime else ''}):")
     typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}"
                + ("   (plain)" if r.tta else ""))
     if r.tta:
@@ -68,6 +70,7 @@ def predict_cmd(
     on_bad_image: str = typer.Option("skip", help="Unreadable test images: 'skip' (listed; the submission has a row for every readable image and none for them), 'uniform' (listed; their row gets 1/classes for every class, so Kaggle accepts the file) or 'fail' (error, nothing written)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out."),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
+    runtime: str = typer.Option("auto", help=RUNTIME_HELP + " (On images only.)"),
 ):
     """Write a Kaggle submission for the test images, or print the top classes of IMAGES.
 
@@ -75,7 +78,7 @@ def predict_cmd(
     """
     options = dict(model=model, data=data, out=out, force=force, cache=str(cache) if cache else None,
                    use_cache=use_cache, tta=tta, tta_passes=tta_passes, top_k=top_k, batch_size=batch_size,
-                   weights=weights, on_bad_image=on_bad_image, precision=precision)
+                   weights=weights, on_bad_image=on_bad_image, precision=precision, runtime=runtime)
     if images:
         with ImageProgress("predicting") as bar:
             results = api.predict(images, progress=bar.update, **options)
@@ -96,6 +99,6 @@ def predict_cmd(
         typer.secho(f"  {'uniform row for' if s.filled else 'skipped'} {path}: {reason}", err=True,
                     fg=typer.colors.YELLOW)
     typer.echo(f"wrote {s.path}: {s.rows} rows x {len(s.columns)} classes from {s.model} "
-               f"({s.source}, {s.passes} pass{'es' if s.passes > 1 else ''})"
+               f"({s.source}{f' on {s.runtime}' if s.runtime else ''}, {s.passes} pass{'es' if s.passes > 1 else ''})"
                + (f"; {len(s.skipped)} unreadable test image(s) {'filled uniformly' if s.filled else 'left out'}"
                   if s.skipped else ""))

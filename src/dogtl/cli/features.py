@@ -10,6 +10,7 @@ import typer
 from dogtl import api
 from dogtl.cli.common import ImageProgress, friendly_errors
 from dogtl.core.precision import PRECISION_HELP
+from dogtl.core.runtimes import RUNTIME_HELP
 
 
 @friendly_errors
@@ -34,6 +35,7 @@ def extract_features_cmd(
     shard: Optional[str] = typer.Option(None, help="I/N: extract only the I-th of N disjoint shards (one per machine) into CACHE-STEM.shard-I-of-N.h5; join them with `dogtl merge-cache`."),
     strategy: str = typer.Option("default", help="default (one device), mirrored (every local GPU) or multi-worker (hosts in TF_CONFIG). --batch-size is then the global batch, split over all replicas."),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " Recorded in the cache: a cache made at another precision is refused."),
+    runtime: str = typer.Option("auto", help=RUNTIME_HELP + " Recorded in the cache, not refused: runtimes give the same features to float rounding."),
     cut_blocks: int = typer.Option(0, help="Also store, for every pass, the activations entering the top N backbone blocks, so `finetune --from-cache --trainable-blocks N` trains them without the images (xception at 299 px, 2: 19x19x728 values, ~526 KB per image and pass in float16). Says how much disk that takes and refuses to start without the room."),
     cut_dtype: str = typer.Option("float16", help="Stored precision of the cut activations: float16, or int8 with a scale per image and channel (half the disk)."),
 ):
@@ -50,7 +52,7 @@ def extract_features_cmd(
             data, cache, force=force, progress=bar.update, backbone=backbone, weights=weights, image_size=image_size,
             passes=passes, tta_passes=tta_passes, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
             on_bad_image=on_bad_image, dtype=dtype, rotation=rotation, zoom=zoom, shift=shift, hflip=hflip,
-            shard=shard, strategy=strategy, precision=precision, cut_blocks=cut_blocks, cut_dtype=cut_dtype,
+            shard=shard, strategy=strategy, precision=precision, runtime=runtime, cut_blocks=cut_blocks, cut_dtype=cut_dtype,
             note=lambda line: bar.progress.console.print(line, markup=False, highlight=False, soft_wrap=True))
     _print_extract_summary(summary)
 
@@ -65,7 +67,7 @@ def _print_extract_summary(s):
     typer.echo(
         f"{verb} {s.path}: {s.images} labelled images x (1 clean + {s.passes} augmented passes), "
         f"{s.test_images} test images x {1 + s.tta_passes} passes, {len(s.skipped)} skipped{copied}, "
-        f"{s.seconds:.1f} s, {s.file_bytes / 1e6:.1f} MB"
+        f"{s.seconds:.1f} s on {s.runtime}, {s.file_bytes / 1e6:.1f} MB"
     )
     for line in s.skipped:
         path, _, reason = line.partition("\t")

@@ -10,26 +10,30 @@ import typer
 
 from dogtl.cli.common import friendly_errors
 from dogtl.core.errors import SettingError
+from dogtl.core.precision import PRECISION_HELP
+from dogtl.core.runtimes import RUNTIME_HELP
 
 
 @friendly_errors
 def export_cmd(
     model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it); a head is exported together with its backbone."),
-    format: str = typer.Option("savedmodel", "--format", help="'savedmodel' (TF Serving / TensorFlow: encoded image bytes in, decoding and preprocessing inside) or 'tflite' (mobile: uint8 RGB pixels at the model's size in)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="SavedModel: the model base folder (written at OUT/1/, class names at OUT/labels.txt; default export/<model>). TFLite: a .tflite file, its labels beside it as <name>.labels.txt (default export/<model>.tflite)."),
+    format: str = typer.Option("savedmodel", "--format", help="'savedmodel' (TF Serving / TensorFlow: encoded image bytes in, decoding and preprocessing inside), 'tflite' (mobile: uint8 RGB pixels at the model's size in), 'onnx' or 'openvino' (ONNX Runtime / OpenVINO: float32 RGB pixels 0-255 at the model's size in, preprocessing inside; `dogtl serve` serves them)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="SavedModel: the model base folder (written at OUT/1/, class names at OUT/labels.txt; default export/<model>). TFLite, ONNX, OpenVINO: a .tflite, .onnx or .xml file (OpenVINO: and its .bin), its labels beside it as <name>.labels.txt (ONNX/OpenVINO: and dogtl's metadata as <name>.json; default export/<model>.tflite|.onnx|.xml)."),
     quantize: str = typer.Option("none", help="TFLite only: 'none' (float32), 'float16' (half-size weights) or 'dynamic' (int8 weights, quarter size)."),
     top_k: int = typer.Option(5, help="SavedModel: how many class names and scores the signature returns beside the probabilities."),
-    data: Path = typer.Option(Path("data"), help="TFLite check: data folder holding the model's validation images."),
-    check_images: Optional[list[Path]] = typer.Option(None, "--check-images", help="TFLite check: these image files instead of the validation images (repeat the option)."),
-    check_limit: int = typer.Option(200, help="TFLite check: at most this many validation images."),
+    data: Path = typer.Option(Path("data"), help="TFLite/ONNX/OpenVINO check: data folder holding the model's validation images."),
+    check_images: Optional[list[Path]] = typer.Option(None, "--check-images", help="TFLite/ONNX/OpenVINO check: these image files instead of the validation images (repeat the option)."),
+    check_limit: int = typer.Option(200, help="TFLite/ONNX/OpenVINO check: at most this many validation images."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing export."),
 ):
-    """Export MODEL for deployment: a TF Serving SavedModel, or a TFLite file.
+    """Export MODEL for deployment: a TF Serving SavedModel, a TFLite, an ONNX or an OpenVINO file.
 
     SavedModel: the 'serving_default' signature takes a batch of encoded images (tf.string: JPEG, PNG, GIF, BMP, WebP) and returns 'probabilities' [N, classes], 'classes' (top-k names) and 'scores'. Decoding, resizing and the backbone's preprocessing run inside, with the same pixels as dogtl predict, so plain tf.saved_model.load (no dogtl) or TF Serving can use it.
 
     TFLite: input uint8 RGB [1, size, size, 3] (the model's size), output probabilities. After writing it, the TFLite model is compared with the Keras model on the validation images (or --check-images): top-1 agreement and the largest probability difference are printed.
+
+    ONNX / OpenVINO: input float32 RGB pixels [N, size, size, 3] (0-255, decoded and resized; one input per backbone for a head on several caches), output probabilities; converted once (the runtimes' conversion cache, see docs/runtimes.md) and checked like TFLite. `dogtl serve export/MODEL.onnx` (or .xml) serves it.
     """
     from dogtl.serving import export as ex
     from dogtl.serving.model import load_serving_model
@@ -40,8 +44,9 @@ def export_cmd(
         raise SettingError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
     if format == "savedmodel" and quantize != "none":
         raise SettingError("--quantize applies to --format tflite only")
-    if format == "tflite" and out is not None and out.suffix != ".tflite":
-        raise SettingError(f"--out {out}: a TFLite model file must end in .tflite")
+    if format in ex.SUFFIX and out is not None and out.suffix != ex.SUFFIX[format]:
+        raise SettingError(f"--out {out}: {'a TFLite' if format == 'tflite' else f'an {format}'} model file must end "
+                           f"in {ex.SUFFIX[format]}")
     if check_images:
         absent = [str(p) for p in check_images if not p.is_file()]
         if absent:
@@ -49,7 +54,7 @@ def export_cmd(
     sm = load_serving_model(model, weights)
     if out is None:
         Path("export").mkdir(exist_ok=True)
-        out = Path("export") / (model.stem + (".tflite" if format == "tflite" else ""))
+        out = Path("export") / (model.stem + ex.SUFFIX.get(format, ""))
     if format == "savedmodel":
         target = ex.export_savedmodel(sm, out, top_k=top_k, force=force)
         typer.echo(f"wrote SavedModel {target} ({len(sm.classes)} classes, {sm.size} px, signature "
@@ -58,26 +63,37 @@ def export_cmd(
         typer.echo(f"TF Serving: docker run -p 8501:8501 -v {out.resolve()}:/models/{sm.name} "
                    f"-e MODEL_NAME={sm.name} tensorflow/serving")
         return
-    path = ex.export_tflite(sm, out, quantize=quantize, force=force)
-    typer.echo(f"wrote TFLite {path} ({path.stat().st_size / 1e6:.1f} MB, quantize {quantize}, input uint8 "
-               f"[1, {sm.size}, {sm.size}, 3]) and {ex.labels_path(path)}")
+    if format == "tflite":
+        path = ex.export_tflite(sm, out, quantize=quantize, force=force)
+        typer.echo(f"wrote TFLite {path} ({path.stat().st_size / 1e6:.1f} MB, quantize {quantize}, input uint8 "
+                   f"[1, {sm.size}, {sm.size}, 3]) and {ex.labels_path(path)}")
+    else:
+        path = ex.export_runtime(sm, out, format, force=force)
+        size = sum(f.stat().st_size for f in (path, path.with_suffix(".bin")) if f.exists())
+        typer.echo(f"wrote {format} {path} ({size / 1e6:.1f} MB, input float32 RGB pixels 0-255 "
+                   f"[N, {sm.size}, {sm.size}, 3]), {ex.labels_path(path)} and {ex.metadata_path(path)}")
     paths = list(check_images) if check_images else ex.validation_images(sm, data, check_limit)
     if not paths:
-        typer.secho("no validation images found to check the TFLite model against: pass --data with the "
+        typer.secho(f"no validation images found to check the {format} model against: pass --data with the "
                     "model's data folder or --check-images FILES", err=True, fg=typer.colors.YELLOW)
         return
-    c = ex.check_tflite(path, sm, paths)
-    typer.echo(f"check on {c.images} {'given' if check_images else 'validation'} images, quantize {quantize}: "
-               f"top-1 agreement with the Keras model {c.top1_agreement:.1%}, "
+    if format == "tflite":
+        c = ex.check_tflite(path, sm, paths)
+    else:
+        c = ex.check_exported(path, sm, paths, ex.RUNTIME_OF[format])
+    typer.echo(f"check on {c.images} {'given' if check_images else 'validation'} images"
+               + (f", quantize {quantize}" if format == "tflite" else "")
+               + f": top-1 agreement with the Keras model {c.top1_agreement:.1%}, "
                f"largest probability difference {c.max_abs_diff:.4f}"
                + (f" ({c.skipped} unreadable left out)" if c.skipped else ""))
-    typer.echo(f"  on the same uint8 pixels (conversion alone): top-1 agreement {c.top1_same_pixels:.1%}, "
-               f"largest probability difference {c.max_abs_diff_same_pixels:.4f}")
+    if format == "tflite":
+        typer.echo(f"  on the same uint8 pixels (conversion alone): top-1 agreement {c.top1_same_pixels:.1%}, "
+                   f"largest probability difference {c.max_abs_diff_same_pixels:.4f}")
 
 
 @friendly_errors
 def serve_cmd(
-    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it)."),
+    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it), or an ONNX (.onnx) / OpenVINO (.xml) file from `dogtl export` (with its .json beside it)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_batch: int = typer.Option(32, help="Most images per model call: requests arriving together are batched."),
@@ -85,6 +101,8 @@ def serve_cmd(
     max_upload_mb: float = typer.Option(20.0, help="Largest upload accepted; bigger ones get 413."),
     top_k: int = typer.Option(5, help="Classes returned per image."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
+    runtime: str = typer.Option("auto", help=RUNTIME_HELP + " An exported .onnx file runs on onnxruntime or openvino, an .xml file on openvino."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Serve MODEL over HTTP, with a web page to try it (needs: pip install 'dogtl\\[serve]').
 
@@ -101,8 +119,8 @@ def serve_cmd(
 
     sm = load_serving_model(model, weights)
     app = create_app(sm, max_batch=max_batch, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
-                     top_k=top_k)
-    typer.echo(f"serving {sm.name} ({len(sm.classes)} classes) on http://{host}:{port}/  "
+                     top_k=top_k, runtime=runtime, precision=precision)
+    typer.echo(f"serving {sm.name} ({len(sm.classes)} classes, {app.state.predictor.runtime}) on http://{host}:{port}/  "
                "(POST /predict, GET /health; Ctrl-C to stop)")
     # uvicorn finishes the requests in flight, then raises the signal again for the default
     # handler: turn that into a normal exit (code 0, no "interrupted" message).

@@ -33,11 +33,14 @@ class EvaluateConfig:
     tta: bool = False  # also report the figures averaged over the cache's clean and augmented passes
     force: bool = False
     precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
+    runtime: str = "auto"  # what runs the model on images (core/runtimes.py)
 
     def __post_init__(self):
         from dogtl.core.precision import check_precision
+        from dogtl.core.runtimes import check_runtime
 
         check_precision(self.precision)
+        check_runtime(self.runtime)
         if self.top_k < 1 or self.confused < 1 or self.batch_size < 1:
             raise SettingError("--top-k, --confused and --batch-size must be at least 1")
 
@@ -57,6 +60,7 @@ class Report:
     csv_path: Path | None = None
     png_path: Path | None = None
     tta: dict | None = None  # with --tta: accuracy, log_loss, top_k_accuracy and passes averaged
+    runtime: str | None = None  # what ran the model on images (None: cached features)
 
 
 def report_paths(model: str | Path, out: str | None) -> tuple[Path, Path, Path]:
@@ -115,8 +119,9 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     classes = list(meta["classes"])
     if meta["kind"] == "head" and config.data is None:
         probs, labels, source = _on_cache(config, meta, cache), cache.labels[cache.is_val], "cached features"
+        runtime = None
     else:
-        probs, labels, source = _on_images(config, meta, cache, progress)
+        probs, labels, source, runtime = _on_images(config, meta, cache, progress)
     tta = _tta(config, meta, cache, source, progress) if config.tta else None
     if tta is not None:
         more = metrics_report(tta.pop("probs"), labels, classes, config.top_k, config.confused)
@@ -128,11 +133,12 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
     summary.update(model=str(config.model), kind=meta["kind"], source=source,
                    per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path),
+                   **({"runtime": runtime, "precision": config.precision} if runtime else {}),
                    **({"tta": tta} if tta is not None else {}))
     write_json_atomic(json_path, summary)
     return Report(Path(config.model), source, numbers["images"], numbers["accuracy"], numbers["log_loss"],
                   numbers["top_k"], numbers["top_k_accuracy"], numbers["per_class"], numbers["confused"],
-                  json_path, csv_path, png_path, tta)
+                  json_path, csv_path, png_path, tta, runtime)
 
 
 def _on_cache(config, meta, cache):
@@ -148,16 +154,16 @@ def _on_cache(config, meta, cache):
 def _on_images(config, meta, cache, progress):
     from dogtl.data.folders import load_dataset
     from dogtl.core.modelinfo import split_paths
-    from dogtl.evaluation.predict import load_image_model, predict_images
+    from dogtl.evaluation.predict import inference_fn, load_image_model, predict_images
 
     val = split_paths(cache, load_dataset(config.data or "data"))["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
     probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress,
-                               precision=config.precision)
+                               precision=config.precision, runtime=config.runtime)
     if not ok.all():
         bad = val["paths"][int(np.flatnonzero(~ok)[0])]
         raise DataError(f"{bad}: cannot read this validation image any more; fix it or extract again")
-    return probs, val["labels"], "images"
+    return probs, val["labels"], "images", inference_fn(model, config.precision, config.runtime).runtime
 
 
 def _tta(config, meta, cache, source, progress) -> dict | None:
@@ -182,5 +188,6 @@ def _tta(config, meta, cache, source, progress) -> dict | None:
     augmentation, seed = _augmentation_of(meta)
     probs, _ = tta.image_probabilities(model, val["paths"], spec, size, passes=cache.num_passes, seed=seed,
                                        augmentation=augmentation, indices=val["indices"],
-                                       batch_size=config.batch_size, progress=progress)
+                                       batch_size=config.batch_size, progress=progress, precision=config.precision,
+                                       runtime=config.runtime)
     return {"probs": probs, "passes": cache.num_passes}

@@ -45,11 +45,14 @@ class PredictConfig:
     on_bad_image: str = "skip"  # skip | uniform | fail
     force: bool = False
     precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
+    runtime: str = "auto"  # what runs the model on images (core/runtimes.py)
 
     def __post_init__(self):
         from dogtl.core.precision import check_precision
+        from dogtl.core.runtimes import check_runtime
 
         check_precision(self.precision)
+        check_runtime(self.runtime)
         if self.on_bad_image not in ("skip", "uniform", "fail"):
             raise SettingError(f"--on-bad-image {self.on_bad_image!r} must be 'skip', 'uniform' or 'fail'")
         if self.tta_passes < 1:
@@ -68,6 +71,7 @@ class Submission:
     passes: int
     skipped: list[str] = field(default_factory=list)  # "path\treason"
     filled: int = 0  # rows written with uniform probabilities for unreadable images
+    runtime: str | None = None  # what ran the model on images
 
 
 @dataclass
@@ -112,40 +116,42 @@ def load_image_model(path, weights: str | None = None):
     return model, meta, spec, size
 
 
-def inference_fn(model, precision: str = "float32"):
-    """model(x, training=False) as one tf.function per model (and precision it is traced in),
-    traced once per batch shape."""
+def inference_fn(model, precision: str = "float32", runtime: str = "tensorflow"):
+    """The model's forward pass on numpy batches (core/runtimes.frozen_forward), one per model,
+    precision and runtime: traced, or converted and loaded, once."""
     fns = _INFERENCE.setdefault(model, {})
-    if precision not in fns:
-        import tensorflow as tf
+    if (precision, runtime) not in fns:
+        from dogtl.core.runtimes import frozen_forward
 
-        fns[precision] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return fns[precision]
+        size = "x".join(str(t.shape[1]) for t in model.inputs)
+        fns[precision, runtime] = frozen_forward(model, runtime=runtime, precision=precision,
+                                                 label=f"{model.name}-{size}")
+    return fns[precision, runtime]
 
 
 def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: int = 0, seed: int = 0,
                    augmentation=None, batch_size: int = 32, progress: Progress | None = None,
-                   precision: str | None = None):
+                   precision: str | None = None, runtime: str | None = None):
     """Class probabilities [n, C] for image files (rows of unreadable ones are NaN) and a read mask.
 
     Uses the pipeline of extraction, so the pixels are the ones the head was trained on;
     pass p > 0 is the same augmentation as the cache's pass p for the same indices.
-    `precision` (PRECISIONS): compute in it; None: as the model is set up by the caller.
+    `precision` (PRECISIONS) and `runtime` (RUNTIMES): compute in them (`inference_fn(model,
+    precision, runtime).runtime` says which runtime ran it); both None: TensorFlow, in the
+    precision the caller has set the model up in.
     """
-    if precision is not None:
-        from dogtl.core.precision import computing_in, resolve
-
-        resolved = resolve(precision)
-        with computing_in(model, resolved):
-            return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index,
-                                   seed=seed, augmentation=augmentation, batch_size=batch_size,
-                                   progress=progress, key=resolved)
-    return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
-                           augmentation=augmentation, batch_size=batch_size, progress=progress)
+    if precision is None and runtime is None:
+        return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
+                               augmentation=augmentation, batch_size=batch_size, progress=progress,
+                               infer=inference_fn(model))
+    with inference_fn(model, precision or "auto", runtime or "auto") as infer:
+        return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index,
+                               seed=seed, augmentation=augmentation, batch_size=batch_size,
+                               progress=progress, infer=infer)
 
 
 def _predict_images(model, paths, spec, image_size, *, indices, pass_index, seed, augmentation, batch_size,
-                    progress, key: str = "float32"):
+                    progress, infer):
     from dogtl.data.multiimages import model_image_dataset
 
     n = len(paths)
@@ -156,7 +162,6 @@ def _predict_images(model, paths, spec, image_size, *, indices, pass_index, seed
         return probs, ok
     ds = model_image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
                        augmentation=augmentation, batch_size=batch_size, skip_bad=True)
-    infer = inference_fn(model, key)
     for positions, _, images in ds:
         positions = positions.numpy()
         probs[positions] = np.asarray(infer(images), dtype=np.float64)
@@ -196,13 +201,13 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
     classes = list(meta["classes"])
     columns = check_submission_columns(sample, classes) if sample is not None else sorted(classes)
 
-    probs, ok, source, passes = None, None, "images", 0
+    probs, ok, source, passes, runtime = None, None, "images", 0, None
     if meta["kind"] == "head" and config.use_cache:
         probs, ok, passes = _from_cache(config, meta, model_path, ids, paths)
         if probs is not None:
             source = "cached features"
     if probs is None:
-        probs, ok, passes = _from_images(config, model_path, paths, progress)
+        probs, ok, passes, runtime = _from_images(config, model_path, paths, progress)
 
     skipped = [f"{paths[i]}\t{decode_error(paths[i]) or 'unreadable'}" for i in np.flatnonzero(~ok)]
     if skipped and config.on_bad_image == "fail":
@@ -217,7 +222,7 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
     table = pd.DataFrame(clip_rows(probs[ok][:, order]), columns=columns)
     table.insert(0, "id", [i for i, good in zip(ids, ok) if good])
     write_csv_atomic(table, out, float_format="%.8g")
-    return Submission(out, model_path, len(table), columns, source, passes, skipped, filled)
+    return Submission(out, model_path, len(table), columns, source, passes, skipped, filled, runtime)
 
 
 def _from_cache(config, meta, model_path, ids, paths):
@@ -278,8 +283,9 @@ def _from_images(config, model_path, paths, progress):
     passes = 1 + (config.tta_passes if config.tta else 0)
     probs, ok = image_probabilities(model, paths, spec, size, passes=passes, seed=seed, augmentation=augmentation,
                                     indices=_augmentation_keys(meta, paths),
-                                    batch_size=config.batch_size, progress=progress, precision=config.precision)
-    return probs, ok, passes
+                                    batch_size=config.batch_size, progress=progress, precision=config.precision,
+                                    runtime=config.runtime)
+    return probs, ok, passes, inference_fn(model, config.precision, config.runtime).runtime
 
 
 # ----------------------------------------------------------------------------- single images
@@ -298,7 +304,8 @@ def predict_top_k(config: PredictConfig, progress: Progress | None = None) -> li
     passes = 1 + (config.tta_passes if config.tta else 0)
     keys = _augmentation_keys(meta, paths)
     runs = [predict_images(model, paths, spec, size, indices=keys, pass_index=p, seed=seed, augmentation=augmentation,
-                           batch_size=config.batch_size, progress=progress, precision=config.precision)
+                           batch_size=config.batch_size, progress=progress, precision=config.precision,
+                           runtime=config.runtime)
             for p in range(passes)]
     probs = np.mean([r[0] for r in runs], axis=0)
     ok = np.logical_and.reduce([r[1] for r in runs])

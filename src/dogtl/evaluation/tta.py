@@ -26,7 +26,8 @@ def cached_probabilities(model, cache, split: str = "labelled", rows=None, passe
 
 
 def image_probabilities(model, paths, spec, size, *, passes: int, seed: int, augmentation, indices=None,
-                        batch_size: int = 32, progress=None, precision: str | None = None):
+                        batch_size: int = 32, progress=None, precision: str | None = None,
+                        runtime: str | None = None):
     """(mean probabilities over pass 0 and augmented passes 1..passes-1 of image files, read mask)."""
     from dogtl.evaluation.predict import predict_images
 
@@ -37,5 +38,5 @@ def image_probabilities(model, paths, spec, size, *, passes: int, seed: int, aug
                 progress(p * n + done, passes * n)
         runs.append(predict_images(model, paths, spec, size, indices=indices, pass_index=p, seed=seed,
                                    augmentation=augmentation, batch_size=batch_size, progress=step,
-                                   precision=precision))
+                                   precision=precision, runtime=runtime))
     return np.mean([r[0] for r in runs], axis=0), np.logical_and.reduce([r[1] for r in runs])

@@ -58,8 +58,9 @@ DAMAGED_HINT = "damaged: rerun extract-features --force"
 CHECKSUM = {"fletcher32": True}  # create_dataset options of every numeric dataset
 DIGESTED_ATTRS = ("format", "format_version", "fingerprint", "versions", "weights_path", "merged_from", "updates")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Settings that do not change the features: differences are reported, never refused.
-INFORMATIONAL = {"versions", "batch_size"}
+# Settings that do not change the features: differences are reported, never refused. The runtime
+# gives the same features to float rounding (docs/runtimes.md), as TensorFlow does on another CPU.
+INFORMATIONAL = {"versions", "batch_size", "runtime"}
 # The fingerprint's image lists: labelled (what a head learnt from) and test. A cache that
 # differs from the data folder only in these is updated incrementally.
 LABELLED_LIST = ("file_list", "num_images")

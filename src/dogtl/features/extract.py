@@ -52,6 +52,7 @@ class ExtractConfig:
     shard: str | None = None  # "I/N": extract the I-th of N shards (see shards.py)
     strategy: str = "default"  # default | mirrored | multi-worker (see distribute.py)
     precision: str = "auto"  # the backbone's arithmetic (core/precision.py); recorded resolved
+    runtime: str = "auto"  # what runs the backbone (core/runtimes.py); recorded resolved, never refused
     cut_blocks: int = 0  # also store the activations entering the top N blocks (features/cut.py)
     cut_dtype: str = "float16"  # or int8 (per-image, per-channel scales)
 
@@ -75,6 +76,9 @@ class ExtractConfig:
         from dogtl.features.cut import CUT_DTYPES
 
         check_precision(self.precision)
+        from dogtl.core.runtimes import check_runtime
+
+        check_runtime(self.runtime)
         if self.cut_blocks < 0 or self.cut_dtype not in CUT_DTYPES:
             raise SettingError(f"--cut-blocks {self.cut_blocks} must be >= 0 and --cut-dtype {self.cut_dtype!r} "
                                f"one of {', '.join(CUT_DTYPES)}")
@@ -96,6 +100,7 @@ class ExtractSummary:
     resumed: int = 0  # images found already done in an interrupted earlier run
     change: Change | None = None  # an update of an existing cache: what changed (None: a fresh extraction)
     computed: int = 0  # images (labelled and test) the backbone ran on, the others copied from the old cache
+    runtime: str | None = None  # what ran the backbone (None: nothing to extract)
 
 
 def versions() -> dict:
@@ -113,7 +118,7 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset, lists: dict, backb
     """`lists`: incremental.image_lists(dataset); `backbone` (the built model) is needed only with
     --cut-blocks, for the cut's shape."""
     from dogtl.core.models import weights_identity
-    from dogtl.core.precision import resolve
+    from dogtl.core.runtimes import plan
     from dogtl.features.cut import cut_info
 
     spec = get_backbone(config.backbone)
@@ -129,7 +134,7 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset, lists: dict, backb
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "dtype": config.dtype,
-        "precision": resolve(config.precision),
+        "precision": plan(config.runtime, config.precision, None if config.strategy == "default" else config.strategy)[1],
         **({"cut": cut_info(backbone, spec, config.cut_blocks, config.cut_dtype)} if config.cut_blocks else {}),
         "data_layout": dataset.layout,
         "image_key": IMAGE_KEY,
@@ -263,12 +268,9 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
         note(plan.change.summary(computing))
     digest = _check_plan(partial, plan, lists)
 
-    import tensorflow as tf
-
     from dogtl.core.modelinfo import weights_path_to_record
     from dogtl.core.models import build_backbone
-
-    from dogtl.core.precision import computing_in
+    from dogtl.core.runtimes import frozen_forward
     from dogtl.features.cut import cut_bytes, extraction_model, stored_layout
 
     if backbone is None:
@@ -283,16 +285,18 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
                                                  (len(lab), len(tst))),
                        f"extract-features --cut-blocks {config.cut_blocks} (features and cut activations)"
                        if config.cut_blocks else "extract-features")
+    model = extraction_model(backbone, spec, config.cut_blocks) if config.cut_blocks else backbone
+    forward = frozen_forward(model, runtime=config.runtime, precision=config.precision, strategy=strategy,
+                             label=f"{spec.name}-{image_size}" + (f"-cut{config.cut_blocks}" if config.cut_blocks else ""),
+                             tf_call=None if strategy is None else replicated_infer(strategy, backbone), note=note)
+    fingerprint = {**fingerprint, "runtime": forward.runtime}
     partial.start(fingerprint)
     partial.save_json("plan.json", digest)
-    model = extraction_model(backbone, spec, config.cut_blocks) if config.cut_blocks else backbone
-    infer = (tf.function(lambda x: model(x, training=False), reduce_retracing=True) if strategy is None
-             else replicated_infer(strategy, backbone))
-    runner = _PassRunner(config, spec, image_size, partial, infer, progress)
+    runner = _PassRunner(config, spec, image_size, partial, forward, progress)
     runner.cut_dtype = config.cut_dtype if config.cut_blocks else None
     copied = {split: np.fromiter(plan.base_rows[split], np.int64) for split in todo}  # file numbers
     # Positions number the images computed (todo); augmentation keys are functions of their ids.
-    with computing_in(backbone, fingerprint["precision"]):
+    with forward:
         good = runner.run({split: ([lists[split].paths[i] for i in todo[split]], extra, lists[split].keys[todo[split]])
                            for split, extra in (("labelled", config.passes), ("test", config.tta_passes))},
                           on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
@@ -314,7 +318,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
                                   for p in range(1 + passes)]
     lab_at = out["labelled"]
     write_cache(
-        path, fingerprint=fingerprint, versions=versions(), classes=list(dataset.classes),
+        path, fingerprint=fingerprint, versions={**versions(), "runtime": forward.version}, classes=list(dataset.classes),
         labelled={**arrays["labelled"], "labels": dataset.labels[lab_at].astype(np.int32), "is_val": is_val[lab_at]},
         test=arrays["test"], skipped=skipped, weights_path=weights_path_to_record(config.weights),
         updates=updates_after(base, fingerprint, plan.change) if base is not None else None,
@@ -322,7 +326,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     partial.remove()
     return ExtractSummary(path, "updated" if base is not None else "written", len(lab_at), len(out["test"]),
                           config.passes, config.tta_passes, skipped, time.perf_counter() - started,
-                          path.stat().st_size, runner.resumed, plan.change, computing)
+                          path.stat().st_size, runner.resumed, plan.change, computing, forward.runtime)
 
 
 def _computed(partial: PartialCache, split: str, pass_index: int, todo: np.ndarray, key: str):

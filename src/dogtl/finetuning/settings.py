@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from dogtl.core.distribute import STRATEGIES
 from dogtl.core.precision import PRECISION_HELP, PRECISIONS
+from dogtl.core.runtimes import RUNTIME_HELP, RUNTIMES
 from dogtl.core.settings import Setting, settings_class
 from dogtl.head.settings import HEAD_SETTINGS, RECIPE_BATCH_SIZE, STEP_EPOCHS, check_rate_range
 
@@ -56,6 +57,8 @@ FINETUNE_SETTINGS = (
             "in TF_CONFIG). --batch-size is the global batch: with N devices, N x the batch and (linear scaling "
             "rule) N x --base-lr keeps them busy.", choices=STRATEGIES),
     Setting("precision", "str", "auto", PRECISION_HELP, choices=PRECISIONS),
+    Setting("runtime", "str", "auto", RUNTIME_HELP + " Runs the frozen layers below --trainable-blocks (from images; "
+            "TensorFlow trains the rest on their output).", choices=RUNTIMES, searchable=False),
     Setting("from_cache", "bool", False, "Train on the cache's cut activations (extract-features --cut-blocks N, "
             "with --trainable-blocks N) instead of the images: one cached pass per image and epoch, as train-head, "
             "no image decoded and no frozen layer run. The saved model is still the whole backbone + head."),

@@ -71,7 +71,8 @@ class Setup:
     steps: int  # per epoch
     checkpoints: Checkpoints
     precision: str = "float32"  # resolved --precision (core/precision.py)
-    source: object = None  # None: train on the images; fromcache.CacheSource: on cut activations
+    source: object = None  # None: train on the images; fromcache.CacheSource: on cut activations;
+    # frozenpart.FrozenPartSource: on images, the frozen part on a runtime
 
 
 @writes
@@ -117,7 +118,10 @@ def prepare(config: FinetuneConfig, strategy) -> Setup:
 
     from dogtl.core.modelinfo import split_paths
 
-    return prepare_common(config, strategy, lambda cache: split_paths(cache, load_dataset(config.data)))
+    from dogtl.finetuning.frozenpart import frozen_part_source
+
+    return prepare_common(config, strategy, lambda cache: split_paths(cache, load_dataset(config.data)),
+                          source=lambda spec: frozen_part_source(config, strategy, spec))
 
 
 def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Setup:
@@ -148,6 +152,8 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     fingerprint = cache.fingerprint
     settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
     identity = {"settings": settings, "head": meta, "cache_fingerprint": fingerprint}
+    if callable(extra.get("source")):  # chosen once the head's backbone is known
+        extra["source"] = extra["source"](spec)
     return Setup(config, strategy, out, meta, spec, size, weights, cache, split,
                  augmentation=AugmentConfig(**fingerprint["augmentation"]) if config.augment else None,
                  seed=int(fingerprint.get("seed", 0)) if config.seed is None else config.seed,
@@ -270,6 +276,7 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
         "feature_dim": setup.spec.feature_dim, "cache": str(setup.cache.path),
         "cache_fingerprint": setup.cache.fingerprint, "head": str(setup.config.head),
         "settings": asdict(setup.config), "metrics": metrics, "trainable_layers": state.trainable_layers,
+        **({"frozen_part_runtime": setup.source.runtime} if getattr(setup.source, "runtime", None) else {}),
     }
     history_path = setup.out.with_suffix(".history.csv")
     plot_path = setup.out.with_suffix(".png") if len(history) else None

@@ -2,9 +2,10 @@
 
 The model is loaded once, by the caller. Each upload is read with a byte limit (413 past it,
 whatever Content-Length claims), decoded and preprocessed in a thread pool with dogtl's own
-decoder (model.encoded_to_inputs, so the pixels are `dogtl predict`'s; decompression bombs are
+decoder (model.encoded_to_pixels, so the pixels are `dogtl predict`'s; decompression bombs are
 refused from the header), then batched with concurrent requests into one model call
-(batching.MicroBatcher). Every bad input is a JSON `{"error": ...}` with a 4xx status and the
+(batching.MicroBatcher) of `model.pixel_model` on --runtime (core/runtimes.py), or of an
+ONNX/OpenVINO export read from its file. Every bad input is a JSON `{"error": ...}` with a 4xx status and the
 server goes on serving.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from dogtl.core.errors import DogtlError
 from dogtl.serving.batching import MicroBatcher
-from dogtl.serving.model import ServingModel, encoded_to_inputs
+from dogtl.serving.model import ServingModel, encoded_to_pixels
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request).
 
@@ -52,16 +53,23 @@ def page_html() -> str:
 
 
 class Predictor:
-    """The loaded model as the server uses it: bytes -> inputs (any thread), inputs -> rows."""
+    """The loaded model as the server uses it: bytes -> pixels (any thread), pixels -> rows, on
+    `runtime` in `precision` (an export: read from its file by its runtime)."""
 
-    def __init__(self, sm: ServingModel, top_k: int = 5):
+    def __init__(self, sm: ServingModel, top_k: int = 5, runtime: str = "auto", precision: str = "auto"):
         import tensorflow as tf
 
+        from dogtl.core.runtimes import file_forward, frozen_forward
+        from dogtl.serving.model import pixel_model
+
         self.sm, self.top_k = sm, min(int(top_k), len(sm.classes))
-        self._decode = tf.function(lambda data: encoded_to_inputs(data, sm.inputs),
+        self._decode = tf.function(lambda data: encoded_to_pixels(data, sm.inputs),
                                    input_signature=[tf.TensorSpec([], tf.string)])
-        specs = tuple(tf.TensorSpec([None, i.size, i.size, 3], tf.float32) for i in sm.inputs)
-        self._call = tf.function(lambda *inputs: sm.call(inputs), input_signature=list(specs))
+        if sm.exported:
+            self.forward = file_forward(sm.path, runtime, precision)
+        else:
+            self.forward = frozen_forward(pixel_model(sm), runtime=runtime, precision=precision,
+                                          label=f"{sm.name}-pixels-{sm.size}")
 
     def decode(self, data: bytes) -> tuple:
         """The model's inputs for one encoded image, or BadUpload saying why it cannot be read."""
@@ -81,8 +89,13 @@ class Predictor:
             reason = "not an image: send a JPEG, PNG, GIF, BMP or WebP file"
         raise BadUpload(400, f"cannot read the image ({reason[:200]})")
 
+    @property
+    def runtime(self) -> str:
+        return self.forward.runtime
+
     def predict(self, inputs: tuple) -> np.ndarray:
-        return self._call(*inputs).numpy()
+        with self.forward:
+            return np.asarray(self.forward(list(inputs)))
 
     def warm_up(self) -> None:
         """Trace the decoder and the model once, so the first request is not slow."""
@@ -139,7 +152,7 @@ async def upload_bytes(request, max_upload: int) -> bytes:
 
 
 def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 20, batch_wait_ms: float = 5,
-               top_k: int = 5, decode_threads: int | None = None):
+               top_k: int = 5, decode_threads: int | None = None, runtime: str = "auto", precision: str = "auto"):
     require_serve_extra()
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -148,7 +161,7 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
 
     if max_upload_mb <= 0:
         raise DogtlError(f"--max-upload-mb {max_upload_mb} must be positive")
-    predictor = Predictor(sm, top_k)
+    predictor = Predictor(sm, top_k, runtime, precision)
     predictor.warm_up()
     batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
     pool = ThreadPoolExecutor(max_workers=decode_threads or min(8, os.cpu_count() or 2),
@@ -158,7 +171,7 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
     @asynccontextmanager
     async def lifespan(app):
         await batcher.start()
-        log.info("serving %s (%d classes)", sm.name, len(sm.classes))
+        log.info("serving %s (%d classes) on %s", sm.name, len(sm.classes), predictor.runtime)
         yield
         await batcher.stop()  # the server has finished its in-flight requests by now
         pool.shutdown(wait=True)
@@ -179,7 +192,7 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": sm.name, "classes": len(sm.classes)}
+        return {"status": "ok", "model": sm.name, "classes": len(sm.classes), "runtime": predictor.runtime}
 
     @app.post("/predict")
     async def predict(request: Request):

@@ -1,11 +1,16 @@
-"""`dogtl export`: a trained model as a TF Serving SavedModel or a TFLite file.
+"""`dogtl export`: a trained model as a TF Serving SavedModel, a TFLite, ONNX or OpenVINO file.
 
 SavedModel: written at OUT/1/ (TF Serving's version folder), with a `serving_default`
 signature on a batch of encoded images (tf.string); decoding, resizing, the backbone's
 preprocessing and the class names are in the graph (model.encoded_batch_fn), so it runs with
 plain TensorFlow and no dogtl. TFLite: a uint8 RGB image [1, size, size, 3] in, probabilities
 out, the class names one a line in OUT's `.labels.txt` sibling; `check_tflite` compares it with
-the Keras model on real images.
+the Keras model on real images. ONNX / OpenVINO: `model.pixel_model` (decoded float RGB pixels,
+0-255, at the model's size in; preprocessing inside; probabilities out), converted by the
+runtimes' conversion cache (core/runtimes.py: Keras's own exporters, checked against TensorFlow)
+and copied to OUT (.onnx; .xml + .bin), with the class names in `.labels.txt` and dogtl's
+metadata (classes, inputs, name) in `.json` beside it, which `dogtl serve OUT` reads;
+`check_exported` compares it with the Keras model on real images.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from dogtl.core.locks import artifact_lock
 from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
 
 log = logging.getLogger(__name__)
-FORMATS = ("savedmodel", "tflite")
+FORMATS = ("savedmodel", "tflite", "onnx", "openvino")
+RUNTIME_OF = {"onnx": "onnxruntime", "openvino": "openvino"}
+SUFFIX = {"tflite": ".tflite", "onnx": ".onnx", "openvino": ".xml"}
 QUANTIZE = ("none", "float16", "dynamic")
 VERSION = "1"
 
 
 @dataclass
-class TfliteCheck:
+class ExportCheck:
     images: int
     top1_agreement: float  # fraction of images whose top class is the Keras model's
     max_abs_diff: float  # largest |p_tflite - p_keras| over images and classes
@@ -40,6 +47,9 @@ class TfliteCheck:
     # (the rest of the difference is the uint8 input's rounding of the resized image).
     top1_same_pixels: float = float("nan")
     max_abs_diff_same_pixels: float = float("nan")
+
+
+TfliteCheck = ExportCheck  # its first name
 
 
 def _model_bytes(sm: ServingModel) -> int:
@@ -81,9 +91,95 @@ def export_savedmodel(sm: ServingModel, out: str | Path, *, top_k: int = 5, forc
     return target
 
 
-def labels_path(tflite_path: str | Path) -> Path:
-    path = Path(tflite_path)
+def labels_path(model_path: str | Path) -> Path:
+    path = Path(model_path)
     return path.with_name(f"{path.stem}.labels.txt")
+
+
+def metadata_path(model_path: str | Path) -> Path:
+    return Path(model_path).with_suffix(".json")
+
+
+def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool = False) -> Path:
+    """Write OUT (.onnx, or .xml with its .bin) and its labels and metadata files beside it."""
+    import json
+
+    from dogtl.core.runtimes import ConversionError, require, converted
+    from dogtl.serving.model import pixel_model
+
+    out, runtime = Path(out), RUNTIME_OF[fmt]
+    if out.suffix != SUFFIX[fmt]:
+        raise DogtlError(f"--out {out}: an {fmt} model file must end in {SUFFIX[fmt]}")
+    files = [out] + ([out.with_suffix(".bin")] if fmt == "openvino" else [])
+    for f in files:
+        check_overwrite(f, force)
+    require_free_space(out.parent, _model_bytes(sm), f"the {fmt} model")
+    require(runtime)
+    try:
+        folder = converted(pixel_model(sm), runtime, f"{sm.name}-pixels-{sm.size}")
+    except ConversionError as e:
+        raise DogtlError(f"{fmt} cannot convert {sm.path} ({e}): export it as savedmodel or tflite") from None
+    sources = sorted(folder.glob("model.*"))
+    for source, target in zip(sources, sorted(files, key=lambda f: f.suffix)):  # .bin before .onnx/.xml
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    meta = {"format": fmt, "name": sm.name, "classes": sm.classes,
+            "inputs": [{"backbone": i.spec.name, "size": i.size, "name": f"pixels_{k}" if len(sm.inputs) > 1
+                        else "pixels"} for k, i in enumerate(sm.inputs)],
+            "input": "float32 RGB pixels [N, size, size, 3], 0-255 (decoded and resized; the backbone's "
+                     "preprocessing is inside)", "output": "probabilities [N, classes]",
+            "source": str(sm.path), "source_kind": sm.metadata.get("kind")}
+    write_text_atomic(metadata_path(out), json.dumps(meta, indent=1))
+    write_text_atomic(labels_path(out), "".join(f"{c}\n" for c in sm.classes))
+    return out
+
+
+def load_exported(path: str | Path) -> ServingModel:
+    """An ONNX / OpenVINO export of `dogtl export` as a ServingModel (no Keras model inside)."""
+    import json
+
+    from dogtl.features.backbones import get_backbone
+    from dogtl.serving.model import EXPORT_SUFFIXES, ImageInput
+
+    path = Path(path)
+    if not path.is_file():
+        raise DogtlError(f"{path}: no such model file")
+    try:
+        meta = json.loads(metadata_path(path).read_text())
+        inputs = tuple(ImageInput(get_backbone(i["backbone"]), int(i["size"])) for i in meta["inputs"])
+        classes = [str(c) for c in meta["classes"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DogtlError(f"{path}: cannot read its metadata {metadata_path(path)} ({e}); export the model again "
+                         "with dogtl export") from None
+    return ServingModel(model=None, classes=classes, inputs=inputs, name=str(meta.get("name") or path.stem),
+                        path=path, metadata=meta, exported=EXPORT_SUFFIXES[path.suffix])
+
+
+def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "auto") -> ExportCheck:
+    """Top-1 agreement and largest probability difference of an ONNX/OpenVINO export (run by
+    `runtime` in float32) against the Keras model (dogtl's pipeline on the files) on `paths`:
+    both see the same decoded pixels, so the difference is the conversion's alone."""
+    import tensorflow as tf
+
+    from dogtl.core.runtimes import file_forward
+    from dogtl.serving.model import encoded_to_pixels
+
+    kept = [p for p in paths if _readable(p)]
+    keras_probs = _keras_probabilities(sm, kept)
+    forward = file_forward(path, runtime, "float32")
+    pixels = [encoded_to_pixels(tf.constant(Path(p).read_bytes()), sm.inputs) for p in kept]
+    got = np.concatenate([forward([np.stack([x[k].numpy() for x in pixels[i:i + 32]]) for k in range(len(sm.inputs))])
+                          for i in range(0, len(kept), 32)]).astype(np.float64)
+    diff = float(np.max(np.abs(got - keras_probs)))
+    agree = float(np.mean(got.argmax(1) == keras_probs.argmax(1)))
+    return ExportCheck(images=len(kept), top1_agreement=agree, max_abs_diff=diff, skipped=len(paths) - len(kept),
+                       top1_same_pixels=agree, max_abs_diff_same_pixels=diff)
+
+
+def _readable(path) -> bool:
+    from dogtl.data.images import decode_error
+
+    return decode_error(path) is None
 
 
 def tflite_bytes(sm: ServingModel, quantize: str = "none") -> bytes:
@@ -160,23 +256,30 @@ def client_pixels(paths, size: int):
     return np.array(images, dtype=np.uint8).reshape(-1, size, size, 3), kept
 
 
-def check_tflite(tflite: str | Path | bytes, sm: ServingModel, paths) -> TfliteCheck:
+def _keras_probabilities(sm: ServingModel, paths) -> np.ndarray:
+    """The Keras model's probabilities on the files through the SavedModel's own graph (dogtl's
+    float pipeline): what every export's check compares with."""
+    import tensorflow as tf
+
+    if not paths:
+        raise DogtlError("none of the check images could be read")
+    serve = tf.function(encoded_batch_fn(sm))
+    return np.concatenate([serve(tf.constant([Path(p).read_bytes() for p in paths[i:i + 32]]))["probabilities"].numpy()
+                           for i in range(0, len(paths), 32)]).astype(np.float64)
+
+
+def check_tflite(tflite: str | Path | bytes, sm: ServingModel, paths) -> ExportCheck:
     """Top-1 agreement and largest probability difference of the TFLite model against the Keras
     model (dogtl's float pipeline on the files) on `paths`."""
     import tensorflow as tf
 
     pixels, kept = client_pixels(paths, sm.size)
-    if not kept:
-        raise DogtlError("none of the check images could be read")
-    serve = tf.function(encoded_batch_fn(sm))
-    keras_probs = np.concatenate([
-        serve(tf.constant([Path(p).read_bytes() for p in kept[i:i + 32]]))["probabilities"].numpy()
-        for i in range(0, len(kept), 32)]).astype(np.float64)
+    keras_probs = _keras_probabilities(sm, kept)
     on_pixels = tf.function(lambda x: sm.call(pixels_to_inputs(x, sm.inputs)))
     same = np.concatenate([on_pixels(tf.constant(pixels[i:i + 32])).numpy()
                            for i in range(0, len(kept), 32)]).astype(np.float64)
     lite = tflite_predict(tflite, pixels)
-    return TfliteCheck(images=len(kept),
+    return ExportCheck(images=len(kept),
                        top1_agreement=float(np.mean(lite.argmax(1) == keras_probs.argmax(1))),
                        max_abs_diff=float(np.max(np.abs(lite - keras_probs))), skipped=len(paths) - len(kept),
                        top1_same_pixels=float(np.mean(lite.argmax(1) == same.argmax(1))),

@@ -1,11 +1,16 @@
 """A trained dogtl model as deployment sees it: one Keras model on images, its class names,
 and how one encoded image becomes the model's input(s).
 
-Every deployment path (SavedModel, TFLite, `dogtl serve`) goes through `encoded_to_inputs`
-or `pixels_to_inputs`, which call the same decode/resize (`data.images.decode_image`) and
-backbone preprocessing (`data.images.preprocess_fn`) as `dogtl predict`, so they see the same
-pixels. A model with several image inputs (one per backbone) lists one `ImageInput` each;
-both functions return one tensor per input, in the model's input order.
+Every deployment path (SavedModel, TFLite, ONNX, OpenVINO, `dogtl serve`) goes through
+`encoded_to_inputs`, `encoded_to_pixels` or `pixels_to_inputs`, which call the same
+decode/resize (`data.images.decode_image`) and backbone preprocessing
+(`data.images.preprocess_fn`) as `dogtl predict`, so they see the same pixels. A model with
+several image inputs (one per backbone) lists one `ImageInput` each; these functions return one
+tensor per input, in the model's input order.
+
+An ONNX or OpenVINO export (serving/export.py) is `pixel_model`: decoded float RGB pixels
+(0-255, each input at its own size) in, the backbone's preprocessing inside, probabilities out;
+`dogtl serve` runs that same model, converted for its --runtime or read from the exported file.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from dogtl.core.errors import DogtlError
 from dogtl.features.backbones import BackboneSpec
 
 
+EXPORT_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """One image input of the model: the backbone whose preprocessing it takes, at `size` px."""
@@ -27,7 +35,7 @@ class ImageInput:
 
 @dataclass
 class ServingModel:
-    model: object  # keras.Model on preprocessed images
+    model: object  # keras.Model on preprocessed images; None for an ONNX/OpenVINO export
     classes: list[str]
     inputs: tuple[ImageInput, ...]
     name: str
@@ -38,6 +46,8 @@ class ServingModel:
     def size(self) -> int:
         """The image size a client sends to TFLite (the largest input's; others are resized)."""
         return max(i.size for i in self.inputs)
+
+    exported: str | None = None  # 'onnx' or 'openvino': `path` is such an export (dogtl export)
 
     def call(self, inputs):
         """Probabilities [N, C] for a tuple of preprocessed input batches."""
@@ -50,6 +60,26 @@ def encoded_to_inputs(data, inputs: tuple[ImageInput, ...]):
     from dogtl.data.images import decode_image
 
     return tuple(preprocess(decode_image(data, i.size)) for i, preprocess in zip(inputs, _preprocessors(inputs)))
+
+
+def encoded_to_pixels(data, inputs: tuple[ImageInput, ...]):
+    """One encoded image -> decoded float RGB pixels at each input's size (`pixel_model`'s inputs)."""
+    from dogtl.data.images import decode_image
+
+    return tuple(decode_image(data, i.size) for i in inputs)
+
+
+def pixel_model(sm: ServingModel):
+    """pixels (float RGB 0-255, one input per image input, at its size) -> probabilities: the
+    backbones' preprocessing as layers in front of the model (what ONNX/OpenVINO exports hold)."""
+    import keras
+
+    pixels = [keras.Input((i.size, i.size, 3), name=f"pixels_{k}" if len(sm.inputs) > 1 else "pixels")
+              for k, i in enumerate(sm.inputs)]
+    prepared = [keras.layers.Lambda(f, name=f"preprocess_{k}")(x)
+                for k, (x, f) in enumerate(zip(pixels, _preprocessors(sm.inputs)))]
+    outputs = sm.model(prepared[0] if len(prepared) == 1 else prepared, training=False)
+    return keras.Model(pixels[0] if len(pixels) == 1 else pixels, outputs, name=f"{sm.name}_on_pixels")
 
 
 def pixels_to_inputs(pixels, inputs: tuple[ImageInput, ...]):
@@ -80,6 +110,10 @@ def load_serving_model(path: str | Path, weights: str | None = None) -> ServingM
     from dogtl.evaluation.predict import load_image_model
 
     path = Path(path)
+    if path.suffix in EXPORT_SUFFIXES:
+        from dogtl.serving.export import load_exported
+
+        return load_exported(path)
     if path.is_dir():
         raise DogtlError(f"{path}: a folder; pass a dogtl model file (models/finetuned.keras or "
                          "models/head.keras), not an export")

@@ -1,0 +1,90 @@
+"""Fine-tuning from images with the frozen part of the backbone on a faster runtime.
+
+Below the top N blocks nothing learns: images -> the activations entering the top blocks is a
+frozen forward (features/cut.split_backbone's frozen part), so --runtime may run it
+(core/runtimes.py: OpenVINO or ONNX Runtime on CPUs). Each training batch is the same
+augmented images as fine-tuning on TensorFlow (data.training_batches), pushed through the
+frozen part on the runtime; TensorFlow trains the top part and the head on the result, as
+`--from-cache` trains them on stored activations (fromcache.CacheSource: the same model,
+checkpoints and export, so the saved model is the whole backbone + head). On TensorFlow, with
+--trainable-blocks 0 or all blocks, or under --strategy, the whole model trains on images as
+before (train.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dogtl.finetuning.fromcache import CacheSource
+
+
+def frozen_part_source(config, strategy, spec):
+    """A FrozenPartSource when --runtime means another runtime than TensorFlow here and there is a
+    frozen part below the trainable blocks; else None (train on images in TensorFlow)."""
+    from dogtl.core.runtimes import plan
+
+    runtime, _ = plan(config.runtime, config.precision, strategy)
+    if runtime == "tensorflow" or not 0 < config.trainable_blocks < len(spec.blocks):
+        return None
+    return FrozenPartSource()
+
+
+class FrozenPartSource(CacheSource):
+    """train.py's hooks: the model, checkpoints and export of CacheSource; batches and validation
+    from the images through the frozen part on the runtime."""
+
+    def __init__(self):
+        self._forward = None
+
+    def forward(self, setup):
+        """The frozen part on the runtime, converted (or loaded from the conversion cache) once."""
+        if self._forward is None:
+            from dogtl.core.models import build_backbone
+            from dogtl.core.runtimes import frozen_forward
+            from dogtl.features.cut import split_backbone
+
+            n = setup.config.trainable_blocks
+            frozen, _ = split_backbone(build_backbone(setup.spec, setup.weights, setup.size), setup.spec, n)
+            self._forward = frozen_forward(frozen, runtime=setup.config.runtime, precision=setup.config.precision,
+                                           label=f"{setup.spec.name}-{setup.size}-below{n}")
+        return self._forward
+
+    @property
+    def runtime(self) -> str | None:
+        return self._forward.runtime if self._forward else None
+
+    def batches(self, setup, epochs):
+        from dogtl.finetuning.data import training_batches
+
+        train, forward = setup.split["train"], self.forward(setup)
+        ds = training_batches(train["paths"], train["indices"], setup.spec, setup.size, seed=setup.seed,
+                              augmentation=setup.augmentation, batch_size=setup.config.batch_size, epochs=epochs)
+        with forward:
+            for pos, images in ds:
+                yield np.asarray(forward(images), np.float32), train["labels"][pos.numpy()]
+
+    def dataset(self, setup, epochs):
+        import tensorflow as tf
+
+        shape = tuple(int(d) for d in self.forward(setup).model.output.shape[1:])
+        spec = (tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int64))
+        return tf.data.Dataset.from_generator(lambda: self.batches(setup, epochs),
+                                              output_signature=spec).prefetch(2)
+
+    def validate(self, setup, model):
+        """(probabilities, scores) on the clean validation images, the frozen part on the runtime."""
+        from dogtl.core.errors import DataError
+        from dogtl.data.images import image_dataset
+        from dogtl.evaluation.metrics import scores
+        from dogtl.evaluation.predict import inference_fn
+
+        val, forward, top = setup.split["val"], self.forward(setup), inference_fn(model)
+        probs = np.full((len(val["paths"]), model.output.shape[-1]), np.nan)
+        with forward:
+            for pos, _, images in image_dataset(val["paths"], setup.spec, setup.size,
+                                                batch_size=2 * setup.config.batch_size):
+                probs[pos.numpy()] = np.asarray(top(forward(images)), np.float64)
+        if np.isnan(probs).any():
+            bad = val["paths"][int(np.flatnonzero(np.isnan(probs[:, 0]))[0])]
+            raise DataError(f"{bad}: cannot read this validation image any more; fix it or extract again")
+        return probs, scores(val["labels"], probs)

@@ -1,0 +1,218 @@
+"""Runtimes: what `auto` picks, the conversion cache (reused, refused and rebuilt when stale or
+damaged), the one-line fallback, and features equal to TensorFlow's on every runtime."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from conftest import CHEAP, assert_clean_error, run_cli
+
+
+def _needs(runtime):
+    from dogtl.core.runtimes import installed
+
+    if not installed(runtime):
+        pytest.skip(f"{runtime} is not installed (pip install 'dogtl[onnx]' or openvino); .ci/run installs it")
+
+
+def _tiny(op=None, seed=0):
+    """A three-layer conv net (converts in a second), optionally with `op` between its layers."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(6, 3, activation="relu")(inputs)
+    if op is not None:
+        x = keras.layers.Lambda(op)(x)
+    x = keras.layers.Conv2D(5, 3)(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def _batch(n=3):
+    return np.random.default_rng(1).uniform(-1, 1, (n, 12, 12, 3)).astype(np.float32)
+
+
+def test_auto_and_precision_rules(monkeypatch):
+    from dogtl.core import precision, runtimes
+    from dogtl.core.errors import SettingError
+
+    monkeypatch.delenv(runtimes.AUTO_ENV, raising=False)
+    monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: None)
+    monkeypatch.setattr(runtimes, "installed", lambda r: True)
+    monkeypatch.setattr(precision, "cpu_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: True)  # not its cached original: restored after
+    assert runtimes.plan("auto", "float32") == ("openvino", "float32")
+    assert runtimes.plan("auto", "auto") == ("openvino", "bfloat16")  # OpenVINO's hint, as TensorFlow's rewrite
+    assert runtimes.plan("onnxruntime", "auto") == ("onnxruntime", "float32")  # float32 only on CPUs
+    assert runtimes.plan("auto", "auto", strategy="mirrored")[0] == "tensorflow"
+    with pytest.raises(SettingError, match="onnxruntime computes in float32"):
+        runtimes.plan("onnxruntime", "bfloat16")
+    with pytest.raises(SettingError, match="--strategy"):
+        runtimes.plan("openvino", "float32", strategy="mirrored")
+    monkeypatch.setattr(precision, "cpu_bfloat16", lambda: False)
+    assert runtimes.plan("openvino", "auto") == ("openvino", "float32")
+    with pytest.raises(SettingError, match="openvino computes bfloat16 only"):
+        runtimes.plan("openvino", "bfloat16")
+    monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: True)  # a GPU: TensorFlow unless asked
+    assert runtimes.plan("auto", "float32") == ("tensorflow", "float32")
+    monkeypatch.setattr(runtimes, "installed", lambda r: r == "tensorflow")
+    monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: None)
+    assert runtimes.plan("auto", "float32") == ("tensorflow", "float32")  # nothing else installed
+    monkeypatch.setenv(runtimes.AUTO_ENV, "tensorflow")
+    assert runtimes.plan("auto", "float32") == ("tensorflow", "float32")
+    assert_clean_error(run_cli("extract-features", "--runtime", "tvm"), "--runtime 'tvm'", "openvino")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_conversion_cache_reused_then_rebuilt_when_damaged_or_stale(runtime, tmp_path, caplog):
+    from dogtl.core.runtimes import frozen_forward, model_digest
+
+    _needs(runtime)
+    caplog.set_level(logging.INFO, logger="dogtl.core.runtimes")
+    model, x = _tiny(), _batch()
+    want = np.asarray(model(x))
+    first = frozen_forward(model, runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    assert first.runtime == runtime and first.fell_back is None
+    np.testing.assert_allclose(first(x), want, rtol=1e-4, atol=1e-5)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    files = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+
+    caplog.clear()
+    again = frozen_forward(_tiny(), runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    assert any("reusing" in r.message for r in caplog.records)  # the same model built again: no conversion
+    assert not any("converting" in r.message for r in caplog.records)
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == files
+    np.testing.assert_allclose(again(x), want, rtol=1e-4, atol=1e-5)
+
+    assert model_digest(_tiny(seed=1)) != model_digest(model) == model_digest(_tiny())  # keyed by the weights
+
+    model_file = entry / ("model.onnx" if runtime == "onnxruntime" else "model.bin")
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    model_file.write_bytes(bytes(data))
+    caplog.clear()
+    rebuilt = frozen_forward(model, runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "damaged" in warnings[0] and model_file.name in warnings[0], warnings
+    np.testing.assert_allclose(rebuilt(x), want, rtol=1e-4, atol=1e-5)
+
+    meta = json.loads((entry / "entry.json").read_text())
+    meta["key"]["versions"]["keras"] = "0.0.1"  # made by another converter version
+    (entry / "entry.json").write_text(json.dumps(meta))
+    caplog.clear()
+    frozen_forward(model, runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
+    assert any("stale" in r.message for r in caplog.records if r.levelno == logging.WARNING)
+    assert json.loads((entry / "entry.json").read_text())["key"]["versions"]["keras"] != "0.0.1"
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_model_the_runtime_cannot_convert_runs_on_tensorflow_saying_so(runtime, tmp_path, caplog):
+    import tensorflow as tf
+
+    from dogtl.core.runtimes import frozen_forward
+
+    _needs(runtime)
+    model = _tiny(op=lambda t: tf.math.bessel_i0e(t))  # no converter has a rule for BesselI0e
+    forward = frozen_forward(model, runtime=runtime, precision="float32", label="bessel", cache_dir=tmp_path)
+    assert forward.runtime == "tensorflow" and forward.fell_back
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith(f"{runtime} cannot run bessel") and "running it on tensorflow" in warnings[0]
+    with forward:
+        np.testing.assert_allclose(forward(_batch()), np.asarray(model(_batch())), rtol=1e-6)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # nothing half-made left behind
+
+
+@pytest.mark.parametrize("runtime", ["openvino", pytest.param("onnxruntime", marks=pytest.mark.slow)])
+def test_extracted_features_equal_tensorflows(runtime, stage3, tmp_path):
+    """The stage3 cache was extracted on TensorFlow in float32: the same settings on `runtime`
+    give the same features (cosine >= 0.9999 per image) and record the runtime, and the cache
+    made on one runtime is up to date for another (recorded, not refused)."""
+    from dogtl.core.runtimes import agreement
+    from dogtl.features.cache import open_cache
+
+    _needs(runtime)
+    reference = open_cache(stage3.cache)
+    out = tmp_path / "features.h5"
+    args = ["--data", stage3.data, "--backbone", "mobilenet_v2", "--weights", stage3.weights, "--image-size", 48,
+            "--passes", 1, "--tta-passes", 1, "--batch-size", 8, "--val-fraction", 0.25, "--dtype", "float32",
+            "--precision", "float32"]
+    result = run_cli("extract-features", "--cache", out, *args, "--runtime", runtime)
+    assert result.exit_code == 0, result.output
+    cache = open_cache(out)
+    assert cache.fingerprint["runtime"] == runtime and cache.versions["runtime"].startswith(runtime)
+    assert reference.fingerprint["runtime"] == "tensorflow"
+    assert list(cache.ids) == list(reference.ids)
+    for split, passes in (("labelled", 2), ("test", 2)):
+        for p in range(passes):
+            got, want = cache.features(split, passes=[p])[0], reference.features(split, passes=[p])[0]
+            assert np.std(want, axis=0).mean() > 1e-3  # the features tell images apart
+            check = agreement(got, want)
+            assert check["cosine"] >= 0.9999 and check["relative"] < 1e-3, (split, p, check)
+    again = run_cli("extract-features", "--cache", out, *args, "--runtime", "tensorflow")
+    assert again.exit_code == 0 and "already up to date" in again.output, again.output
+
+
+def test_extraction_with_a_missing_runtime_says_how_to_install_it(monkeypatch, synthetic_data, tmp_path):
+    from dogtl.core import runtimes
+
+    monkeypatch.setattr(runtimes, "missing", lambda runtime: "onnxruntime" if runtime == "onnxruntime" else None)
+    result = run_cli("extract-features", "--data", synthetic_data, "--cache", tmp_path / "f.h5", *CHEAP,
+                     "--runtime", "onnxruntime")
+    assert_clean_error(result, "needs onnxruntime", r"pip install 'dogtl\[onnx\]'")
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_on_openvino_equal_tensorflow(stage3, tmp_path):
+    """A head on images (backbone + head converted as one model): the submission and the
+    evaluation report equal TensorFlow's, and say which runtime ran them."""
+    import pandas as pd
+
+    _needs("openvino")
+    rows = {}
+    for runtime in ("tensorflow", "openvino"):
+        out = tmp_path / f"{runtime}.csv"
+        result = run_cli("predict", "--model", stage3.head, "--data", stage3.data, "--no-cache", "--out", out,
+                         "--runtime", runtime, "--precision", "float32")
+        assert result.exit_code == 0 and f"images on {runtime}" in result.output, result.output
+        rows[runtime] = pd.read_csv(out)
+        report = tmp_path / runtime
+        result = run_cli("evaluate", "--model", stage3.head, "--data", stage3.data, "--out", report,
+                         "--runtime", runtime, "--precision", "float32")
+        assert result.exit_code == 0, result.output
+        rows[runtime + "-eval"] = json.loads(report.with_suffix(".eval.json").read_text())
+    np.testing.assert_allclose(rows["openvino"].iloc[:, 1:], rows["tensorflow"].iloc[:, 1:], rtol=1e-3, atol=2e-4)
+    ov, tf = rows["openvino-eval"], rows["tensorflow-eval"]
+    assert ov["runtime"] == "openvino" and tf["runtime"] == "tensorflow"
+    assert ov["accuracy"] == tf["accuracy"] and abs(ov["log_loss"] - tf["log_loss"]) < 1e-4
+
+
+# What each converter manages, measured with OpenVINO 2026.4 and tf2onnx 1.17 (docs/runtimes.md).
+CANNOT = {("convnext_tiny", "onnxruntime"): "Erfc"}  # tf2onnx has no rule for GELU's Erfc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+@pytest.mark.parametrize("backbone", ["xception", "resnet50", "mobilenet_v2", "efficientnet_v2_b0", "convnext_tiny"])
+def test_backbones_convert_or_fall_back_as_documented(backbone, runtime, tmp_path):
+    from dogtl.core.models import build_backbone, calibrate_batchnorm
+    from dogtl.core.runtimes import agreement, frozen_forward
+    from dogtl.features.backbones import get_backbone
+
+    _needs(runtime)
+    spec = get_backbone(backbone)
+    size = max(spec.min_size, 64)
+    model = build_backbone(spec, "none", size)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+    calibrate_batchnorm(model, x)
+    forward = frozen_forward(model, runtime=runtime, precision="float32", label=backbone, cache_dir=tmp_path)
+    if (backbone, runtime) in CANNOT:
+        assert forward.runtime == "tensorflow" and CANNOT[backbone, runtime] in forward.fell_back
+        return
+    assert forward.runtime == runtime, forward.fell_back
+    check = agreement(forward(x), np.asarray(model(x)))
+    assert check["cosine"] >= 0.9999 and check["relative"] < 1e-3, check

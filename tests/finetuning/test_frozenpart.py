@@ -1,0 +1,41 @@
+"""finetune --runtime openvino from images: the frozen part below the trainable blocks runs on the
+runtime, TensorFlow trains the rest on its output; before any step it is the head on the cached
+features, it trains, and the saved model is the whole backbone + head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+@pytest.mark.slow
+def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
+    from dogtl.core.runtimes import installed
+    from dogtl.evaluation.predict import load_image_model, predict_images
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed (pip install openvino, a dogtl dependency); .ci/run installs it")
+    out = tmp_path / "ft.keras"
+    result = finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out), epochs=2,
+                                     patience=5, batch_size=8, optimizer="adam", base_lr=1e-3, runtime="openvino",
+                                     precision="float32"))
+    assert result.head_difference < 1e-3  # epoch 0: the frozen part on OpenVINO reproduces the cached features
+    assert result.epochs_run == 2 and result.history["loss"].notna().all()
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["frozen_part_runtime"] == "openvino" and meta["settings"]["runtime"] == "openvino"
+    model, _, spec, size = load_image_model(out)
+    assert model.input.shape[1:] == (48, 48, 3)  # the whole backbone + head, as from TensorFlow
+    val = result.history  # the saved (best) model scores as recorded, from images on TensorFlow
+    from dogtl.core.modelinfo import split_paths
+    from dogtl.data.folders import load_dataset
+    from dogtl.evaluation.metrics import scores
+    from dogtl.features.cache import open_cache
+
+    split = split_paths(open_cache(stage3.cache), load_dataset(stage3.data))["val"]
+    probs, ok = predict_images(model, split["paths"], spec, size)
+    assert ok.all()
+    assert abs(scores(split["labels"], probs)["val_log_loss"] - result.after["val_log_loss"]) < 1e-3, val
