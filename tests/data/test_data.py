@@ -88,8 +88,9 @@ def _edit_labels(data, transform):
 
 # Each case breaks a copy of the data set; the run must stop before any work with one line.
 DATA_PROBLEMS = {
-    "labels_missing_column": (lambda d: _edit_labels(d, lambda t: t.rename(columns={"breed": "dog"})),
-                              r"labels\.csv lacks column\(s\) breed"),
+    "labels_unknown_columns": (lambda d: _edit_labels(d, lambda t: t.rename(columns={"breed": "dog"}).assign(owner="x")),
+                               r"labels\.csv: cannot tell which column holds the labels \(found: id, dog, owner\): "
+                               r"name them with --id-column NAME --label-column NAME"),
     "labels_empty_file": (lambda d: (d / "labels.csv").write_text(""), r"labels\.csv is empty"),
     "labels_header_only": (lambda d: (d / "labels.csv").write_text("id,breed\n"), r"header but no rows"),
     "labels_blank_breed": (lambda d: _edit_labels(d, lambda t: t.assign(breed=t["breed"].where(t.index != 2))),

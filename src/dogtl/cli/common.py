@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import logging
 import os
 import signal
@@ -13,19 +15,46 @@ import typer
 
 
 def _quiet_tensorflow():
+    """Quiet TensorFlow's start-up whenever a command first imports it, not before: the options,
+    the data folder and the files are checked first, so a mistake costs no TensorFlow start-up."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    # TensorFlow's C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL:
-    # silence stderr while it loads and looks for devices; Python errors still surface.
-    if "tensorflow" not in sys.modules and not os.environ.get("DOGTL_TF_VERBOSE"):
+    if ("tensorflow" not in sys.modules and not os.environ.get("DOGTL_TF_VERBOSE")
+            and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path)):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Imports TensorFlow, the first time anything does, with stderr (file descriptor 2) sent to
+    /dev/null: its C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL. Its
+    devices are listed then too, as probing them prints more. Python errors still surface."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once; find_spec below asks the other finders
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _SilencedLoader(spec.loader)
+        return spec
+
+
+class _SilencedLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
         saved = os.dup(2)
         try:
             with open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)
-                import tensorflow as tf
-
-                tf.config.list_physical_devices()
+                module.__loader__ = module.__spec__.loader = self.loader  # the real one, once loaded
+                self.loader.exec_module(module)
+                module.config.list_physical_devices()
         finally:
             os.dup2(saved, 2)
             os.close(saved)

@@ -48,7 +48,6 @@ def export_cmd(
             raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
     sm = load_serving_model(model, weights)
     if out is None:
-        Path("export").mkdir(exist_ok=True)
         out = Path("export") / (model.stem + (".tflite" if format == "tflite" else ""))
     if format == "savedmodel":
         target = ex.export_savedmodel(sm, out, top_k=top_k, force=force)

@@ -146,11 +146,10 @@ def _on_cache(config, meta, cache):
 
 
 def _on_images(config, meta, cache, progress):
-    from dogtl.data.folders import load_dataset
     from dogtl.core.modelinfo import split_paths
     from dogtl.evaluation.predict import load_image_model, predict_images
 
-    val = split_paths(cache, load_dataset(config.data or "data"))["val"]
+    val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
     probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress,
                                precision=config.precision)
@@ -174,10 +173,9 @@ def _tta(config, meta, cache, source, progress) -> dict | None:
         head, _ = load_model(config.model, compile=False)
         return {"probs": tta.cached_probabilities(head, cache, rows=cache.is_val), "passes": cache.num_passes}
     from dogtl.core.modelinfo import split_paths
-    from dogtl.data.folders import load_dataset
     from dogtl.evaluation.predict import _augmentation_of, load_image_model
 
-    val = split_paths(cache, load_dataset(config.data or "data"))["val"]
+    val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
     augmentation, seed = _augmentation_of(meta)
     probs, _ = tta.image_probabilities(model, val["paths"], spec, size, passes=cache.num_passes, seed=seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ from dogtl.data.augment import AugmentConfig
 from dogtl.features.backbones import check_image_size, get_backbone
 from dogtl.features.cache import (PartialCache, damage, fingerprint_differences, is_cache_file, open_cache,
                                   space_needed, write_cache)
-from dogtl.data.folders import Dataset, load_dataset, split_validation
+from dogtl.data.folders import KAGGLE_COLUMNS, Dataset, load_dataset, split_validation
 from dogtl.core.errors import CacheError, DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
 from dogtl.core.diskspace import require_free_space
@@ -50,6 +50,8 @@ class ExtractConfig:
     precision: str = "auto"  # the backbone's arithmetic (core/precision.py); recorded resolved
     cut_blocks: int = 0  # also store the activations entering the top N blocks (features/cut.py)
     cut_dtype: str = "float16"  # or int8 (per-image, per-channel scales)
+    id_column: str | None = None  # labels.csv's columns, when they are not recognised by name
+    label_column: str | None = None
 
     def __post_init__(self):
         from dogtl.core.distribute import check_strategy
@@ -120,11 +122,12 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset, backbone=None) -> 
         "passes": config.passes,
         "tta_passes": config.tta_passes,
         "seed": config.seed,
-        "val_fraction": config.val_fraction,
+        "val_fraction": config.val_fraction if dataset.is_val is None else "the data's own validation folder",
         "dtype": config.dtype,
         "precision": resolve(config.precision),
         **({"cut": cut_info(backbone, spec, config.cut_blocks, config.cut_dtype)} if config.cut_blocks else {}),
         "data_layout": dataset.layout,
+        **({"columns": dict(zip(("id", "label"), dataset.columns))} if dataset.columns != KAGGLE_COLUMNS else {}),
         "file_list": dataset.file_list_hash(),
         "num_images": len(dataset.ids),
         "num_test_images": len(dataset.test_ids),
@@ -189,16 +192,12 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     from dogtl.features.shards import shard_path
 
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before any TensorFlow work
-    dataset = load_dataset(config.data)
+    dataset = load_dataset(config.data, config.id_column, config.label_column)
     # The split is drawn over every labelled image before any work, so an impossible split
     # fails now, and an image's split does not depend on which other images were unreadable.
-    is_val = split_validation(dataset.labels, config.val_fraction, config.seed)
-    backbone = None
-    if config.cut_blocks:  # the cut's shape is part of the fingerprint
-        from dogtl.core.models import build_backbone
-
-        backbone = build_backbone(spec, config.weights, image_size)
-    fingerprint = make_fingerprint(config, dataset, backbone)
+    is_val = dataset.is_val if dataset.is_val is not None else \
+        split_validation(dataset.labels, config.val_fraction, config.seed)
+    _note_layout(dataset, is_val, note)
     shard = _shard(config)
     # This run's block of each split's file numbers (all of them unless sharded).
     lab, tst = range(len(dataset.ids)), range(len(dataset.test_ids))
@@ -207,6 +206,14 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     path = worker(strategy).private_path(shard_path(config.cache, shard) if shard else config.cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     hold(path, "the feature shard" if shard else "the feature cache")  # one writer per cache or shard file
+    if config.weights == "none":
+        config = replace(config, weights=str(_random_backbone(config, spec, image_size, dataset, path, note)))
+    backbone = None
+    if config.cut_blocks:  # the cut's shape is part of the fingerprint
+        from dogtl.core.models import build_backbone
+
+        backbone = build_backbone(spec, config.weights, image_size)
+    fingerprint = make_fingerprint(config, dataset, backbone)
     partial = PartialCache(path)
     existing = _check_existing(path, partial, fingerprint, config.force)
     agree(strategy, extraction_progress(existing, partial, {"labelled": config.passes, "test": config.tta_passes}),
@@ -245,7 +252,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
         good = runner.run({"labelled": (dataset.paths[lab.start:lab.stop], config.passes, lab.start),
                            "test": (dataset.test_paths[tst.start:tst.stop], config.tta_passes, tst.start)},
                           on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
-                          lambda split, readable: _check_readable(split, readable, dataset, config))
+                          lambda split, readable: _check_clean_pass(split, readable, dataset, config, partial))
 
     skipped = [f"{dataset.paths[i]}\t{_reason(dataset.paths[i])}"
                for i in sorted(set(lab) - {lab.start + k for k in good["labelled"]})]
@@ -276,10 +283,46 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
                           skipped, time.perf_counter() - started, path.stat().st_size, runner.resumed)
 
 
-def _check_readable(split, readable, dataset, config):
-    if split == "labelled" and len(np.unique(dataset.labels[np.asarray(readable, dtype=np.int64)])) < 2:
+def _note_layout(dataset: Dataset, is_val, note) -> None:
+    """Say how the data folder was read where dogtl had to choose: columns, validation split."""
+    if note and dataset.columns != KAGGLE_COLUMNS:
+        note(f"{dataset.root / 'labels.csv'}: image ids from column {dataset.columns[0]!r}, labels from "
+             f"{dataset.columns[1]!r} (--id-column / --label-column choose others)")
+    if note and dataset.is_val is not None:
+        note(f"validation split: the data's own validation folder ({int(is_val.sum())} images; --val-fraction "
+             "is not used)")
+
+
+def _random_backbone(config: ExtractConfig, spec, image_size: int, dataset: Dataset, path: Path, note) -> Path:
+    """`--weights none`: the random backbone calibrated on the training images, kept beside the
+    cache (made again only with --force: a resumed or repeated run uses the same one)."""
+    from dogtl.features.random_backbone import CALIBRATION_IMAGES, calibrate_random_backbone, random_backbone_path
+
+    weights = random_backbone_path(path)
+    if config.force or not weights.is_file():
+        calibrate_random_backbone(spec, image_size, dataset.paths, weights)
+    if note:
+        note(f"note: --weights none: a random backbone, its BatchNorm statistics taken from {CALIBRATION_IMAGES} "
+             f"training images (kept as {weights}; later stages use it). Good for smoke tests, not for "
+             "accuracy: use --weights imagenet or a trained weights file for real features")
+    return weights
+
+
+def _check_clean_pass(split, readable, dataset, config, partial):
+    """After the clean pass: two classes readable, and features a head can learn from."""
+    if split != "labelled":
+        return
+    if len(np.unique(dataset.labels[np.asarray(readable, dtype=np.int64)])) < 2:
         raise DataError(f"fewer than two classes have readable images in {config.data}: "
                         "fix the images (see --on-bad-image)")
+    from dogtl.features.signal import spread
+
+    problem = spread(features for _, features in partial.iter_pass("labelled", 0)).degenerate()
+    if problem:
+        raise DogtlError(f"{config.backbone} with --weights {config.weights} gives degenerate features: {problem}. A "
+                         "head cannot learn from them: the weights carry no signal (a broken or mismatched file?"
+                         + (" values too small for --dtype float16?" if config.dtype == "float16" else "")
+                         + "). Rerun with other --weights (imagenet, or a trained weights file) and --force")
 
 
 def _reason(path) -> str:
@@ -395,8 +438,7 @@ class _PassRunner:
                              f"{self.config.dtype}: rerun with --dtype float32 --force")
         if not self.warned and np.any(features) and not np.any(stored):
             self.warned = True
-            log.warning("features are too small for %s (max %.3g) and are stored as zeros: "
-                        "use --dtype float32 (random 'none' weights often do this)",
+            log.warning("features are too small for %s (max %.3g) and are stored as zeros: use --dtype float32",
                         self.config.dtype, np.abs(features).max())
         return stored
 

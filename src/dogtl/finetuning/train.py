@@ -113,11 +113,9 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
 
 
 def prepare(config: FinetuneConfig, strategy) -> Setup:
-    from dogtl.data.folders import load_dataset
-
     from dogtl.core.modelinfo import split_paths
 
-    return prepare_common(config, strategy, lambda cache: split_paths(cache, load_dataset(config.data)))
+    return prepare_common(config, strategy, lambda cache: split_paths(cache, config.data))
 
 
 def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Setup:

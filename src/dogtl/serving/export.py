@@ -20,7 +20,7 @@ import numpy as np
 
 from dogtl.core.diskspace import require_free_space
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import atomic_path, check_overwrite, write_text_atomic
+from dogtl.core.files import atomic_path, check_overwrite, make_folder, write_text_atomic
 from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,10 @@ def export_savedmodel(sm: ServingModel, out: str | Path, *, top_k: int = 5, forc
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DogtlError(f"--out {out} is a file: a SavedModel is a folder (TF Serving's model base path)")
-    if not out.parent.is_dir():
-        raise DogtlError(f"--out {out}: folder '{out.parent}' does not exist; create it or choose another --out")
     target = out / VERSION
     if target.exists() and not force:
         raise DogtlError(f"{target} exists: pass --force to overwrite it or choose another --out")
-    out.mkdir(exist_ok=True)
+    make_folder(out)
     require_free_space(out, _model_bytes(sm), "the SavedModel")
 
     archive = keras.export.ExportArchive()
@@ -183,13 +181,12 @@ def validation_images(sm: ServingModel, data: str | Path = "data", limit: int = 
     """Up to `limit` validation images of the model's cache in the data folder; [] when either
     cannot be found (the caller says what to pass)."""
     from dogtl.core.modelinfo import open_model_cache, split_paths
-    from dogtl.data.folders import load_dataset
 
     try:
         cache = open_model_cache(sm.metadata, required=False)
         if cache is None or not Path(data).is_dir():
             return []
-        paths = split_paths(cache, load_dataset(data))["val"]["paths"]
+        paths = split_paths(cache, data)["val"]["paths"]
     except DogtlError as e:
         log.warning("no validation images to check against: %s", e)
         return []
