@@ -52,7 +52,7 @@ def extract_features_cmd(
             on_bad_image=on_bad_image, dtype=dtype, rotation=rotation, zoom=zoom, shift=shift, hflip=hflip,
             shard=shard, strategy=strategy, precision=precision, cut_blocks=cut_blocks, cut_dtype=cut_dtype,
             id_column=id_column, label_column=label_column,
-            note=lambda line: bar.progress.console.print(line, markup=False, highlight=False, soft_wrap=True))
+            note=bar.echo)
     _print_extract_summary(summary)
 
 

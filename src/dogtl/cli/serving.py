@@ -8,13 +8,14 @@ from typing import Optional
 
 import typer
 
-from dogtl.cli.common import friendly_errors
+from dogtl.cli.common import chosen_model, friendly_errors, model_argument, model_option
 from dogtl.core.errors import SettingError
 
 
 @friendly_errors
 def export_cmd(
-    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it); a head is exported together with its backbone."),
+    model: Optional[Path] = model_argument("Fine-tuned or head model (.keras, with its .json beside it); a head is exported together with its backbone"),
+    model_opt: Optional[Path] = model_option(),
     format: str = typer.Option("savedmodel", "--format", help="'savedmodel' (TF Serving / TensorFlow: encoded image bytes in, decoding and preprocessing inside) or 'tflite' (mobile: uint8 RGB pixels at the model's size in)."),
     out: Optional[Path] = typer.Option(None, "--out", help="SavedModel: the model base folder (written at OUT/1/, class names at OUT/labels.txt; default export/<model>). TFLite: a .tflite file, its labels beside it as <name>.labels.txt (default export/<model>.tflite)."),
     quantize: str = typer.Option("none", help="TFLite only: 'none' (float32), 'float16' (half-size weights) or 'dynamic' (int8 weights, quarter size)."),
@@ -46,6 +47,7 @@ def export_cmd(
         absent = [str(p) for p in check_images if not p.is_file()]
         if absent:
             raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
+    model = chosen_model(model, model_opt)
     sm = load_serving_model(model, weights)
     if out is None:
         out = Path("export") / (model.stem + (".tflite" if format == "tflite" else ""))
@@ -76,7 +78,8 @@ def export_cmd(
 
 @friendly_errors
 def serve_cmd(
-    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it)."),
+    model: Optional[Path] = model_argument("Fine-tuned or head model (.keras, with its .json beside it)"),
+    model_opt: Optional[Path] = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_batch: int = typer.Option(32, help="Most images per model call: requests arriving together are batched."),
@@ -98,7 +101,7 @@ def serve_cmd(
     from dogtl.serving.model import load_serving_model
     from dogtl.serving.server import make_server
 
-    sm = load_serving_model(model, weights)
+    sm = load_serving_model(chosen_model(model, model_opt), weights)
     app = create_app(sm, max_batch=max_batch, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
                      top_k=top_k)
     typer.echo(f"serving {sm.name} ({len(sm.classes)} classes) on http://{host}:{port}/  "
