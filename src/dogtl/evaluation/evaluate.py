@@ -124,7 +124,7 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     numbers = metrics_report(probs, labels, classes, config.top_k, config.confused)
     json_path, csv_path, png_path = paths
     write_csv_atomic(numbers["per_class"], csv_path)
-    plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path)
+    plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path, title=Path(config.model).name)
     summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
     summary.update(model=str(config.model), kind=meta["kind"], source=source,
                    per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path),

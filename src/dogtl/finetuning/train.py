@@ -277,7 +277,8 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
         if plot_path:
             from dogtl.core.plots import plot_history
 
-            plot_history(history, tmps[1])
+            plot_history(history, tmps[1], title=f"finetune {setup.out.name} from {Path(setup.config.head).name}",
+                         best_epoch=best_epoch, start=state.before)
         save_model(best, setup.out, metadata)
     setup.checkpoints.remove()
     return FinetuneResult(setup.out, state.before, state.best, best_epoch, state.epoch, resumed_from,

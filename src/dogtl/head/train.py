@@ -240,7 +240,8 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
     # leave some, and the rerun would refuse to overwrite them.
     with atomic_paths(paths["history"], paths["plot"]) as (history_tmp, plot_tmp):
         write_csv_atomic(fit.history, history_tmp)
-        plot_history(fit.history, plot_tmp)
+        plot_history(fit.history, plot_tmp, title=f"train-head {paths['model'].name}: {cache.path.name}, "
+                     f"{len(data.train_labels)} training images", best_epoch=fit.metrics["best_epoch"])
         save_model(fit.model, paths["model"], metadata)
     return HeadResult(paths["model"], fit.metrics, fit.history, paths["history"], paths["plot"],
                       time.perf_counter() - started, fit.seconds_per_epoch, int(data.train_features.shape[1]),
