@@ -85,14 +85,18 @@ def serve_cmd(
     max_batch: int = typer.Option(32, help="Most images per model call: requests arriving together are batched."),
     batch_wait_ms: float = typer.Option(5.0, help="How long the first request of a batch waits for others (ms)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest upload accepted; bigger ones get 413."),
+    max_files: int = typer.Option(16, help="Most images in one POST /predict/batch request."),
     top_k: int = typer.Option(5, help="Classes returned per image."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Print one line per request on stdout: time, client, method, path, status, images, milliseconds."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
 ):
     """Serve MODEL over HTTP, with a web page to try it (needs: pip install 'dogtl\\[serve]').
 
-    GET / is a page where you choose or drop a photo and see its top 5 classes. POST /predict takes a multipart field 'file' or a raw image body and answers JSON {"model", "predictions": [{"class", "probability"}], "ms"}; bad input gets {"error"} and a 4xx status. GET /health is for load balancers. Ctrl-C or SIGTERM stops after the requests in flight.
+    GET / is a page where you choose or drop a photo and see its top 5 classes. POST /predict takes a multipart field 'file' or a raw image body and answers JSON {"model", "predictions": [{"class", "probability"}], "ms"}; bad input gets {"error"} and a 4xx status. POST /predict/batch takes several file fields and answers {"model", "results": [{"file", "predictions"} or {"file", "error"}], "ms"}. GET /health is for load balancers. Ctrl-C or SIGTERM stops after the requests in flight.
 
     Example: curl -F file=@dog.jpg http://127.0.0.1:8000/predict
+
+    curl -F file=@a.jpg -F file=@b.jpg http://127.0.0.1:8000/predict/batch
     """
     from dogtl.serving.app import require_serve_extra
 
@@ -103,9 +107,11 @@ def serve_cmd(
 
     sm = load_serving_model(chosen_model(model, model_opt), weights)
     app = create_app(sm, max_batch=max_batch, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
-                     top_k=top_k)
+                     top_k=top_k, max_files=max_files)
+    if access_log:
+        _print_access_log()
     typer.echo(f"serving {sm.name} ({len(sm.classes)} classes) on http://{host}:{port}/  "
-               "(POST /predict, GET /health; Ctrl-C to stop)")
+               "(POST /predict, POST /predict/batch, GET /health; Ctrl-C to stop)")
     # uvicorn finishes the requests in flight, then raises the signal again for the default
     # handler: turn that into a normal exit (code 0, no "interrupted" message).
     previous = signal.signal(signal.SIGTERM, _stopped)
@@ -116,6 +122,19 @@ def serve_cmd(
     finally:
         signal.signal(signal.SIGTERM, previous)
     typer.echo("stopped")
+
+
+def _print_access_log():
+    """The app's access log (logger dogtl.access) as lines on stdout, with the time."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("dogtl.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 class _Stop(Exception):

@@ -120,13 +120,31 @@ def export_tflite(sm: ServingModel, out: str | Path, *, quantize: str = "none", 
     return out
 
 
-def tflite_predict(tflite: str | Path | bytes, pixels: np.ndarray) -> np.ndarray:
-    """Probabilities [N, C] of a TFLite model on uint8 images [N, size, size, 3], one at a time."""
-    import tensorflow as tf
+def tflite_interpreter(tflite: str | Path | bytes):
+    """An interpreter of a TFLite model (a file or its bytes), allocated: LiteRT's, the successor
+    of tf.lite.Interpreter, when ai-edge-litert is installed (pip install 'dogtl[tflite]'); else
+    TensorFlow's, without the deprecation warning it prints on every use (it still works in this
+    TensorFlow, and the warning would only say to install LiteRT)."""
+    import warnings
 
     kwargs = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
-    interpreter = tf.lite.Interpreter(**kwargs)
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
+            interpreter = tf.lite.Interpreter(**kwargs)
+    else:
+        interpreter = Interpreter(**kwargs)
     interpreter.allocate_tensors()
+    return interpreter
+
+
+def tflite_predict(tflite: str | Path | bytes, pixels: np.ndarray) -> np.ndarray:
+    """Probabilities [N, C] of a TFLite model on uint8 images [N, size, size, 3], one at a time."""
+    interpreter = tflite_interpreter(tflite)
     (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
     rows = []
     for image in pixels:
