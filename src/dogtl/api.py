@@ -122,11 +122,14 @@ def finetune(data="data", head="models/head.keras", out="models/finetuned.keras"
         return run(config, progress=update, report=report)
 
 
-def evaluate(model="models/finetuned.keras", *, data=None, force: bool = False, progress=True, **settings):
-    """Accuracy, log loss, top-k, per-class accuracy and confusions on the validation split."""
+def evaluate(model=None, *, data=None, force: bool = False, progress=True, **settings):
+    """Accuracy, log loss, top-k, per-class accuracy and confusions on the validation split of
+    `model` (default: models/finetuned.keras, else models/head.keras)."""
     from dogtl.evaluation.evaluate import EvaluateConfig, evaluate as run
+    from dogtl.evaluation.predict import resolve_model
 
-    config = EvaluateConfig(model=str(model), data=str(data) if data else None, force=force, **settings)
+    config = EvaluateConfig(model=str(resolve_model(model)), data=str(data) if data else None, force=force,
+                            **settings)
     with _bar(progress, _images("evaluating")) as update:
         return run(config, progress=update)
 
