@@ -48,16 +48,12 @@ class _SilencedLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "w") as devnull:
-                os.dup2(devnull.fileno(), 2)
-                module.__loader__ = module.__spec__.loader = self.loader  # the real one, once loaded
-                self.loader.exec_module(module)
-                module.config.list_physical_devices()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        from dogtl.core.quiet import native_stderr_silenced
+
+        with native_stderr_silenced():
+            module.__loader__ = module.__spec__.loader = self.loader  # the real one, once loaded
+            self.loader.exec_module(module)
+            module.config.list_physical_devices()
 
 
 def fail(message: str, code: int = 2):
@@ -210,13 +206,13 @@ class PlainProgress:
         self.clock = clock or time.monotonic
         self.started = self.last = None
         self.ended = False
-        self.first = 0  # done when the work started (resumed work counts as done, not as speed)
+        self.first = 0  # done at the first line (work resumed or done before it counts in no rate)
 
     def update(self, done: int, total: int):
         now = self.clock()
         if self.started is None:
             self.started, self.last, self.first = now, now, done
-            self._line(done, total, now, "resumed at " if done else "")
+            self._line(done, total, now)
         elif done >= total and not self.ended:
             self.ended = True
             self._line(done, total, now)
@@ -224,9 +220,9 @@ class PlainProgress:
             self.last = now
             self._line(done, total, now)
 
-    def _line(self, done: int, total: int, now: float, start: str = ""):
+    def _line(self, done: int, total: int, now: float):
         share = f" ({done / total:.0%})" if total else ""
-        text = f"{self.description}: {start}{done}/{total} {self.unit}{share}"
+        text = f"{self.description}: {done}/{total} {self.unit}{share}"
         elapsed = now - self.started
         if elapsed > 0 and done > self.first:
             rate = (done - self.first) / elapsed

@@ -37,7 +37,7 @@ def calibrate_random_backbone(spec, image_size: int, paths, out: str | Path,
     if not batches:
         raise DataError(f"none of the {len(chosen)} images chosen to calibrate the random backbone can be read "
                         f"(e.g. {chosen[0] if chosen else 'none'}): fix the images")
-    backbone = build_backbone(spec, "none", image_size)
+    backbone = build_backbone(spec, "none", image_size, input_name="image")
     calibrate_batchnorm(backbone, batches[0][2])
     out = Path(out)
     make_folder(out.parent)

@@ -124,8 +124,11 @@ def tflite_interpreter(tflite: str | Path | bytes):
     """An interpreter of a TFLite model (a file or its bytes), allocated: LiteRT's, the successor
     of tf.lite.Interpreter, when ai-edge-litert is installed (pip install 'dogtl[tflite]'); else
     TensorFlow's, without the deprecation warning it prints on every use (it still works in this
-    TensorFlow, and the warning would only say to install LiteRT)."""
+    TensorFlow, and the warning would only say to install LiteRT). Either prints an INFO line
+    about its CPU delegate that no log level hides: kept off the screen too."""
     import warnings
+
+    from dogtl.core.quiet import native_stderr_silenced
 
     kwargs = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
     try:
@@ -133,12 +136,11 @@ def tflite_interpreter(tflite: str | Path | bytes):
     except ImportError:
         import tensorflow as tf
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
-            interpreter = tf.lite.Interpreter(**kwargs)
-    else:
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings(), native_stderr_silenced():  # and its "INFO: Created ... XNNPACK delegate"
+        warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
         interpreter = Interpreter(**kwargs)
-    interpreter.allocate_tensors()
+        interpreter.allocate_tensors()
     return interpreter
 
 
