@@ -20,15 +20,14 @@ def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    if ("tensorflow" not in sys.modules and not os.environ.get("DOGTL_TF_VERBOSE")
-            and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path)):
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-    """Imports TensorFlow, the first time anything does, with stderr (file descriptor 2) sent to
-    /dev/null: its C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL. Its
-    devices are listed then too, as probing them prints more. Python errors still surface."""
+    """Imports TensorFlow, the first time anything does, with its C++ start-up lines (oneDNN, CUDA
+    probing) kept off stderr (core/quiet.py); its devices are listed then too, as probing them
+    prints more. Python errors still surface."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":

@@ -21,11 +21,12 @@ def random_backbone_path(cache: str | Path) -> Path:
     return cache.with_name(f"{cache.name.split('.')[0]}.random-backbone.weights.h5")
 
 
-def calibrate_random_backbone(spec, image_size: int, paths, out: str | Path,
-                              images: int = CALIBRATION_IMAGES) -> Path:
+def calibrate_random_backbone(spec, image_size: int, paths, out: str | Path, images: int = CALIBRATION_IMAGES,
+                              what: str = "the random backbone") -> Path:
     """The seeded random backbone with the BatchNorm statistics of up to `images` of `paths`
-    (spread over the list; unreadable files are left out), saved atomically at `out`.
-    The same images give the same file, byte for byte."""
+    (spread over the list; unreadable files are left out), saved atomically at `out` (refused
+    first, naming `what`, without the room). The same images give the same file, byte for byte."""
+    from dogtl.core.diskspace import require_free_space
     from dogtl.core.errors import DataError
     from dogtl.core.files import atomic_path, make_folder
     from dogtl.core.models import build_backbone, calibrate_batchnorm
@@ -38,9 +39,10 @@ def calibrate_random_backbone(spec, image_size: int, paths, out: str | Path,
         raise DataError(f"none of the {len(chosen)} images chosen to calibrate the random backbone can be read "
                         f"(e.g. {chosen[0] if chosen else 'none'}): fix the images")
     backbone = build_backbone(spec, "none", image_size, input_name="image")
-    calibrate_batchnorm(backbone, batches[0][2])
     out = Path(out)
     make_folder(out.parent)
+    require_free_space(out.parent, 4 * backbone.count_params() + (1 << 20), f"{what} (the calibrated random backbone)")
+    calibrate_batchnorm(backbone, batches[0][2])
     with atomic_path(out) as tmp:
         backbone.save_weights(tmp)
     return out
