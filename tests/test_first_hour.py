@@ -73,7 +73,7 @@ def test_first_hour_end_to_end_with_output_to_files(tmp_path):
                       env={"DOGTL_PROGRESS_SECONDS": "0"}, stdout=out, stderr=err, capture_output=False)
     stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert done.returncode == 0, stdout + stderr
-    assert "note: --weights none: a random backbone, its BatchNorm statistics taken from 32 training images" \
+    assert "note: --weights none: a random backbone, its BatchNorm statistics taken from 24 labelled images" \
            in stdout and "features.random-backbone.weights.h5" in stdout
     assert "validation split: the data's own validation folder (6 images; --val-fraction is not used)" in stdout
     progress = [line for line in stderr.splitlines() if line.startswith("extracting: ")]

@@ -175,9 +175,8 @@ def _read_kaggle(root: Path, id_column: str | None = None, label_column: str | N
         raise DataError(f"{csv} is empty: it needs a header such as 'id,breed' and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{csv}: cannot parse it as CSV ({e})") from None
+    found = ", ".join(map(str, table.columns))
     id_col, label_col = find_columns(table.columns, csv, id_column, label_column)
-    if (id_col, label_col) != KAGGLE_COLUMNS:
-        log.info("%s: image ids from column %r, labels from %r", csv, id_col, label_col)
     table = table.rename(columns={id_col: "id", label_col: "breed"})[["id", "breed"]]
     if table.empty:
         raise DataError(f"{csv} has a header but no rows: add one row per training image")
@@ -196,7 +195,7 @@ def _read_kaggle(root: Path, id_column: str | None = None, label_column: str | N
     absent = [i for i, p in zip(table["id"], paths) if p is None]
     if len(absent) == len(paths):
         raise DataError(f"{train} holds none of the {len(paths)} images named in {csv} (e.g. {absent[0]}): is it "
-                        f"empty, or is another column the ids? (--id-column; found: {', '.join(map(str, table))})")
+                        f"empty, or is another column the ids? (--id-column; found: {found})")
     if absent:
         raise DataError(
             f"{csv}: {len(absent)} ids have no image in {train} ({_examples(absent)}): "

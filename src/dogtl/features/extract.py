@@ -207,8 +207,7 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     hold(path, "the feature shard" if shard else "the feature cache")  # one writer per cache or shard file
     if config.weights == "none":
-        train_paths = [p for p, v in zip(dataset.paths, is_val) if not v]
-        config = replace(config, weights=str(_random_backbone(config, spec, image_size, train_paths, path, note)))
+        config = replace(config, weights=str(_random_backbone(config, spec, image_size, dataset.paths, path, note)))
     backbone = None
     if config.cut_blocks:  # the cut's shape is part of the fingerprint
         from dogtl.core.models import build_backbone
@@ -294,17 +293,18 @@ def _note_layout(dataset: Dataset, is_val, note) -> None:
              "is not used)")
 
 
-def _random_backbone(config: ExtractConfig, spec, image_size: int, train_paths: list, path: Path, note) -> Path:
-    """`--weights none`: the random backbone calibrated on the training images, kept beside the
-    cache (made again only with --force: a resumed or repeated run uses the same one)."""
+def _random_backbone(config: ExtractConfig, spec, image_size: int, paths, path: Path, note) -> Path:
+    """`--weights none`: the random backbone calibrated on labelled images (whatever the split:
+    its statistics hold no labels, and the clean pass stays the same for every --seed), kept
+    beside the cache (made again only with --force: a resumed or repeated run uses the same one)."""
     from dogtl.features.random_backbone import CALIBRATION_IMAGES, calibrate_random_backbone, random_backbone_path
 
     weights = random_backbone_path(path)
     if config.force or not weights.is_file():
-        calibrate_random_backbone(spec, image_size, train_paths, weights, what="extract-features --weights none")
+        calibrate_random_backbone(spec, image_size, paths, weights, what="extract-features --weights none")
     if note:
-        note(f"note: --weights none: a random backbone, its BatchNorm statistics taken from {CALIBRATION_IMAGES} "
-             f"training images (kept as {weights}; later stages use it). Good for smoke tests, not for "
+        note(f"note: --weights none: a random backbone, its BatchNorm statistics taken from "
+             f"{min(CALIBRATION_IMAGES, len(paths))} labelled images (kept as {weights}; later stages use it). Good for smoke tests, not for "
              "accuracy: use --weights imagenet or a trained weights file for real features")
     return weights
 
