@@ -304,8 +304,9 @@ def _random_backbone(config: ExtractConfig, spec, image_size: int, paths, path: 
         calibrate_random_backbone(spec, image_size, paths, weights, what="extract-features --weights none")
     if note:
         note(f"note: --weights none: a random backbone, its BatchNorm statistics taken from "
-             f"{min(CALIBRATION_IMAGES, len(paths))} labelled images (kept as {weights}; later stages use it). Good for smoke tests, not for "
-             "accuracy: use --weights imagenet or a trained weights file for real features")
+             f"{min(CALIBRATION_IMAGES, len(paths))} labelled images (kept as {weights}; later stages use it). "
+             "Good for smoke tests, not for accuracy: use --weights imagenet or a trained weights file for real "
+             "features")
     return weights
 
 
