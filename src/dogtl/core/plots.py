@@ -184,14 +184,14 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], confused: list[dict],
     names = [_short(c) for c in chosen]
     size = 3.0 + 0.6 * len(chosen)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(size + 1 + 0.06 * max(map(len, names)), size + 0.06 * max(map(len, names))))
+    labels = 0.06 * max(map(len, names))  # inches for the longest class name
+    fig, ax = plt.subplots(figsize=(size + 1 + labels, size + labels))
     im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(chosen)), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=LABEL_POINTS)
     ax.set_yticks(range(len(chosen)), names, fontsize=LABEL_POINTS)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{title}: most confused classes\n(fraction of each true class)" if title else
-                 "most confused classes\n(fraction of each true class)")
+    ax.set_title((f"{title}: " if title else "") + "most confused classes\n(fraction of each true class)")
     for i in range(len(chosen)):
         for j in range(len(chosen)):
             if sub[i, j] > 0:
