@@ -151,14 +151,16 @@ def finetune(data="data", head="models/head.keras", out="models/finetuned.keras"
         return result
 
 
-def evaluate(model="models/finetuned.keras", *, data=None, force: bool = False, progress=True, track: bool = False,
-             **settings):
-    """Accuracy, log loss, top-k, per-class accuracy and confusions on the validation split."""
+def evaluate(model=None, *, data=None, force: bool = False, progress=True, track: bool = False, **settings):
+    """Accuracy, log loss, top-k, per-class accuracy and confusions on the validation split of
+    `model` (default: models/finetuned.keras, else models/head.keras)."""
     from dogtl.evaluation.evaluate import EvaluateConfig, evaluate as run
+    from dogtl.evaluation.predict import resolve_model
 
-    config = EvaluateConfig(model=str(model), data=str(data) if data else None, force=force, **settings)
+    config = EvaluateConfig(model=str(resolve_model(model)), data=str(data) if data else None, force=force,
+                            **settings)
     params = {k: v for k, v in asdict(config).items() if k != "force"}
-    with tracking.start("evaluate", f"evaluate {Path(model).name}", track, params) as tracked, \
+    with tracking.start("evaluate", f"evaluate {Path(config.model).name}", track, params) as tracked, \
             _bar(progress, _images("evaluating")) as update:
         report = run(config, progress=update)
         tracked.result({"val_accuracy": report.accuracy, "val_log_loss": report.log_loss,

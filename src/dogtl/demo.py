@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import atomic_path
 
 log = logging.getLogger(__name__)
 Note = Callable[[str], None]
@@ -73,20 +72,12 @@ def _cached_imagenet(module: str) -> bool:
     return any((Path.home() / ".keras" / "models").glob(f"{module}*no*top*"))
 
 
-def _random_backbone(spec, image_size: int, data: Path, path: Path, images: int = 32) -> Path:
-    """A randomly initialised backbone whose BatchNorm statistics come from the demo's images,
-    saved as a local weights file so every stage rebuilds exactly the same backbone."""
-    from dogtl.data.images import image_dataset
-    from dogtl.core.models import build_backbone, calibrate_batchnorm
+def _random_backbone(spec, image_size: int, data: Path, path: Path) -> Path:
+    """A random backbone with the demo images' BatchNorm statistics, as a local weights file so
+    every stage rebuilds exactly the same backbone (features/random_backbone.py)."""
+    from dogtl.features.random_backbone import calibrate_random_backbone
 
-    backbone = build_backbone(spec, "none", image_size)
-    files = sorted((data / "train").iterdir())
-    files = files[:: max(1, len(files) // images)][:images]
-    _, _, batch = next(iter(image_dataset(files, spec, image_size, batch_size=len(files))))
-    calibrate_batchnorm(backbone, batch)
-    with atomic_path(path) as tmp:
-        backbone.save_weights(tmp)
-    return path
+    return calibrate_random_backbone(spec, image_size, sorted((data / "train").iterdir()), path)
 
 
 def _fresh_dir(config: DemoConfig) -> Path:

@@ -84,8 +84,10 @@ def test_check_overwrite_refuses_without_force_naming_the_file_and_force(tmp_pat
         check_overwrite(existing, False, "--cache", detail=" and is not a cache")
     assert check_overwrite(existing, force=True) == existing and existing.read_text() == "keep me"
     assert check_overwrite(str(tmp_path / "new.csv"), force=False) == tmp_path / "new.csv"
-    with pytest.raises(DogtlError, match=r"folder '.*nowhere' does not exist"):
-        check_overwrite(tmp_path / "nowhere" / "x.csv", force=True)
+    assert check_overwrite(tmp_path / "new" / "deeper" / "x.csv", force=False) == tmp_path / "new" / "deeper" / "x.csv"
+    assert (tmp_path / "new" / "deeper").is_dir()  # outputs get their folder, whatever the command
+    with pytest.raises(DogtlError, match=r"submission.csv: a part of this path is a file"):
+        check_overwrite(existing / "x.csv", force=True)
 
 
 class FakeModel:

@@ -72,5 +72,6 @@ def test_bad_input_gives_one_line_errors(stage3, tmp_path):
     assert_clean_error(run_cli("evaluate", "--model", tmp_path / "nope.keras"), "no such model file")
     assert_clean_error(run_cli("evaluate", "--model", stage3.head, "--cache", tmp_path / "nope.h5",
                                "--out", tmp_path / "x"), "no feature cache there")
-    assert_clean_error(run_cli("evaluate", "--model", stage3.head, "--out", tmp_path / "missing" / "x"),
-                       "does not exist")
+    (tmp_path / "a-file").write_text("x")
+    assert_clean_error(run_cli("evaluate", "--model", stage3.head, "--out", tmp_path / "a-file" / "x"),
+                       "a part of this path is a file")

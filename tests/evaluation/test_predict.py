@@ -121,7 +121,8 @@ def test_top_k_for_image_paths_and_cli(stage3, finetuned, tmp_path):
 
 def test_bad_input_gives_one_line_errors(stage3, finetuned, data, tmp_path):
     base = ["predict", "--data", data, "--model", finetuned.model_path]
-    assert_clean_error(run_cli(*base, "--out", tmp_path / "missing" / "s.csv"), "does not exist")
+    (tmp_path / "a-file").write_text("x")
+    assert_clean_error(run_cli(*base, "--out", tmp_path / "a-file" / "s.csv"), "a part of this path is a file")
     existing = tmp_path / "s.csv"
     existing.write_text("x")
     assert_clean_error(run_cli(*base, "--out", existing), "exists: pass --force")

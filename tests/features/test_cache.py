@@ -46,7 +46,9 @@ def test_schema_is_plain_hdf5(small_cache, synthetic_data):
             "tta_passes", "seed", "val_fraction", "dtype", "file_list", "num_images", "test_file_list",
             "num_test_images"} <= set(fp)
     assert fp["image_key"] == "image id"
-    assert fp["backbone"] == "resnet50" and fp["weights"] == "none" and fp["image_size"] == 32
+    # --weights none: the random backbone calibrated on the images, kept beside the cache.
+    assert fp["backbone"] == "resnet50" and fp["image_size"] == 32
+    assert fp["weights"].startswith("file:features.random-backbone.weights.h5:sha256:")
     assert fp["preprocessing"] == "keras.applications.resnet50.preprocess_input"
     assert fp["augmentation"] == {"rotation": 45.0, "zoom": 0.25, "shift": 0.2, "hflip": True}
     assert (fp["passes"], fp["tta_passes"], fp["seed"], fp["feature_dim"]) == (2, 1, 2018, 2048)
@@ -86,7 +88,7 @@ def test_clean_and_augmented_passes_are_the_backbone_on_those_images(small_cache
 
     c = open_cache(small_cache)
     spec = get_backbone("resnet50")
-    model = build_backbone(spec, "none", 32)
+    model = build_backbone(spec, c.weights_path, 32)  # --weights none: the calibrated random backbone
     rows = [0, 9, 23]
     for p in (0, 2):
         images = []

@@ -401,18 +401,15 @@ def test_mismatching_weights_file_is_a_clear_error(synthetic_data, tmp_path):
 
 
 def test_local_weights_file_is_used_and_identified_by_content(synthetic_data, small_cache, tmp_path):
-    from dogtl.features.backbones import get_backbone
-    from dogtl.core.models import build_backbone
-
     weights = tmp_path / "resnet50_notop.weights.h5"
-    build_backbone(get_backbone("resnet50"), "none", 32).save_weights(weights)
+    shutil.copy(open_cache(small_cache).weights_path, weights)  # --weights none's calibrated random backbone
     cache = tmp_path / "features.h5"
     result = run_cli("extract-features", "--data", synthetic_data, "--cache", cache, *CHEAP, "--passes", 0,
                      "--weights", weights)
     assert result.exit_code == 0, result.output
     c = open_cache(cache)
     assert c.fingerprint["weights"].startswith("file:") and ":sha256:" in c.fingerprint["weights"]
-    # The file holds the same (seeded) random weights as --weights none.
+    # The file holds the same weights as small_cache's backbone.
     assert np.array_equal(c.features(), open_cache(small_cache).features(passes=[0]))
     moved = weights.rename(tmp_path / "renamed.weights.h5")
     result = run_cli("extract-features", "--data", synthetic_data, "--cache", cache, *CHEAP, "--passes", 0,

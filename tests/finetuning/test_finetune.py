@@ -221,8 +221,9 @@ def test_bad_input_gives_one_line_errors(stage3, tmp_path):
                       feature_dim=2048, image_size=71)
     assert_clean_error(run_cli(*base, "--head", other, "--out", tmp_path / "c.keras"), "inputs of shape")
 
-    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "missing" / "ft.keras"),
-                       "does not exist")
+    (tmp_path / "a-file").write_text("x")
+    assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "a-file" / "ft.keras"),
+                       "a part of this path is a file")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "d.keras", "--trainable-blocks", 99),
                        "choose 0 to 18")
     existing = tmp_path / "e.keras"

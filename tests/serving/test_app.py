@@ -156,3 +156,31 @@ def test_serve_refuses_model_that_cannot_load(tmp_path):
     broken.write_bytes(b"not a zip")
     (tmp_path / "broken.json").write_text((_tiny.model_path().with_suffix(".json")).read_text())
     assert_clean_error(run_cli("serve", broken), "broken.keras: damaged")  # its content hash differs
+
+
+def test_several_images_per_request_each_with_its_answer_and_an_access_log_line(client, expected, caplog):
+    """POST /predict/batch: one result per file in order, a bad file its own error, the
+    oversized one as a plain sentence; every request a line on dogtl.access."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dogtl.access")
+    paths = _tiny.images()
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[:3]]
+    files.insert(1, ("file", ("notes.txt", b"not an image at all", "text/plain")))
+    files.append(("file", ("bomb.png", _bomb(), "image/png")))
+    r = client.post("/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["file"] for x in results] == [paths[0].name, "notes.txt", paths[1].name, paths[2].name, "bomb.png"]
+    for x, k in zip([results[0], results[2], results[3]], range(3)):
+        _assert_answer({"model": r.json()["model"], "ms": r.json()["ms"], **x}, expected[k])
+    assert results[1]["error"].startswith("cannot read the image (not an image")
+    assert results[4]["error"] == "image too large (10,000,000,000 pixels, at most 40,000,000): send a smaller image"
+    single = client.post("/predict", content=_bomb(), headers={"content-type": "image/png"})
+    assert single.status_code == 413 and single.json()["error"] == results[4]["error"]
+    too_many = client.post("/predict/batch", files=[("file", (f"{k}.jpg", b"x", "image/jpeg")) for k in range(17)])
+    assert too_many.status_code == 400 and "at most 16 files" in too_many.json()["error"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "dogtl.access"]
+    assert any(line.startswith('testclient "POST /predict/batch" 200 3 images') and line.endswith(" ms")
+               for line in lines), lines
+    assert any('"POST /predict" 413' in line for line in lines), lines

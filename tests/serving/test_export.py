@@ -92,13 +92,12 @@ def test_savedmodel_refuses_bad_image_and_overwrite(saved_model, loaded, tiny_mo
 
 
 def test_tflite_uint8_input_labels_and_check(tflite, serving_model, serving_images):
-    import tensorflow as tf
-
-    from dogtl.serving.export import check_tflite, labels_path
+    from dogtl.serving.export import check_tflite, labels_path, tflite_interpreter
 
     path, output = tflite
+    assert "deprecated" not in output  # tf.lite.Interpreter's warning: LiteRT's interpreter checks the model
     assert labels_path(path).read_text().split() == serving_model.classes
-    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter = tflite_interpreter(path)
     (inp,) = interpreter.get_input_details()
     assert inp["dtype"] == np.uint8 and list(inp["shape"]) == [1, 32, 32, 3]
     assert "top-1 agreement with the Keras model 100.0%" in output, output

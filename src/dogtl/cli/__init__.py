@@ -11,13 +11,36 @@ app = typer.Typer(
     help="Transfer learning in three stages: extract-features (frozen backbone, once) -> "
          "train-head (seconds per epoch on cached features) -> finetune.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
 
 
+def versions_line() -> str:
+    """dogtl's version and those of the libraries it runs on, read without importing them."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from dogtl import __version__
+
+    parts = [f"dogtl {__version__}"]
+    for name in ("tensorflow", "keras"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts) + f", python {platform.python_version()}"
+
+
+def _show_version(value: bool):
+    if value:
+        typer.echo(versions_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _main():
+def _main(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="Print the versions of dogtl, TensorFlow, Keras and Python, and exit.")):
     """Transfer learning in three stages, with a feature cache between them."""
 
 

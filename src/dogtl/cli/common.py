@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import logging
 import os
 import signal
@@ -13,22 +15,44 @@ import typer
 
 
 def _quiet_tensorflow():
+    """Quiet TensorFlow's start-up whenever a command first imports it, not before: the options,
+    the data folder and the files are checked first, so a mistake costs no TensorFlow start-up."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    # TensorFlow's C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL:
-    # silence stderr while it loads and looks for devices; Python errors still surface.
-    if "tensorflow" not in sys.modules and not os.environ.get("DOGTL_TF_VERBOSE"):
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "w") as devnull:
-                os.dup2(devnull.fileno(), 2)
-                import tensorflow as tf
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
 
-                tf.config.list_physical_devices()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Imports TensorFlow, the first time anything does, with its C++ start-up lines (oneDNN, CUDA
+    probing) kept off stderr (core/quiet.py); its devices are listed then too, as probing them
+    prints more. Python errors still surface."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once; find_spec below asks the other finders
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _SilencedLoader(spec.loader)
+        return spec
+
+
+class _SilencedLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        from dogtl.core.quiet import native_stderr_silenced
+
+        with native_stderr_silenced():
+            module.__loader__ = module.__spec__.loader = self.loader  # the real one, once loaded
+            self.loader.exec_module(module)
+            module.config.list_physical_devices()
 
 
 def fail(message: str, code: int = 2):
@@ -145,7 +169,8 @@ def interactive() -> bool:
 
 
 class _RichBar:
-    """Context-manager plumbing shared by the progress bars below (they set self.progress)."""
+    """Context-manager plumbing shared by the progress bars below (they set self.progress), and
+    `echo`, a line above the bar (or plain, when there is no bar)."""
 
     def __enter__(self):
         self.progress.__enter__()
@@ -154,9 +179,60 @@ class _RichBar:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
+    def echo(self, line: str):
+        if self.progress.disable:
+            typer.echo(line)
+        else:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def duration_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s"
+
+
+class PlainProgress:
+    """Progress for logs, where a bar cannot be drawn (nohup, CI, a notebook's `!dogtl`): one line
+    on stderr when the work starts and then every DOGTL_PROGRESS_SECONDS (default 30) seconds,
+    with what is done, the rate and the time left, and one when it ends."""
+
+    def __init__(self, description: str, unit: str = "images", every: float | None = None, clock=None):
+        import time
+
+        self.description, self.unit = description, unit
+        self.every = every if every is not None else float(os.environ.get("DOGTL_PROGRESS_SECONDS", 30))
+        self.clock = clock or time.monotonic
+        self.started = self.last = None
+        self.ended = False
+        self.first = 0  # done at the first line (work resumed or done before it counts in no rate)
+
+    def update(self, done: int, total: int):
+        now = self.clock()
+        if self.started is None:
+            self.started, self.last, self.first = now, now, done
+            self._line(done, total, now)
+        elif done >= total and not self.ended:
+            self.ended = True
+            self._line(done, total, now)
+        elif done < total and now - self.last >= self.every:
+            self.last = now
+            self._line(done, total, now)
+
+    def _line(self, done: int, total: int, now: float):
+        share = f" ({done / total:.0%})" if total else ""
+        text = f"{self.description}: {done}/{total} {self.unit}{share}"
+        elapsed = now - self.started
+        if elapsed > 0 and done > self.first:
+            rate = (done - self.first) / elapsed
+            text += f", {rate:.1f} {self.unit}/s, {duration_text(elapsed)} elapsed"
+            text += f", ETA {duration_text((total - done) / rate)}" if done < total else ""
+        typer.echo(text, err=True)
+
 
 class ImageProgress(_RichBar):
-    """A rich progress bar with images/s and ETA, fed by (done, total) callbacks."""
+    """Progress over images, fed by (done, total) callbacks: a rich bar with images/s and ETA in a
+    terminal or notebook, else PlainProgress lines."""
 
     def __init__(self, description: str):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -167,25 +243,24 @@ class ImageProgress(_RichBar):
             TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
             TimeRemainingColumn(), transient=False, disable=not interactive(),
         )
+        self.plain = PlainProgress(description) if self.progress.disable else None
         self.description = description
         self.task = None
 
-
     def update(self, done: int, total: int):
+        if self.plain is not None:
+            return self.plain.update(done, total)
         if self.task is None:
             self.task = self.progress.add_task(self.description, total=total, rate="  -", completed=done)
-            self._start = done
             return
         self.progress.update(self.task, completed=done, total=total)
         speed = self.progress.tasks[0].speed
         self.progress.update(self.task, rate=f"{speed:5.1f}" if speed else "  -")
 
 
-
-
 class EpochProgress(_RichBar):
-    """A rich progress bar over epochs with the validation log loss, fed by train-head's per-epoch
-    dicts (a notebook's view of `dogtl.train_head`)."""
+    """Progress over epochs with the validation log loss, fed by train-head's per-epoch dicts (a
+    notebook's view of `dogtl.train_head`): a rich bar, else PlainProgress lines."""
 
     def __init__(self, description: str, epochs: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -193,9 +268,13 @@ class EpochProgress(_RichBar):
         self.progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("val log loss {task.fields[val_loss]}"), TimeElapsedColumn(),
                                  disable=not interactive())
+        self.plain = PlainProgress(description, "epochs") if self.progress.disable else None
         self.task = self.progress.add_task(description, total=epochs, val_loss="-")
+        self.epochs = epochs
 
     def update(self, row: dict):
+        if self.plain is not None:
+            return self.plain.update(row["epoch"], self.epochs)
         self.progress.update(self.task, completed=row["epoch"], val_loss=f"{row['val_loss']:.4f}")
 
 
@@ -209,6 +288,32 @@ def show_tracking(track: bool) -> None:
     """With --track, the line naming the MLflow run and where it went is shown."""
     if track:
         logging.getLogger("dogtl.core.tracking").setLevel(logging.INFO)
+
+
+# Every command that uses a trained model takes it the same way: first on the command line
+# (dogtl evaluate models/head.keras), with --model as the same thing spelled as an option.
+MODEL_DEFAULT = "default: models/finetuned.keras, else models/head.keras"
+
+
+def model_argument(help: str):
+    return typer.Argument(None, metavar="MODEL", show_default=False, help=f"{help} ({MODEL_DEFAULT}).")
+
+
+def model_option(name: str = "--model"):
+    return typer.Option(None, name, show_default=False, help="The same as MODEL, spelled as an option.")
+
+
+def chosen_model(argument, option, option_name: str = "--model") -> Path:
+    """The model of a command: the argument or its option (not two different ones), else the
+    default (models/finetuned.keras, else models/head.keras)."""
+    from pathlib import Path
+
+    from dogtl.core.errors import SettingError
+    from dogtl.evaluation.predict import resolve_model
+
+    if argument is not None and option is not None and Path(argument) != Path(option):
+        raise SettingError(f"two models given, {argument} and {option_name} {option}: pass one")
+    return resolve_model(argument if argument is not None else option)
 
 
 CONFIG_OPTION = typer.Option(None, "--config", help=(

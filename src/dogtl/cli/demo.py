@@ -8,12 +8,13 @@ import typer
 
 from dogtl import api
 from dogtl.cli.common import friendly_errors
+from dogtl.features.backbones import backbone_help
 
 
 @friendly_errors
 def demo_cmd(
     dir: Path = typer.Option(Path("demo"), "--dir", help="Folder for the demo's data, cache, models, reports and submission."),
-    backbone: str = typer.Option("xception", help="Backbone to demonstrate."),
+    backbone: str = typer.Option("xception", help="Backbone to demonstrate. " + backbone_help()),
     image_size: int = typer.Option(71, help="Small input size so the demo runs in minutes on a CPU."),
     weights: str = typer.Option("auto", help="'auto' (ImageNet if it can be downloaded, else random initialisation), 'imagenet', 'none' or PATH."),
     force: bool = typer.Option(False, "--force", help="Redo a demo already in --dir (replaces its data, cache, models, reports)."),

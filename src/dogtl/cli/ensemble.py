@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -11,7 +12,8 @@ from dogtl.cli.common import friendly_errors
 
 @friendly_errors
 def ensemble_cmd(
-    models: list[Path] = typer.Argument(..., help="Two or more models (.keras with their .json): heads trained on the same cache(s), or fine-tuned models on the same backbone and image size."),
+    models: Optional[list[Path]] = typer.Argument(None, metavar="MODEL...", show_default=False, help="Two or more models (.keras with their .json): heads trained on the same cache(s), or fine-tuned models on the same backbone and image size."),
+    model_opt: Optional[list[Path]] = typer.Option(None, "--model", show_default=False, help="The same as MODEL, spelled as an option (repeat it)."),
     out: Path = typer.Option(Path("models/ensemble.keras"), help="Ensemble model to write (+ its .json metadata)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing model at --out."),
 ):
@@ -21,7 +23,7 @@ def ensemble_cmd(
     """
     from dogtl.head.ensemble import combine_models
 
-    r = combine_models(models, out, force=force)
+    r = combine_models([*(models or []), *(model_opt or [])], out, force=force)
     for path, m in zip(r.members, r.member_metrics):
         if m:
             typer.echo(f"  member {path}: validation accuracy {m['val_accuracy']:.4f}  log loss {m['val_log_loss']:.4f}")

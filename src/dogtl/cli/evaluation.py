@@ -8,14 +8,16 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import TRACK_OPTION, ImageProgress, friendly_errors, show_tracking
+from dogtl.cli.common import (MODEL_DEFAULT, TRACK_OPTION, ImageProgress, chosen_model, friendly_errors, model_argument,
+                              model_option, show_tracking)
 from dogtl.core.precision import PRECISION_HELP
 from dogtl.core.runtimes import RUNTIME_HELP
 
 
 @friendly_errors
 def evaluate_cmd(
-    model: Path = typer.Option(Path("models/finetuned.keras"), help="Head or fine-tuned model to evaluate on the validation split."),
+    model: Optional[Path] = model_argument("Head or fine-tuned model to evaluate on the validation split"),
+    model_opt: Optional[Path] = model_option(),
     data: Optional[Path] = typer.Option(None, help="Data folder: evaluate on the validation images (default for fine-tuned models: data/; head models use cached features unless given)."),
     cache: Optional[Path] = typer.Option(None, help="Feature cache holding the validation split (default: the model's)."),
     out: Optional[Path] = typer.Option(None, help="Report prefix: writes PREFIX.eval.json, .eval.csv, .eval.png (default: next to the model)."),
@@ -33,6 +35,7 @@ def evaluate_cmd(
 
     On the validation split stored in the cache. Writes a JSON report, a per-class CSV and a PNG of the confusion among the most confused classes.
     """
+    model = chosen_model(model, model_opt)
     show_tracking(track)
     with ImageProgress("evaluating") as bar:
         r = api.evaluate(model, data=data, force=force, progress=bar.update, cache=str(cache) if cache else None,
@@ -56,9 +59,9 @@ def evaluate_cmd(
 
 @friendly_errors
 def predict_cmd(
-    images: Optional[list[Path]] = typer.Argument(None, help="Image files: print their top classes instead of writing a submission."),
-    data: Path = typer.Option(Path("data"), help="Data folder whose test/ images get a submission row each (columns as its sample_submission.csv)."),
-    model: Optional[Path] = typer.Option(None, help="Model file (default: models/finetuned.keras, else models/head.keras)."),
+    files: Optional[list[Path]] = typer.Argument(None, metavar="MODEL|IMAGE", show_default=False, help=f"The model (a .keras file; {MODEL_DEFAULT}), then image files: print their top classes instead of writing a submission."),
+    data: Path = typer.Option(Path("data"), help="Data folder whose test/ images get a submission row each (columns as its sample_submission.csv). A head model whose cache holds the test features needs no images."),
+    model_opt: Optional[Path] = model_option(),
     cache: Optional[Path] = typer.Option(None, help="Head models: feature cache with the test features (default: the head's own)."),
     use_cache: bool = typer.Option(True, "--use-cache/--no-cache", help="Head models: use cached test features when they fit; --no-cache runs the backbone on the images."),
     out: Path = typer.Option(Path("submission.csv"), help="Submission CSV to write."),
@@ -76,6 +79,9 @@ def predict_cmd(
 
     With a fine-tuned model the test images are read; with a head model the cache's test features are used when they are there (seconds). Columns are 'id' then the classes in the order of sample_submission.csv (sorted names when there is none); every row is clipped to [1e-15, 1] and renormalised to sum to 1. Unreadable test images are listed on stderr and, by default, skipped: the submission is complete for every other image (see --on-bad-image).
     """
+    files = list(files or [])
+    model = chosen_model(files.pop(0) if files and files[0].suffix == ".keras" else None, model_opt)
+    images = files
     options = dict(model=model, data=data, out=out, force=force, cache=str(cache) if cache else None,
                    use_cache=use_cache, tta=tta, tta_passes=tta_passes, top_k=top_k, batch_size=batch_size,
                    weights=weights, on_bad_image=on_bad_image, precision=precision, runtime=runtime)

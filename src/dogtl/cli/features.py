@@ -11,19 +11,22 @@ from dogtl import api
 from dogtl.cli.common import ImageProgress, friendly_errors
 from dogtl.core.precision import PRECISION_HELP
 from dogtl.core.runtimes import RUNTIME_HELP
+from dogtl.features.backbones import backbone_help
 
 
 @friendly_errors
 def extract_features_cmd(
-    data: Path = typer.Option(Path("data"), help="Data folder: Kaggle layout (labels.csv, train/, test/) or one sub-folder per class."),
+    data: Path = typer.Option(Path("data"), help="Data folder: Kaggle layout (labels.csv, train/, test/), ImageFolder layout (train/<class>/, val/<class>/ as the validation split, test/) or one sub-folder per class. Images: JPEG, PNG, GIF, BMP or WebP."),
     cache: Path = typer.Option(Path("cache/features.h5"), help="HDF5 file to write the features to."),
-    backbone: str = typer.Option("xception", help="xception, inception_v3, resnet50, mobilenet_v2 or efficientnet_b0."),
+    id_column: Optional[str] = typer.Option(None, help="Kaggle layout: labels.csv's column of image ids (default: recognised by name, e.g. id, image, filename, or the first of two columns). Ids may name the file with or without its extension."),
+    label_column: Optional[str] = typer.Option(None, help="Kaggle layout: labels.csv's column of class names (default: recognised by name, e.g. breed, label, class, or the second of two columns)."),
+    backbone: str = typer.Option("xception", help=backbone_help()),
     weights: str = typer.Option("imagenet", help="'imagenet' (downloaded by Keras), 'none' (random, for smoke tests) or PATH to a local no-top weights file."),
     image_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default: the backbone's own, 299 for xception)."),
     passes: int = typer.Option(5, help="Augmented passes over every labelled image, on top of the clean pass."),
     tta_passes: int = typer.Option(0, help="Augmented passes over test images, for test-time augmentation."),
     batch_size: int = typer.Option(32, help="Images per backbone call."),
-    val_fraction: float = typer.Option(0.1, help="Validation fraction, stored in the cache for every later stage. Each image's side is its own seeded draw, so it stays put when other images are added or removed; each class gives this fraction on average (a small class may give none) and keeps at least one training image."),
+    val_fraction: float = typer.Option(0.1, help="Validation fraction, stored in the cache for every later stage. Each image's side is its own seeded draw, so it stays put when other images are added or removed; each class gives this fraction on average (a small class may give none) and keeps at least one training image. The ImageFolder layout's val/ folder is used instead when there is one."),
     seed: int = typer.Option(2018, help="Seed of the split and of every augmentation."),
     on_bad_image: str = typer.Option("skip", help="'skip' unreadable images (listed in the summary and the cache) or 'fail' on the first."),
     dtype: str = typer.Option("float16", help="Stored feature precision: float16 (half the disk) or float32."),
@@ -53,7 +56,8 @@ def extract_features_cmd(
             passes=passes, tta_passes=tta_passes, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
             on_bad_image=on_bad_image, dtype=dtype, rotation=rotation, zoom=zoom, shift=shift, hflip=hflip,
             shard=shard, strategy=strategy, precision=precision, runtime=runtime, cut_blocks=cut_blocks, cut_dtype=cut_dtype,
-            note=lambda line: bar.progress.console.print(line, markup=False, highlight=False, soft_wrap=True))
+            id_column=id_column, label_column=label_column,
+            note=bar.echo)
     _print_extract_summary(summary)
 
 

@@ -9,23 +9,29 @@ import typer
 
 from dogtl import api
 from dogtl.cli.common import CONFIG_OPTION, TRACK_OPTION, ImageProgress, apply_config_file, friendly_errors, show_tracking
+from dogtl.core.errors import SettingError
 from dogtl.core.settings import with_options
 from dogtl.finetuning.settings import FINETUNE_SETTINGS
 
 
 @friendly_errors
 @with_options(FINETUNE_SETTINGS)
-def finetune_cmd(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION, track: bool = TRACK_OPTION,
-                 settings: dict = None):
+def finetune_cmd(ctx: typer.Context,
+                 head_file: Optional[Path] = typer.Argument(None, metavar="HEAD", show_default=False, help=(
+                     "The trained head to start from (default: models/head.keras); --head is the same.")),
+                 config: Optional[Path] = CONFIG_OPTION, track: bool = TRACK_OPTION, settings: dict = None):
     """Fine-tune the top backbone blocks together with the trained head, on the images.
 
     The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
     """
     settings, _ = apply_config_file(ctx, settings, config, FINETUNE_SETTINGS, "finetune")
+    if head_file is not None:  # the model first, as every command takes it
+        if ctx.get_parameter_source("head").name == "COMMANDLINE" and Path(settings["head"]) != head_file:
+            raise SettingError(f"two heads given, {head_file} and --head {settings['head']}: pass one")
+        settings["head"] = str(head_file)
     show_tracking(track)
     with ImageProgress("fine-tuning") as bar:
-        result = api.finetune(progress=bar.update, report=lambda line: bar.progress.console.print(
-            line, markup=False, highlight=False, soft_wrap=True), track=track, **settings)
+        result = api.finetune(progress=bar.update, report=bar.echo, track=track, **settings)
     b, a = result.before, result.after
     if result.resumed_from:
         typer.echo(f"resumed after epoch {result.resumed_from}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from dogtl.cli.common import friendly_errors
+from dogtl.cli.common import chosen_model, friendly_errors, model_argument, model_option
 from dogtl.core.errors import SettingError
 from dogtl.core.precision import PRECISION_HELP
 from dogtl.core.runtimes import RUNTIME_HELP
@@ -16,7 +16,8 @@ from dogtl.core.runtimes import RUNTIME_HELP
 
 @friendly_errors
 def export_cmd(
-    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it); a head is exported together with its backbone."),
+    model: Optional[Path] = model_argument("Fine-tuned or head model (.keras, with its .json beside it); a head is exported together with its backbone"),
+    model_opt: Optional[Path] = model_option(),
     format: str = typer.Option("savedmodel", "--format", help="'savedmodel' (TF Serving / TensorFlow: encoded image bytes in, decoding and preprocessing inside), 'tflite' (mobile: uint8 RGB pixels at the model's size in), 'onnx' or 'openvino' (ONNX Runtime / OpenVINO: float32 RGB pixels 0-255 at the model's size in, preprocessing inside; `dogtl serve` serves them)."),
     out: Optional[Path] = typer.Option(None, "--out", help="SavedModel: the model base folder (written at OUT/1/, class names at OUT/labels.txt; default export/<model>). TFLite, ONNX, OpenVINO: a .tflite, .onnx or .xml file (OpenVINO: and its .bin), its labels beside it as <name>.labels.txt (ONNX/OpenVINO: and dogtl's metadata as <name>.json; default export/<model>.tflite|.onnx|.xml)."),
     quantize: str = typer.Option("none", help="TFLite only: 'none' (float32), 'float16' (half-size weights) or 'dynamic' (int8 weights, quarter size)."),
@@ -51,9 +52,9 @@ def export_cmd(
         absent = [str(p) for p in check_images if not p.is_file()]
         if absent:
             raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
+    model = chosen_model(model, model_opt)
     sm = load_serving_model(model, weights)
     if out is None:
-        Path("export").mkdir(exist_ok=True)
         out = Path("export") / (model.stem + ex.SUFFIX.get(format, ""))
     if format == "savedmodel":
         target = ex.export_savedmodel(sm, out, top_k=top_k, force=force)
@@ -93,22 +94,27 @@ def export_cmd(
 
 @friendly_errors
 def serve_cmd(
-    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Fine-tuned or head model (.keras, with its .json beside it), or an ONNX (.onnx) / OpenVINO (.xml) file from `dogtl export` (with its .json beside it)."),
+    model: Optional[Path] = model_argument("Fine-tuned or head model (.keras, with its .json beside it), or an ONNX (.onnx) / OpenVINO (.xml) file from `dogtl export` (with its .json beside it)"),
+    model_opt: Optional[Path] = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_batch: int = typer.Option(32, help="Most images per model call: requests arriving together are batched."),
     batch_wait_ms: float = typer.Option(5.0, help="How long the first request of a batch waits for others (ms)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest upload accepted; bigger ones get 413."),
+    max_files: int = typer.Option(16, help="Most images in one POST /predict/batch request."),
     top_k: int = typer.Option(5, help="Classes returned per image."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Print one line per request on stdout: time, client, method, path, status, images, milliseconds."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
     runtime: str = typer.Option("auto", help=RUNTIME_HELP + " An exported .onnx file runs on onnxruntime or openvino, an .xml file on openvino."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Serve MODEL over HTTP, with a web page to try it (needs: pip install 'dogtl\\[serve]').
 
-    GET / is a page where you choose or drop a photo and see its top 5 classes. POST /predict takes a multipart field 'file' or a raw image body and answers JSON {"model", "predictions": [{"class", "probability"}], "ms"}; bad input gets {"error"} and a 4xx status. GET /health is for load balancers. Ctrl-C or SIGTERM stops after the requests in flight.
+    GET / is a page where you choose or drop a photo and see its top 5 classes. POST /predict takes a multipart field 'file' or a raw image body and answers JSON {"model", "predictions": [{"class", "probability"}], "ms"}; bad input gets {"error"} and a 4xx status. POST /predict/batch takes several file fields and answers {"model", "results": [{"file", "predictions"} or {"file", "error"}], "ms"}. GET /health is for load balancers. Ctrl-C or SIGTERM stops after the requests in flight.
 
     Example: curl -F file=@dog.jpg http://127.0.0.1:8000/predict
+
+    curl -F file=@a.jpg -F file=@b.jpg http://127.0.0.1:8000/predict/batch
     """
     from dogtl.serving.app import require_serve_extra
 
@@ -117,11 +123,13 @@ def serve_cmd(
     from dogtl.serving.model import load_serving_model
     from dogtl.serving.server import make_server
 
-    sm = load_serving_model(model, weights)
+    sm = load_serving_model(chosen_model(model, model_opt), weights)
     app = create_app(sm, max_batch=max_batch, max_upload_mb=max_upload_mb, batch_wait_ms=batch_wait_ms,
-                     top_k=top_k, runtime=runtime, precision=precision)
+                     top_k=top_k, max_files=max_files, runtime=runtime, precision=precision)
+    if access_log:
+        _print_access_log()
     typer.echo(f"serving {sm.name} ({len(sm.classes)} classes, {app.state.predictor.runtime}) on http://{host}:{port}/  "
-               "(POST /predict, GET /health; Ctrl-C to stop)")
+               "(POST /predict, POST /predict/batch, GET /health; Ctrl-C to stop)")
     # uvicorn finishes the requests in flight, then raises the signal again for the default
     # handler: turn that into a normal exit (code 0, no "interrupted" message).
     previous = signal.signal(signal.SIGTERM, _stopped)
@@ -132,6 +140,19 @@ def serve_cmd(
     finally:
         signal.signal(signal.SIGTERM, previous)
     typer.echo("stopped")
+
+
+def _print_access_log():
+    """The app's access log (logger dogtl.access) as lines on stdout, with the time."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("dogtl.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 class _Stop(Exception):

@@ -22,11 +22,14 @@ class TrialProgress(_RichBar):
                                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), disable=not interactive())
         self.task = None
-
+        self.started = None  # (time, runs done) at the first event: the ETA of plain lines
 
     def update(self, event: dict):
+        import time
+
         best = f"{event['best']:.4f}" if event["best"] != float("inf") else "-"
         if self.task is None:
+            self.started = (time.monotonic(), event["done"])
             self.task = self.progress.add_task("sweep", total=event["total"], completed=event["done"], best=best)
             if event["skipped"]:
                 self.echo(f"resuming: {event['skipped']} of {event['total']} runs already finished")
@@ -38,13 +41,21 @@ class TrialProgress(_RichBar):
             result = (f"error: {r['error']}" if r.get("error") else
                       f"val log loss {m['val_log_loss']:.4f}  acc {m['val_accuracy']:.4f}  "
                       f"{m['epochs_run']} epochs")
-            self.echo(f"[{event['done']}/{event['total']}] {event['label']}{fold}: {result}  {r['seconds']:.1f} s")
+            self.echo(f"[{event['done']}/{event['total']}] {event['label']}{fold}: {result}  {r['seconds']:.1f} s"
+                      + (self._eta(event["done"], event["total"]) if self.progress.disable else ""))
 
-    def echo(self, line: str):
-        if self.progress.disable:
-            typer.echo(line)
-        else:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+    def _eta(self, done: int, total: int) -> str:
+        """Where no bar shows it (logs): the time left at this session's rate."""
+        import time
+
+        from dogtl.cli.common import duration_text
+
+        since, first = self.started
+        elapsed = time.monotonic() - since
+        if done <= first or done >= total or elapsed <= 0:
+            return ""
+        return f"  (ETA {duration_text((total - done) * elapsed / (done - first))})"
+
 
 
 @friendly_errors

@@ -176,12 +176,11 @@ def write_csv_atomic(frame, path: str | Path, **kwargs) -> None:
 
 
 def check_overwrite(path: str | Path, force: bool, option: str = "--out", detail: str = "") -> Path:
-    """Refuse, before any work is done, to replace an existing file without --force, or to
-    write into a folder that does not exist (named now, not after the work fails).
+    """Refuse, before any work is done, to replace an existing file without --force; make the
+    folder it goes in when there is none yet (every output, whatever the command).
     `detail` says more about what is there (" and is not a dogtl feature cache")."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise DogtlError(f"{path}: folder '{path.parent}' does not exist; create it or choose another {option}")
+    make_folder(path.parent, option)
     if path.is_dir():
         raise DogtlError(f"{path} is a folder: pass a file name or choose another {option}")
     if path.exists() and not force:
@@ -190,3 +189,13 @@ def check_overwrite(path: str | Path, force: bool, option: str = "--out", detail
         tidy(path)  # a writer killed after its final rename left its lock or progress folder
         raise DogtlError(f"{path} exists{detail}: pass --force to overwrite it or choose another {option}")
     return path
+
+
+def make_folder(folder: str | Path, option: str = "--out") -> Path:
+    """`folder` and its parents, made if missing; a file in the way is one clear error."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise DogtlError(f"{folder}: a part of this path is a file, not a folder; choose another {option}") from None
+    return folder

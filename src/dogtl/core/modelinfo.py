@@ -160,11 +160,17 @@ def open_model_cache(meta: dict, override: str | Path | None = None, required: b
 def split_paths(cache, dataset) -> dict:
     """Image paths, labels and augmentation keys ("indices") of the cache's train and validation rows.
 
-    The keys are those the cache's augmented passes were drawn with (a function of the image id;
-    format-1 caches: the file number at extraction), so fine-tuning's pass p of an image is the
-    cache's pass p.
+    `dataset`: the data folder (read as extraction read it: labels.csv's columns are in the
+    fingerprint) or its Dataset. The keys are those the cache's augmented passes were drawn with
+    (a function of the image id; format-1 caches: the file number at extraction), so
+    fine-tuning's pass p of an image is the cache's pass p.
     """
     from dogtl.core.errors import DataError
+    from dogtl.data.folders import Dataset, load_dataset
+
+    if not isinstance(dataset, Dataset):
+        columns = getattr(cache, "caches", [cache])[0].fingerprint.get("columns") or {}
+        dataset = load_dataset(dataset, columns.get("id"), columns.get("label"))
 
     if list(dataset.classes) != list(cache.classes):
         raise DataError(f"{dataset.root}: its classes differ from those of the cache {cache.path}; "

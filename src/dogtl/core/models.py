@@ -27,13 +27,19 @@ def weights_identity(weights: str) -> str:
     return f"file:{path.name}:sha256:{file_sha256(path)[:16]}"
 
 
-def build_backbone(spec: BackboneSpec, weights: str, image_size: int):
-    """The frozen backbone with global average pooling: images -> feature_dim vectors."""
+def build_backbone(spec: BackboneSpec, weights: str, image_size: int, input_name: str | None = None):
+    """The frozen backbone with global average pooling: images -> feature_dim vectors.
+    `input_name` names its input layer (else Keras numbers it per process: input_layer_3), so
+    that a weights file saved from it is the same, byte for byte, in every process."""
     import importlib
+
+    import keras
 
     module = importlib.import_module(f"keras.applications.{spec.module}")
     constructor = getattr(module, spec.constructor)
-    kwargs = dict(include_top=False, pooling="avg", input_shape=(image_size, image_size, 3))
+    shape = (image_size, image_size, 3)
+    kwargs = dict(include_top=False, pooling="avg",
+                  **({"input_tensor": keras.Input(shape, name=input_name)} if input_name else {"input_shape": shape}))
     try:
         if weights == "none":
             model = _seeded(lambda: constructor(weights=None, **kwargs))

@@ -33,34 +33,63 @@ def _save(plt, fig, path) -> None:
         plt.close(fig)  # pyplot keeps every open figure alive
 
 
-def plot_history(history, path) -> None:
+def plot_history(history, path, title: str | None = None, best_epoch: int | None = None,
+                 start: dict | None = None) -> None:
     """Per-epoch loss, accuracy (train and val) and learning rate, one panel each.
     `history` is a DataFrame with columns epoch, loss, accuracy, val_loss, val_accuracy, lr
-    (missing columns are left out)."""
-    panels = [("log loss", ["loss", "val_loss"], False), ("accuracy", ["accuracy", "val_accuracy"], False),
-              ("learning rate", ["lr"], True)]
-    panels = [(t, [c for c in cols if c in history.columns], log) for t, cols, log in panels]
+    (missing columns are left out). `title` names the run; `best_epoch` is the epoch whose
+    weights were kept (a dashed line and a star on its validation points); `start` holds the
+    validation scores the run started from (fine-tuning's head: val_log_loss, val_accuracy),
+    drawn at epoch 0 with a dotted line to compare against."""
+    panels = [("log loss", ["loss", "val_loss"], False, "val_log_loss"),
+              ("accuracy", ["accuracy", "val_accuracy"], False, "val_accuracy"), ("learning rate", ["lr"], True, None)]
+    panels = [(t, [c for c in cols if c in history.columns], log, key) for t, cols, log, key in panels]
     panels = [p for p in panels if p[1]]
+    from matplotlib.ticker import MaxNLocator
+
     plt, fig, axes = _figure(max(1, len(panels)))
     x = history["epoch"] if "epoch" in history.columns else range(1, len(history) + 1)
-    for ax, (title, cols, log) in zip(axes, panels):
+    for ax, (name, cols, log, key) in zip(axes, panels):
         for c in cols:
             ax.plot(x, history[c], marker="." if len(history) < 30 else None,
                     label=c.replace("_", " ").replace("val", "validation"))
-        ax.set_ylabel(title)
+        if start and key in start:
+            ax.axhline(start[key], linestyle=":", color="tab:green", linewidth=1)
+            ax.plot([0], [start[key]], marker="o", color="tab:green", linestyle="none", label="start (the head)")
+        if best_epoch is not None:
+            ax.axvline(best_epoch, linestyle="--", color="grey", linewidth=0.8,
+                       label=f"kept: epoch {best_epoch}" if best_epoch else "kept: the start")
+            kept = start.get(key) if best_epoch == 0 and start else _at_epoch(history, x, cols[-1], best_epoch)
+            if kept is not None and cols[-1].startswith("val_"):
+                ax.plot([best_epoch], [kept], marker="*", markersize=12, color="tab:red", linestyle="none")
+        ax.set_ylabel(name)
         if log and (history[cols[0]] > 0).all():
             ax.set_yscale("log")
-        if len(cols) > 1:
+        if name == "accuracy":  # a fraction: never an axis past 1 (or below 0)
+            low, high = ax.get_ylim()
+            ax.set_ylim(max(low, 0.0), min(high, 1.0))
+        if len(cols) > 1 or best_epoch is not None:
             ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize="medium")
     _save(plt, fig, path)
 
 
-def plot_lr_find(lrs, losses, smoothed, path, base_lr: float | None = None, max_lr: float | None = None) -> None:
+def _at_epoch(history, x, column: str, epoch: int):
+    rows = [k for k, e in enumerate(x) if e == epoch]
+    return float(history[column].iloc[rows[0]]) if rows else None
+
+
+def plot_lr_find(lrs, losses, smoothed, path, base_lr: float | None = None, max_lr: float | None = None,
+                 title: str | None = None) -> None:
     """Training loss against learning rate (log scale) of a range test, with the suggested rates."""
     plt, fig, axes = _figure(1, width=7.0)
     ax = axes[0]
+    if title:
+        ax.set_title(title, fontsize="medium")
     ax.plot(lrs, losses, alpha=0.3, label="loss per step")
     ax.plot(lrs, smoothed, label="smoothed loss")
     finite = [v for v in smoothed if v == v and abs(v) != float("inf")]
@@ -130,8 +159,15 @@ def _numeric(values):
         return None
 
 
+LABEL_POINTS = 10  # class names on the confusion plot: readable at 100 dpi
+
+
+def _short(name: str, most: int = 28) -> str:
+    return name if len(name) <= most else name[: most - 1] + "…"
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], confused: list[dict], path,
-                   max_classes: int = 12) -> None:
+                   max_classes: int = 12, title: str | None = None) -> None:
     """Row-normalised confusion among the classes of the most confused pairs (`confused`:
     dicts with "true" and "predicted" class names), or among the first classes when none is."""
     chosen = []
@@ -145,19 +181,21 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], confused: list[dict],
     sub = matrix[np.ix_(idx, idx)].astype(float)
     rows = matrix[idx].sum(axis=1, keepdims=True).astype(float)
     sub = np.divide(sub, rows, out=np.zeros_like(sub), where=rows > 0)
-    size = 2.5 + 0.45 * len(chosen)
+    names = [_short(c) for c in chosen]
+    size = 3.0 + 0.6 * len(chosen)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    labels = 0.06 * max(map(len, names))  # inches for the longest class name
+    fig, ax = plt.subplots(figsize=(size + 1 + labels, size + labels))
     im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(chosen)), chosen, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(chosen)), chosen, fontsize=7)
+    ax.set_xticks(range(len(chosen)), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=LABEL_POINTS)
+    ax.set_yticks(range(len(chosen)), names, fontsize=LABEL_POINTS)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("most confused classes\n(fraction of each true class)", fontsize=9)
+    ax.set_title((f"{title}: " if title else "") + "most confused classes\n(fraction of each true class)")
     for i in range(len(chosen)):
         for j in range(len(chosen)):
             if sub[i, j] > 0:
-                ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=LABEL_POINTS - 1,
                         color="white" if sub[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     _save(plt, fig, path)

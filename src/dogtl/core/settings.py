@@ -98,6 +98,13 @@ class Setting:
             raise SettingError(self.expected)
         if self.kind == "float" and not math.isfinite(value):
             raise SettingError("a finite number")
+        return self._canonical(value)
+
+    def _canonical(self, value):
+        """A choice in any letter case (Adam, ADAM) as it is declared (adam)."""
+        if self.kind == "str" and self.choices and value not in self.choices:
+            folded = {str(c).casefold(): c for c in self.choices}
+            return folded.get(value.strip().casefold(), value)
         return value
 
     def _from_text(self, text: str):
@@ -108,7 +115,7 @@ class Setting:
                 return text.lower() in _TRUE
             raise SettingError(self.expected)
         if self.kind == "str":
-            return text
+            return self._canonical(text)
         try:
             return self.convert(int(text) if self.kind == "int" else float(text))
         except ValueError:

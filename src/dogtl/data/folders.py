@@ -1,8 +1,13 @@
 """Finding the images and labels of a data folder, and the validation split.
 
-Two layouts are read: Kaggle's (labels.csv with id,breed + train/<id>.jpg, optional
-test/ and sample_submission.csv) and one folder per class (DIR/<class>/*.jpg,
-optional DIR/test/). Structural problems raise DataError naming the file and the fix.
+Three layouts are read:
+- Kaggle's: labels.csv (an id and a label column, found by name or given) + train/<id>, the id
+  with or without its extension; optional test/ and sample_submission.csv.
+- ImageFolder's: train/<class>/* with val/<class>/* (also valid/, validation/) as the
+  validation split, optional test/.
+- One folder per class: DIR/<class>/*, optional DIR/test/.
+Any image the readers decode counts (IMAGE_SUFFIXES). Structural problems raise DataError
+naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -19,9 +24,14 @@ from dogtl.core.errors import DataError, SettingError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp"}  # what decode_image reads
 KAGGLE_LABELS = "labels.csv"
 SAMPLE_SUBMISSION = "sample_submission.csv"
+KAGGLE_COLUMNS = ("id", "breed")  # the Dog Breed Identification competition's
+# Column names recognised without --id-column / --label-column, most likely first.
+ID_COLUMNS = ("id", "image_id", "image", "filename", "file_name", "file", "image_name", "img", "name", "path")
+LABEL_COLUMNS = ("breed", "label", "class", "category", "target", "species", "class_name", "label_name", "y")
+VAL_FOLDERS = ("val", "valid", "validation")
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ class Dataset:
     test_ids: tuple[str, ...]
     test_paths: tuple[Path, ...]
     sample_submission: Path | None
+    is_val: np.ndarray | None = None  # the data's own validation split (ImageFolder's val/), else None
+    columns: tuple[str, str] = KAGGLE_COLUMNS  # labels.csv's id and label columns
 
 
 def content_hashes(paths) -> list[str]:
@@ -76,19 +88,28 @@ def _examples(items, n=3) -> str:
     return ", ".join(str(x) for x in items[:n]) + more
 
 
-def load_dataset(root: str | Path) -> Dataset:
+def load_dataset(root: str | Path, id_column: str | None = None, label_column: str | None = None) -> Dataset:
+    """The data folder's images, labels and test images, in whichever layout it is.
+    `id_column`/`label_column` name labels.csv's columns when they cannot be recognised."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(
             f"data folder '{root}' not found: pass --data DIR holding labels.csv and train/ "
-            "(Kaggle layout) or one sub-folder of images per class"
+            "(Kaggle layout), train/<class>/ and val/<class>/ folders, or one sub-folder of images per class"
         )
+    columns, is_val = KAGGLE_COLUMNS, None
     if (root / KAGGLE_LABELS).exists():
-        ids, paths, names = _read_kaggle(root)
+        ids, paths, names, columns = _read_kaggle(root, id_column, label_column)
         layout = "kaggle"
+    elif _class_folders(root / "train"):
+        ids, paths, names, is_val = _read_image_folder(root)
+        layout = "imagefolder"
     else:
         ids, paths, names = _read_folders(root)
         layout = "folders"
+    if (id_column or label_column) and layout != "kaggle":
+        raise DataError(f"--id-column/--label-column name columns of {root / KAGGLE_LABELS}, which is not there "
+                        f"({root} is in the {layout} layout): drop them")
     classes = tuple(sorted(set(names)))
     if len(classes) < 2:
         raise DataError(f"'{root}' has a single class ({classes[0]}): a classifier needs at least two")
@@ -104,7 +125,7 @@ def load_dataset(root: str | Path) -> Dataset:
     if sample is not None:
         check_submission_columns(sample, classes)
     return Dataset(root, layout, classes, tuple(ids), tuple(paths), labels,
-                   tuple(test_ids), tuple(test_paths), sample)
+                   tuple(test_ids), tuple(test_paths), sample, is_val, columns)
 
 
 def check_submission_columns(sample: Path, classes) -> list[str]:
@@ -129,25 +150,47 @@ def check_submission_columns(sample: Path, classes) -> list[str]:
     return columns[1:]
 
 
-def _read_kaggle(root: Path):
+def find_columns(columns, csv, id_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
+    """labels.csv's (id column, label column): the ones named, else recognised by name (any
+    letter case; see ID_COLUMNS, LABEL_COLUMNS), else the two columns of a two-column file."""
+    columns = [str(c) for c in columns]
+    found = ", ".join(columns)
+    for option, name in (("--id-column", id_column), ("--label-column", label_column)):
+        if name is not None and name not in columns:
+            raise DataError(f"{csv} has no column {name!r} ({option}; found: {found})")
+
+    def recognised(names, taken=None):
+        lower = {c.lower(): c for c in columns if c != taken}
+        return next((lower[n] for n in names if n in lower), None)
+
+    id_column = id_column or recognised(ID_COLUMNS, label_column)
+    label_column = label_column or recognised(LABEL_COLUMNS, id_column)
+    if len(columns) == 2:
+        id_column = id_column or next(c for c in columns if c != label_column)
+        label_column = label_column or next(c for c in columns if c != id_column)
+    if id_column is None or label_column is None or id_column == label_column:
+        what = " and ".join(w for w, c in (("the image ids", id_column), ("the labels", label_column)) if c is None)
+        raise DataError(f"{csv}: cannot tell which column holds {what or 'the ids and which the labels'} (found: "
+                        f"{found}): name them with --id-column NAME --label-column NAME")
+    return id_column, label_column
+
+
+def _read_kaggle(root: Path, id_column: str | None = None, label_column: str | None = None):
     csv = root / KAGGLE_LABELS
     try:
         table = pd.read_csv(csv, dtype=str)
     except pd.errors.EmptyDataError:
-        raise DataError(f"{csv} is empty: it needs a header 'id,breed' and one row per image") from None
+        raise DataError(f"{csv} is empty: it needs a header such as 'id,breed' and one row per image") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{csv}: cannot parse it as CSV ({e})") from None
-    missing = [c for c in ("id", "breed") if c not in table.columns]
-    if missing:
-        raise DataError(
-            f"{csv} lacks column(s) {', '.join(missing)} (found: {', '.join(map(str, table.columns))}): "
-            "it needs columns id and breed"
-        )
+    found = ", ".join(map(str, table.columns))
+    id_col, label_col = find_columns(table.columns, csv, id_column, label_column)
+    table = table.rename(columns={id_col: "id", label_col: "breed"})[["id", "breed"]]
     if table.empty:
         raise DataError(f"{csv} has a header but no rows: add one row per training image")
     blank = table.index[table["id"].isna() | table["breed"].isna()]
     if len(blank):
-        raise DataError(f"{csv}: empty id or breed in row(s) {_examples(blank + 1)} (counting from 1 "
+        raise DataError(f"{csv}: empty {id_col} or {label_col} in row(s) {_examples(blank + 1)} (counting from 1 "
                         "below the header): fill them in or remove the rows")
     table["id"], table["breed"] = table["id"].str.strip(), table["breed"].str.strip()
     dup = table["id"][table["id"].duplicated()].unique()
@@ -156,16 +199,76 @@ def _read_kaggle(root: Path):
     train = root / "train"
     if not train.is_dir():
         raise DataError(f"{train} not found: the Kaggle layout keeps training images in train/<id>.jpg")
-    paths = [train / f"{i}.jpg" for i in table["id"]]
-    absent = [p.name for p in paths if not p.is_file()]
+    paths = _image_files_by_id(train, list(table["id"]))
+    absent = [i for i, p in zip(table["id"], paths) if p is None]
     if len(absent) == len(paths):
-        raise DataError(f"{train} holds none of the {len(paths)} images named in {csv}: is it empty?")
+        raise DataError(f"{train} holds none of the {len(paths)} images named in {csv} (e.g. {absent[0]}): is it "
+                        f"empty, or is another column the ids? (--id-column; found: {found})")
     if absent:
         raise DataError(
             f"{csv}: {len(absent)} ids have no image in {train} ({_examples(absent)}): "
             "add the files or remove their rows"
         )
-    return list(table["id"]), paths, list(table["breed"])
+    return list(table["id"]), paths, list(table["breed"]), (id_col, label_col)
+
+
+def _image_files_by_id(folder: Path, ids: list[str]) -> list[Path | None]:
+    """The file of each id in `folder`: `id` itself when it names an image file (`a.png`), else
+    the one image `id.<any image suffix>`; None when there is none. The folder is listed once."""
+    by_name, by_stem = {}, {}
+    for p in _images_in(folder):
+        by_name[p.name] = p
+        by_stem.setdefault(p.stem, []).append(p)
+    paths = []
+    for i in ids:
+        found = by_name.get(i) or by_stem.get(i, [None])
+        if isinstance(found, list):
+            if len(found) > 1:
+                raise DataError(f"{folder}: several images for id {i} ({', '.join(p.name for p in found)}): "
+                                "keep one file per id")
+            found = found[0]
+        if found is None and "/" in i:  # an id naming a sub-folder: train/<sub>/<name>
+            found = next((c for c in [folder / i, *(folder / f"{i}{x}" for x in sorted(IMAGE_SUFFIXES))]
+                          if c.is_file()), None)
+        paths.append(found)
+    return paths
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    """The sub-folders of `folder` holding images (ImageFolder's classes), or none."""
+    if not folder.is_dir():
+        return []
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and _images_in(d))
+
+
+def _read_image_folder(root: Path):
+    """ImageFolder's train/<class>/ + val/<class>/: the val/ images are the validation split."""
+    train = root / "train"
+    ids, paths, names = _class_images(train, "train")
+    val_dirs = [root / v for v in VAL_FOLDERS if (root / v).is_dir()]
+    if len(val_dirs) > 1:
+        raise DataError(f"{root}: both {' and '.join(d.name + '/' for d in val_dirs)}; keep one validation folder")
+    is_val = None
+    if val_dirs:
+        val_ids, val_paths, val_names = _class_images(val_dirs[0], val_dirs[0].name)
+        unknown = sorted(set(val_names) - set(names))
+        if unknown:
+            raise DataError(f"{val_dirs[0]}: class folder(s) {_examples(unknown)} have no images in {train}: "
+                            "every validation class needs training images")
+        is_val = np.array([False] * len(ids) + [True] * len(val_ids))
+        ids, paths, names = ids + val_ids, paths + val_paths, names + val_names
+    return ids, paths, names, is_val
+
+
+def _class_images(folder: Path, prefix: str):
+    ids, paths, names = [], [], []
+    for d in _class_folders(folder):
+        for p in _images_in(d):
+            ids.append(f"{prefix}/{d.name}/{p.stem}")
+            paths.append(p)
+            names.append(d.name)
+    _check_unique(ids, folder)
+    return ids, paths, names
 
 
 def _read_folders(root: Path):
@@ -179,8 +282,8 @@ def _read_folders(root: Path):
             names.append(d.name)
     if not paths:
         raise DataError(
-            f"no images found in '{root}': expected labels.csv + train/<id>.jpg (Kaggle layout) "
-            "or one sub-folder of .jpg/.png images per class"
+            f"no images found in '{root}': expected labels.csv + train/<id>.jpg (Kaggle layout), "
+            "train/<class>/ + val/<class>/ (ImageFolder layout) or one sub-folder of images per class"
         )
     found = set(names)
     empty = [d.name for d in class_dirs if d.name not in found]

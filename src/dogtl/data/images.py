@@ -167,8 +167,15 @@ def multi_pass_dataset(segments, spec: BackboneSpec, image_size: int, *, seed: i
 
 
 def clean_reason(message: str) -> str:
-    """TensorFlow's op error text without its graph/op decorations."""
+    """TensorFlow's op error text without its graph/op decorations; an image over MAX_PIXELS
+    as 'image too large (N pixels, at most MAX_PIXELS)', however TensorFlow formatted it
+    (eagerly, or as a tf.function's 'assertion failed: [...] [x (mul:0) = ] [N]')."""
     text = re.sub(r"\{\{[^}]*\}\}", "", message)
+    if TOO_LARGE in text:
+        pixels = re.search(r"elements of x:\s*\[(\d+)\]|\[x \([^)]*\) = \] \[(\d+)\]", text)
+        count = f"{int(pixels[1] or pixels[2]):,} pixels, " if pixels else ""
+        return f"{TOO_LARGE} ({count}at most {MAX_PIXELS:,})"
+    text = re.sub(r"^\s*assertion failed: \[([^\]]*)\].*", r"\1", text, flags=re.S)
     text = re.split(r"\s*\[Op:|\n|\s*Condition x|\s*\[\[", text)[0]
     text = text.replace("jpeg::Uncompress failed.", "").strip().rstrip(".")
     return text or "cannot decode"

@@ -129,7 +129,7 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     numbers = metrics_report(probs, labels, classes, config.top_k, config.confused)
     json_path, csv_path, png_path = paths
     write_csv_atomic(numbers["per_class"], csv_path)
-    plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path)
+    plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path, title=Path(config.model).name)
     summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
     summary.update(model=str(config.model), kind=meta["kind"], source=source,
                    per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path),
@@ -152,11 +152,10 @@ def _on_cache(config, meta, cache):
 
 
 def _on_images(config, meta, cache, progress):
-    from dogtl.data.folders import load_dataset
     from dogtl.core.modelinfo import split_paths
     from dogtl.evaluation.predict import inference_fn, load_image_model, predict_images
 
-    val = split_paths(cache, load_dataset(config.data or "data"))["val"]
+    val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
     probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress,
                                precision=config.precision, runtime=config.runtime)
@@ -180,10 +179,9 @@ def _tta(config, meta, cache, source, progress) -> dict | None:
         head, _ = load_model(config.model, compile=False)
         return {"probs": tta.cached_probabilities(head, cache, rows=cache.is_val), "passes": cache.num_passes}
     from dogtl.core.modelinfo import split_paths
-    from dogtl.data.folders import load_dataset
     from dogtl.evaluation.predict import _augmentation_of, load_image_model
 
-    val = split_paths(cache, load_dataset(config.data or "data"))["val"]
+    val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
     augmentation, seed = _augmentation_of(meta)
     probs, _ = tta.image_probabilities(model, val["paths"], spec, size, passes=cache.num_passes, seed=seed,

@@ -40,3 +40,18 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, num_classes: int | None = No
 def scores(labels: np.ndarray, probs: np.ndarray, num_classes: int | None = None) -> dict:
     """{"val_accuracy", "val_log_loss"} of predictions on validation rows."""
     return {"val_accuracy": accuracy(labels, probs), "val_log_loss": log_loss(labels, probs, num_classes)}
+
+
+# A head whose validation log loss is above this fraction of the chance level learned ~nothing.
+CHANCE_MARGIN = 0.95
+
+
+def chance_scores(train_labels: np.ndarray, val_labels: np.ndarray, num_classes: int) -> dict:
+    """The scores of a model that knows only the training split's class frequencies (the same
+    probabilities for every image): the chance level a model must beat."""
+    frequencies = np.bincount(np.asarray(train_labels), minlength=num_classes) / len(train_labels)
+    return scores(val_labels, np.tile(frequencies, (len(val_labels), 1)), num_classes)
+
+
+def at_chance(metrics: dict, chance: dict) -> bool:
+    return metrics["val_log_loss"] > CHANCE_MARGIN * chance["val_log_loss"]

@@ -90,8 +90,8 @@ def resolve_model(model: str | None) -> Path:
     for candidate in DEFAULT_MODELS:
         if Path(candidate).exists():
             return Path(candidate)
-    raise DogtlError("no model found at models/finetuned.keras or models/head.keras: "
-                     "train one first or pass --model FILE")
+    raise DogtlError("no model found at models/finetuned.keras or models/head.keras: train one first "
+                     "(dogtl train-head) or name it (e.g. dogtl evaluate path/to/model.keras)")
 
 
 def load_image_model(path, weights: str | None = None):
@@ -181,7 +181,7 @@ def test_images(root: str | Path):
                         "(or pass image paths to see their top classes)")
     paths = sorted(p for p in test.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise DataError(f"{test} holds no .jpg/.png/.gif/.bmp images")
+        raise DataError(f"{test} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     sample = root / SAMPLE_SUBMISSION
     return [p.stem for p in paths], paths, sample if sample.exists() else None
 
@@ -197,19 +197,20 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
     meta, spec, size = check_metadata(model_path)
     out = check_overwrite(config.out, config.force)
     hold(out, "the submission")
-    ids, paths, sample = test_images(config.data)
+    ids, paths, sample, reasons = _test_set(config, meta)
     classes = list(meta["classes"])
     columns = check_submission_columns(sample, classes) if sample is not None else sorted(classes)
 
     probs, ok, source, passes, runtime = None, None, "images", 0, None
     if meta["kind"] == "head" and config.use_cache:
-        probs, ok, passes = _from_cache(config, meta, model_path, ids, paths)
+        probs, ok, passes = _from_cache(config, meta, model_path, ids, paths, required=reasons is not None)
         if probs is not None:
             source = "cached features"
     if probs is None:
         probs, ok, passes, runtime = _from_images(config, model_path, paths, progress)
 
-    skipped = [f"{paths[i]}\t{decode_error(paths[i]) or 'unreadable'}" for i in np.flatnonzero(~ok)]
+    skipped = [f"{paths[i]}\t{(reasons or {}).get(ids[i]) or decode_error(paths[i]) or 'unreadable'}"
+               for i in np.flatnonzero(~ok)]
     if skipped and config.on_bad_image == "fail":
         first = skipped[0].replace("\t", ": cannot read image (", 1)
         raise DataError(f"{first}); {len(skipped)} unreadable test image(s): fix or remove them, "
@@ -225,12 +226,38 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
     return Submission(out, model_path, len(table), columns, source, passes, skipped, filled, runtime)
 
 
-def _from_cache(config, meta, model_path, ids, paths):
-    """Head predictions from the cache's test features; (None, None, 0) when it cannot serve them."""
+def _test_set(config, meta):
+    """(ids, paths, sample submission or None, reasons or None) of the test images: those in
+    data/test/, or, for a head model when there is no data/test/, the ones its cache holds
+    features of (then `reasons` gives why the cache skipped some, and the cache is required)."""
+    from dogtl.core.modelinfo import open_model_cache
+
+    if (Path(config.data) / "test").is_dir() or meta["kind"] != "head" or not config.use_cache:
+        return (*test_images(config.data), None)
+    cache = open_model_cache(meta, config.cache, required=config.cache is not None)
+    if cache is None or not len(cache.test_ids):
+        where = f"its cache {cache.path} holds no test features" if cache is not None else "its cache is not there"
+        raise DataError(f"{Path(config.data) / 'test'} not found and {where}: a submission needs the test "
+                        "images in DATA/test/ (pass --data DATA), or image files to see their top classes")
+    reasons = {}
+    for line in cache.skipped:
+        path, _, reason = line.partition("\t")
+        if Path(path).parent.name == "test":
+            reasons[Path(path).stem] = reason
+    ids = sorted([*cache.test_ids, *reasons])
+    sample = Path(config.data) / SAMPLE_SUBMISSION
+    log.info("%s/test not found: predicting the %d test images of %s from their cached features",
+             config.data, len(ids), cache.path)
+    return ids, [Path(config.data) / "test" / i for i in ids], sample if sample.is_file() else None, reasons
+
+
+def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
+    """Head predictions from the cache's test features; (None, None, 0) when it cannot serve them
+    (or an error, when `required`: the images are not there)."""
     from dogtl.core.artifacts import load_model
     from dogtl.core.modelinfo import check_model_matches, open_model_cache
 
-    cache = open_model_cache(meta, config.cache, required=config.cache is not None)
+    cache = open_model_cache(meta, config.cache, required=required or config.cache is not None)
     if cache is None:
         log.info("no cache for %s: computing features from the images", model_path)
         return None, None, 0
@@ -241,6 +268,9 @@ def _from_cache(config, meta, model_path, ids, paths):
                     cache.path, config.data)
         return None, None, 0
     if config.tta and cache.num_test_passes < 2:
+        if required:
+            raise DataError(f"{cache.path} holds no test-time augmentation passes and there are no test images "
+                            f"in {config.data}/test to compute them from: drop --tta or pass --data")
         log.info("%s holds no test-time augmentation passes: computing them from the images", cache.path)
         return None, None, 0
     head, _ = load_model(model_path, compile=False)

@@ -86,9 +86,15 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+def backbone_help() -> str:
+    """The --backbone help: every backbone of the registry with its default size and feature length."""
+    return ("Frozen keras.applications backbone, as name (default input size, features per image): "
+            + ", ".join(f"{s.name} ({s.default_size} px, {s.feature_dim})" for s in BACKBONES.values()) + ".")
+
+
 def get_backbone(name: str) -> BackboneSpec:
     try:
-        return BACKBONES[name]
+        return BACKBONES[name.strip().lower()]
     except KeyError:
         raise SettingError(
             f"unknown backbone {name!r}: choose one of {', '.join(sorted(BACKBONES))}"

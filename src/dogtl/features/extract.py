@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +23,7 @@ from dogtl.features.cache import (FORMAT_VERSION, IMAGE_KEY, IMAGE_LISTS, Partia
                                   fingerprint_differences, is_cache_file, open_cache, space_needed, write_cache)
 from dogtl.features.incremental import (Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan,
                                         updates_after)
-from dogtl.data.folders import Dataset, load_dataset, split_validation
+from dogtl.data.folders import KAGGLE_COLUMNS, Dataset, load_dataset, split_validation
 from dogtl.core.errors import CacheError, DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
 from dogtl.core.diskspace import require_free_space
@@ -55,6 +55,8 @@ class ExtractConfig:
     runtime: str = "auto"  # what runs the backbone (core/runtimes.py); recorded resolved, never refused
     cut_blocks: int = 0  # also store the activations entering the top N blocks (features/cut.py)
     cut_dtype: str = "float16"  # or int8 (per-image, per-channel scales)
+    id_column: str | None = None  # labels.csv's columns, when they are not recognised by name
+    label_column: str | None = None
 
     def __post_init__(self):
         from dogtl.core.distribute import check_strategy
@@ -132,11 +134,12 @@ def make_fingerprint(config: ExtractConfig, dataset: Dataset, lists: dict, backb
         "passes": config.passes,
         "tta_passes": config.tta_passes,
         "seed": config.seed,
-        "val_fraction": config.val_fraction,
+        "val_fraction": config.val_fraction if dataset.is_val is None else "the data's own validation folder",
         "dtype": config.dtype,
         "precision": plan(config.runtime, config.precision, None if config.strategy == "default" else config.strategy)[1],
         **({"cut": cut_info(backbone, spec, config.cut_blocks, config.cut_dtype)} if config.cut_blocks else {}),
         "data_layout": dataset.layout,
+        **({"columns": dict(zip(("id", "label"), dataset.columns))} if dataset.columns != KAGGLE_COLUMNS else {}),
         "image_key": IMAGE_KEY,
         **list_fingerprint(lists),
         # A shard is this extraction's I-th of N parts: otherwise the same fingerprint.
@@ -233,17 +236,13 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     from dogtl.features.shards import shard_path
 
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before any TensorFlow work
-    dataset = load_dataset(config.data)
+    dataset = load_dataset(config.data, config.id_column, config.label_column)
     lists = image_lists(dataset)  # ids, file contents and augmentation keys
     # The split is drawn over every labelled image before any work, so an image's split does not
     # depend on which other images were unreadable (nor, being its own draw, on the others at all).
-    is_val = split_validation(dataset.ids, dataset.labels, config.val_fraction, config.seed)
-    backbone = None
-    if config.cut_blocks:  # the cut's shape is part of the fingerprint
-        from dogtl.core.models import build_backbone
-
-        backbone = build_backbone(spec, config.weights, image_size)
-    fingerprint = make_fingerprint(config, dataset, lists, backbone)
+    is_val = dataset.is_val if dataset.is_val is not None else \
+        split_validation(dataset.ids, dataset.labels, config.val_fraction, config.seed)
+    _note_layout(dataset, is_val, note)
     shard = _shard(config)
     # This run's block of each split's file numbers (all of them unless sharded).
     lab, tst = range(len(dataset.ids)), range(len(dataset.test_ids))
@@ -252,6 +251,14 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
     path = worker(strategy).private_path(shard_path(config.cache, shard) if shard else config.cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     hold(path, "the feature shard" if shard else "the feature cache")  # one writer per cache or shard file
+    if config.weights == "none":
+        config = replace(config, weights=str(_random_backbone(config, spec, image_size, dataset.paths, path, note)))
+    backbone = None
+    if config.cut_blocks:  # the cut's shape is part of the fingerprint
+        from dogtl.core.models import build_backbone
+
+        backbone = build_backbone(spec, config.weights, image_size)
+    fingerprint = make_fingerprint(config, dataset, lists, backbone)
     partial = PartialCache(path)
     existing, base = _check_existing(path, partial, fingerprint, config.force)
     agree(strategy, extraction_progress(existing, partial, {"labelled": config.passes, "test": config.tta_passes}),
@@ -300,8 +307,8 @@ def extract_features(config: ExtractConfig, progress: Progress | None = None,
         good = runner.run({split: ([lists[split].paths[i] for i in todo[split]], extra, lists[split].keys[todo[split]])
                            for split, extra in (("labelled", config.passes), ("test", config.tta_passes))},
                           on_clean_pass=None if shard else  # a shard may hold one class; merge-cache checks
-                          lambda split, readable: _check_readable(
-                              split, np.concatenate([todo[split][readable], copied[split]]), dataset, config))
+                          lambda split, readable: _check_clean_pass(
+                              split, np.concatenate([todo[split][readable], copied[split]]), dataset, config, partial))
 
     out, skipped, arrays = {}, [], {}
     for split, passes in (("labelled", config.passes), ("test", config.tta_passes)):
@@ -339,10 +346,48 @@ def _computed(partial: PartialCache, split: str, pass_index: int, todo: np.ndarr
     return chunks
 
 
-def _check_readable(split, readable, dataset, config):
-    if split == "labelled" and len(np.unique(dataset.labels[np.asarray(readable, dtype=np.int64)])) < 2:
+def _note_layout(dataset: Dataset, is_val, note) -> None:
+    """Say how the data folder was read where dogtl had to choose: columns, validation split."""
+    if note and dataset.columns != KAGGLE_COLUMNS:
+        note(f"{dataset.root / 'labels.csv'}: image ids from column {dataset.columns[0]!r}, labels from "
+             f"{dataset.columns[1]!r} (--id-column / --label-column choose others)")
+    if note and dataset.is_val is not None:
+        note(f"validation split: the data's own validation folder ({int(is_val.sum())} images; --val-fraction "
+             "is not used)")
+
+
+def _random_backbone(config: ExtractConfig, spec, image_size: int, paths, path: Path, note) -> Path:
+    """`--weights none`: the random backbone calibrated on labelled images (whatever the split:
+    its statistics hold no labels, and the clean pass stays the same for every --seed), kept
+    beside the cache (made again only with --force: a resumed or repeated run uses the same one)."""
+    from dogtl.features.random_backbone import CALIBRATION_IMAGES, calibrate_random_backbone, random_backbone_path
+
+    weights = random_backbone_path(path)
+    if config.force or not weights.is_file():
+        calibrate_random_backbone(spec, image_size, paths, weights, what="extract-features --weights none")
+    if note:
+        note(f"note: --weights none: a random backbone, its BatchNorm statistics taken from "
+             f"{min(CALIBRATION_IMAGES, len(paths))} labelled images (kept as {weights}; later stages use it). "
+             "Good for smoke tests, not for accuracy: use --weights imagenet or a trained weights file for real "
+             "features")
+    return weights
+
+
+def _check_clean_pass(split, readable, dataset, config, partial):
+    """After the clean pass: two classes readable, and features a head can learn from."""
+    if split != "labelled":
+        return
+    if len(np.unique(dataset.labels[np.asarray(readable, dtype=np.int64)])) < 2:
         raise DataError(f"fewer than two classes have readable images in {config.data}: "
                         "fix the images (see --on-bad-image)")
+    from dogtl.features.signal import spread
+
+    problem = spread(features for _, features in partial.iter_pass("labelled", 0)).degenerate()
+    if problem:
+        raise DogtlError(f"{config.backbone} with --weights {config.weights} gives degenerate features: {problem}. A "
+                         "head cannot learn from them: the weights carry no signal (a broken or mismatched file?"
+                         + (" values too small for --dtype float16?" if config.dtype == "float16" else "")
+                         + "). Rerun with other --weights (imagenet, or a trained weights file) and --force")
 
 
 def _reason(path) -> str:
@@ -477,8 +522,7 @@ class _PassRunner:
                              f"{self.config.dtype}: rerun with --dtype float32 --force")
         if not self.warned and np.any(features) and not np.any(stored):
             self.warned = True
-            log.warning("features are too small for %s (max %.3g) and are stored as zeros: "
-                        "use --dtype float32 (random 'none' weights often do this)",
+            log.warning("features are too small for %s (max %.3g) and are stored as zeros: use --dtype float32",
                         self.config.dtype, np.abs(features).max())
         return stored
 

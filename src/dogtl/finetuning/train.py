@@ -114,13 +114,11 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
 
 
 def prepare(config: FinetuneConfig, strategy) -> Setup:
-    from dogtl.data.folders import load_dataset
-
     from dogtl.core.modelinfo import split_paths
 
     from dogtl.finetuning.frozenpart import frozen_part_source
 
-    return prepare_common(config, strategy, lambda cache: split_paths(cache, load_dataset(config.data)),
+    return prepare_common(config, strategy, lambda cache: split_paths(cache, config.data),
                           source=lambda spec: frozen_part_source(config, strategy, spec))
 
 
@@ -286,7 +284,8 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
         if plot_path:
             from dogtl.core.plots import plot_history
 
-            plot_history(history, tmps[1])
+            plot_history(history, tmps[1], title=f"finetune {setup.out.name} from {Path(setup.config.head).name}",
+                         best_epoch=best_epoch, start=state.before)
         save_model(best, setup.out, metadata)
     setup.checkpoints.remove()
     return FinetuneResult(setup.out, state.before, state.best, best_epoch, state.epoch, resumed_from,

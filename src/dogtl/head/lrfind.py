@@ -106,7 +106,6 @@ def lr_find(config: LRFindConfig, cache: str | Path = "cache/features.h5", out: 
         raise DogtlError(f"the loss diverged at once (from {config.start_lr:g}): pass a smaller --start-lr")
     smoothed = smooth(losses)
     at_min, base_lr, max_lr = suggest(lrs, smoothed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_lr_find(lrs, losses, smoothed, out, base_lr=base_lr, max_lr=max_lr)
+    plot_lr_find(lrs, losses, smoothed, out, base_lr=base_lr, max_lr=max_lr, title=f"lr-find on {cache.path.name}")
     return LRFindResult(out, lrs, losses, smoothed, at_min, base_lr, max_lr, diverged,
                         time.perf_counter() - started)

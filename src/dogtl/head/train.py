@@ -23,7 +23,8 @@ from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import CacheError, DogtlError
 from dogtl.core.files import atomic_paths, check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
-from dogtl.evaluation.metrics import scores
+from dogtl.evaluation.metrics import at_chance, chance_scores, scores
+from dogtl.features.signal import spread
 from dogtl.head.settings import HeadConfig, Resolved
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,25 @@ def load_training_data(cache, clean_only: bool = False) -> TrainingData:
             val = block[val_rows].astype(np.float32)
     if not np.isfinite(val).all() or not all(np.isfinite(train[p]).all() for p in range(passes)):
         raise CacheError(f"{cache.path}: features contain NaN or infinity; re-extract with --force")
+    problem = spread(np.array_split(train[0], max(1, len(train_rows) // 4096))).degenerate()
+    if problem:
+        raise CacheError(f"{cache.path} holds degenerate features: {problem}. A head cannot learn from them: "
+                         "re-extract with weights that carry signal (--weights imagenet, a trained weights file, or "
+                         "--weights none, which now calibrates its random backbone on the images) and --force")
     return TrainingData(train, cache.labels[train_rows].astype(np.int32), val,
                         cache.labels[val_rows].astype(np.int32), list(cache.classes))
+
+
+def _warn_at_chance(metrics: dict, chance: dict) -> None:
+    """Say so when the head is no better than knowing the class frequencies: its features carry
+    no information about the classes (or training went wrong), and the figures alone hide it."""
+    metrics["chance_log_loss"], metrics["chance_accuracy"] = chance["val_log_loss"], chance["val_accuracy"]
+    if at_chance(metrics, chance):
+        log.warning("the head is at chance level: validation log loss %.4f against %.4f for the class frequencies "
+                    "alone (accuracy %.4f against %.4f): its features tell the classes apart hardly at all. Check the "
+                    "backbone weights (--weights none is for smoke tests), the labels and the learning rates "
+                    "(dogtl lr-find)", metrics["val_log_loss"], chance["val_log_loss"], metrics["val_accuracy"],
+                    chance["val_accuracy"])
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -184,8 +202,6 @@ def check_outputs(out: str | Path, force: bool) -> dict[str, Path]:
     from dogtl.core.artifacts import check_writable
 
     paths = output_paths(out)
-    if paths["model"].suffix == ".keras":
-        paths["model"].parent.mkdir(parents=True, exist_ok=True)
     check_writable(paths["model"], force)
     for path in paths.values():
         check_overwrite(path, force)
@@ -212,6 +228,7 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
              data.train_features.shape[0], len(data.val_labels))
     fit = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels,
                    len(cache.classes), on_epoch=progress)
+    _warn_at_chance(fit.metrics, chance_scores(data.train_labels, data.val_labels, len(cache.classes)))
     metadata = {
         "kind": "head", "classes": list(cache.classes), **head_inputs(cache),
         "settings": asdict(config), "metrics": fit.metrics,
@@ -223,7 +240,8 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
     # leave some, and the rerun would refuse to overwrite them.
     with atomic_paths(paths["history"], paths["plot"]) as (history_tmp, plot_tmp):
         write_csv_atomic(fit.history, history_tmp)
-        plot_history(fit.history, plot_tmp)
+        plot_history(fit.history, plot_tmp, title=f"train-head {paths['model'].name}: {cache.path.name}, "
+                     f"{len(data.train_labels)} training images", best_epoch=fit.metrics["best_epoch"])
         save_model(fit.model, paths["model"], metadata)
     return HeadResult(paths["model"], fit.metrics, fit.history, paths["history"], paths["plot"],
                       time.perf_counter() - started, fit.seconds_per_epoch, int(data.train_features.shape[1]),

@@ -1,4 +1,5 @@
-"""`dogtl serve`'s web application (FastAPI): POST /predict, GET /health, GET / (the page).
+"""`dogtl serve`'s web application (FastAPI): POST /predict (one image), POST /predict/batch
+(several), GET /health, GET / (the page); one access-log line per request (logger dogtl.access).
 
 The model is loaded once, by the caller. Each upload is read with a byte limit (413 past it,
 whatever Content-Length claims), decoded and preprocessed in a thread pool with dogtl's own
@@ -26,6 +27,7 @@ from dogtl.serving.model import ServingModel, encoded_to_pixels
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request).
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("dogtl.access")
 MB = 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # room for the multipart boundaries and part headers
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -128,31 +130,80 @@ async def read_limited(request, limit: int) -> bytes:
 
 async def upload_bytes(request, max_upload: int) -> bytes:
     """The image bytes of a multipart field `file` or of a raw image body."""
-    from starlette.requests import Request
-
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        body = await read_limited(request, max_upload + MULTIPART_SLACK)
-
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=10, max_part_size=max_upload)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise BadUpload(400, "a multipart upload needs the image in a file field named 'file'")
-        data = await upload.read()
-        if len(data) > max_upload:
-            raise BadUpload(413, f"upload is over the limit of {max_upload / MB:.1f} MB (--max-upload-mb)")
-        return data
+        return (await multipart_files(request, max_upload, 1))[0][1]
     if ctype and not ctype.startswith(RAW_TYPES):
         raise BadUpload(415, f"content type {ctype!r} is not an image: send multipart/form-data with a "
                              "field 'file', or the raw image as image/* or application/octet-stream")
     return await read_limited(request, max_upload)
 
 
+async def multipart_files(request, max_upload: int, max_files: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every file field of a multipart upload, in order: at most
+    `max_files`, each at most `max_upload` bytes."""
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise BadUpload(415, "send the images as multipart/form-data, one file field each (curl -F file=@a.jpg "
+                             "-F file=@b.jpg)")
+    body = await read_limited(request, max_files * max_upload + MULTIPART_SLACK)
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files + 10,
+                                                         max_part_size=max_upload)
+    except (HTTPException, MultiPartException) as e:  # a malformed upload, or one of too many files
+        detail = getattr(e, "detail", None) or getattr(e, "message", str(e))
+        raise BadUpload(400, f"{detail} (at most {max_files} files of {max_upload / MB:.1f} MB)") from None
+    files = [(getattr(v, "filename", None) or f"file {k + 1}", v) for k, (field, v) in enumerate(form.multi_items())
+             if field in ("file", "files") and not isinstance(v, str)]
+    if not files:
+        raise BadUpload(400, "a multipart upload needs the image in a file field named 'file' (one per image)")
+    out = []
+    for name, upload in files:
+        data = await upload.read()
+        if len(data) > max_upload:
+            raise BadUpload(413, f"{name}: upload is over the limit of {max_upload / MB:.1f} MB (--max-upload-mb)")
+        out.append((name, data))
+    return out
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request on the logger dogtl.access (client, method, path,
+    status, images predicted, milliseconds), as web servers keep."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), {"code": 500}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            images = scope.get("state", {}).get("images")
+            access_log.info('%s "%s %s" %d%s %.1f ms', client[0], scope["method"], scope["path"], status["code"],
+                            f" {images} image{'s' if images != 1 else ''}" if images is not None else "",
+                            (time.perf_counter() - started) * 1000)
+
+
 def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 20, batch_wait_ms: float = 5,
-               top_k: int = 5, decode_threads: int | None = None, runtime: str = "auto", precision: str = "auto"):
+               top_k: int = 5, decode_threads: int | None = None, max_files: int = 16, runtime: str = "auto",
+               precision: str = "auto"):
     require_serve_extra()
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -161,6 +212,8 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
 
     if max_upload_mb <= 0:
         raise DogtlError(f"--max-upload-mb {max_upload_mb} must be positive")
+    if max_files < 1:
+        raise DogtlError(f"--max-files {max_files} must be at least 1")
     predictor = Predictor(sm, top_k, runtime, precision)
     predictor.warm_up()
     batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
@@ -177,6 +230,7 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
         pool.shutdown(wait=True)
 
     app = FastAPI(title=f"dogtl: {sm.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(AccessLog)
     app.state.batcher, app.state.predictor = batcher, predictor
 
     def error(status: int, message: str):
@@ -207,8 +261,35 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
         except ClientDisconnect:
             log.info("client disconnected during the upload")
             return error(400, "client disconnected during the upload")
+        request.state.images = 1
         row = await batcher.submit(inputs)
         return {"model": sm.name, "predictions": predictor.top(row),
                 "ms": round((time.perf_counter() - started) * 1000, 2)}
+
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request):
+        """Several images in one request (multipart, one file field each): one result per file, in
+        order, each its predictions or its own error; the images join the model calls together."""
+        started = time.perf_counter()
+        try:
+            files = await multipart_files(request, max_upload, max_files)
+        except BadUpload as e:
+            return error(e.status, e.message)
+        except ClientDisconnect:
+            return error(400, "client disconnected during the upload")
+        loop = asyncio.get_running_loop()
+
+        async def one(name: str, data: bytes) -> dict:
+            try:
+                if not data:
+                    raise BadUpload(400, "empty upload (0 bytes): send an image file")
+                inputs = await loop.run_in_executor(pool, predictor.decode, data)
+            except BadUpload as e:
+                return {"file": name, "error": e.message}
+            return {"file": name, "predictions": predictor.top(await batcher.submit(inputs))}
+
+        results = await asyncio.gather(*(one(name, data) for name, data in files))
+        request.state.images = sum("predictions" in r for r in results)
+        return {"model": sm.name, "results": list(results), "ms": round((time.perf_counter() - started) * 1000, 2)}
 
     return app

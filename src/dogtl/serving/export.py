@@ -25,7 +25,7 @@ import numpy as np
 
 from dogtl.core.diskspace import require_free_space
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import atomic_path, check_overwrite, temporary_sibling, write_text_atomic
+from dogtl.core.files import atomic_path, check_overwrite, make_folder, temporary_sibling, write_text_atomic
 from dogtl.core.locks import artifact_lock
 from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
 
@@ -64,10 +64,8 @@ def export_savedmodel(sm: ServingModel, out: str | Path, *, top_k: int = 5, forc
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DogtlError(f"--out {out} is a file: a SavedModel is a folder (TF Serving's model base path)")
-    if not out.parent.is_dir():
-        raise DogtlError(f"--out {out}: folder '{out.parent}' does not exist; create it or choose another --out")
     target = out / VERSION
-    out.mkdir(exist_ok=True)
+    make_folder(out)
     with artifact_lock(out, "the SavedModel folder"):  # which removes what a killed export left in it
         if target.exists() and not force:
             raise DogtlError(f"{target} exists: pass --force to overwrite it or choose another --out")
@@ -222,13 +220,33 @@ def export_tflite(sm: ServingModel, out: str | Path, *, quantize: str = "none", 
     return out
 
 
-def tflite_predict(tflite: str | Path | bytes, pixels: np.ndarray) -> np.ndarray:
-    """Probabilities [N, C] of a TFLite model on uint8 images [N, size, size, 3], one at a time."""
-    import tensorflow as tf
+def tflite_interpreter(tflite: str | Path | bytes):
+    """An interpreter of a TFLite model (a file or its bytes), allocated: LiteRT's, the successor
+    of tf.lite.Interpreter, when ai-edge-litert is installed (pip install 'dogtl[tflite]'); else
+    TensorFlow's, without the deprecation warning it prints on every use (it still works in this
+    TensorFlow, and the warning would only say to install LiteRT). Either prints an INFO line
+    about its CPU delegate that no log level hides: kept off the screen too."""
+    import warnings
+
+    from dogtl.core.quiet import native_stderr_silenced
 
     kwargs = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
-    interpreter = tf.lite.Interpreter(**kwargs)
-    interpreter.allocate_tensors()
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings(), native_stderr_silenced():  # and its "INFO: Created ... XNNPACK delegate"
+        warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
+        interpreter = Interpreter(**kwargs)
+        interpreter.allocate_tensors()
+    return interpreter
+
+
+def tflite_predict(tflite: str | Path | bytes, pixels: np.ndarray) -> np.ndarray:
+    """Probabilities [N, C] of a TFLite model on uint8 images [N, size, size, 3], one at a time."""
+    interpreter = tflite_interpreter(tflite)
     (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
     rows = []
     for image in pixels:
@@ -290,13 +308,12 @@ def validation_images(sm: ServingModel, data: str | Path = "data", limit: int = 
     """Up to `limit` validation images of the model's cache in the data folder; [] when either
     cannot be found (the caller says what to pass)."""
     from dogtl.core.modelinfo import open_model_cache, split_paths
-    from dogtl.data.folders import load_dataset
 
     try:
         cache = open_model_cache(sm.metadata, required=False)
         if cache is None or not Path(data).is_dir():
             return []
-        paths = split_paths(cache, load_dataset(data))["val"]["paths"]
+        paths = split_paths(cache, data)["val"]["paths"]
     except DogtlError as e:
         log.warning("no validation images to check against: %s", e)
         return []
