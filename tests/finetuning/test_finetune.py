@@ -36,26 +36,35 @@ def test_xception_top_two_blocks_are_the_recipes_first_116_layers_frozen(xceptio
     assert {v.name for v in xception.trainable_variables} == {
         v.name for l in layers[116:] if not is_batchnorm(l) for v in l.trainable_weights}
 
+    every = unfreeze_top_blocks(xception, get_backbone("xception"), "all")
+    assert every[0] == "block1_conv1" and every == [l.name for l in layers if l.weights and not is_batchnorm(l)]
     assert unfreeze_top_blocks(xception, get_backbone("xception"), 0) == []
     assert xception.trainable_variables == []
-    with pytest.raises(DogtlError, match="choose 0 to 14"):
+    with pytest.raises(DogtlError, match="choose 0 to 14 or all"):
         unfreeze_top_blocks(xception, get_backbone("xception"), 15)
 
 
 @pytest.mark.parametrize("name", sorted(set(CHEAP_BACKBONES) - {"xception"}))
 def test_every_backbone_block_is_found_and_blocks_nest(name):
+    """Every number of top blocks up to all, for each cheap backbone (the others: tests/features/
+    test_backbones.py --run-slow builds them)."""
     import importlib
 
-    from dogtl.core.models import top_blocks_start
+    from dogtl.core.models import block_depths, top_blocks_start
 
     spec = get_backbone(name)
     module = importlib.import_module(f"keras.applications.{spec.module}")
     model = getattr(module, spec.constructor)(weights=None, include_top=False, pooling="avg",
                                               input_shape=(spec.min_size,) * 2 + (3,))
     names = [l.name for l in model.layers]
-    starts = [top_blocks_start(names, spec, n) for n in range(len(spec.blocks) + 1)]
-    assert starts[0] == len(names)
-    assert all(a > b for a, b in zip(starts, starts[1:])), starts  # every block holds layers
+    starts = [top_blocks_start(names, spec, n) for n in range(len(spec.blocks) + 1)] + [
+        top_blocks_start(names, spec, "all")]
+    assert starts[0] == len(names) and starts[-1] == 1  # all: every layer but the input
+    assert all(a > b for a, b in zip(starts[:-1], starts[1:-1])) and starts[-2] >= 1, starts  # every block holds layers
+    depths = block_depths(names, spec, "all")  # discriminative rates: each layer's block, from the top
+    assert depths[0] == 0 and all(d >= 1 for d in depths[1:]) and depths[-1] == 1
+    assert all(a >= b for a, b in zip(depths[1:], depths[2:]))
+    assert max(depths) == len(spec.blocks) + (starts[-2] > 1)  # the stem is one more block when it exists
     if name == "inception_v3":  # Keras' own InceptionV3 fine-tuning example: freeze the first 249 layers
         assert names[starts[2] - 1] == "mixed8" and starts[2] == 249
 
@@ -229,7 +238,7 @@ def test_bad_input_gives_one_line_errors(stage3, tmp_path):
     existing.write_text("x")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", existing), "exists: pass --force")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "f.keras", "--schedule", "cyclic"),
-                       r"^error: --schedule 'cyclic': choose one of exp_range, triangular, triangular2, constant$")
+                       r"^error: --schedule 'cyclic': choose one of exp_range, triangular, triangular2, constant, cosine, one_cycle$")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "g.keras", "--base-lr", -1),
                        r"^error: --base-lr -1.0 must be a positive number$")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "h.keras", "--patience", -1),

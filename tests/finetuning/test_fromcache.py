@@ -81,10 +81,11 @@ def test_saved_model_is_the_backbone_plus_head_with_the_frozen_part_bit_identica
     assert scores(val["labels"], probs)["val_log_loss"] == pytest.approx(r.after["val_log_loss"], abs=5e-3)
 
 
-def test_trainable_blocks_must_match_the_cut(cut_stage3, stage3, tmp_path):
-    result = run_cli("finetune", "--from-cache", "--data", cut_stage3.data, "--head", cut_stage3.head,
-                     "--out", tmp_path / "ft.keras", "--trainable-blocks", 3)
-    assert_clean_error(result, "--trainable-blocks 3", "top 2 blocks", "run with --trainable-blocks 2")
+def test_trainable_blocks_must_be_at_most_the_cut(cut_stage3, stage3, tmp_path):
+    for blocks in (3, "all"):
+        result = run_cli("finetune", "--from-cache", "--data", cut_stage3.data, "--head", cut_stage3.head,
+                         "--out", tmp_path / "ft.keras", "--trainable-blocks", blocks)
+        assert_clean_error(result, f"--trainable-blocks {blocks}", "top 2 blocks", "run with --trainable-blocks 2 or fewer")
     result = run_cli("finetune", "--from-cache", "--data", stage3.data, "--head", stage3.head,
                      "--out", tmp_path / "ft.keras")
     assert_clean_error(result, "no cut activations", "--cut-blocks 2")

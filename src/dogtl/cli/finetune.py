@@ -10,16 +10,25 @@ import typer
 from dogtl import api
 from dogtl.cli.common import CONFIG_OPTION, ImageProgress, apply_config_file, friendly_errors
 from dogtl.core.settings import with_options
-from dogtl.finetuning.settings import FINETUNE_SETTINGS
+from dogtl.finetuning.settings import FINETUNE_SETTINGS, RECIPES, recipe_settings
+
+RECIPE_OPTION = typer.Option(None, help=f"A named set of settings ({', '.join(RECIPES)}) replacing the defaults; "
+                             "options given here or in --config still win. reference: the reference recipe's "
+                             "fine-tuning (SGD at a constant 1e-4, the top 2 blocks, its augmentation).")
 
 
 @friendly_errors
 @with_options(FINETUNE_SETTINGS)
-def finetune_cmd(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION, settings: dict = None):
-    """Fine-tune the top backbone blocks together with the trained head, on the images.
+def finetune_cmd(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION, recipe: Optional[str] = RECIPE_OPTION,
+                 settings: dict = None):
+    """Fine-tune backbone blocks together with the trained head, on the images (or on cut activations cached by extract-features --cut-blocks).
 
-    The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
+    The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. The defaults are the recipe measured best on domains far from the backbone's (docs/finetuning.md): the whole backbone, AdamW with rates decaying block by block, warm-up then cosine, light augmentation, label smoothing. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
     """
+    for key, value in recipe_settings(recipe).items():  # below --config and the command line
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            settings[key] = value
     settings, _ = apply_config_file(ctx, settings, config, FINETUNE_SETTINGS, "finetune")
     with ImageProgress("fine-tuning") as bar:
         result = api.finetune(progress=bar.update, report=lambda line: bar.progress.console.print(

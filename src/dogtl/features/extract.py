@@ -48,7 +48,7 @@ class ExtractConfig:
     shard: str | None = None  # "I/N": extract the I-th of N shards (see shards.py)
     strategy: str = "default"  # default | mirrored | multi-worker (see distribute.py)
     precision: str = "auto"  # the backbone's arithmetic (core/precision.py); recorded resolved
-    cut_blocks: int = 0  # also store the activations entering the top N blocks (features/cut.py)
+    cut_blocks: int | str = 0  # also store the activations entering the top N blocks or 'all' (features/cut.py)
     cut_dtype: str = "float16"  # or int8 (per-image, per-channel scales)
 
     def __post_init__(self):
@@ -68,12 +68,16 @@ class ExtractConfig:
         if self.dtype not in ("float16", "float32"):
             raise SettingError(f"--dtype {self.dtype!r} must be 'float16' or 'float32'")
         from dogtl.core.precision import check_precision
+        from dogtl.core.settings import parse_blocks
         from dogtl.features.cut import CUT_DTYPES
 
         check_precision(self.precision)
-        if self.cut_blocks < 0 or self.cut_dtype not in CUT_DTYPES:
-            raise SettingError(f"--cut-blocks {self.cut_blocks} must be >= 0 and --cut-dtype {self.cut_dtype!r} "
-                               f"one of {', '.join(CUT_DTYPES)}")
+        try:
+            object.__setattr__(self, "cut_blocks", parse_blocks(self.cut_blocks))
+        except SettingError as e:
+            raise SettingError(f"--cut-blocks {self.cut_blocks!r}: expected {e}") from None
+        if self.cut_dtype not in CUT_DTYPES:
+            raise SettingError(f"--cut-dtype {self.cut_dtype!r} must be one of {', '.join(CUT_DTYPES)}")
         if self.cut_blocks and self.strategy != "default":
             raise SettingError(f"--cut-blocks runs on one device only: drop --strategy {self.strategy}")
 

@@ -97,7 +97,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
     agree(strategy, [-1, 0] if state is None else [state.epoch, int(state.stopping.stopped)],
           "the epochs already run")
     if state is None:
-        model, state = start(setup)
+        model, state = start(setup, report)
         resumed_from = 0
     else:
         with scope(strategy):
@@ -126,7 +126,7 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     from dogtl.core.distribute import check_global_batch, training_steps, worker
     from dogtl.core.modelinfo import backbone_weights, check_metadata, open_model_cache
     from dogtl.core.precision import resolve
-    from dogtl.data.augment import AugmentConfig
+    from dogtl.finetuning.data import training_augmentation
 
     # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
     out = check_writable(worker(strategy).private_path(config.out), config.force)
@@ -149,22 +149,23 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
     identity = {"settings": settings, "head": meta, "cache_fingerprint": fingerprint}
     return Setup(config, strategy, out, meta, spec, size, weights, cache, split,
-                 augmentation=AugmentConfig(**fingerprint["augmentation"]) if config.augment else None,
+                 augmentation=training_augmentation(config.augment, fingerprint["augmentation"], config.from_cache),
                  seed=int(fingerprint.get("seed", 0)) if config.seed is None else config.seed,
                  steps=training_steps(images, config.batch_size, strategy),
                  checkpoints=Checkpoints.beside(out, identity), precision=resolve(config.precision), **extra)
 
 
-def start(setup: Setup) -> tuple[object, RunState]:
-    """A fresh run: the head on its backbone, scored and checkpointed as epoch 0."""
+def start(setup: Setup, report: Report | None = None) -> tuple[object, RunState]:
+    """A fresh run: the head on its backbone, scored and checkpointed as epoch 0 (the model to
+    beat); then, with --batchnorm reestimate, the model training starts from."""
     from dogtl.core.distribute import scope
     from dogtl.core.precision import computing_in
     from dogtl.finetuning.model import build_model
 
     with scope(setup.strategy):  # variables mirrored on every replica
-        model, head, trainable = (setup.source.build(setup) if setup.source else
-                                  build_model(setup.config, setup.meta, setup.spec, setup.size, setup.weights,
-                                              setup.steps))
+        model, head, trainable, batchnorm = (
+            setup.source.build(setup) if setup.source else
+            build_model(setup.config, setup.meta, setup.spec, setup.size, setup.weights, setup.steps))
     val = setup.split["val"]
     with computing_in(model, setup.precision):
         probs, before = validate_setup(setup, model)
@@ -178,8 +179,30 @@ def start(setup: Setup) -> tuple[object, RunState]:
                      trainable_layers=trainable, head_difference=difference,
                      stopping=EarlyStopping(setup.config.patience, best_loss=before["val_log_loss"]),
                      random_state=random_state(model))
+    if setup.config.batchnorm == "reestimate":
+        reestimate(setup, model, batchnorm, report)
+        state.last_file = setup.checkpoints.save_model(model, 0, tag="batchnorm")
     setup.checkpoints.commit(state)
     return model, state
+
+
+def reestimate(setup: Setup, model, layers: list, report: Report | None) -> None:
+    """--batchnorm reestimate: `layers`' statistics from the clean training images (or their
+    cached cut), before the first step."""
+    from dogtl.core.models import reestimate_batchnorm
+    from dogtl.finetuning.data import reestimation_images
+    from dogtl.finetuning.model import REESTIMATE_IMAGES
+
+    train = setup.split["train"]
+    batches = (setup.source.reestimation_batches(setup, REESTIMATE_IMAGES) if setup.source else
+               reestimation_images(train["paths"], setup.spec, setup.size, seed=setup.seed, limit=REESTIMATE_IMAGES))
+    reestimate_batchnorm(model, batches, layers)
+    _, metrics = validate_setup(setup, model)
+    line = (f"batchnorm statistics of {len(layers)} layers re-estimated: val log loss {metrics['val_log_loss']:.4f} "
+            f"val acc {metrics['val_accuracy']:.3f}")
+    log.info(line)
+    if report:
+        report(line)
 
 
 def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None, report: Report | None) -> None:
