@@ -145,11 +145,30 @@ def test_finetune_writes_model_metadata_history_and_plot(stage3, finetuned):
     assert sorted(l.name for l in backbone.layers if l.trainable and l.weights) == sorted(r.trainable_layers)
 
 
-def _config(stage3, out, **kw):
+def test_the_defaults_train_the_whole_backbone_with_the_measured_recipe(stage3, tmp_path):
+    """No options: every layer with weights trains (the stem too), AdamW, a warm-up epoch then a
+    cosine down to --base-lr, light augmentation with the extraction's flips."""
+    from dogtl.features.cache import open_cache
     from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune
+
+    r = finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(tmp_path / "ft.keras"),
+                                epochs=2, batch_size=8))
+    meta = json.loads(r.model_path.with_suffix(".json").read_text())
+    assert meta["settings"]["trainable_blocks"] == "all" and r.trainable_layers[0] == "Conv1"
+    assert (meta["settings"]["optimizer"], meta["settings"]["schedule"]) == ("adamw", "cosine")
+    base, peak = meta["settings"]["base_lr"], meta["settings"]["max_lr"]
+    assert r.history["lr"].tolist() == pytest.approx([peak, base], rel=1e-4)  # 3 steps per epoch: warm-up, cosine
+    hflip = open_cache(stage3.cache).fingerprint["augmentation"]["hflip"]
+    assert meta["augmentation"] == {"rotation": 10.0, "zoom": 0.1, "shift": 0.1, "hflip": hflip}
+    assert r.after["val_log_loss"] <= r.before["val_log_loss"]
+
+
+def _config(stage3, out, **kw):
+    from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
 
     return FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),
-                          weights=str(stage3.weights), batch_size=8, **kw)
+                          weights=str(stage3.weights), **{**recipe_settings("reference"), "batch_size": 8, **kw})
 
 
 def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
@@ -194,7 +213,7 @@ def test_cli_never_saves_worse_than_the_head_and_stops_early(stage3, tmp_path):
     out = tmp_path / "ft.keras"
     result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--weights", stage3.weights,
                      "--out", out, "--epochs", 3, "--patience", 1, "--base-lr", 50, "--batch-size", 8,
-                     "--trainable-blocks", 1)
+                     "--trainable-blocks", 1, "--recipe", "reference")
     assert result.exit_code == 0, result.output
     assert "validation before fine-tuning: accuracy" in result.stdout
     assert "validation after fine-tuning:  accuracy" in result.stdout
@@ -247,7 +266,8 @@ def test_bad_input_gives_one_line_errors(stage3, tmp_path):
 
 @pytest.fixture(scope="module")
 def from_config_file(stage3, tmp_path_factory):
-    """A CLI run whose settings come from a --config file, two of them overridden on the command line.
+    """A CLI run whose settings come from a --config file, two of them overridden on the command line,
+    --recipe reference filling in the others.
 
     Rates that wreck the model, so no epoch beats the head: with --patience 0 (from the file) it
     still runs every epoch. The cycle's steps are single iterations (3 per epoch)."""
@@ -257,17 +277,18 @@ def from_config_file(stage3, tmp_path_factory):
                       "schedule = 'exp_range'\ntrainable-blocks = 1\nbatch_size = 8\n")
     out = folder / "ft.keras"
     result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--out", out, "--config", config,
-                     "--epochs", 2, "--schedule", "triangular")
+                     "--epochs", 2, "--schedule", "triangular", "--recipe", "reference")
     assert result.exit_code == 0, result.output
     return json.loads(out.with_suffix(".json").read_text()), pd.read_csv(out.with_suffix(".history.csv"))
 
 
-def test_config_file_values_are_used_and_the_command_line_wins(from_config_file):
+def test_config_file_values_are_used_and_the_command_line_wins_and_the_recipe_fills_in(from_config_file):
     meta, history = from_config_file
     settings = meta["settings"]
     assert (settings["base_lr"], settings["max_lr"], settings["step_size"], settings["patience"]) == (50.0, 60.0, 1, 0)
     assert settings["trainable_blocks"] == 1 and meta["trainable_layers"] == ["Conv_1"]
     assert settings["epochs"] == 2 and settings["schedule"] == "triangular"  # given on the command line
+    assert settings["optimizer"] == "sgd" and settings["augment"] == "recipe"  # --recipe reference, below the file
 
 
 def test_schedule_triangular_cycles_between_base_and_max_lr(from_config_file):

@@ -14,7 +14,8 @@ import pytest
 from conftest import assert_clean_error, run_cli
 
 
-SETTINGS = dict(epochs=2, patience=5, batch_size=8, optimizer="adam", base_lr=1e-3)
+SETTINGS = dict(epochs=2, patience=5, batch_size=8, optimizer="adam", schedule="constant", base_lr=1e-3,
+                trainable_blocks=2)
 
 
 def _config(pipeline, out, **kw):

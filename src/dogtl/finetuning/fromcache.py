@@ -10,9 +10,10 @@ kill), the best epoch by validation log loss (on the cached clean validation pas
 
 The model trained is cut -> top part -> pooling -> head; its layers are the backbone's own
 (features/cut.split_backbone); of the top part, only the top M blocks train (with M < N the
-blocks between the cut and them run forward only, frozen). The saved model is the whole backbone + head: the backbone is
-rebuilt from the weights it came from (so the frozen part is bit-identical to it) and the
-trained top part's weights are copied in, so predict, evaluate and export need no change.
+blocks between the cut and them run forward only, frozen). The saved model is the whole
+backbone + head: the backbone is rebuilt from the weights it came from (so the frozen part is
+bit-identical to it) and the trained top part's weights are copied in, so predict, evaluate and
+export need no change.
 """
 
 from __future__ import annotations

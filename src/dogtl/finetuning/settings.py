@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dogtl.core.distribute import STRATEGIES
+from dogtl.core.errors import SettingError
 from dogtl.core.precision import PRECISION_HELP, PRECISIONS
 from dogtl.core.settings import Setting, settings_class
 from dogtl.head.settings import (HEAD_SETTINGS, OPTIMIZERS, RECIPE_BATCH_SIZE, SCHEDULES, STEP_EPOCHS,
@@ -40,29 +41,29 @@ FINETUNE_SETTINGS = (
     Setting("weights", "str", None, "Only if the backbone came from a local weights file that has moved since "
             "extraction: that file again (default: the file recorded with the head, while its content is "
             "unchanged).", optional=True),
-    Setting("trainable_blocks", "blocks", 2, "Top backbone blocks to unfreeze, or all (the whole backbone, its stem "
+    Setting("trainable_blocks", "blocks", "all", "Top backbone blocks to unfreeze, or all (the whole backbone, its stem "
             "too). xception 2 = block13 + block14, the recipe's 'freeze the first 116 layers'. BatchNorm stays "
             "frozen (see --batchnorm)."),
-    replace(_HEAD["epochs"], default=10, help="Most epochs to run (early stopping may end sooner); the cosine and "
+    replace(_HEAD["epochs"], default=5, help="Most epochs to run (early stopping may end sooner); the cosine and "
             "one_cycle schedules span exactly this many."),
-    Setting("batch_size", "int", 16, "Images per training step (the global batch under --strategy).", low=1),
-    replace(_HEAD["optimizer"], default="sgd", choices=FINETUNE_OPTIMIZERS,
+    Setting("batch_size", "int", 32, "Images per training step (the global batch under --strategy).", low=1),
+    replace(_HEAD["optimizer"], default="adamw", choices=FINETUNE_OPTIMIZERS,
             help="sgd (momentum 0.9, the recipe's), rmsprop (rho 0.9), adam, or adamw (Adam with decoupled weight "
             "decay, --weight-decay)."),
-    replace(_HEAD["schedule"], default="constant", choices=FINETUNE_SCHEDULES,
+    replace(_HEAD["schedule"], default="cosine", choices=FINETUNE_SCHEDULES,
             help="Learning-rate schedule: constant (--base-lr throughout); triangular, triangular2, exp_range "
             "(cyclical between --base-lr and --max-lr, Smith 2017, as train-head); cosine (linear warm-up from "
             "--base-lr to --max-lr over --warmup-epochs, then a half cosine down to --base-lr at the last epoch, "
             "Keras's CosineDecay); one_cycle (a half cosine up from --base-lr to --max-lr over --warmup-epochs, "
             f"or the first {ONE_CYCLE_WARMUP:.0%} of the run when 0, then a half cosine down to 0)."),
-    replace(_HEAD["base_lr"], default=1e-4, optional=False, help="The learning rate of --schedule constant; the "
+    replace(_HEAD["base_lr"], default=1e-6, optional=False, help="The learning rate of --schedule constant; the "
             "lowest of the others. With --block-lr-decay, the rate of the top block and the head."),
-    replace(_HEAD["max_lr"], default=1e-3, optional=False, help="Peak learning rate of the cyclical, cosine and "
+    replace(_HEAD["max_lr"], default=3e-4, optional=False, help="Peak learning rate of the cyclical, cosine and "
             "one_cycle schedules."),
     replace(_HEAD["step_size"], help=f"Iterations per half cycle (default: {STEP_EPOCHS} epochs' worth, as "
             "train-head)."),
     _HEAD["gamma"],
-    replace(_HEAD["warmup_epochs"], help="Epochs of warm-up: cosine and one_cycle rise from --base-lr to "
+    replace(_HEAD["warmup_epochs"], default=1, help="Epochs of warm-up: cosine and one_cycle rise from --base-lr to "
             "--max-lr over them; the other schedules ramp up linearly from near 0 (0: none)."),
     Setting("block_lr_decay", "float", 1.0, "Discriminative learning rates (ULMFiT): the top block and the head "
             "train at the schedule's rate, each block below at this times the rate of the block above (1: one rate "
@@ -82,7 +83,8 @@ FINETUNE_SETTINGS = (
     Setting("batchnorm", "str", "frozen", "frozen: BatchNorm keeps the backbone's statistics (inference mode); "
             "reestimate: before training, the statistics of the unfrozen blocks' and the head's BatchNorm layers "
             "are re-estimated on the clean training images of the new domain, then kept frozen.", choices=BATCHNORM),
-    replace(_HEAD["patience"], default=3),
+    replace(_HEAD["patience"], default=0, help="Stop after this many epochs without a better validation log loss "
+            "(0, the default: never; a decaying schedule's best epochs come last). The best epoch is kept."),
     Setting("seed", "int", None, "Shuffling seed (default: the cache's seed).", optional=True),
     Setting("deterministic", "bool", False, "Deterministic ops and seeded everything: the same command gives the "
             "same weights bit for bit on CPU, also after a kill and resume (slower; see the README's "
@@ -100,7 +102,9 @@ FINETUNE_SETTINGS = (
 
 
 def _check(config) -> None:
-    check_rate_range(config.schedule, config.base_lr, config.max_lr, "")
+    check_rate_range(config.schedule, config.base_lr, config.max_lr, f" (--schedule {config.schedule})")
+    if config.batchnorm == "reestimate" and config.strategy != "default":
+        raise SettingError(f"--batchnorm reestimate runs on one device: drop --strategy {config.strategy}")
 
 
 def _resolved_weight_decay(config) -> float:
@@ -138,7 +142,5 @@ def recipe_settings(name: str | None) -> dict:
     if name is None:
         return {}
     if name not in RECIPES:
-        from dogtl.core.errors import SettingError
-
         raise SettingError(f"--recipe {name!r}: choose one of {', '.join(RECIPES)}")
     return dict(RECIPES[name])
