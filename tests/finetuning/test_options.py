@@ -83,7 +83,7 @@ def test_block_lr_decay_gives_each_block_its_rate_and_an_sgd_step_uses_it(mobile
     import tensorflow as tf
 
     model, _ = _compiled(mobilenet, trainable_blocks=3, block_lr_decay=0.5, optimizer="sgd", schedule="constant",
-                         base_lr=0.1, weight_decay=0.0)
+                         base_lr=0.1, weight_decay=0.0, warmup_epochs=0)
     opt = model.optimizer
     groups = _groups(mobilenet, model.trainable_variables)
     want = {"head": 1.0, "Conv_1": 1.0, "block_16": 0.5, "block_15": 0.25}
@@ -187,9 +187,11 @@ def test_augment_presets_and_their_strengths():
     assert augment_preset("light", cached) == AugmentConfig(rotation=10, zoom=0.1, shift=0.1, hflip=False)
     assert augment_preset("recipe", cached) == AugmentConfig() and AugmentConfig().rotation == 45
     assert augment_preset("none", cached) is None and augment_preset("cache", cached) == cached
-    assert training_augmentation(None, cached.as_dict(), from_cache=False) == augment_preset("light", cached)
-    assert training_augmentation(None, cached.as_dict(), from_cache=True) == cached
+    assert training_augmentation("auto", cached.as_dict(), from_cache=False) == augment_preset("light", cached)
+    assert training_augmentation("auto", cached.as_dict(), from_cache=True) == cached
     assert training_augmentation("none", cached.as_dict(), from_cache=True) is None
+    assert training_augmentation("none", cached.as_dict(), from_cache=False) is None
+    assert _config(augment="none").augment == "none"  # not the automatic choice
     with pytest.raises(DogtlError, match="--augment light with --from-cache, but the cache's passes"):
         training_augmentation("light", cached.as_dict(), from_cache=True)
 

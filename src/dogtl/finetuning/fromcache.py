@@ -89,7 +89,7 @@ class CacheSource:
         n, batch = len(train["rows"]), min(setup.config.batch_size, len(train["rows"]))
         total = setup.cache.num_passes
         # augmented passes 1..K, as fine-tuning from images trains on augmented images; the clean
-        # pass with --no-augment or a cache without augmented passes
+        # pass with --augment none or a cache without augmented passes
         passes = np.arange(1, total) if setup.augmentation is not None and total > 1 else np.array([0])
         reader = self._reader(setup)
         try:
