@@ -187,11 +187,11 @@ def test_augment_presets_and_their_strengths():
     assert augment_preset("light", cached) == AugmentConfig(rotation=10, zoom=0.1, shift=0.1, hflip=False)
     assert augment_preset("recipe", cached) == AugmentConfig() and AugmentConfig().rotation == 45
     assert augment_preset("none", cached) is None and augment_preset("cache", cached) == cached
-    assert training_augmentation("auto", cached.as_dict(), from_cache=False) == augment_preset("light", cached)
-    assert training_augmentation("auto", cached.as_dict(), from_cache=True) == cached
+    assert training_augmentation("light", cached.as_dict(), from_cache=False) == augment_preset("light", cached)
+    assert training_augmentation("cache", cached.as_dict(), from_cache=True) == cached
     assert training_augmentation("none", cached.as_dict(), from_cache=True) is None
     assert training_augmentation("none", cached.as_dict(), from_cache=False) is None
-    assert _config(augment="none").augment == "none"  # not the automatic choice
+    assert _config().augment == "none"
     with pytest.raises(DogtlError, match="--augment light with --from-cache, but the cache's passes"):
         training_augmentation("light", cached.as_dict(), from_cache=True)
 

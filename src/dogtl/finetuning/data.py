@@ -13,21 +13,16 @@ import numpy as np
 from dogtl.core.errors import DataError, SettingError
 from dogtl.evaluation.metrics import scores
 
-DEFAULT_AUGMENT = "light"  # --augment auto from images (docs/finetuning.md: measured)
-
-
 def training_augmentation(augment: str, cached: dict, from_cache: bool):
     """The AugmentConfig fine-tuning trains with (None: clean images), for `--augment` and the
     cache's augmentation settings `cached`. From the cache the augmented passes are what
-    extraction made: `light`/`recipe` must be them; `auto` takes them."""
+    extraction made: `light`/`recipe` must be them."""
     from dogtl.data.augment import AugmentConfig, augment_preset
 
     cached = AugmentConfig(**cached)
-    if augment == "auto":
-        augment = "cache" if from_cache else DEFAULT_AUGMENT
-    if not from_cache:
-        return augment_preset(augment, cached)
     wanted = augment_preset(augment, cached)
+    if not from_cache:
+        return wanted
     if wanted is not None and wanted != cached:
         raise SettingError(f"--augment {augment} with --from-cache, but the cache's passes were augmented with "
                            f"{cached.as_dict()}: pass --augment cache to train on them, or extract again with the "

@@ -21,7 +21,7 @@ from dogtl.head.settings import (HEAD_SETTINGS, OPTIMIZERS, RECIPE_BATCH_SIZE, S
 
 FINETUNE_OPTIMIZERS = OPTIMIZERS + ("adamw",)
 FINETUNE_SCHEDULES = SCHEDULES + ("cosine", "one_cycle")
-AUGMENTS = ("auto", "none", "light", "recipe", "cache")  # data/augment.py: augment_preset
+AUGMENTS = ("none", "light", "recipe", "cache")  # data/augment.py: augment_preset
 BATCHNORM = ("frozen", "reestimate")
 ONE_CYCLE_WARMUP = 0.3  # one_cycle's default warm-up: this fraction of the run (PyTorch's OneCycleLR pct_start)
 
@@ -76,10 +76,11 @@ FINETUNE_SETTINGS = (
     replace(_HEAD["weight_decay"], default=None, optional=True, low=0,
             help="Decoupled weight decay on every unfrozen kernel, each at its own layer's rate: every step "
             "w -= lr * weight_decay * w. Default: 0.004 (Keras's AdamW default) with adamw, 0 otherwise."),
-    Setting("augment", "str", "auto", "Online augmentation: none; light (rotation 10 degrees, zoom 0.1, shift 0.1, "
-            "flips as at extraction); recipe (the reference recipe's: 45 degrees, 0.25, 0.2, flips); cache (the "
-            "cache's settings); auto: light from images, the cache's augmented passes with --from-cache (light or "
-            "recipe must then match them).", choices=AUGMENTS),
+    Setting("augment", "str", "none", "Online augmentation: none (measured best over the default 5 epochs); light "
+            "(rotation 10 degrees, zoom 0.1, shift 0.1, flips as at extraction); recipe (the reference recipe's: 45 "
+            "degrees, 0.25, 0.2, flips); cache (the cache's settings). With --from-cache: none trains on the clean "
+            "pass, anything else on the cache's augmented passes (light or recipe must then be them).",
+            choices=AUGMENTS),
     Setting("batchnorm", "str", "frozen", "frozen: BatchNorm keeps the backbone's statistics (inference mode); "
             "reestimate: before training, the statistics of the unfrozen blocks' and the head's BatchNorm layers "
             "are re-estimated on the clean training images of the new domain, then kept frozen.", choices=BATCHNORM),
