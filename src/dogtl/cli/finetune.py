@@ -23,7 +23,7 @@ def finetune_cmd(ctx: typer.Context, config: Optional[Path] = CONFIG_OPTION, rec
                  settings: dict = None):
     """Fine-tune backbone blocks together with the trained head, on the images (or on cut activations cached by extract-features --cut-blocks).
 
-    The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. The defaults are the recipe measured best on domains far from the backbone's (docs/finetuning.md): the whole backbone, AdamW with rates decaying block by block, warm-up then cosine, light augmentation, label smoothing. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
+    The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. The defaults are the recipe measured best on domains far from the backbone's (docs/finetuning.md): the whole backbone, AdamW, an epoch of warm-up then a cosine over 5 epochs, no augmentation; --recipe reference gives the reference recipe's fine-tuning. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
     """
     for key, value in recipe_settings(recipe).items():  # below --config and the command line
         source = ctx.get_parameter_source(key)

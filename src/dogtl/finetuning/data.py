@@ -13,6 +13,7 @@ import numpy as np
 from dogtl.core.errors import DataError, SettingError
 from dogtl.evaluation.metrics import scores
 
+
 def training_augmentation(augment: str, cached: dict, from_cache: bool):
     """The AugmentConfig fine-tuning trains with (None: clean images), for `--augment` and the
     cache's augmentation settings `cached`. From the cache the augmented passes are what

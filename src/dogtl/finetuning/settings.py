@@ -56,8 +56,9 @@ FINETUNE_SETTINGS = (
             "--base-lr to --max-lr over --warmup-epochs, then a half cosine down to --base-lr at the last epoch, "
             "Keras's CosineDecay); one_cycle (a half cosine up from --base-lr to --max-lr over --warmup-epochs, "
             f"or the first {ONE_CYCLE_WARMUP:.0%} of the run when 0, then a half cosine down to 0)."),
-    replace(_HEAD["base_lr"], default=1e-6, optional=False, help="The learning rate of --schedule constant; the "
-            "lowest of the others. With --block-lr-decay, the rate of the top block and the head."),
+    replace(_HEAD["base_lr"], default=1e-6, optional=False, help="The lowest rate of the cyclical, cosine and "
+            "one_cycle schedules (where they start and end), and the rate of --schedule constant (pass one: the "
+            "default is the cosine's floor)."),
     replace(_HEAD["max_lr"], default=3e-4, optional=False, help="Peak learning rate of the cyclical, cosine and "
             "one_cycle schedules."),
     replace(_HEAD["step_size"], help=f"Iterations per half cycle (default: {STEP_EPOCHS} epochs' worth, as "
