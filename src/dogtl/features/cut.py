@@ -3,13 +3,13 @@
 frozen layers below them.
 
 The cut is one tensor: the input of the first layer of the top N blocks (models.top_blocks_start,
-the same layer fine-tuning from images unfreezes from). With N = 'all' it is the backbone's input:
-the preprocessed (augmented) images themselves, so fine-tuning the whole backbone from the cache
-skips decoding, resizing and augmenting but runs every layer. A cut at N serves fine-tuning of
-any M <= N top blocks: the frozen layers between the cut and the top M run forward only. The frozen part maps images to it; the
+the same layer fine-tuning from images unfreezes from). The frozen part maps images to it; the
 top part maps it to the pooled features, and holds every layer that depends on it (a residual
 shortcut created just before the block, such as Xception's, runs in the top part but stays
-frozen, exactly as when fine-tuning from images).
+frozen, exactly as when fine-tuning from images). A cut at N serves fine-tuning of any M <= N
+top blocks: the frozen layers between the cut and the top M run forward only. With N = 'all' the
+cut is the backbone's input, the preprocessed (augmented) images themselves: the whole backbone
+then trains from the cache, skipping decoding, resizing and augmenting but running every layer.
 
 Stored per pass as `<split>/cut` [passes, rows, H, W, C], float16, or int8 with a symmetric
 scale per image and channel in `<split>/cut_scale` [passes, rows, C] (value = int8 x scale).
