@@ -108,7 +108,8 @@ def finetune_both(root: Path, data: Path, backbone: str, weights: str, size: int
         t0 = time.perf_counter()
         r = api.finetune(data, head, root / f"ft-{name}.keras", progress=False, from_cache=from_cache,
                          report=lambda line: marks.append(time.perf_counter()), epochs=epochs, patience=epochs + 1,
-                         trainable_blocks=blocks, batch_size=batch, optimizer="adam", base_lr=1e-4, seed=seed)
+                         trainable_blocks=blocks, batch_size=batch, optimizer="adam", base_lr=1e-4, seed=seed,
+                         schedule="constant", augment="cache", batchnorm="frozen")  # the same recipe both ways
         times = np.diff([t0, *marks]).tolist()  # the first includes building, epoch 0's validation and tracing
         out[name] = {"epoch_s": times, "history": r.history, "before": r.before, "after": r.after}
     return out
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--source-size", type=int, default=400, help="pixels of the generated JPEGs")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per side, interleaved (after one warm-up epoch each)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--trainable-blocks", type=int, default=2)
+    parser.add_argument("--trainable-blocks", type=lambda v: v if v == "all" else int(v), default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run at a reduced size")
     args = parser.parse_args(argv)
     if args.mode == "cache":

@@ -87,14 +87,14 @@ def stage3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finetuned(stage3, tmp_path_factory):
-    """A one-epoch fine-tuning of the `stage3` head (read-only!): the FinetuneResult. No --weights:
-    the backbone weights file recorded with the head is used."""
-    from dogtl.finetuning.settings import FinetuneConfig
+    """A one-epoch fine-tuning of the `stage3` head with the reference recipe (read-only!): the
+    FinetuneResult. No --weights: the backbone weights file recorded with the head is used."""
+    from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
     from dogtl.finetuning.train import finetune
 
     out = tmp_path_factory.mktemp("finetuned") / "finetuned.keras"
     return finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),
-                                   epochs=1, batch_size=8))
+                                   **{**recipe_settings("reference"), "epochs": 1, "batch_size": 8}))
 
 
 def write_odd_images(folder, size: int = 48) -> dict:

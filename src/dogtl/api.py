@@ -130,14 +130,18 @@ def ensemble(models, out="models/ensemble.keras", *, force: bool = False):
 
 
 def finetune(data="data", head="models/head.keras", out="models/finetuned.keras", *, force: bool = False,
-             progress=True, report=None, track: bool = False, **settings):
-    """Stage three: fine-tune the top backbone blocks with the trained head, on the images.
-    `settings`: any finetune setting (`dogtl.finetuning.settings.FINETUNE_SETTINGS`); `report`
-    gets one line per finished epoch."""
-    from dogtl.finetuning.settings import FinetuneConfig
+             progress=True, report=None, recipe=None, track: bool = False,
+             **settings):
+    """Stage three: fine-tune backbone blocks with the trained head, on the images (or cached cut
+    activations, from_cache=True). `settings`: any finetune setting
+    (`dogtl.finetuning.settings.FINETUNE_SETTINGS`); `recipe`: a named set of them replacing the
+    defaults ("reference": the reference recipe's fine-tuning), `settings` still winning;
+    `report` gets one line per finished epoch."""
+    from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
     from dogtl.finetuning.train import finetune as run
 
-    config = FinetuneConfig(data=str(data), head=str(head), out=str(out), force=force, **settings)
+    config = FinetuneConfig(data=str(data), head=str(head), out=str(out), force=force,
+                            **{**recipe_settings(recipe), **settings})
     params = {k: v for k, v in asdict(config).items() if k != "force"}
     with tracking.start("finetune", f"finetune {Path(out).name}", track, params) as tracked, \
             _bar(progress, _images("fine-tuning")) as update:

@@ -163,7 +163,7 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     result.artifacts["fine-tuned model"] = tuned.model_path
     result.artifacts["fine-tuning history"] = tuned.history_path
     result.metrics["finetune"] = {"before": tuned.before, "after": tuned.after, "best_epoch": tuned.best_epoch}
-    say(f"[4/6] fine-tuned the top 2 blocks: val log loss {tuned.before['val_log_loss']:.4f} -> "
+    say(f"[4/6] fine-tuned {len(tuned.trainable_layers)} backbone layers with the head: val log loss {tuned.before['val_log_loss']:.4f} -> "
         f"{tuned.after['val_log_loss']:.4f}, val accuracy {tuned.before['val_accuracy']:.3f} -> "
         f"{tuned.after['val_accuracy']:.3f} -> {tuned.model_path}")
 

@@ -83,3 +83,21 @@ def test_override_gradients_swaps_an_ops_graph_gradient():
 def test_a_missing_name_raises_and_names_the_checked_versions():
     with pytest.raises(RuntimeError, match=r"has no 'gone'.*TensorFlow 2\.21\.0 / Keras 3\.15\.1"):
         keras_private._require(object(), "gone", "object")
+
+
+def test_variable_index_finds_the_raw_variables_update_step_gets():
+    """The TensorFlow backend hands `update_step` the raw tf.Variable; the layer-wise rates
+    (finetuning/optimizer.py) find its position in the built list through `variable_index`."""
+    import keras
+
+    a, b = keras.Variable(np.zeros(2, "float32")), keras.Variable(np.zeros(3, "float32"))
+    seen = {}
+
+    class Recording(keras.optimizers.SGD):
+        def update_step(self, gradient, variable, learning_rate):
+            seen[keras_private.variable_index(self, variable)] = tuple(variable.shape)
+            return super().update_step(gradient, variable, learning_rate)
+
+    opt = Recording(0.1)
+    opt.apply([np.ones(2, "float32"), np.ones(3, "float32")], [a, b])
+    assert seen == {0: (2,), 1: (3,)}

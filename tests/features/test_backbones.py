@@ -31,7 +31,7 @@ def test_registry_entry_is_complete(name):
 
 
 def _check_builds(name):
-    from dogtl.core.models import build_backbone, top_blocks_start
+    from dogtl.core.models import block_depths, build_backbone, top_blocks_start
     from dogtl.data.images import preprocess_fn
 
     spec = get_backbone(name)
@@ -43,6 +43,8 @@ def _check_builds(name):
     starts = [top_blocks_start(names, spec, n) for n in range(len(spec.blocks) + 1)]
     assert starts[0] == len(names)
     assert all(a > b for a, b in zip(starts, starts[1:])), starts  # every block holds layers
+    depths = block_depths(names, spec, "all")  # --trainable-blocks all: every layer in some block
+    assert depths[0] == 0 and min(depths[1:]) >= 1 and depths[-1] == 1
 
 
 @pytest.mark.slow

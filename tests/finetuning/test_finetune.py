@@ -36,26 +36,35 @@ def test_xception_top_two_blocks_are_the_recipes_first_116_layers_frozen(xceptio
     assert {v.name for v in xception.trainable_variables} == {
         v.name for l in layers[116:] if not is_batchnorm(l) for v in l.trainable_weights}
 
+    every = unfreeze_top_blocks(xception, get_backbone("xception"), "all")
+    assert every[0] == "block1_conv1" and every == [l.name for l in layers if l.weights and not is_batchnorm(l)]
     assert unfreeze_top_blocks(xception, get_backbone("xception"), 0) == []
     assert xception.trainable_variables == []
-    with pytest.raises(DogtlError, match="choose 0 to 14"):
+    with pytest.raises(DogtlError, match="choose 0 to 14 or all"):
         unfreeze_top_blocks(xception, get_backbone("xception"), 15)
 
 
 @pytest.mark.parametrize("name", sorted(set(CHEAP_BACKBONES) - {"xception"}))
 def test_every_backbone_block_is_found_and_blocks_nest(name):
+    """Every number of top blocks up to all, for each cheap backbone (the others: tests/features/
+    test_backbones.py --run-slow builds them)."""
     import importlib
 
-    from dogtl.core.models import top_blocks_start
+    from dogtl.core.models import block_depths, top_blocks_start
 
     spec = get_backbone(name)
     module = importlib.import_module(f"keras.applications.{spec.module}")
     model = getattr(module, spec.constructor)(weights=None, include_top=False, pooling="avg",
                                               input_shape=(spec.min_size,) * 2 + (3,))
     names = [l.name for l in model.layers]
-    starts = [top_blocks_start(names, spec, n) for n in range(len(spec.blocks) + 1)]
-    assert starts[0] == len(names)
-    assert all(a > b for a, b in zip(starts, starts[1:])), starts  # every block holds layers
+    starts = [top_blocks_start(names, spec, n) for n in range(len(spec.blocks) + 1)] + [
+        top_blocks_start(names, spec, "all")]
+    assert starts[0] == len(names) and starts[-1] == 1  # all: every layer but the input
+    assert all(a > b for a, b in zip(starts[:-1], starts[1:-1])) and starts[-2] >= 1, starts  # every block holds layers
+    depths = block_depths(names, spec, "all")  # discriminative rates: each layer's block, from the top
+    assert depths[0] == 0 and all(d >= 1 for d in depths[1:]) and depths[-1] == 1
+    assert all(a >= b for a, b in zip(depths[1:], depths[2:]))
+    assert max(depths) == len(spec.blocks) + (starts[-2] > 1)  # the stem is one more block when it exists
     if name == "inception_v3":  # Keras' own InceptionV3 fine-tuning example: freeze the first 249 layers
         assert names[starts[2] - 1] == "mixed8" and starts[2] == 249
 
@@ -136,11 +145,28 @@ def test_finetune_writes_model_metadata_history_and_plot(stage3, finetuned):
     assert sorted(l.name for l in backbone.layers if l.trainable and l.weights) == sorted(r.trainable_layers)
 
 
-def _config(stage3, out, **kw):
+def test_the_defaults_train_the_whole_backbone_with_the_measured_recipe(stage3, tmp_path):
+    """No options: every layer with weights trains (the stem too), AdamW, a warm-up epoch then a
+    cosine down to --base-lr, no augmentation."""
     from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import finetune
+
+    r = finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(tmp_path / "ft.keras"),
+                                epochs=2, batch_size=8))
+    meta = json.loads(r.model_path.with_suffix(".json").read_text())
+    assert meta["settings"]["trainable_blocks"] == "all" and r.trainable_layers[0] == "Conv1"
+    assert (meta["settings"]["optimizer"], meta["settings"]["schedule"]) == ("adamw", "cosine")
+    base, peak = meta["settings"]["base_lr"], meta["settings"]["max_lr"]
+    assert r.history["lr"].tolist() == pytest.approx([peak, base], rel=1e-4)  # 3 steps per epoch: warm-up, cosine
+    assert meta["settings"]["augment"] == "none" and meta["augmentation"] is None
+    assert r.after["val_log_loss"] <= r.before["val_log_loss"]
+
+
+def _config(stage3, out, **kw):
+    from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
 
     return FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out),
-                          weights=str(stage3.weights), batch_size=8, **kw)
+                          weights=str(stage3.weights), **{**recipe_settings("reference"), "batch_size": 8, **kw})
 
 
 def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
@@ -185,7 +211,7 @@ def test_cli_never_saves_worse_than_the_head_and_stops_early(stage3, tmp_path):
     out = tmp_path / "ft.keras"
     result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--weights", stage3.weights,
                      "--out", out, "--epochs", 3, "--patience", 1, "--base-lr", 50, "--batch-size", 8,
-                     "--trainable-blocks", 1)
+                     "--trainable-blocks", 1, "--recipe", "reference")
     assert result.exit_code == 0, result.output
     assert "validation before fine-tuning: accuracy" in result.stdout
     assert "validation after fine-tuning:  accuracy" in result.stdout
@@ -230,7 +256,7 @@ def test_bad_input_gives_one_line_errors(stage3, tmp_path):
     existing.write_text("x")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", existing), "exists: pass --force")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "f.keras", "--schedule", "cyclic"),
-                       r"^error: --schedule 'cyclic': choose one of exp_range, triangular, triangular2, constant$")
+                       r"^error: --schedule 'cyclic': choose one of exp_range, triangular, triangular2, constant, cosine, one_cycle$")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "g.keras", "--base-lr", -1),
                        r"^error: --base-lr -1.0 must be a positive number$")
     assert_clean_error(run_cli(*base, "--head", stage3.head, "--out", tmp_path / "h.keras", "--patience", -1),
@@ -239,7 +265,8 @@ def test_bad_input_gives_one_line_errors(stage3, tmp_path):
 
 @pytest.fixture(scope="module")
 def from_config_file(stage3, tmp_path_factory):
-    """A CLI run whose settings come from a --config file, two of them overridden on the command line.
+    """A CLI run whose settings come from a --config file, two of them overridden on the command line,
+    --recipe reference filling in the others.
 
     Rates that wreck the model, so no epoch beats the head: with --patience 0 (from the file) it
     still runs every epoch. The cycle's steps are single iterations (3 per epoch)."""
@@ -249,17 +276,18 @@ def from_config_file(stage3, tmp_path_factory):
                       "schedule = 'exp_range'\ntrainable-blocks = 1\nbatch_size = 8\n")
     out = folder / "ft.keras"
     result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--out", out, "--config", config,
-                     "--epochs", 2, "--schedule", "triangular")
+                     "--epochs", 2, "--schedule", "triangular", "--recipe", "reference")
     assert result.exit_code == 0, result.output
     return json.loads(out.with_suffix(".json").read_text()), pd.read_csv(out.with_suffix(".history.csv"))
 
 
-def test_config_file_values_are_used_and_the_command_line_wins(from_config_file):
+def test_config_file_values_are_used_and_the_command_line_wins_and_the_recipe_fills_in(from_config_file):
     meta, history = from_config_file
     settings = meta["settings"]
     assert (settings["base_lr"], settings["max_lr"], settings["step_size"], settings["patience"]) == (50.0, 60.0, 1, 0)
     assert settings["trainable_blocks"] == 1 and meta["trainable_layers"] == ["Conv_1"]
     assert settings["epochs"] == 2 and settings["schedule"] == "triangular"  # given on the command line
+    assert settings["optimizer"] == "sgd" and settings["augment"] == "recipe"  # --recipe reference, below the file
 
 
 def test_schedule_triangular_cycles_between_base_and_max_lr(from_config_file):

@@ -14,7 +14,8 @@ import pytest
 from conftest import assert_clean_error, run_cli
 
 
-SETTINGS = dict(epochs=2, patience=5, batch_size=8, optimizer="adam", base_lr=1e-3)
+SETTINGS = dict(epochs=2, patience=5, batch_size=8, optimizer="adam", schedule="constant", base_lr=1e-3,
+                trainable_blocks=2)
 
 
 def _config(pipeline, out, **kw):
@@ -40,7 +41,7 @@ def test_before_its_first_step_it_is_the_head_on_cached_features(cut_stage3):
     from dogtl.finetuning.fromcache import prepare_from_cache
 
     setup = writes(prepare_from_cache)(_config(cut_stage3, cut_stage3.root / "unused.keras"), None)
-    model, head, trainable = setup.source.build(setup)
+    model, head, trainable, _ = setup.source.build(setup)
     assert trainable and all("block_15_" in n or "block_16_" in n or n.startswith("Conv_1") for n in trainable)
     cache = open_cache(cut_stage3.cache)
     val = np.flatnonzero(cache.is_val)
@@ -81,13 +82,14 @@ def test_saved_model_is_the_backbone_plus_head_with_the_frozen_part_bit_identica
     assert scores(val["labels"], probs)["val_log_loss"] == pytest.approx(r.after["val_log_loss"], abs=5e-3)
 
 
-def test_trainable_blocks_must_match_the_cut(cut_stage3, stage3, tmp_path):
-    result = run_cli("finetune", "--from-cache", "--data", cut_stage3.data, "--head", cut_stage3.head,
-                     "--out", tmp_path / "ft.keras", "--trainable-blocks", 3)
-    assert_clean_error(result, "--trainable-blocks 3", "top 2 blocks", "run with --trainable-blocks 2")
+def test_trainable_blocks_must_be_at_most_the_cut(cut_stage3, stage3, tmp_path):
+    for blocks in (3, "all"):
+        result = run_cli("finetune", "--from-cache", "--data", cut_stage3.data, "--head", cut_stage3.head,
+                         "--out", tmp_path / "ft.keras", "--trainable-blocks", blocks)
+        assert_clean_error(result, f"--trainable-blocks {blocks}", "top 2 blocks", "run with --trainable-blocks 2 or fewer")
     result = run_cli("finetune", "--from-cache", "--data", stage3.data, "--head", stage3.head,
                      "--out", tmp_path / "ft.keras")
-    assert_clean_error(result, "no cut activations", "--cut-blocks 2")
+    assert_clean_error(result, "no cut activations", "--cut-blocks all")  # the default --trainable-blocks
 
 
 # A real kill -9: the CLI in a subprocess SIGKILLs itself right after committing epoch 1.
@@ -131,3 +133,75 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(cut_stage3, from_cache, 
     history = json.loads(out.with_suffix(".json").read_text())["metrics"]
     assert history["epochs_run"] == 2
     assert history["val_log_loss"] == pytest.approx(from_cache.after["val_log_loss"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cut_all(tmp_path_factory):
+    """`stage3`'s pipeline with the cache holding the cut at 'all' (the preprocessed images)."""
+    from _stage3 import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("cut_all"), cut_blocks="all")
+
+
+@pytest.mark.parametrize("which, blocks, top", [("two", 1, ["Conv_1"]), ("all", 3, ["block_15_expand"]),
+                                                ("all", "all", ["Conv1", "expanded_conv_depthwise"])])
+def test_any_depth_up_to_the_cut_starts_as_the_head_on_cached_features(cut_stage3, cut_all, which, blocks, top):
+    """Below the cut, the blocks between it and the trained ones run frozen; with the cut at 'all'
+    the cache holds the images themselves and any depth trains from it."""
+    from dogtl.core.locks import writes
+    from dogtl.features.cache import open_cache
+    from dogtl.features.cut import CutReader
+    from dogtl.finetuning.fromcache import prepare_from_cache
+
+    pipeline = cut_stage3 if which == "two" else cut_all
+    setup = writes(prepare_from_cache)(_config(pipeline, pipeline.root / "unused.keras", trainable_blocks=blocks), None)
+    model, head, trainable, _ = setup.source.build(setup)
+    assert trainable[:len(top)] == top
+    cache = open_cache(pipeline.cache)
+    assert cache.fingerprint["cut"]["blocks"] == (2 if which == "two" else "all")
+    val = np.flatnonzero(cache.is_val)
+    want = head.predict(cache.features("labelled", [0])[0][val], verbose=0)
+    got = model.predict(CutReader(cache).read("labelled", 0, val), verbose=0)
+    # float16 images through every layer of a random backbone: rounding grows (a wrong cut or head: ~0.3)
+    np.testing.assert_allclose(got, want, atol=2e-3 if which == "two" else 2e-2)
+
+
+def test_batchnorm_reestimation_changes_the_unfrozen_blocks_statistics_only(cut_all, tmp_path):
+    """Epoch 0 stays the untouched head (the model to beat); training starts from the model whose
+    unfrozen blocks' and head's BatchNorm statistics are those of the new images."""
+    from dogtl.core.locks import writes
+    from dogtl.core.models import batchnorm_layers, block_depths, build_backbone
+    from dogtl.finetuning.fromcache import prepare_from_cache
+    from dogtl.finetuning.train import start
+
+    setup = writes(prepare_from_cache)(_config(cut_all, tmp_path / "ft.keras", trainable_blocks=3,
+                                               batchnorm="reestimate"), None)
+    lines = []
+    model, state = start(setup, lines.append)
+    assert state.best_file == "epoch-0000.keras" and state.last_file == "epoch-0000-batchnorm.keras"
+    assert lines and lines[0].startswith("batchnorm statistics of 8 layers re-estimated")  # 1 + 3 + 3 + head_bn
+    fresh = build_backbone(setup.spec, setup.weights, setup.size)
+    depths = dict(zip([l.name for l in fresh.layers], block_depths([l.name for l in fresh.layers], setup.spec, 3)))
+    trained = {l.name: l for l in batchnorm_layers(model)}
+    for layer in batchnorm_layers(fresh):
+        same = np.array_equal(layer.moving_mean.numpy(), trained[layer.name].moving_mean.numpy())
+        assert same == (depths[layer.name] == 0), layer.name
+    head_bn = trained["head_bn"]
+    original = setup.checkpoints.load_model(state.best_file, state).get_layer("head").get_layer("head_bn")
+    assert not np.allclose(head_bn.moving_variance.numpy(), original.moving_variance.numpy())
+
+
+def test_every_option_together_from_an_all_cut(cut_all, tmp_path):
+    """The whole backbone from the cached images with every new option: it runs, reports, keeps
+    the best epoch (never worse than the head) and saves the whole backbone + head."""
+    from dogtl.finetuning.train import finetune
+
+    lines = []
+    r = finetune(_config(cut_all, tmp_path / "ft.keras", trainable_blocks="all", optimizer="adamw",
+                         schedule="one_cycle", max_lr=3e-3, block_lr_decay=0.7, unfreeze_every=1,
+                         label_smoothing=0.1, weight_decay=0.01, batchnorm="reestimate", augment="cache"),
+                 report=lines.append)
+    assert r.epochs_run == 2 and len(lines) == 3 and r.after["val_log_loss"] <= r.before["val_log_loss"]
+    assert "Conv1" in r.trainable_layers and r.history["lr"].iloc[-1] < r.history["lr"].iloc[0]
+    meta = json.loads(r.model_path.with_suffix(".json").read_text())
+    assert meta["settings"]["trainable_blocks"] == "all" and meta["settings"]["block_lr_decay"] == 0.7

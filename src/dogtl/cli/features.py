@@ -39,7 +39,7 @@ def extract_features_cmd(
     strategy: str = typer.Option("default", help="default (one device), mirrored (every local GPU) or multi-worker (hosts in TF_CONFIG). --batch-size is then the global batch, split over all replicas."),
     precision: str = typer.Option("auto", help=PRECISION_HELP + " Recorded in the cache: a cache made at another precision is refused."),
     runtime: str = typer.Option("auto", help=RUNTIME_HELP + " Recorded in the cache, not refused: runtimes give the same features to float rounding."),
-    cut_blocks: int = typer.Option(0, help="Also store, for every pass, the activations entering the top N backbone blocks, so `finetune --from-cache --trainable-blocks N` trains them without the images (xception at 299 px, 2: 19x19x728 values, ~526 KB per image and pass in float16). Says how much disk that takes and refuses to start without the room."),
+    cut_blocks: str = typer.Option("0", help="Also store, for every pass, the activations entering the top N backbone blocks, so `finetune --from-cache --trainable-blocks M` trains the top M <= N blocks without the images (xception at 299 px, 2: 19x19x728 values, ~526 KB per image and pass in float16). 'all': the preprocessed, augmented images themselves (the whole backbone trains from the cache, skipping only decoding and augmentation). Says how much disk that takes and refuses to start without the room."),
     cut_dtype: str = typer.Option("float16", help="Stored precision of the cut activations: float16, or int8 with a scale per image and channel (half the disk)."),
 ):
     """Run the frozen backbone once over every image (plus augmented passes) and cache pooled features.

@@ -11,7 +11,11 @@ from dogtl import api
 from dogtl.cli.common import CONFIG_OPTION, TRACK_OPTION, ImageProgress, apply_config_file, friendly_errors, show_tracking
 from dogtl.core.errors import SettingError
 from dogtl.core.settings import with_options
-from dogtl.finetuning.settings import FINETUNE_SETTINGS
+from dogtl.finetuning.settings import FINETUNE_SETTINGS, RECIPES, recipe_settings
+
+RECIPE_OPTION = typer.Option(None, help=f"A named set of settings ({', '.join(RECIPES)}) replacing the defaults; "
+                             "options given here or in --config still win. reference: the reference recipe's "
+                             "fine-tuning (SGD at a constant 1e-4, the top 2 blocks, its augmentation).")
 
 
 @friendly_errors
@@ -19,11 +23,16 @@ from dogtl.finetuning.settings import FINETUNE_SETTINGS
 def finetune_cmd(ctx: typer.Context,
                  head_file: Optional[Path] = typer.Argument(None, metavar="HEAD", show_default=False, help=(
                      "The trained head to start from (default: models/head.keras); --head is the same.")),
-                 config: Optional[Path] = CONFIG_OPTION, track: bool = TRACK_OPTION, settings: dict = None):
-    """Fine-tune the top backbone blocks together with the trained head, on the images.
+                 config: Optional[Path] = CONFIG_OPTION, recipe: Optional[str] = RECIPE_OPTION,
+                 track: bool = TRACK_OPTION, settings: dict = None):
+    """Fine-tune backbone blocks together with the trained head, on the images (or on cut activations cached by extract-features --cut-blocks).
 
-    The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
+    The model is backbone -> pooling -> the trained head itself, so it starts exactly where the head stopped; validation accuracy and log loss are printed before and after. The defaults are the recipe measured best on domains far from the backbone's (docs/finetuning.md): the whole backbone, AdamW, an epoch of warm-up then a cosine over 5 epochs, no augmentation; --recipe reference gives the reference recipe's fine-tuning. Killed or interrupted, the same command resumes after the last finished epoch. The saved model is the best epoch by validation log loss, and never worse than the head it started from.
     """
+    for key, value in recipe_settings(recipe).items():  # below --config and the command line
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            settings[key] = value
     settings, _ = apply_config_file(ctx, settings, config, FINETUNE_SETTINGS, "finetune")
     if head_file is not None:  # the model first, as every command takes it
         if ctx.get_parameter_source("head").name == "COMMANDLINE" and Path(settings["head"]) != head_file:

@@ -68,3 +68,15 @@ def multi_worker_fit(model, strategy, element_spec):
     finally:
         trainer._collective_all_reduce_multi_worker = collective
         del model._maybe_symbolic_build
+
+
+def variable_index(optimizer, variable) -> int:
+    """The position of `variable` in the list `optimizer` was built with, inside its `update_step`.
+
+    Why private: Keras's own optimizers find a variable's slots (momentums, velocities) with
+    `Optimizer._get_variable_index`; in `update_step` the TensorFlow backend passes the raw
+    `tf.Variable` (under tf.distribute a per-replica one), which only that method maps back to
+    the built list. dogtl's layer-wise rates (finetuning/optimizer.py) look their rate up the
+    same way. Checked on Keras 3.15.1.
+    """
+    return _require(optimizer, "_get_variable_index", type(optimizer).__name__)(variable)

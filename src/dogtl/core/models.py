@@ -125,17 +125,22 @@ def set_head_precision(model, precision: str) -> None:
             layer.dtype_policy = policy
 
 
-def top_blocks_start(layer_names: list[str], spec: BackboneSpec, n: int) -> int:
-    """Index of the first layer of the backbone's top `n` blocks (len(layer_names) when n == 0).
+def top_blocks_start(layer_names: list[str], spec: BackboneSpec, n) -> int:
+    """Index of the first layer of the backbone's top `n` blocks (len(layer_names) when n == 0;
+    1, the first layer after the input, when n is 'all': the stem below the first block too).
 
     For Xception, n=2 gives the first layer of block13: the reference recipe's
     "freeze the first 116 layers". Everything from there up is unfrozen, including
     unprefixed residual layers inside those blocks.
     """
+    from dogtl.core.settings import ALL_BLOCKS
+
     blocks = spec.blocks
+    if n == ALL_BLOCKS:
+        return 1
     if not 0 <= n <= len(blocks):
         raise DogtlError(
-            f"--trainable-blocks {n}: {spec.name} has {len(blocks)} blocks; choose 0 to {len(blocks)}"
+            f"--trainable-blocks {n}: {spec.name} has {len(blocks)} blocks; choose 0 to {len(blocks)} or all"
         )
     if n == 0:
         return len(layer_names)
@@ -155,14 +160,27 @@ def top_blocks_start(layer_names: list[str], spec: BackboneSpec, n: int) -> int:
     return matches[0]
 
 
+def block_depths(layer_names: list[str], spec: BackboneSpec, n) -> list[int]:
+    """For each layer, which of the top `n` blocks holds it, counted from the top (1: the top
+    block), or 0 for a layer below them. With 'all', layers below the first block (the stem)
+    are one more block, the deepest."""
+    from dogtl.core.settings import ALL_BLOCKS
+
+    count = len(spec.blocks) if n == ALL_BLOCKS else n
+    starts = [top_blocks_start(layer_names, spec, k) for k in range(1, count + 1)]
+    if n == ALL_BLOCKS and (not starts or starts[-1] > 1):
+        starts.append(1)
+    return [next((k for k, start in enumerate(starts, 1) if start <= i), 0) for i in range(len(layer_names))]
+
+
 def is_batchnorm(layer) -> bool:
     from keras import layers
 
     return isinstance(layer, layers.BatchNormalization)
 
 
-def unfreeze_top_blocks(backbone, spec: BackboneSpec, n: int) -> list[str]:
-    """Make the top `n` blocks trainable, all else frozen; BatchNorm always stays frozen.
+def unfreeze_top_blocks(backbone, spec: BackboneSpec, n) -> list[str]:
+    """Make the top `n` blocks (or 'all') trainable, all else frozen; BatchNorm always stays frozen.
 
     Keras 3 runs a frozen BatchNormalization layer in inference mode (moving statistics)
     even inside `fit`, which is what keeps fine-tuning from wrecking the features. The
@@ -180,11 +198,8 @@ def unfreeze_top_blocks(backbone, spec: BackboneSpec, n: int) -> list[str]:
 
 def freeze_batchnorm(model) -> None:
     """Freeze every BatchNormalization layer, nested models included (inference mode in fit)."""
-    for layer in getattr(model, "layers", []):
-        if is_batchnorm(layer):
-            layer.trainable = False
-        else:
-            freeze_batchnorm(layer)
+    for layer in batchnorm_layers(model):
+        layer.trainable = False
 
 
 def compose(backbone, head, name: str = "finetuned"):
@@ -216,25 +231,48 @@ def calibrate_batchnorm(model, images) -> None:
     statistics of real (preprocessed) images every layer is normalised and random features
     carry signal: used for the offline demo and the tests, never for ImageNet weights.
     """
-    layers = []
+    reestimate_batchnorm(model, [images])
 
-    def collect(layer):
-        for sub in getattr(layer, "layers", []):
-            if is_batchnorm(sub):
-                layers.append(sub)
-            else:
-                collect(sub)
 
-    collect(model)
-    saved = [(layer, layer.trainable, layer.momentum) for layer in layers]
-    was_trainable = model.trainable
-    model.trainable = True
-    for layer in layers:
-        layer.momentum = 0.0  # moving statistics := this batch's statistics
-    model(images, training=True)
-    model.trainable = was_trainable
-    for layer, trainable, momentum in saved:
-        layer.trainable, layer.momentum = trainable, momentum
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization layer of `model`, nested models included."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.extend([layer] if is_batchnorm(layer) else batchnorm_layers(layer))
+    return found
+
+
+def reestimate_batchnorm(model, batches, layers=None) -> None:
+    """Set the moving statistics of `layers` (default: every BatchNorm layer of `model`) to their
+    average over `batches` of inputs, the way torch's `update_bn` does for SWA: each batch runs
+    with those layers normalising by the batch's own statistics (the other BatchNorm layers by
+    their moving ones), and batch k enters the moving averages with momentum (k - 1) / k, an
+    exact running mean. Every layer's `trainable` flag is as before afterwards."""
+    layers = batchnorm_layers(model) if layers is None else list(layers)
+    flags = [(layer, layer.trainable) for layer in _preorder(model)]
+    momentums = [(layer, layer.momentum) for layer in layers]
+    chosen = {id(layer) for layer in layers}
+    try:
+        model.trainable = True  # recursive: a frozen BatchNorm (or model around it) runs in inference mode
+        for layer in batchnorm_layers(model):
+            layer.trainable = id(layer) in chosen
+        for k, batch in enumerate(batches, 1):
+            for layer in layers:
+                layer.momentum = (k - 1) / k
+            model(batch, training=True)
+    finally:
+        for layer, momentum in momentums:
+            layer.momentum = momentum
+        for layer, trainable in flags:  # parents first: setting a model's flag sets its layers'
+            layer.trainable = trainable
+
+
+def _preorder(model) -> list:
+    """`model` and every layer in it, nested ones included, each model before its layers."""
+    found = [model]
+    for layer in getattr(model, "layers", []):
+        found.extend(_preorder(layer) if hasattr(layer, "layers") else [layer])
+    return found
 
 
 def input_name(k: int, spec: BackboneSpec, image_size: int) -> str:

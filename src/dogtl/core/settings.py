@@ -19,11 +19,29 @@ from typing import Optional
 
 from dogtl.core.errors import DogtlError, SettingError  # noqa: F401  SettingError: also dogtl.core.settings's
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "hidden": tuple}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "hidden": tuple, "blocks": (int, str)}
 _EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-             "hidden": "layer sizes like 1024 or 1024x512, or none"}
+             "hidden": "layer sizes like 1024 or 1024x512, or none", "blocks": "a number of blocks (0 or more) or all"}
+ALL_BLOCKS = "all"  # a number of backbone blocks meaning the whole backbone, its stem included
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _AUTOMATIC = ("none", "null", "default")
+
+
+def parse_blocks(value) -> int | str:
+    """A number of top backbone blocks: an integer >= 0 (also as text) or 'all' (the whole backbone)."""
+    import numpy as np
+
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == ALL_BLOCKS:
+            return ALL_BLOCKS
+        try:
+            value = int(text)
+        except ValueError:
+            raise SettingError(_EXPECTED["blocks"]) from None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise SettingError(_EXPECTED["blocks"])
+    return int(value)
 
 
 def parse_hidden(value) -> tuple[int, ...]:
@@ -56,7 +74,7 @@ class Setting:
     `optional` settings may be None, meaning "chosen automatically" (the help says how)."""
 
     name: str
-    kind: str  # int, float, bool, str or hidden (a tuple of layer sizes)
+    kind: str  # int, float, bool, str, hidden (a tuple of layer sizes) or blocks (an int or 'all')
     default: object
     help: str
     optional: bool = False
@@ -90,6 +108,8 @@ class Setting:
             raise SettingError("a value, not null")
         if self.kind == "hidden":
             return parse_hidden(value)
+        if self.kind == "blocks":
+            return parse_blocks(value)
         if from_text:
             return self._from_text(str(value).strip())
         if self.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
@@ -156,7 +176,7 @@ class Setting:
 
     # -- the command line -------------------------------------------------------------------
     def cli_annotation(self):
-        kind = str if self.kind == "hidden" else _TYPES[self.kind]
+        kind = str if self.kind in ("hidden", "blocks") else _TYPES[self.kind]
         return Optional[kind] if self.optional else kind
 
     def cli_option(self):
@@ -165,7 +185,7 @@ class Setting:
         if self.kind == "bool":
             return typer.Option(self.default, f"{self.option}/--no-{self.option[2:]}", help=self.help)
         default = ",".join(map(str, self.default)) or "none" if self.kind == "hidden" else self.default
-        return typer.Option(default, help=self.help)
+        return typer.Option(str(default) if self.kind == "blocks" else default, help=self.help)
 
 
 def settings_class(name: str, settings: tuple[Setting, ...], doc: str, namespace: dict | None = None):
@@ -181,7 +201,7 @@ def settings_class(name: str, settings: tuple[Setting, ...], doc: str, namespace
             cross_check(self)
 
     namespace.update(__post_init__=__post_init__, __doc__=doc, SETTINGS=settings)
-    fields = [(s.name, s.cli_annotation() if s.kind != "hidden" else tuple,
+    fields = [(s.name, {"hidden": tuple, "blocks": int | str}.get(s.kind, s.cli_annotation()),
                dataclasses.field(default=s.default)) for s in settings]
     return dataclasses.make_dataclass(name, fields, frozen=True, namespace=namespace)
 

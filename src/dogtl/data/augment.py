@@ -41,6 +41,22 @@ def image_keys(ids):
                     dtype=np.int64)
 
 
+# --augment presets (finetuning): light keeps a garment a garment and a digit a digit; the
+# reference recipe's 45 degree rotations and strong zooms hurt many domains other than dogs.
+LIGHT = dict(rotation=10.0, zoom=0.1, shift=0.1)
+
+
+def augment_preset(name: str, cached: AugmentConfig) -> AugmentConfig | None:
+    """The augmentation `--augment name` means: none (None), light (LIGHT, flips as `cached`, the
+    extraction's: whether a mirror image keeps its label is a property of the data), recipe (the
+    reference recipe's, AugmentConfig()) or cache (`cached` itself)."""
+    presets = {"none": None, "light": AugmentConfig(**LIGHT, hflip=cached.hflip), "recipe": AugmentConfig(),
+               "cache": cached}
+    if name not in presets:
+        raise SettingError(f"--augment {name!r}: choose one of {', '.join(presets)}")
+    return presets[name]
+
+
 def image_seed(seed: int, pass_index, index):
     """A stateless-op seed that depends only on (seed, pass, image key)."""
     import tensorflow as tf

@@ -6,7 +6,10 @@ The cut is one tensor: the input of the first layer of the top N blocks (models.
 the same layer fine-tuning from images unfreezes from). The frozen part maps images to it; the
 top part maps it to the pooled features, and holds every layer that depends on it (a residual
 shortcut created just before the block, such as Xception's, runs in the top part but stays
-frozen, exactly as when fine-tuning from images).
+frozen, exactly as when fine-tuning from images). A cut at N serves fine-tuning of any M <= N
+top blocks: the frozen layers between the cut and the top M run forward only. With N = 'all' the
+cut is the backbone's input, the preprocessed (augmented) images themselves: the whole backbone
+then trains from the cache, skipping decoding, resizing and augmenting but running every layer.
 
 Stored per pass as `<split>/cut` [passes, rows, H, W, C], float16, or int8 with a symmetric
 scale per image and channel in `<split>/cut_scale` [passes, rows, C] (value = int8 x scale).
@@ -22,14 +25,14 @@ CUT_DTYPES = ("float16", "int8")
 BYTES = {"float16": 2, "int8": 1}
 
 
-def cut_tensor(backbone, spec, n: int):
-    """The KerasTensor entering the top `n` blocks of `backbone`."""
+def cut_tensor(backbone, spec, n):
+    """The KerasTensor entering the top `n` blocks (or 'all') of `backbone`."""
     from dogtl.core.models import top_blocks_start
 
     layers = backbone.layers
     start = top_blocks_start([layer.name for layer in layers], spec, n)
-    if n < 1 or start >= len(layers):
-        raise DogtlError(f"--cut-blocks {n}: choose 1 to {len(spec.blocks)} for {spec.name}")
+    if n == 0 or start >= len(layers):
+        raise DogtlError(f"--cut-blocks {n}: choose 1 to {len(spec.blocks)} or all for {spec.name}")
     tensor = layers[start].input
     if isinstance(tensor, (list, tuple)):
         raise DogtlError(f"--cut-blocks {n}: {spec.name}'s block {layers[start].name} takes several tensors; "
@@ -37,7 +40,7 @@ def cut_tensor(backbone, spec, n: int):
     return tensor
 
 
-def split_backbone(backbone, spec, n: int):
+def split_backbone(backbone, spec, n):
     """(frozen part: images -> cut, top part: cut -> pooled features). Both share the backbone's
     layer objects, so training the top part trains the backbone itself."""
     import keras
@@ -46,19 +49,26 @@ def split_backbone(backbone, spec, n: int):
     return keras.Model(backbone.input, cut, name="frozen_part"), keras.Model(cut, backbone.output, name="top_part")
 
 
-def extraction_model(backbone, spec, n: int):
+def extraction_model(backbone, spec, n):
     """images -> [pooled features, cut activations], in one forward pass."""
     import keras
 
     return keras.Model(backbone.input, [backbone.output, cut_tensor(backbone, spec, n)], name="with_cut")
 
 
-def cut_info(backbone, spec, n: int, dtype: str) -> dict:
+def cut_info(backbone, spec, n, dtype: str) -> dict:
     """What the fingerprint records of a cut: blocks, stored dtype and the shape of one image's cut."""
     if dtype not in CUT_DTYPES:
         raise SettingError(f"--cut-dtype {dtype!r} must be one of {', '.join(CUT_DTYPES)}")
     shape = [int(d) for d in cut_tensor(backbone, spec, n).shape[1:]]
-    return {"blocks": int(n), "dtype": dtype, "shape": shape}
+    return {"blocks": n, "dtype": dtype, "shape": shape}
+
+
+def cut_covers(cut_blocks, blocks) -> bool:
+    """Whether a cut entering the top `cut_blocks` blocks serves fine-tuning the top `blocks`."""
+    from dogtl.core.settings import ALL_BLOCKS
+
+    return cut_blocks == ALL_BLOCKS or (blocks != ALL_BLOCKS and blocks <= cut_blocks)
 
 
 def stored_layout(fingerprint: dict) -> dict:
@@ -107,19 +117,19 @@ def decode(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
     return x
 
 
-def check_cut(cache, blocks: int | None = None) -> dict:
-    """The cache's cut info; refuses a cache without cut activations, or with another cut than
-    `blocks`, saying what to run."""
+def check_cut(cache, blocks=None) -> dict:
+    """The cache's cut info; refuses a cache without cut activations, or with a cut below the top
+    `blocks` blocks, saying what to run."""
     info = cache.fingerprint.get("cut")
     if not info:
         want = blocks or 2
         raise CacheError(f"{cache.path} holds no cut activations: extract with `dogtl extract-features "
                          f"--cut-blocks {want} --cache {cache.path} --force` (same other options) to fine-tune "
                          "from the cache, or fine-tune from the images without --from-cache")
-    if blocks is not None and int(info["blocks"]) != int(blocks):
+    if blocks is not None and not cut_covers(info["blocks"], blocks):
         raise CacheError(f"--trainable-blocks {blocks} but {cache.path} holds the activations entering the top "
-                         f"{info['blocks']} blocks: run with --trainable-blocks {info['blocks']}, or extract again "
-                         f"with --cut-blocks {blocks} --force")
+                         f"{info['blocks']} blocks: run with --trainable-blocks {info['blocks']} or fewer, or extract "
+                         f"again with --cut-blocks {blocks} --force")
     return info
 
 

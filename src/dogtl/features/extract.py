@@ -53,7 +53,7 @@ class ExtractConfig:
     strategy: str = "default"  # default | mirrored | multi-worker (see distribute.py)
     precision: str = "auto"  # the backbone's arithmetic (core/precision.py); recorded resolved
     runtime: str = "auto"  # what runs the backbone (core/runtimes.py); recorded resolved, never refused
-    cut_blocks: int = 0  # also store the activations entering the top N blocks (features/cut.py)
+    cut_blocks: int | str = 0  # also store the activations entering the top N blocks or 'all' (features/cut.py)
     cut_dtype: str = "float16"  # or int8 (per-image, per-channel scales)
     id_column: str | None = None  # labels.csv's columns, when they are not recognised by name
     label_column: str | None = None
@@ -75,15 +75,19 @@ class ExtractConfig:
         if self.dtype not in ("float16", "float32"):
             raise SettingError(f"--dtype {self.dtype!r} must be 'float16' or 'float32'")
         from dogtl.core.precision import check_precision
+        from dogtl.core.settings import parse_blocks
         from dogtl.features.cut import CUT_DTYPES
 
         check_precision(self.precision)
         from dogtl.core.runtimes import check_runtime
 
         check_runtime(self.runtime)
-        if self.cut_blocks < 0 or self.cut_dtype not in CUT_DTYPES:
-            raise SettingError(f"--cut-blocks {self.cut_blocks} must be >= 0 and --cut-dtype {self.cut_dtype!r} "
-                               f"one of {', '.join(CUT_DTYPES)}")
+        try:
+            object.__setattr__(self, "cut_blocks", parse_blocks(self.cut_blocks))
+        except SettingError as e:
+            raise SettingError(f"--cut-blocks {self.cut_blocks!r}: expected {e}") from None
+        if self.cut_dtype not in CUT_DTYPES:
+            raise SettingError(f"--cut-dtype {self.cut_dtype!r} must be one of {', '.join(CUT_DTYPES)}")
         if self.cut_blocks and self.strategy != "default":
             raise SettingError(f"--cut-blocks runs on one device only: drop --strategy {self.strategy}")
 

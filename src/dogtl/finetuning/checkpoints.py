@@ -91,12 +91,13 @@ class Checkpoints:
             return None
         return RunState.from_json(saved["state"])
 
-    def save_model(self, model, epoch: int) -> str:
-        """Checkpoint `model` (with its optimizer) as the model of `epoch`; returns its file name."""
+    def save_model(self, model, epoch: int, tag: str = "") -> str:
+        """Checkpoint `model` (with its optimizer) as the model of `epoch` (`tag`: another model of
+        the same epoch); returns its file name."""
         from dogtl.core.files import atomic_path
 
         self.folder.mkdir(exist_ok=True)
-        name = f"epoch-{epoch:04d}.keras"
+        name = f"epoch-{epoch:04d}{'-' + tag if tag else ''}.keras"
         with atomic_path(self.folder / name) as tmp:
             model.save(tmp)
         return name
@@ -107,7 +108,8 @@ class Checkpoints:
         import keras
 
         from dogtl.core.files import file_sha256
-        from dogtl.head import schedules  # noqa: F401  registers the cyclical schedule for loading
+        from dogtl.finetuning import optimizer  # noqa: F401  registers the layer-wise optimizers and the loss
+        from dogtl.head import schedules  # noqa: F401  registers the cyclical schedules for loading
 
         path = self.folder / name
         if name in state.hashes and file_sha256(path) != state.hashes[name]:

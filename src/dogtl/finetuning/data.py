@@ -10,8 +10,25 @@ from functools import reduce
 
 import numpy as np
 
-from dogtl.core.errors import DataError
+from dogtl.core.errors import DataError, SettingError
 from dogtl.evaluation.metrics import scores
+
+
+def training_augmentation(augment: str, cached: dict, from_cache: bool):
+    """The AugmentConfig fine-tuning trains with (None: clean images), for `--augment` and the
+    cache's augmentation settings `cached`. From the cache the augmented passes are what
+    extraction made: `light`/`recipe` must be them."""
+    from dogtl.data.augment import AugmentConfig, augment_preset
+
+    cached = AugmentConfig(**cached)
+    wanted = augment_preset(augment, cached)
+    if not from_cache:
+        return wanted
+    if wanted is not None and wanted != cached:
+        raise SettingError(f"--augment {augment} with --from-cache, but the cache's passes were augmented with "
+                           f"{cached.as_dict()}: pass --augment cache to train on them, or extract again with the "
+                           f"augmentation you want")
+    return wanted
 
 
 def training_batches(paths, indices, spec, image_size: int, *, seed: int, augmentation, batch_size: int,
@@ -54,6 +71,16 @@ def training_dataset(paths, indices, labels, spec, image_size: int, *, seed: int
 
         ds = drop_small_batches(ds, strategy).with_options(data_sharding())
     return ds
+
+
+def reestimation_images(paths, spec, image_size: int, *, seed: int, limit: int, batch_size: int = 64):
+    """Batches of up to `limit` clean training images, drawn at random by `seed`, for
+    --batchnorm reestimate."""
+    from dogtl.data.images import image_dataset
+
+    chosen = np.random.default_rng([seed, 1]).permutation(len(paths))[:limit]
+    ds = image_dataset([paths[i] for i in chosen], spec, image_size, batch_size=batch_size, skip_bad=False)
+    return (images for _, _, images in ds)
 
 
 def validate(model, val: dict, spec, image_size: int, batch_size: int) -> tuple[np.ndarray, dict]:

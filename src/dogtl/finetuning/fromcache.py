@@ -1,5 +1,5 @@
-"""`finetune --from-cache`: fine-tune the top N blocks and the head on the cut activations that
-`extract-features --cut-blocks N` stored, instead of on the images.
+"""`finetune --from-cache`: fine-tune the top M blocks and the head on the cut activations that
+`extract-features --cut-blocks N` (N >= M, or all) stored, instead of on the images.
 
 The frozen layers below the cut are a deterministic function of (image, pass) that stage one
 already ran, so an epoch here reads one cached pass per image (drawn as train-head draws them,
@@ -9,9 +9,11 @@ carry-over), BatchNorm frozen, epoch 0 is the head, a checkpoint per epoch (resu
 kill), the best epoch by validation log loss (on the cached clean validation pass) is kept.
 
 The model trained is cut -> top part -> pooling -> head; its layers are the backbone's own
-(features/cut.split_backbone). The saved model is the whole backbone + head: the backbone is
-rebuilt from the weights it came from (so the frozen part is bit-identical to it) and the
-trained top part's weights are copied in, so predict, evaluate and export need no change.
+(features/cut.split_backbone); of the top part, only the top M blocks train (with M < N the
+blocks between the cut and them run forward only, frozen). The saved model is the whole
+backbone + head: the backbone is rebuilt from the weights it came from (so the frozen part is
+bit-identical to it) and the trained top part's weights are copied in, so predict, evaluate and
+export need no change.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dogtl.finetuning.settings import FinetuneConfig
 
 
 def prepare_from_cache(config: FinetuneConfig, strategy):
-    """train.Setup for a run on the cache's cut activations, checked: cut == --trainable-blocks."""
+    """train.Setup for a run on the cache's cut activations, checked: the cut is at or below the
+    top --trainable-blocks."""
     from dogtl.features.cut import check_cut
     from dogtl.finetuning.train import prepare_common
 
@@ -42,34 +45,35 @@ def prepare_from_cache(config: FinetuneConfig, strategy):
 
 
 def _backbone_and_head(setup):
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches
     from dogtl.core.models import build_backbone
+    from dogtl.finetuning.model import load_head
 
-    head, _ = load_model(setup.config.head, compile=False)
-    check_model_matches(head, setup.meta, setup.config.head)
-    return build_backbone(setup.spec, setup.weights, setup.size), head
+    return build_backbone(setup.spec, setup.weights, setup.size), load_head(setup.config, setup.meta)
+
+
+def _cut_blocks(setup):
+    return setup.cache.fingerprint["cut"]["blocks"]
 
 
 class CacheSource:
     """The hooks train.py calls for a run from the cache (build, dataset, validate, export)."""
 
     def build(self, setup):
-        """(compiled model on cut activations, the head inside it, names of the trainable layers)."""
+        """(compiled model on cut activations, the head inside it, names of the trainable layers,
+        the BatchNorm layers --batchnorm reestimate re-estimates)."""
         import keras
 
-        from dogtl.core.models import freeze_batchnorm, unfreeze_top_blocks
         from dogtl.features.cut import split_backbone
-        from dogtl.finetuning.model import compile_model
+        from dogtl.finetuning.model import compile_model, unfreeze, unfrozen_batchnorm
 
+        c = setup.config
         backbone, head = _backbone_and_head(setup)
-        trainable = unfreeze_top_blocks(backbone, setup.spec, setup.config.trainable_blocks)
-        freeze_batchnorm(head)
-        _, top = split_backbone(backbone, setup.spec, setup.config.trainable_blocks)
+        trainable = unfreeze(backbone, head, setup.spec, c.trainable_blocks)
+        _, top = split_backbone(backbone, setup.spec, _cut_blocks(setup))
         inputs = keras.Input(tuple(top.input.shape[1:]), name="cut")
         model = keras.Model(inputs, head(top(inputs, training=False)), name="finetuned_from_cache")
-        compile_model(model, setup.config, setup.steps)
-        return model, head, trainable
+        compile_model(model, backbone, setup.spec, c, setup.steps)
+        return model, head, trainable, unfrozen_batchnorm(backbone, head, setup.spec, c.trainable_blocks)
 
     def _reader(self, setup):
         from dogtl.features.cut import CutReader
@@ -85,7 +89,7 @@ class CacheSource:
         n, batch = len(train["rows"]), min(setup.config.batch_size, len(train["rows"]))
         total = setup.cache.num_passes
         # augmented passes 1..K, as fine-tuning from images trains on augmented images; the clean
-        # pass with --no-augment or a cache without augmented passes
+        # pass with --augment none or a cache without augmented passes
         passes = np.arange(1, total) if setup.augmentation is not None and total > 1 else np.array([0])
         reader = self._reader(setup)
         try:
@@ -108,6 +112,18 @@ class CacheSource:
         spec = (tf.TensorSpec((None, *shape), tf.float32), tf.TensorSpec((None,), tf.int64))
         return tf.data.Dataset.from_generator(lambda: self.batches(setup, epochs),
                                               output_signature=spec).prefetch(2)
+
+    def reestimation_batches(self, setup, limit: int, batch_size: int = 64):
+        """Batches of the cached clean cut of up to `limit` training rows, drawn at random by the
+        seed (as from images: data.reestimation_images)."""
+        rows = setup.split["train"]["rows"]
+        chosen = np.sort(np.random.default_rng([setup.seed, 1]).permutation(len(rows))[:limit])
+        reader = self._reader(setup)
+        try:
+            for k in range(0, len(chosen), batch_size):
+                yield reader.read("labelled", 0, rows[chosen[k:k + batch_size]])
+        finally:
+            reader.close()
 
     def validate(self, setup, model):
         """(probabilities, scores) on the cached clean pass of the validation rows."""
@@ -134,7 +150,7 @@ class CacheSource:
         trained_top = next(layer for layer in trained.layers if layer.name == "top_part")
         # Layer by layer in the order the same construction gives (unnamed layers such as
         # Xception's conv2d_N are numbered per process, so names cannot be matched).
-        _, top = split_backbone(backbone, setup.spec, setup.config.trainable_blocks)
+        _, top = split_backbone(backbone, setup.spec, _cut_blocks(setup))
         pairs = list(zip(top.layers, trained_top.layers))
         if len(top.layers) != len(trained_top.layers) or any(
                 type(a) is not type(b) or [w.shape for w in a.weights] != [w.shape for w in b.weights]

@@ -1,9 +1,11 @@
 """Stage three's settings: every finetune option, declared once (see core/settings.py).
 
-The optimizer, schedule, learning-rate, step-size, gamma, epochs and patience settings are
-train-head's own declarations (head/settings.py: the same names, checks and meanings); only
-their defaults and help differ where the recipe's fine-tuning differs (SGD at a constant 1e-4,
-patience 3, a fixed batch of images).
+The optimizer, schedule, learning-rate, step-size, gamma, warm-up, label-smoothing, weight-decay,
+epochs and patience settings are train-head's own declarations (head/settings.py: the same
+names, checks and meanings); only their defaults, help and (optimizer, schedule) extra choices
+differ. The defaults are the recipe measured best on shifted domains (docs/finetuning.md);
+`RECIPES["reference"]` is the reference recipe's fine-tuning (SGD at a constant 1e-4, the top
+2 blocks, its augmentation), one `--recipe reference` away.
 """
 
 from __future__ import annotations
@@ -11,10 +13,18 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dogtl.core.distribute import STRATEGIES
+from dogtl.core.errors import SettingError
 from dogtl.core.precision import PRECISION_HELP, PRECISIONS
 from dogtl.core.runtimes import RUNTIME_HELP, RUNTIMES
 from dogtl.core.settings import Setting, settings_class
-from dogtl.head.settings import HEAD_SETTINGS, RECIPE_BATCH_SIZE, STEP_EPOCHS, check_rate_range
+from dogtl.head.settings import (HEAD_SETTINGS, OPTIMIZERS, RECIPE_BATCH_SIZE, SCHEDULES, STEP_EPOCHS,
+                                 check_rate_range)
+
+FINETUNE_OPTIMIZERS = OPTIMIZERS + ("adamw",)
+FINETUNE_SCHEDULES = SCHEDULES + ("cosine", "one_cycle")
+AUGMENTS = ("none", "light", "recipe", "cache")  # data/augment.py: augment_preset
+BATCHNORM = ("frozen", "reestimate")
+ONE_CYCLE_WARMUP = 0.3  # one_cycle's default warm-up: this fraction of the run (PyTorch's OneCycleLR pct_start)
 
 # Settings that may change between a killed run and its resumption: the weights and cache
 # files are pinned by content (the head's weights identity, the cache fingerprint), not path.
@@ -32,22 +42,52 @@ FINETUNE_SETTINGS = (
     Setting("weights", "str", None, "Only if the backbone came from a local weights file that has moved since "
             "extraction: that file again (default: the file recorded with the head, while its content is "
             "unchanged).", optional=True),
-    Setting("trainable_blocks", "int", 2, "Top backbone blocks to unfreeze (xception: 2 = block13 + block14, the "
-            "recipe's 'freeze the first 116 layers'). BatchNorm stays frozen.", low=0),
-    replace(_HEAD["epochs"], default=10, help="Most epochs to run (early stopping may end sooner)."),
-    Setting("batch_size", "int", 16, "Images per training step (the global batch under --strategy).", low=1),
-    replace(_HEAD["optimizer"], default="sgd", help="sgd (momentum 0.9, the recipe's), rmsprop (rho 0.9) or adam."),
-    replace(_HEAD["schedule"], default="constant", help="Learning-rate schedule: constant (--base-lr throughout), "
-            "or triangular, triangular2, exp_range (cyclical between --base-lr and --max-lr, Smith 2017), as "
-            "train-head."),
-    replace(_HEAD["base_lr"], default=1e-4, optional=False, help="The learning rate of --schedule constant, and "
-            "the lowest of the cycle."),
-    replace(_HEAD["max_lr"], default=1e-3, optional=False, help="Peak learning rate of the cycle."),
+    Setting("trainable_blocks", "blocks", "all", "Top backbone blocks to unfreeze, or all (the whole backbone, its stem "
+            "too). xception 2 = block13 + block14, the recipe's 'freeze the first 116 layers'. BatchNorm stays "
+            "frozen (see --batchnorm)."),
+    replace(_HEAD["epochs"], default=5, help="Most epochs to run (early stopping may end sooner); the cosine and "
+            "one_cycle schedules span exactly this many."),
+    Setting("batch_size", "int", 32, "Images per training step (the global batch under --strategy).", low=1),
+    replace(_HEAD["optimizer"], default="adamw", choices=FINETUNE_OPTIMIZERS,
+            help="sgd (momentum 0.9, the recipe's), rmsprop (rho 0.9), adam, or adamw (Adam with decoupled weight "
+            "decay, --weight-decay)."),
+    replace(_HEAD["schedule"], default="cosine", choices=FINETUNE_SCHEDULES,
+            help="Learning-rate schedule: constant (--base-lr throughout); triangular, triangular2, exp_range "
+            "(cyclical between --base-lr and --max-lr, Smith 2017, as train-head); cosine (linear warm-up from "
+            "--base-lr to --max-lr over --warmup-epochs, then a half cosine down to --base-lr at the last epoch, "
+            "Keras's CosineDecay); one_cycle (a half cosine up from --base-lr to --max-lr over --warmup-epochs, "
+            f"or the first {ONE_CYCLE_WARMUP:.0%} of the run when 0, then a half cosine down to 0)."),
+    replace(_HEAD["base_lr"], default=1e-6, optional=False, help="The lowest rate of the cyclical, cosine and "
+            "one_cycle schedules (where they start and end), and the rate of --schedule constant (pass one: the "
+            "default is the cosine's floor)."),
+    replace(_HEAD["max_lr"], default=3e-4, optional=False, help="Peak learning rate of the cyclical, cosine and "
+            "one_cycle schedules."),
     replace(_HEAD["step_size"], help=f"Iterations per half cycle (default: {STEP_EPOCHS} epochs' worth, as "
             "train-head)."),
     _HEAD["gamma"],
-    Setting("augment", "bool", True, "Online augmentation, the cache's settings, fresh each epoch."),
-    replace(_HEAD["patience"], default=3),
+    replace(_HEAD["warmup_epochs"], default=1, help="Epochs of warm-up: cosine and one_cycle rise from --base-lr to "
+            "--max-lr over them; the other schedules ramp up linearly from near 0 (0: none)."),
+    Setting("block_lr_decay", "float", 1.0, "Discriminative learning rates (ULMFiT): the top block and the head "
+            "train at the schedule's rate, each block below at this times the rate of the block above (1: one rate "
+            "for all).", low=0, low_open=True, high=1),
+    Setting("unfreeze_every", "int", 0, "Gradual unfreezing: the top block and the head train from the start, and "
+            "every this many epochs the next block down thaws, until --trainable-blocks train (0: all from the "
+            "start). Blocks not yet thawed still cost their backward pass.", low=0),
+    replace(_HEAD["label_smoothing"], help="Smooth the training targets: (1 - e) on the true class, e spread over "
+            "all classes. Validation log loss is never smoothed."),
+    replace(_HEAD["weight_decay"], default=None, optional=True, low=0,
+            help="Decoupled weight decay on every unfrozen kernel, each at its own layer's rate: every step "
+            "w -= lr * weight_decay * w. Default: 0.004 (Keras's AdamW default) with adamw, 0 otherwise."),
+    Setting("augment", "str", "none", "Online augmentation: none (measured best over the default 5 epochs); light "
+            "(rotation 10 degrees, zoom 0.1, shift 0.1, flips as at extraction); recipe (the reference recipe's: 45 "
+            "degrees, 0.25, 0.2, flips); cache (the cache's settings). With --from-cache: none trains on the clean "
+            "pass, anything else on the cache's augmented passes (light or recipe must then be them).",
+            choices=AUGMENTS),
+    Setting("batchnorm", "str", "frozen", "frozen: BatchNorm keeps the backbone's statistics (inference mode); "
+            "reestimate: before training, the statistics of the unfrozen blocks' and the head's BatchNorm layers "
+            "are re-estimated on the clean training images of the new domain, then kept frozen.", choices=BATCHNORM),
+    replace(_HEAD["patience"], default=0, help="Stop after this many epochs without a better validation log loss "
+            "(0, the default: never; a decaying schedule's best epochs come last). The best epoch is kept."),
     Setting("seed", "int", None, "Shuffling seed (default: the cache's seed).", optional=True),
     Setting("deterministic", "bool", False, "Deterministic ops and seeded everything: the same command gives the "
             "same weights bit for bit on CPU, also after a kill and resume (slower; see docs/reliability.md).",
@@ -60,13 +100,20 @@ FINETUNE_SETTINGS = (
     Setting("runtime", "str", "auto", RUNTIME_HELP + " Runs the frozen layers below --trainable-blocks (from images; "
             "TensorFlow trains the rest on their output).", choices=RUNTIMES, searchable=False),
     Setting("from_cache", "bool", False, "Train on the cache's cut activations (extract-features --cut-blocks N, "
-            "with --trainable-blocks N) instead of the images: one cached pass per image and epoch, as train-head, "
-            "no image decoded and no frozen layer run. The saved model is still the whole backbone + head."),
+            "with --trainable-blocks N or fewer) instead of the images: one cached pass per image and epoch, as "
+            "train-head, no image decoded and no frozen layer below the cut run. The saved model is still the whole "
+            "backbone + head."),
 )
 
 
 def _check(config) -> None:
-    check_rate_range(config.schedule, config.base_lr, config.max_lr, "")
+    check_rate_range(config.schedule, config.base_lr, config.max_lr, f" (--schedule {config.schedule})")
+    if config.batchnorm == "reestimate" and config.strategy != "default":
+        raise SettingError(f"--batchnorm reestimate runs on one device: drop --strategy {config.strategy}")
+
+
+def _resolved_weight_decay(config) -> float:
+    return config.weight_decay if config.weight_decay is not None else (0.004 if config.optimizer == "adamw" else 0.0)
 
 
 def _cycle_step_size(config, steps_per_epoch: int) -> int:
@@ -83,4 +130,22 @@ def _cycle_gamma(config) -> float:
 
 FinetuneConfig = settings_class(
     "FinetuneConfig", FINETUNE_SETTINGS, "Every setting of a fine-tuning run; written into the model's metadata.",
-    {"check": _check, "cycle_step_size": _cycle_step_size, "cycle_gamma": _cycle_gamma, "__module__": __name__})
+    {"check": _check, "cycle_step_size": _cycle_step_size, "cycle_gamma": _cycle_gamma,
+     "resolved_weight_decay": _resolved_weight_decay, "__module__": __name__})
+
+# Named sets of settings (`--recipe NAME`, `dogtl.finetune(recipe=NAME)`): each replaces the defaults
+# of the settings it names; options given explicitly (or in --config) still win.
+RECIPES = {
+    "reference": dict(trainable_blocks=2, optimizer="sgd", schedule="constant", base_lr=1e-4, batch_size=16,
+                      epochs=10, patience=3, warmup_epochs=0, block_lr_decay=1.0, unfreeze_every=0,
+                      label_smoothing=0.0, weight_decay=None, augment="recipe", batchnorm="frozen"),
+}
+
+
+def recipe_settings(name: str | None) -> dict:
+    """The settings of recipe `name` (None: none)."""
+    if name is None:
+        return {}
+    if name not in RECIPES:
+        raise SettingError(f"--recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name])

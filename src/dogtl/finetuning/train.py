@@ -98,7 +98,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
     agree(strategy, [-1, 0] if state is None else [state.epoch, int(state.stopping.stopped)],
           "the epochs already run")
     if state is None:
-        model, state = start(setup)
+        model, state = start(setup, report)
         resumed_from = 0
     else:
         with scope(strategy):
@@ -128,7 +128,7 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     from dogtl.core.distribute import check_global_batch, training_steps, worker
     from dogtl.core.modelinfo import backbone_weights, check_metadata, open_model_cache
     from dogtl.core.precision import resolve
-    from dogtl.data.augment import AugmentConfig
+    from dogtl.finetuning.data import training_augmentation
 
     # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
     out = check_writable(worker(strategy).private_path(config.out), config.force)
@@ -153,22 +153,23 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     if callable(extra.get("source")):  # chosen once the head's backbone is known
         extra["source"] = extra["source"](spec)
     return Setup(config, strategy, out, meta, spec, size, weights, cache, split,
-                 augmentation=AugmentConfig(**fingerprint["augmentation"]) if config.augment else None,
+                 augmentation=training_augmentation(config.augment, fingerprint["augmentation"], config.from_cache),
                  seed=int(fingerprint.get("seed", 0)) if config.seed is None else config.seed,
                  steps=training_steps(images, config.batch_size, strategy),
                  checkpoints=Checkpoints.beside(out, identity), precision=resolve(config.precision), **extra)
 
 
-def start(setup: Setup) -> tuple[object, RunState]:
-    """A fresh run: the head on its backbone, scored and checkpointed as epoch 0."""
+def start(setup: Setup, report: Report | None = None) -> tuple[object, RunState]:
+    """A fresh run: the head on its backbone, scored and checkpointed as epoch 0 (the model to
+    beat); then, with --batchnorm reestimate, the model training starts from."""
     from dogtl.core.distribute import scope
     from dogtl.core.precision import computing_in
     from dogtl.finetuning.model import build_model
 
     with scope(setup.strategy):  # variables mirrored on every replica
-        model, head, trainable = (setup.source.build(setup) if setup.source else
-                                  build_model(setup.config, setup.meta, setup.spec, setup.size, setup.weights,
-                                              setup.steps))
+        model, head, trainable, batchnorm = (
+            setup.source.build(setup) if setup.source else
+            build_model(setup.config, setup.meta, setup.spec, setup.size, setup.weights, setup.steps))
     val = setup.split["val"]
     with computing_in(model, setup.precision):
         probs, before = validate_setup(setup, model)
@@ -182,8 +183,30 @@ def start(setup: Setup) -> tuple[object, RunState]:
                      trainable_layers=trainable, head_difference=difference,
                      stopping=EarlyStopping(setup.config.patience, best_loss=before["val_log_loss"]),
                      random_state=random_state(model))
+    if setup.config.batchnorm == "reestimate":
+        reestimate(setup, model, batchnorm, report)
+        state.last_file = setup.checkpoints.save_model(model, 0, tag="batchnorm")
     setup.checkpoints.commit(state)
     return model, state
+
+
+def reestimate(setup: Setup, model, layers: list, report: Report | None) -> None:
+    """--batchnorm reestimate: `layers`' statistics from the clean training images (or their
+    cached cut), before the first step."""
+    from dogtl.core.models import reestimate_batchnorm
+    from dogtl.finetuning.data import reestimation_images
+    from dogtl.finetuning.model import REESTIMATE_IMAGES
+
+    train = setup.split["train"]
+    batches = (setup.source.reestimation_batches(setup, REESTIMATE_IMAGES) if setup.source else
+               reestimation_images(train["paths"], setup.spec, setup.size, seed=setup.seed, limit=REESTIMATE_IMAGES))
+    reestimate_batchnorm(model, batches, layers)
+    _, metrics = validate_setup(setup, model)
+    line = (f"batchnorm statistics of {len(layers)} layers re-estimated: val log loss {metrics['val_log_loss']:.4f} "
+            f"val acc {metrics['val_accuracy']:.3f}")
+    log.info(line)
+    if report:
+        report(line)
 
 
 def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None, report: Report | None) -> None:
@@ -275,6 +298,7 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
         "cache_fingerprint": setup.cache.fingerprint, "head": str(setup.config.head),
         "settings": asdict(setup.config), "metrics": metrics, "trainable_layers": state.trainable_layers,
         **({"frozen_part_runtime": setup.source.runtime} if getattr(setup.source, "runtime", None) else {}),
+        "augmentation": setup.augmentation.as_dict() if setup.augmentation else None,  # what --augment meant
     }
     history_path = setup.out.with_suffix(".history.csv")
     plot_path = setup.out.with_suffix(".png") if len(history) else None

@@ -1,8 +1,11 @@
-"""Cyclical learning rates (Smith, 2017) and the optimizers the recipes use.
+"""Learning-rate schedules: cyclical (Smith, 2017), one cycle, warm-up; and the optimizers the
+recipes use.
 
-`cyclic_formula` is the one formula; `cyclic_lr` evaluates it in plain Python (what the tests
-check), `CyclicLR` is the thin Keras adapter that evaluates it in-graph and saves and loads
-with a model, and the fused sweep calls each trial's `CyclicLR`.
+`cyclic_formula` is the one cyclical formula; `cyclic_lr` evaluates it in plain Python (what the
+tests check), `CyclicLR` is the thin Keras adapter that evaluates it in-graph and saves and loads
+with a model, and the fused sweep calls each trial's `CyclicLR`. `one_cycle_formula` /
+`OneCycleLR` are the same pair for fine-tuning's one-cycle schedule (its warm-up-then-cosine
+schedule is Keras's own `CosineDecay`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def _check(base_lr, max_lr, step_size, mode, gamma):
         raise DogtlError(f"gamma {gamma} must be in (0, 1]")
 
 
-PYTHON_MATHS = SimpleNamespace(floor=math.floor, abs=abs, power=pow, maximum=max)  # the formula on floats
+PYTHON_MATHS = SimpleNamespace(floor=math.floor, abs=abs, power=pow, maximum=max, minimum=min,
+                               cos=math.cos)  # the formulas on floats
 
 
 def cyclic_formula(iteration, base_lr, max_lr, step_size, mode, gamma, maths=PYTHON_MATHS):
@@ -80,15 +84,57 @@ class CyclicLR(keras.optimizers.schedules.LearningRateSchedule):
                 "mode": self.mode, "gamma": self.gamma, "name": self.name}
 
 
+def one_cycle_formula(iteration, base_lr, max_lr, warmup_steps, total_steps, maths=PYTHON_MATHS):
+    """The one-cycle rate at `iteration` (0-based; fastai's fit_one_cycle, PyTorch's OneCycleLR
+    with cosine annealing): a half cosine up from base_lr to max_lr over `warmup_steps`, then a
+    half cosine down from max_lr to 0 at `total_steps` (held there after):
+    lr = (base + (max - base) * up) * down, up = (1 - cos(pi min(it, W) / W)) / 2 (1 without
+    warm-up), down = (1 + cos(pi clip((it - W) / (T - W), 0, 1))) / 2."""
+    up = (1.0 - maths.cos(math.pi * maths.minimum(iteration, float(warmup_steps)) / warmup_steps)) / 2.0 \
+        if warmup_steps else 1.0
+    fraction = maths.minimum(1.0, maths.maximum(0.0, (iteration - warmup_steps) / max(1.0, total_steps - warmup_steps)))
+    return (base_lr + (max_lr - base_lr) * up) * (1.0 + maths.cos(math.pi * fraction)) / 2.0
+
+
+def one_cycle_lr(iteration, base_lr, max_lr, warmup_steps, total_steps) -> float:
+    """`one_cycle_formula` in plain Python: what the tests check."""
+    return one_cycle_formula(iteration, base_lr, max_lr, warmup_steps, total_steps)
+
+
+@keras.saving.register_keras_serializable(package="dogtl")
+class OneCycleLR(keras.optimizers.schedules.LearningRateSchedule):
+    """`one_cycle_formula` as a Keras schedule, evaluated at the optimizer's iteration count."""
+
+    def __init__(self, base_lr, max_lr, warmup_steps, total_steps, name="OneCycleLR"):
+        super().__init__()
+        if not 0 < base_lr <= max_lr or not 0 <= warmup_steps < total_steps:
+            raise DogtlError(f"one cycle from {base_lr} to {max_lr} with {warmup_steps} of {total_steps} steps "
+                             "warming up: need 0 < base <= max and fewer warm-up steps than steps")
+        self.base_lr, self.max_lr = float(base_lr), float(max_lr)
+        self.warmup_steps, self.total_steps, self.name = int(warmup_steps), int(total_steps), name
+
+    def __call__(self, step):
+        from keras import ops
+
+        return one_cycle_formula(ops.cast(step, "float32"), self.base_lr, self.max_lr, self.warmup_steps,
+                                 self.total_steps, ops)
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "max_lr": self.max_lr, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "name": self.name}
+
+
+# The recipes' optimizers: (Keras class, its arguments other than the rate).
+OPTIMIZER_CLASSES = {"rmsprop": (keras.optimizers.RMSprop, {"rho": 0.9}), "adam": (keras.optimizers.Adam, {}),
+                     "sgd": (keras.optimizers.SGD, {"momentum": 0.9})}
+
+
 def make_optimizer(name: str, learning_rate, **kw):
     """The recipe's optimizers: RMSprop (rho 0.9), Adam, or SGD with momentum 0.9."""
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=learning_rate, **{"rho": 0.9, **kw})
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate, **kw)
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, **{"momentum": 0.9, **kw})
-    raise DogtlError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if name not in OPTIMIZER_CLASSES:
+        raise DogtlError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    cls, defaults = OPTIMIZER_CLASSES[name]
+    return cls(learning_rate=learning_rate, **{**defaults, **kw})
 
 
 def warmup_lr(iteration, lr: float, warmup_steps: int) -> float:
