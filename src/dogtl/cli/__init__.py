@@ -23,9 +23,10 @@ def _main():
 
 def _register() -> None:
     """Commands in the order data flows through them, which is the order `dogtl --help` lists."""
-    from dogtl.cli import demo, ensemble, evaluation, features, finetune, head, serving, sweep
+    from dogtl.cli import demo, ensemble, evaluation, features, finetune, fit, head, serving, sweep
 
     for name, command in [
+        ("fit", fit.fit_cmd),
         ("extract-features", features.extract_features_cmd), ("merge-cache", features.merge_cache_cmd),
         ("lr-find", head.lr_find_cmd), ("train-head", head.train_head_cmd), ("sweep", sweep.sweep_cmd),
         ("ensemble", ensemble.ensemble_cmd),
@@ -40,6 +41,9 @@ _register()
 
 
 def main():
+    from dogtl.cli.common import mark_process_start
+
+    mark_process_start()
     app()
 
 
