@@ -315,9 +315,14 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
 
     setup = [None]
 
+    last = [time.time()]
+
+    def report(line):  # with each epoch's seconds, to set against the plan
+        say(f"finetune {line} ({time.time() - last[0]:.0f} s)")
+        last[0] = time.time()
+
     try:
-        r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=images,
-                           report=lambda line: say(f"finetune {line}"))
+        r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=images, report=report)
     except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
         from dogtl.finetuning.checkpoints import finished_epochs
 

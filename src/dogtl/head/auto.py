@@ -81,6 +81,7 @@ SEARCH_SHARE = 0.8  # of the budget left after start-up; the rest retrains the b
 # this many times the longest set-up and first epoch of a fold for it (a member trains on all the
 # training split's rows, 1.5x a fold's at 3 folds, and is then scored and saved).
 FINAL_FACTOR = 2.0
+SAVE_SHARE = 0.03  # of the budget, after the retraining: scoring and saving the model, exiting
 STARTUP_TRIALS = 6  # random draws before TPE models the results (Optuna's default is 10)
 HEARTBEAT = 5  # seconds between a running trial's heartbeats; stale after 4 missed
 
@@ -180,7 +181,13 @@ class _Search:
         from dogtl.head.settings import HeadConfig
         from dogtl.sweeps.space import trial_config
 
+        # The study's first trials (numbers are handed out atomically by the storage, so each runs
+        # once however many processes share the study) are train-head's own settings; a trial
+        # re-run for one whose process died keeps its preset in its user attributes.
         preset = trial.user_attrs.get("preset")
+        if preset is None and trial.number < len(AUTO_FIRST):
+            preset = AUTO_FIRST[trial.number][0]
+            trial.set_user_attr("preset", preset)
         base = {"epochs": self.epochs, "seed": self.seed}
         if preset is not None:
             return HeadConfig(**{**base, **dict(AUTO_FIRST)[preset]}), preset
@@ -278,7 +285,7 @@ def study_name(cache, folds: int, epochs: int, seed: int) -> str:
 
 
 def open_study(storage: str, name: str, seed: int):
-    """The study `name` in `storage`, created with train-head's settings queued first if it is new."""
+    """The study `name` in `storage`: created, or joined (another process's, or a killed run's)."""
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -303,14 +310,8 @@ def open_study(storage: str, name: str, seed: int):
     sampler = optuna.samplers.TPESampler(n_startup_trials=STARTUP_TRIALS, multivariate=True, constant_liar=True,
                                          seed=process)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    try:
-        study = optuna.create_study(storage=rdb, study_name=name, direction="minimize", sampler=sampler,
-                                    pruner=pruner)
-        for preset, _ in AUTO_FIRST:
-            study.enqueue_trial({}, user_attrs={"preset": preset})
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner)
-    return study
+    return optuna.create_study(storage=rdb, study_name=name, direction="minimize", sampler=sampler, pruner=pruner,
+                               load_if_exists=True)
 
 
 def results_frame(study):
@@ -379,12 +380,15 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
                      progress, search_space())
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     callbacks = [search.finished] + ([MaxTrialsCallback(trials, states=finished)] if trials else [])
-    if not search.out_of_time() and not (trials and len(study.get_trials(states=finished)) >= trials):
+    while not search.out_of_time() and not (trials and len(study.get_trials(states=finished)) >= trials):
         try:
             study.optimize(search.objective, timeout=max(0.0, search.until.left()), callbacks=callbacks,
                            catch=(_OutOfTime,))
-        except _OutOfTime:
-            pass
+            break
+        except ValueError as e:  # SQLite has no row locks: two processes may take the same queued trial
+            if not str(e).startswith("Cannot tell a"):
+                raise
+            log.info("another process finished the same trial first (%s); going on", e)
     frame = results_frame(study)
     write_csv_atomic(frame, folder / "results.csv")
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -404,7 +408,8 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
                       "settings": describe(configs[i], rows), "loss": fit.metrics["val_log_loss"],
                       "accuracy": fit.metrics["val_accuracy"], "cut_short": fit.cut_short})
 
-    ensemble = ensemble_of_trials(opened, configs, out, force=force, stop=lambda last: end.passed(last),
+    finish = end.earlier(SAVE_SHARE * budget)  # the rest: scoring and saving the model, exiting
+    ensemble = ensemble_of_trials(opened, configs, out, force=force, stop=lambda last: finish.passed(last),
                                   on_member=member)
     states = frame["state"].value_counts()
     return AutoResult(out, ensemble.metrics, ensemble.member_metrics[0], int(states.get("complete", 0) +
