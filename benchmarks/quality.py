@@ -40,7 +40,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 HERE = Path(__file__).resolve().parent
-WEIGHTS = HERE.parent.parent / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5"
+# ../shared beside the checkout (a worktree may sit one level deeper)
+WEIGHTS = next((p / "shared" / "weights" / "mobilenet_v2_stanford_dogs.weights.h5" for p in HERE.parents
+                if (p / "shared" / "weights").is_dir()), HERE.parent.parent / "shared" / "weights")
 FASHION = Path("/work/data/fashion")
 LIGHT = dict(rotation=10.0, zoom=0.1, shift=0.1)
 

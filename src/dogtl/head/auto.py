@@ -101,7 +101,6 @@ class AutoResult:
     complete: int = 0
     pruned: int = 0
     ran_now: int = 0  # trials this process finished
-    chosen: list = field(default_factory=list)  # the ensemble members' trial numbers
 
 
 class _OutOfTime(Exception):
@@ -400,7 +399,7 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
     else:  # no trial finished in time: train-head's first settings, as long as the budget allows
         close, configs = [], [HeadConfig(epochs=epochs, seed=seed, **AUTO_FIRST[0][1])]
     rows = len(data.train_labels)
-    del data  # the retraining reads the training split again
+    del data, search.features  # the retraining reads the training split again
 
     def member(i, fit):
         if progress:
@@ -416,4 +415,4 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
                       states.get("pruned", 0)), time.time() - started, budget, folder, frame,
                       storage=url, members=len(ensemble.member_metrics),
                       complete=int(states.get("complete", 0)), pruned=int(states.get("pruned", 0)),
-                      ran_now=len(search.ran), chosen=[t.number for t in close[:len(ensemble.member_metrics)]])
+                      ran_now=len(search.ran))
