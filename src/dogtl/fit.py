@@ -199,12 +199,16 @@ def fit(config: FitConfig, progress: Progress | None = None, started: float | No
     extract = _extract(config, state, size, end, started, progress, say)
     head = _head(config, state, end, progress, say, choices)
     tuned = _finetune(config, state, end, extract, head, progress, say, choices)
-    final = _evaluate(config, state, end, extract, tuned, progress, say)
+    final = {} if tuned.get("skipped") else _evaluate(config, state, end, tuned, progress, say)
     _publish(Path(tuned["model"]), out)
     metrics = final.get("metrics") or tuned["metrics"]
-    why = ("fine-tuning lowered the validation log loss from "
-           f"{head['metrics']['val_log_loss']:.4f} to {tuned['metrics']['val_log_loss']:.4f}"
-           if tuned["best_epoch"] else "no fine-tuning epoch beat the head: the model is the head on its backbone")
+    if tuned.get("skipped"):
+        why = f"the head: {tuned['skipped']}"
+    elif tuned["best_epoch"]:
+        why = (f"fine-tuning lowered the validation log loss from {head['metrics']['val_log_loss']:.4f} to "
+               f"{tuned['metrics']['val_log_loss']:.4f}")
+    else:
+        why = "no fine-tuning epoch beat the head: the model is the head on its backbone"
     choices.append(f"final model: {why}")
     say(choices[-1])
     stages = {name: state.stage(name) for name in STAGES}
@@ -310,9 +314,8 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
     say(choices[-1])
     called = time.time()
     if epochs < 1:
-        raise DogtlError(f"--budget {format_seconds(config.budget)}: not even one fine-tuning epoch (~"
-                         f"{format_seconds(per_epoch)}) fits in what the extraction and head search left; rerun "
-                         "with a larger --budget (the finished stages are reused)")
+        return _no_finetuning(head, say, f"not even one fine-tuning epoch (~{format_seconds(per_epoch)}) fits in "
+                              "what the extraction and head search left")
 
     def images(done_, total):
         nonlocal reserve
@@ -339,13 +342,19 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
 
         done_epochs = finished_epochs(out)
         if not done_epochs:
-            raise DogtlError(f"--budget {format_seconds(config.budget)}: the budget ended before the first "
-                             "fine-tuning epoch did; rerun with a larger --budget (the finished stages are "
-                             "reused, and fine-tuning resumes)") from None
+            return _no_finetuning(head, say, "the budget ended before the first fine-tuning epoch did")
         say(f"finetune: stopped by the budget after epoch {done_epochs} of {epochs}; writing the best epoch")
         r = dogtl.finetune(config.data, head["model"], out, epochs=done_epochs, progress=False)
     return state.done("finetune", model=str(out), metrics=r.after, before=r.before, best_epoch=r.best_epoch,
                       epochs_run=r.epochs_run, seconds=r.seconds, evaluate_reserve=reserve)
+
+
+def _no_finetuning(head, say, why: str) -> dict:
+    """The head as the model, when the budget leaves no fine-tuning; not recorded as finished, so
+    that a rerun (with a larger --budget) fine-tunes, resuming what was started."""
+    say(f"finetune: skipped: {why}; the model is the head (evaluate and predict take images with it "
+        "too); rerun with a larger --budget to fine-tune")
+    return {"model": head["model"], "metrics": head["metrics"], "best_epoch": 0, "epochs_run": 0, "skipped": why}
 
 
 def _measure_rate(config, head, say) -> float:
@@ -361,7 +370,7 @@ def _measure_rate(config, head, say) -> float:
     return rate
 
 
-def _evaluate(config, state, end, extract, tuned, progress, say) -> dict:
+def _evaluate(config, state, end, tuned, progress, say) -> dict:
     import dogtl
 
     done = state.stage("evaluate")
