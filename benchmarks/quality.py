@@ -21,9 +21,11 @@ Per data set, in one run, validation accuracy, log loss and seconds of:
   - the anchor: a plain-Keras fine-tune of the same backbone on the same split (the Keras transfer
     learning guide's recipe: frozen base + linear head 3 epochs, then the whole base 5 epochs with
     BatchNorm in inference mode, Adam warming up to 3e-4 then cosine), its wall time.
-Every command and the anchor run as their own processes, one after the other. Run it alone:
+Every command and the anchor run as their own processes, one after the other. Timed runs must
+not overlap other timed work: `--lock FILE` holds that flock during each row (others may run
+between rows), or run the whole benchmark under it:
 
-    flock /work/bench.lock python benchmarks/quality.py [--sets fashion,digits] [--quick]
+    python benchmarks/quality.py --lock /work/bench.lock [--sets fashion,digits] [--quick]
 
 `--quick` is a smoke check (digits only, tiny budgets, 1 epoch each): minutes, no figures to quote.
 """
@@ -36,6 +38,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -139,22 +142,39 @@ def plain_keras(data: Path, cache: Path, weights: Path, size: int, hflip: bool, 
 # -- the benchmark ------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, work: Path, weights: Path, quick: bool):
-        self.work, self.weights, self.quick = work, weights, quick
+    def __init__(self, work: Path, weights: Path, quick: bool, lock: Path | None):
+        self.work, self.weights, self.quick, self.lock = work, weights, quick, lock
         self.rows: list = []
+
+    @contextmanager
+    def timed(self):
+        """Hold `--lock` (flock) while a timed row runs, so no other timed benchmark overlaps it;
+        other benchmarks may run between rows."""
+        if self.lock is None:
+            yield
+            return
+        import fcntl
+
+        with open(self.lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def row(self, label, metrics, seconds, budget=None, note=""):
         self.rows.append((label, metrics["val_accuracy"], metrics["val_log_loss"], seconds, budget, note))
         vs = f"  {seconds / budget:.2f} x budget" if budget else ""
         print(f"  {label:<58} acc {metrics['val_accuracy']:.4f}  log loss {metrics['val_log_loss']:.4f}  "
-              f"{seconds:7.1f} s{vs}{'  ' + note if note else ''}", flush=True)
+              f"{seconds:7.1f} s{vs}  (load {os.getloadavg()[0]:.1f}){'  ' + note if note else ''}", flush=True)
 
     def dogtl(self, *args) -> tuple[float, str]:
         """Run `dogtl ARGS` as its own process: (wall seconds, output); a failure is printed and
         raised as CommandFailed (the row says so, the benchmark goes on)."""
-        started = time.time()
-        run = subprocess.run([sys.executable, "-m", "dogtl.cli", *map(str, args)], capture_output=True, text=True)
-        seconds = time.time() - started
+        with self.timed():
+            started = time.time()
+            run = subprocess.run([sys.executable, "-m", "dogtl.cli", *map(str, args)], capture_output=True, text=True)
+            seconds = time.time() - started
         if run.returncode != 0:
             print(f"  dogtl {' '.join(map(str, args))} failed ({run.returncode}) after {seconds:.0f} s:", flush=True)
             print("".join(f"      | {line}\n" for line in (run.stdout + run.stderr).splitlines()
@@ -199,15 +219,18 @@ def run_set(bench: Bench, name: str, spec: dict, args) -> None:
           flush=True)
 
     def head(label, out, cache, **settings):
-        t = time.time()
-        r = dogtl.train_head(cache, models / out, force=True, progress=False, **settings)
-        bench.row(label, r.metrics, time.time() - t)
+        with bench.timed():
+            t = time.time()
+            r = dogtl.train_head(cache, models / out, force=True, progress=False, **settings)
+            bench.row(label, r.metrics, time.time() - t)
         return models / out
 
     def tta(label, model):
-        t = time.time()
-        r = evaluate(EvaluateConfig(model=str(model), tta=True, force=True))
-        bench.row(label, {"val_accuracy": r.tta["accuracy"], "val_log_loss": r.tta["log_loss"]}, time.time() - t)
+        with bench.timed():
+            t = time.time()
+            r = evaluate(EvaluateConfig(model=str(model), tta=True, force=True))
+            bench.row(label, {"val_accuracy": r.tta["accuracy"], "val_log_loss": r.tta["log_loss"]},
+                      time.time() - t)
 
     print(f"\n{name}: validation split of {spec['val_fraction']:.0%}, the same images in every row", flush=True)
     default = head("train-head (defaults: 1024 hidden)", "default.keras", caches["a"])
@@ -215,10 +238,11 @@ def run_set(bench: Bench, name: str, spec: dict, args) -> None:
     if not quick:
         head("--cache A --cache B, default head", "concat.keras", [caches["a"], caches["b"]])
         head("--cache A --cache B --hidden none", "concat-linear.keras", [caches["a"], caches["b"]], hidden=())
-        t = time.time()
-        sweep = dogtl.sweep(caches["a"], params=AUTO_PARAMS, trials=args.trials, ensemble=5, out=work / "sweep",
-                            force=True, progress=False)
-        seconds = time.time() - t
+        with bench.timed():
+            t = time.time()
+            sweep = dogtl.sweep(caches["a"], params=AUTO_PARAMS, trials=args.trials, ensemble=5, out=work / "sweep",
+                                force=True, progress=False)
+            seconds = time.time() - t
         bench.row(f"sweep --trials {args.trials}: best single trial", sweep.ensemble.member_metrics[0], seconds)
         bench.row("sweep --ensemble 5: top-5 ensemble", sweep.ensemble.metrics, seconds, note="(same run)")
         tta("evaluate --tta, default head", default)
@@ -262,9 +286,11 @@ def run_set(bench: Bench, name: str, spec: dict, args) -> None:
 
     out = work / "plain-keras.json"
     head_epochs, tune_epochs = (1, 1) if quick else (3, 5)
-    started = time.time()
-    subprocess.run([sys.executable, __file__, "--anchor", str(data), str(caches["a"]), str(bench.weights),
-                    str(spec["a"]), str(int(spec["hflip"])), str(out), str(head_epochs), str(tune_epochs)], check=True)
+    with bench.timed():
+        started = time.time()
+        subprocess.run([sys.executable, __file__, "--anchor", str(data), str(caches["a"]), str(bench.weights),
+                        str(spec["a"]), str(int(spec["hflip"])), str(out), str(head_epochs), str(tune_epochs)],
+                       check=True)
     bench.row(f"plain Keras: frozen {head_epochs} + whole base {tune_epochs} epochs (anchor)",
               json.loads(out.read_text()), time.time() - started)
 
@@ -283,6 +309,8 @@ def main() -> None:
     parser.add_argument("--auto-budgets", type=float, nargs=2, default=(60.0, 300.0))
     parser.add_argument("--fit-budgets", nargs=2, default=None, help="default: 10m 30m (fashion), 3m 10m (digits)")
     parser.add_argument("--quick", action="store_true", help="smoke check: digits, tiny budgets, 1 epoch each")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="hold this flock (e.g. /work/bench.lock) during each timed row, not the whole run")
     args = parser.parse_args()
     if args.quick:
         args.sets, args.auto_budgets, args.fit_budgets = "digits", (20.0, 40.0), ("3m", "4m")
@@ -290,7 +318,7 @@ def main() -> None:
         raise SystemExit(f"{args.weights}: the pretrained backbone is needed (see ../shared/weights/README.md)")
     load = os.getloadavg()
     print(f"load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 CPU cores)", flush=True)
-    bench = Bench(args.work, args.weights, args.quick)
+    bench = Bench(args.work, args.weights, args.quick, args.lock)
     for name in args.sets.split(","):
         start = len(bench.rows)
         run_set(bench, name, data_sets(args.work)[name], args)
