@@ -233,8 +233,8 @@ def run_set(bench: Bench, name: str, spec: dict, args) -> None:
 
     print(f"\n{name}: validation split of {spec['val_fraction']:.0%}, the same images in every row", flush=True)
     default = head("train-head (defaults: 1024 hidden)", "default.keras", caches["a"])
-    linear = head("train-head --hidden none (linear)", "linear.keras", caches["a"], hidden=())
-    if not quick:
+    if "heads" not in args.skip:
+        linear = head("train-head --hidden none (linear)", "linear.keras", caches["a"], hidden=())
         head("--cache A --cache B, default head", "concat.keras", [caches["a"], caches["b"]])
         head("--cache A --cache B --hidden none", "concat-linear.keras", [caches["a"], caches["b"]], hidden=())
         t = time.time()
@@ -262,36 +262,38 @@ def run_set(bench: Bench, name: str, spec: dict, args) -> None:
             if not line.startswith(("  trial", "finetune epoch")):
                 print(f"      | {line}", flush=True)
 
-    for budget in args.auto_budgets:
+    for budget in args.auto_budgets if "auto" not in args.skip else ():
         command(f"train-head --auto --budget {budget:g}s", models / f"auto-{budget:.0f}.keras", "train-head", "--auto",
                 "--budget", f"{budget:g}s", "--cache", caches["a"], "--force", budget=budget)
-
-    common = ["--data", data, "--force", *(["--epochs", 1] if quick else [])]
-    command("finetune (defaults) from the default head", models / "ft-default.keras", "finetune", *common,
-            "--head", default)
-    cut_head = head("  (train-head defaults on the cut cache, for the next row)", "cut-default.keras", caches["cut"])
-    command("finetune --from-cache (defaults)", models / "ft-cache.keras", "finetune", *common, "--from-cache",
-            "--head", cut_head)
-    command("finetune --recipe reference", models / "ft-reference.keras", "finetune", *common, "--recipe",
-            "reference", "--head", default)
 
     fit_flags = ["--weights", bench.weights, "--val-fraction", spec["val_fraction"], "--force"]
     if not spec["hflip"]:
         fit_flags.append("--no-hflip")
-    for budget in args.fit_budgets or spec["fit_budgets"]:
+    for budget in (args.fit_budgets or spec["fit_budgets"]) if "fit" not in args.skip else ():
         command(f"dogtl fit --budget {budget}", models / f"fit-{budget}.keras", "fit", "--data", data, "--budget",
                 budget, *fit_flags, budget=parse_budget(budget), show=True)
 
-    out = work / "plain-keras.json"
-    head_epochs, tune_epochs = (1, 1) if quick else (3, 5)
-    with bench.timed():
-        started = time.time()
-        subprocess.run([sys.executable, __file__, "--anchor", str(data), str(caches["a"]), str(bench.weights),
-                        str(spec["a"]), str(int(spec["hflip"])), str(out), str(head_epochs), str(tune_epochs)],
-                       check=True)
-    bench.row(f"plain Keras: frozen {head_epochs} + whole base {tune_epochs} epochs (anchor)",
-              json.loads(out.read_text()), time.time() - started)
+    if "anchor" not in args.skip:
+        out = work / "plain-keras.json"
+        head_epochs, tune_epochs = (1, 1) if quick else (3, 5)
+        with bench.timed():
+            started = time.time()
+            subprocess.run([sys.executable, __file__, "--anchor", str(data), str(caches["a"]), str(bench.weights),
+                            str(spec["a"]), str(int(spec["hflip"])), str(out), str(head_epochs), str(tune_epochs)],
+                           check=True)
+        bench.row(f"plain Keras: frozen {head_epochs} + whole base {tune_epochs} epochs (anchor)",
+                  json.loads(out.read_text()), time.time() - started)
 
+    if "finetune" not in args.skip:
+        common = ["--data", data, "--force", *(["--epochs", 1] if quick else [])]
+        command("finetune (defaults) from the default head", models / "ft-default.keras", "finetune", *common,
+                "--head", default)
+        cut_head = head("  (train-head defaults on the cut cache, for the next row)", "cut-default.keras",
+                        caches["cut"])
+        command("finetune --from-cache (defaults)", models / "ft-cache.keras", "finetune", *common, "--from-cache",
+                "--head", cut_head)
+        command("finetune --recipe reference", models / "ft-reference.keras", "finetune", *common, "--recipe",
+                "reference", "--head", default)
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--anchor":
@@ -307,11 +309,14 @@ def main() -> None:
     parser.add_argument("--auto-budgets", type=float, nargs=2, default=(60.0, 300.0))
     parser.add_argument("--fit-budgets", nargs=2, default=None, help="default: 10m 30m (fashion), 3m 10m (digits)")
     parser.add_argument("--quick", action="store_true", help="smoke check: digits, tiny budgets, 1 epoch each")
+    parser.add_argument("--skip", default="", help="comma-separated row groups to leave out: heads (all but the "
+                        "default head), auto, fit, anchor, finetune (its three rows)")
     parser.add_argument("--lock", type=Path, default=None,
                         help="hold this flock (e.g. /work/bench.lock) during each row whose wall time is compared")
     args = parser.parse_args()
     if args.quick:
         args.sets, args.auto_budgets, args.fit_budgets = "digits", (20.0, 40.0), ("3m", "4m")
+        args.skip += ",heads"
     if not args.weights.is_file():
         raise SystemExit(f"{args.weights}: the pretrained backbone is needed (see ../shared/weights/README.md)")
     load = os.getloadavg()
