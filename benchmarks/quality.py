@@ -306,8 +306,8 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--sets", default="fashion,digits")
     parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--auto-budgets", type=float, nargs=2, default=(60.0, 300.0))
-    parser.add_argument("--fit-budgets", nargs=2, default=None, help="default: 10m 30m (fashion), 3m 10m (digits)")
+    parser.add_argument("--auto-budgets", type=float, nargs="+", default=(60.0, 300.0))
+    parser.add_argument("--fit-budgets", nargs="+", default=None, help="default: 10m 30m (fashion), 3m 10m (digits)")
     parser.add_argument("--quick", action="store_true", help="smoke check: digits, tiny budgets, 1 epoch each")
     parser.add_argument("--skip", default="", help="comma-separated row groups to leave out: heads (all but the "
                         "default head), auto, fit, anchor, finetune (its three rows)")
