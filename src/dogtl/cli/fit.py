@@ -40,7 +40,7 @@ class FitProgress:
                 self.bar.update(event["done"], event["total"])
             return
         if event["event"] == "line":
-            if not event["text"].startswith(("finetune epoch", "finetune ")):
+            if not event["text"].startswith("finetune "):  # epoch lines keep the fine-tuning bar
                 self.close()
             self.echo(event["text"])
             return
