@@ -6,14 +6,14 @@ data/ (folders, images, augmentation) -> features/ (stage 1: extraction, the cac
 evaluate, predict); cli/ on top, core/ below (errors, settings, files, plots, models).
 
 From Python, the stages are functions with the command line's defaults (see `dogtl.api`):
-`dogtl.extract_features`, `train_head`, `lr_find`, `sweep`, `finetune`, `evaluate`, `predict`.
+`dogtl.fit` (all of it in a time budget), `dogtl.extract_features`, `train_head`, `lr_find`, `sweep`, `finetune`, `evaluate`, `predict`.
 """
 
 __version__ = "0.1.0"
 
-from dogtl.api import (evaluate, extract_features, finetune, lr_find, merge_cache, predict, sweep,  # noqa: E402
-                       train_head)
+from dogtl.api import (evaluate, extract_features, finetune, fit, lr_find, merge_cache, predict,  # noqa: E402
+                       sweep, train_head)
 from dogtl.core.errors import DogtlError  # noqa: E402
 
-__all__ = ["extract_features", "merge_cache", "train_head", "lr_find", "sweep", "finetune", "evaluate", "predict",
-           "DogtlError", "__version__"]
+__all__ = ["fit", "extract_features", "merge_cache", "train_head", "lr_find", "sweep", "finetune", "evaluate",
+           "predict", "DogtlError", "__version__"]

@@ -2,6 +2,7 @@
 
     import dogtl
 
+    model = dogtl.fit(data="data", budget="30m")                # all of it in a time budget -> models/model.keras
     dogtl.extract_features(data="data", backbone="xception")   # stage 1 -> cache/features.h5
     head = dogtl.train_head(epochs=30)                           # stage 2 -> models/head.keras
     print(head.metrics["val_log_loss"])
@@ -186,6 +187,20 @@ def predict(images=(), *, model=None, data="data", out="submission.csv", force: 
         return (predict_top_k if config.images else predict_submission)(config, progress=update)
 
 
+def fit(data="data", *, budget="30m", out="models/model.keras", force: bool = False, progress=False,
+        started=None, **settings):
+    """From a folder of images to the strongest model `budget` allows ("90s", "30m", "1h" or seconds):
+    extract, search the head, fine-tune, evaluate; a rerun after a kill resumes. `settings`:
+    backbone, weights, image_size, passes, hflip, val_fraction, seed (see `dogtl fit --help`);
+    `progress` (a callable) gets fit's events; `started` (a time.time()) is when the budget began
+    (default: now). Returns a FitResult (the model's path and metrics, and what was chosen and why)."""
+    from dogtl.core.budget import parse_budget
+    from dogtl.fit import FitConfig, fit as run
+
+    config = FitConfig(data=str(data), out=str(out), budget=parse_budget(budget), force=force, **settings)
+    return run(config, progress=progress if callable(progress) else None, started=started)
+
+
 def demo(dir="demo", *, force: bool = False, note=None, **settings):
     """The whole pipeline on a small generated data set; returns where every artifact went.
     `note` gets one line per finished step (the CLI prints them)."""
@@ -195,4 +210,4 @@ def demo(dir="demo", *, force: bool = False, note=None, **settings):
 
 
 __all__ = ["extract_features", "merge_cache", "train_head", "lr_find", "sweep", "ensemble", "finetune", "evaluate", "predict",
-           "demo"]
+           "fit", "demo"]

@@ -1,4 +1,4 @@
-"""Ensembles as one model, sweep --ensemble, train-head --auto, and evaluate --tta on cached features."""
+"""Ensembles as one model, sweep --ensemble, and evaluate --tta on cached features (--auto: test_auto.py)."""
 
 from __future__ import annotations
 
@@ -129,17 +129,3 @@ def test_sweep_ensemble_writes_the_top_trials_as_one_model(caches, tmp_path):
     line = next(l for l in result.stdout.splitlines() if l.startswith("ensemble of the top 2"))
     assert f"{meta['metrics']['val_log_loss']:.4f}" in line
     assert f"{meta['ensemble']['member_metrics'][0]['val_log_loss']:.4f}" in line
-
-
-def test_auto_searches_within_budget_and_writes_an_ensemble(caches, tmp_path):
-    from dogtl.head.auto import AUTO_FIRST, auto_train
-
-    out = tmp_path / "auto.keras"
-    r = auto_train(caches["small"], out, budget=3, round_trials=2, epochs=3, top=2, folds=2)
-    # The first round always runs (train-head's settings first, then 2 draws); the budget stops the search there.
-    assert out.exists() and r.trials == len(AUTO_FIRST) + 2
-    hidden = {tuple(json.loads(f.read_text())["settings"]["hidden"]) for f in r.folder.glob("search-*/trials/*.json")}
-    assert {(), (1024,)} <= hidden  # the linear head and the recipe's head were among the trials
-    meta = json.loads(out.with_suffix(".json").read_text())
-    assert 1 <= len(meta["ensemble"]["members"]) <= 2 and meta["metrics"] == r.metrics
-    assert r.metrics["val_accuracy"] > 0.5  # 4 classes: chance 0.25

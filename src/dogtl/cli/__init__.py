@@ -46,9 +46,10 @@ def _main(version: bool = typer.Option(False, "--version", callback=_show_versio
 
 def _register() -> None:
     """Commands in the order data flows through them, which is the order `dogtl --help` lists."""
-    from dogtl.cli import bot, demo, ensemble, evaluation, features, finetune, head, serving, sweep
+    from dogtl.cli import bot, demo, ensemble, evaluation, features, finetune, fit, head, serving, sweep
 
     for name, command in [
+        ("fit", fit.fit_cmd),
         ("extract-features", features.extract_features_cmd), ("merge-cache", features.merge_cache_cmd),
         ("lr-find", head.lr_find_cmd), ("train-head", head.train_head_cmd), ("sweep", sweep.sweep_cmd),
         ("ensemble", ensemble.ensemble_cmd),
@@ -64,6 +65,9 @@ _register()
 
 
 def main():
+    from dogtl.cli.common import mark_process_start
+
+    mark_process_start()
     app()
 
 

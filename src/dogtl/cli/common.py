@@ -10,8 +10,26 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import typer
+
+_PROCESS_STARTED: float | None = None  # set by `main`, the `dogtl` program's entry point
+_COMMAND_STARTED: float | None = None
+
+
+def mark_process_start() -> None:
+    """Called first thing by the `dogtl` program: budgets then count Python's own start-up too."""
+    from dogtl.core.budget import process_start
+
+    global _PROCESS_STARTED
+    _PROCESS_STARTED = process_start()
+
+
+def command_started() -> float:
+    """When the user started this command (time.time()): the process's start when run as the `dogtl`
+    program, else (a notebook, a test) when the command function was called."""
+    return _PROCESS_STARTED or _COMMAND_STARTED or time.time()
 
 
 def _quiet_tensorflow():
@@ -69,6 +87,8 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         from dogtl.core.errors import DogtlError, os_error_message
 
+        global _COMMAND_STARTED
+        _COMMAND_STARTED = time.time()
         received.clear()
         previous = _interrupt_on_signals()  # first: a signal while TensorFlow loads is handled too
         try:

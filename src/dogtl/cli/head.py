@@ -30,8 +30,10 @@ def train_head_cmd(
     out: Path = typer.Option(Path("models/head.keras"), help="Model to write; its .json metadata, .history.csv and .png plot go beside it."),
     config: Optional[Path] = CONFIG_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing model (and its metadata, history and plot)."),
-    auto: bool = typer.Option(False, "--auto", help="No tuning needed: a bounded random search (3 folds of the training split; architecture, optimizer, rates, dropout, label smoothing, weight decay) whose top 5 trials, retrained, are saved as one ensemble model at --out. The other head options are ignored."),
-    budget: float = typer.Option(120.0, help="With --auto: seconds the whole search and retraining may take."),
+    auto: bool = typer.Option(False, "--auto", help="No tuning needed: an Optuna search (TPE, median pruning on each epoch's validation loss, 3 folds of the training split; architecture, optimizer, rates, dropout, label smoothing, weight decay) whose best trials (at most 5), retrained, are saved as one ensemble model at --out. Killed, the same command resumes the search (kept in OUT-without-.keras.auto/). The other head options are ignored."),
+    budget: str = typer.Option("2m", help="With --auto: wall-clock time the whole command may take, start-up included (90s, 5m, 1h; a bare number is seconds). Kept by deadlines checked after every epoch."),
+    trials: Optional[int] = typer.Option(None, help="With --auto: stop the search once the study holds this many finished trials (by any process sharing it), if the budget has not ended it first."),
+    storage: Optional[str] = typer.Option(None, help="With --auto: an Optuna database URL to share one search between processes or hosts (e.g. sqlite:////shared/auto.db, postgresql://host/db); each writes its own ensemble of the best trials all have found. Default: SQLite in the auto folder."),
     track: bool = TRACK_OPTION,
     settings: dict = None,
 ):
@@ -43,7 +45,7 @@ def train_head_cmd(
                                      {"cache": cache_arg(cache), "out": out})
     show_tracking(track)
     if auto:
-        return _auto(io, budget, force, track)
+        return _auto(io, budget, trials, storage, force, track)
 
     def report(row):
         typer.echo(f"epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
@@ -85,24 +87,51 @@ def lr_find_cmd(
     typer.echo(f"wrote {r.plot_path}")
 
 
-def _auto(io: dict, budget: float, force: bool, track: bool) -> None:
+def _auto(io: dict, budget: str, trials: int | None, storage: str | None, force: bool, track: bool) -> None:
+    from dogtl.cli.common import command_started
     from dogtl.core import tracking
-    from dogtl.head.auto import AUTO_FOLDS, auto_train
+    from dogtl.core.budget import format_seconds, parse_budget
+    from dogtl.head.auto import auto_train
 
-    def report(event):
-        record = event.get("record")
-        if record is not None:
-            typer.echo(f"[{event['done']}/{event['total']}] {event['label']}: val log loss "
-                       f"{record['metrics']['val_log_loss']:.4f}  (best {event['best']:.4f})")
+    seconds = parse_budget(budget)
+
+    def show(event):
+        line = auto_line(event)
+        if line:
+            typer.echo(line)
 
     name = f"train-head --auto {Path(io['out']).name}"
-    with tracking.start("train-head --auto", name, track, {**io, "budget": budget}) as tracked:
-        r = auto_train(io["cache"], io["out"], budget=budget, force=force,
-                       progress=tracking.tee(report, tracking.trial_observer(tracked, AUTO_FOLDS)))
+    params = {**io, "budget": seconds, "trials": trials, "storage": storage}
+    with tracking.start("train-head --auto", name, track, params) as tracked:
+        r = auto_train(io["cache"], io["out"], budget=seconds, force=force, storage=storage, trials=trials,
+                       started=command_started(), progress=tracking.tee(show, tracking.fold_observer(tracked)))
         tracked.result({**r.metrics, "trials": r.trials, "seconds": r.seconds}, tracking.model_files(r.model_path)[:2])
-    typer.echo(f"searched {r.trials} trials in {r.folder} ({r.seconds:.0f} s of a {r.budget:.0f} s budget)")
+    typer.echo(f"searched {r.trials} trials ({r.complete} complete, {r.pruned} pruned; {r.ran_now} by this process) "
+               f"in {r.folder}")
     typer.echo(f"best single trial, retrained: validation accuracy {r.best_single['val_accuracy']:.4f}  "
                f"log loss {r.best_single['val_log_loss']:.4f}")
-    typer.echo(f"ensemble of its top trials:    validation accuracy {r.metrics['val_accuracy']:.4f}  "
+    typer.echo(f"ensemble of {r.members} trial(s):      validation accuracy {r.metrics['val_accuracy']:.4f}  "
                f"log loss {r.metrics['val_log_loss']:.4f}")
-    typer.echo(f"wrote {r.model_path} (+ {r.model_path.with_suffix('.json').name})")
+    typer.echo(f"wrote {r.model_path} (+ {r.model_path.with_suffix('.json').name}) in {format_seconds(r.seconds)} "
+               f"of a {format_seconds(r.budget)} budget")
+
+
+def auto_line(e: dict) -> str | None:
+    """One progress line of an --auto search (also fit's), or None for events not shown."""
+    kind = e["event"]
+    if kind == "fold":
+        return (f"trial {e['trial']} fold {e['fold']}/{e['folds']}: {e['settings']}: val log loss {e['loss']:.4f}"
+                f" acc {e['accuracy']:.4f} ({e['epochs']} epochs, {e['seconds']:.1f} s)")
+    if kind == "pruned":
+        return (f"trial {e['trial']} pruned at fold {e['fold']}/{e['folds']} epoch {e['epoch']}: val log loss "
+                f"{e['loss']:.4f} trails the other trials")
+    if kind == "diverged":
+        return f"trial {e['trial']} fold {e['fold']}/{e['folds']}: {e['settings']}: {e['error']}"
+    if kind == "trial":
+        return (f"trial {e['trial']}: cross-validated log loss {e['loss']:.4f}  (best {e['best']:.4f}, trial "
+                f"{e['best_trial']})")
+    if kind == "member":
+        source = f"trial {e['trial']}" if e["trial"] is not None else "no trial finished in time: train-head's settings"
+        return (f"retrained {source} on the whole training split ({e['settings']}): val log loss {e['loss']:.4f}"
+                f" acc {e['accuracy']:.4f}" + (" (cut short by the budget)" if e["cut_short"] else ""))
+    return None

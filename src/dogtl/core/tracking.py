@@ -229,6 +229,21 @@ def trial_observer(run: Run, folds: int | None = None):
     return on_event
 
 
+def fold_observer(run: Run):
+    """`train-head --auto`'s progress callback (`dogtl.head.auto`) logging each finished or
+    pruned (trial, fold) as a child run of `run`: its settings and scores."""
+    def on_event(event: dict) -> None:
+        if event.get("event") not in ("fold", "pruned"):
+            return
+        with run.child(f"trial {event['trial']} fold {event['fold']}",
+                       {"settings": event["settings"], "trial": event["trial"], "fold": event["fold"]}) as child:
+            child.result({"val_log_loss": event["loss"],
+                          **{k: event[k] for k in ("accuracy", "epochs", "seconds", "epoch") if k in event}})
+            if event["event"] == "pruned":
+                child.tags({"dogtl.pruned": "true"})
+    return on_event
+
+
 def where() -> str:
     """The tracking URI runs go to, as MLflow resolves it."""
     import mlflow

@@ -131,3 +131,12 @@ class Checkpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def finished_epochs(out: str | Path) -> int:
+    """Epochs a stopped fine-tuning run writing `out` has finished and checkpointed (0: none)."""
+    path = Path(out).with_name(Path(out).name + ".partial") / STATE
+    try:
+        return int(json.loads(path.read_text())["state"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0

@@ -151,13 +151,18 @@ def combine_models(paths, out, force: bool = False) -> EnsembleResult:
                           time.perf_counter() - started)
 
 
-def ensemble_of_trials(cache, configs, out, force: bool = True) -> EnsembleResult:
+def ensemble_of_trials(cache, configs, out, force: bool = True, stop=None, on_member=None) -> EnsembleResult:
     """Retrain each HeadConfig of `configs` (best first) on the cache's training split, and save
-    the ensemble of the retrained heads at `out`. member_metrics[0] is the best single trial's."""
+    the ensemble of the retrained heads at `out` (one member: as a plain head, like train-head's).
+    member_metrics[0] is the best single trial's.
+
+    `stop(seconds of the last epoch)` is a deadline (see `fit_head`): the first member always
+    trains (cut short if need be); a later member cut short, and those after it, are left out.
+    `on_member(index, FitResult)` is called as each member is kept."""
     from dogtl.core.artifacts import check_writable, save_model
     from dogtl.evaluation.metrics import scores
     from dogtl.features.multicache import head_inputs
-    from dogtl.head.train import fit_head, load_training_data
+    from dogtl.head.train import fit_head, head_metadata, load_training_data
 
     started = time.perf_counter()
     out = Path(out)
@@ -165,17 +170,29 @@ def ensemble_of_trials(cache, configs, out, force: bool = True) -> EnsembleResul
     data = load_training_data(cache)
     fits = []
     for config in configs:
+        if fits and stop is not None and stop(2 * fits[-1].seconds_per_epoch):  # its set-up and a first epoch
+            break
         features = data.train_features[:1] if config.clean_only else data.train_features
-        fits.append(fit_head(config, features, data.train_labels, data.val_features, data.val_labels,
-                             len(cache.classes)))
-    model = ensemble_model([f.model for f in fits])
-    metrics = scores(data.val_labels, model.predict(data.val_features, batch_size=1024, verbose=0),
-                     len(cache.classes))
+        fit = fit_head(config, features, data.train_labels, data.val_features, data.val_labels,
+                       len(cache.classes), stop=stop)
+        if fits and fit.cut_short:
+            break
+        fits.append(fit)
+        if on_member:
+            on_member(len(fits) - 1, fit)
+    configs = list(configs)[:len(fits)]
     member_metrics = [f.metrics for f in fits]
-    meta = ensemble_metadata({"kind": "head", "classes": list(cache.classes), **head_inputs(cache)},
-                             [asdict(c) for c in configs], member_metrics, metrics)
-    meta["train_images"], meta["val_images"] = int(data.train_features.shape[1]), int(len(data.val_labels))
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, meta)
+    if len(fits) == 1:  # one member is a plain head (train-head's metadata), which finetune accepts
+        model, metrics = fits[0].model, fits[0].metrics
+        save_model(model, out, head_metadata(cache, configs[0], fits[0], data))
+    else:
+        model = ensemble_model([f.model for f in fits])
+        metrics = scores(data.val_labels, model.predict(data.val_features, batch_size=1024, verbose=0),
+                         len(cache.classes))
+        meta = ensemble_metadata({"kind": "head", "classes": list(cache.classes), **head_inputs(cache)},
+                                 [asdict(c) for c in configs], member_metrics, metrics)
+        meta["train_images"], meta["val_images"] = int(data.train_features.shape[1]), int(len(data.val_labels))
+        save_model(model, out, meta)
     return EnsembleResult(out, [asdict(c) for c in configs], metrics, member_metrics,
                           time.perf_counter() - started)

@@ -39,6 +39,7 @@ class FitResult:
     metrics: dict  # val_accuracy, val_log_loss, epochs_run, best_epoch, train_loss, train_accuracy
     seconds_per_epoch: float
     resolved: Resolved  # batch size, learning rates, step size and gamma actually used
+    cut_short: bool = False  # `stop` ended it before early stopping or the last epoch
 
 
 @dataclass
@@ -85,9 +86,12 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
 
 def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.ndarray,
              val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
-             on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+             on_epoch: Callable[[dict], None] | None = None,
+             stop: Callable[[float], bool] | None = None) -> FitResult:
     """Train a head from arrays: train_features [passes, rows, dim] (pass 0 clean), labels [rows],
-    val_features [rows, dim] (clean). Same inputs and seed give the same model on the same machine."""
+    val_features [rows, dim] (clean). Same inputs and seed give the same model on the same machine.
+    `stop(seconds of the last epoch)`, asked after each epoch, ends training there when True (a
+    deadline: the best epoch so far is kept, and the result is marked `cut_short`)."""
     import pandas as pd
 
     from dogtl.core.models import set_head_precision
@@ -104,7 +108,7 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
                          label_smoothing=config.label_smoothing, precision=resolved.precision)
     val_labels = np.asarray(val_labels)
 
-    stopping, best_weights, rows, seconds = EarlyStopping(config.patience), None, [], 0.0
+    stopping, best_weights, rows, seconds, cut_short = EarlyStopping(config.patience), None, [], 0.0, False
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         losses, accuracy = runner.run(epoch)
@@ -123,6 +127,9 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
             if not math.isfinite(row["loss"]) or not math.isfinite(row["val_loss"]):
                 log.warning("epoch %d: loss is not finite; training stopped (lower the learning rates)", epoch)
             break
+        if stop is not None and epoch < config.epochs and stop(time.perf_counter() - started):
+            cut_short = True
+            break
     if best_weights is None:
         raise DogtlError(f"training diverged in epoch 1 (loss {rows[0]['loss']}): lower --base-lr/--max-lr "
                          f"(they were {resolved.base_lr:g} and {resolved.max_lr:g})")
@@ -131,7 +138,8 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
     best_row = rows[stopping.best_epoch - 1]
     metrics = {**scores(val_labels, runner.predict(val_features), num_classes), "epochs_run": len(rows),
                "best_epoch": stopping.best_epoch, "train_loss": best_row["loss"], "train_accuracy": best_row["accuracy"]}
-    return FitResult(model, pd.DataFrame(rows, columns=HISTORY_COLUMNS), metrics, seconds / len(rows), resolved)
+    return FitResult(model, pd.DataFrame(rows, columns=HISTORY_COLUMNS), metrics, seconds / len(rows), resolved,
+                     cut_short)
 
 
 @dataclass
@@ -191,6 +199,16 @@ def _warn_at_chance(metrics: dict, chance: dict) -> None:
                     chance["val_accuracy"])
 
 
+def head_metadata(cache, config: HeadConfig, fit: FitResult, data: TrainingData) -> dict:
+    """What a saved head records: the cache(s) it is bound to, its settings and its validation figures."""
+    from dogtl.features.multicache import head_inputs
+
+    features = data.train_features[:1] if config.clean_only else data.train_features
+    return {"kind": "head", "classes": list(cache.classes), **head_inputs(cache), "settings": asdict(config),
+            "metrics": fit.metrics, "train_images": int(features.shape[1]), "val_images": int(len(data.val_labels)),
+            "passes_used": int(features.shape[0]), "resolved": asdict(fit.resolved)}
+
+
 def output_paths(out: str | Path) -> dict[str, Path]:
     out = Path(out)
     return {"model": out, "metadata": out.with_suffix(".json"), "history": out.with_suffix(".history.csv"),
@@ -216,7 +234,7 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
 
     `progress` gets one dict per epoch (HISTORY_COLUMNS plus epochs and seconds)."""
     from dogtl.core.artifacts import save_model
-    from dogtl.features.multicache import head_inputs, open_caches
+    from dogtl.features.multicache import open_caches
     from dogtl.core.plots import plot_history
 
     started = time.perf_counter()
@@ -229,13 +247,7 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
     fit = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels,
                    len(cache.classes), on_epoch=progress)
     _warn_at_chance(fit.metrics, chance_scores(data.train_labels, data.val_labels, len(cache.classes)))
-    metadata = {
-        "kind": "head", "classes": list(cache.classes), **head_inputs(cache),
-        "settings": asdict(config), "metrics": fit.metrics,
-        "train_images": int(data.train_features.shape[1]), "val_images": int(len(data.val_labels)),
-        "passes_used": int(data.train_features.shape[0]), "resolved": asdict(fit.resolved),
-        "history": paths["history"].name,
-    }
+    metadata = {**head_metadata(cache, config, fit, data), "history": paths["history"].name}
     # All four files or none (bar the microseconds between renames): a kill between them would
     # leave some, and the rerun would refuse to overwrite them.
     with atomic_paths(paths["history"], paths["plot"]) as (history_tmp, plot_tmp):

@@ -1,0 +1,409 @@
+"""`dogtl fit --data DIR --budget 30m`: from a folder of images to the strongest model a time
+budget allows, in one command (what fastai's `fine_tune` and AutoGluon's `time_limit` are to
+those tools).
+
+Four stages, each a plain stage function called with keyword arguments (so fit always runs
+their current defaults), each within its share of the budget by a deadline it checks:
+
+1. extract   the frozen backbone once over every image, clean + augmented passes (stage 1);
+2. head      `train-head --auto`'s search (head/auto.py), its best trial retrained as one head;
+3. finetune  the backbone and that head together on the images (stage 3), for as many
+             epochs as the measured speed fits in the time left;
+4. evaluate  the fine-tuned model on the validation images (accuracy, log loss, per class).
+
+Everything is kept in a work folder beside --out (`models/model.fit/` for `models/model.keras`)
+with `fit.json`, which records each finished stage: a killed or interrupted fit, run again,
+reuses the finished stages and resumes the unfinished one (extraction, the search and
+fine-tuning each resume themselves). The final model is copied to --out.
+
+The budget is wall-clock time from the command's start. Its shares (see `plan`): the
+extraction must end within EXTRACT_SHARE of it (it is kept, to resume, when it cannot); the
+head search gets HEAD_SHARE of what is left (at least HEAD_MIN seconds); fine-tuning gets the
+rest but the evaluation's reserve. Fine-tuning's epochs are planned from the speed extraction
+measured (a training step costs FINETUNE_COST times a forward pass per image), and a deadline
+checked after every batch ends it regardless: the epochs finished are kept and the best of
+them (never worse than the head) is the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dogtl.core.budget import Deadline, format_seconds
+from dogtl.core.errors import DogtlError
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict], None]
+
+BACKBONE = "mobilenet_v2"  # the cheapest registered backbone: most epochs per minute on CPUs
+PASSES = 2  # augmented passes at extraction, on top of the clean one
+# Light augmentation (the `finetune --augment light` preset's): on Fashion, the dog recipe's 45
+# degree rotations hurt (docs/fit.md).
+AUGMENTATION = dict(rotation=10.0, zoom=0.1, shift=0.1)
+EXTRACT_SHARE = 0.5  # the extraction must end by then, or fit stops (its work kept)
+HEAD_SHARE, HEAD_MIN, HEAD_MAX = 0.1, 10.0, 600.0  # the head search: its share of what is left, in seconds
+# Seconds of a fine-tuning step per image, in units of the extraction's seconds per image
+# (forward pass, decoding and augmentation alike). Measured on Fashion (96 px, 8,100 training
+# images, the whole MobileNetV2 at batch 32, 2 shared cores): ~170 s an epoch with validation
+# where extraction ran at 188 images/s, i.e. ~3.8x. Fewer trainable blocks cost less: an
+# overestimate only plans fewer epochs (the budget holds either way).
+FINETUNE_COST = 4.0
+MAX_EPOCHS = 30
+EVALUATE_COST = 1.5  # evaluation: this many times one extraction pass over the validation images
+STAGES = ("extract", "head", "finetune", "evaluate")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    data: str = "data"
+    out: str = "models/model.keras"
+    budget: float = 1800.0  # seconds
+    backbone: str = BACKBONE
+    weights: str = "imagenet"
+    image_size: int | None = None  # None: the images' own size, within the backbone's (see choose_image_size)
+    passes: int = PASSES
+    hflip: bool = True  # mirror images in augmentation (off for digits, text...)
+    val_fraction: float = 0.1
+    seed: int = 2018
+    trials: int | None = None  # at most this many head-search trials (None: as many as its share allows)
+    epochs: int | None = None  # at most this many fine-tuning epochs (None: as many as the budget allows)
+    force: bool = False
+
+    def __post_init__(self):
+        if not self.budget > 0:
+            raise DogtlError(f"--budget {self.budget:g}: give the time fit may take, e.g. --budget 30m")
+        if self.passes < 0:
+            raise DogtlError(f"--passes {self.passes} must be 0 or more")
+        if self.epochs is not None and self.epochs < 1:
+            raise DogtlError(f"--epochs {self.epochs} must be at least 1 (or leave it out: as many as fit the budget)")
+        if not 0 < self.val_fraction < 1:
+            raise DogtlError(f"--val-fraction {self.val_fraction} must be between 0 and 1: fit needs a "
+                             "validation split to choose and report")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out).with_suffix(".fit")
+
+
+@dataclass
+class FitResult:
+    model_path: Path
+    metrics: dict  # the final model's validation accuracy and log loss
+    head_metrics: dict  # the head's, before fine-tuning
+    choices: list[str]  # what fit chose and why, one line each
+    stages: dict  # stage -> {"seconds", "reused", ...}
+    seconds: float
+    budget: float
+    folder: Path
+
+
+class _Stop(Exception):
+    """A stage's deadline came in the middle of its work."""
+
+
+def choose_image_size(data: str, backbone: str, requested: int | None) -> tuple[int, str]:
+    """(image size, why): the requested size, else the images' own median size rounded to 32 px,
+    within [96, the backbone's own size]. Upscaling small images costs time and (Fashion, 96 px
+    photos: a 160 px cache gained 1.8 points for the head at 4x the extraction and ~2.8x the
+    fine-tuning time per epoch) bought less than spending that time on more epochs."""
+    from PIL import Image
+
+    from dogtl.data.folders import load_dataset
+    from dogtl.features.backbones import check_image_size, get_backbone
+
+    spec = get_backbone(backbone)
+    if requested is not None:
+        return check_image_size(spec, requested), "as requested"
+    paths = load_dataset(data).paths
+    step = max(1, len(paths) // 50)
+    sizes = []
+    for path in paths[::step][:50]:
+        try:
+            with Image.open(path) as image:
+                sizes.append(max(image.size))
+        except OSError:
+            continue
+    native = sorted(sizes)[len(sizes) // 2] if sizes else spec.default_size
+    size = int(min(spec.default_size, max(96, 32 * round(native / 32))))
+    return check_image_size(spec, size), (f"the images' own size ({native} px)" if size == native else
+                                          f"the images are {native} px; {backbone} takes {spec.default_size}")
+
+
+class _State:
+    """fit.json: what this fit is (its settings) and which stages are finished, written atomically."""
+
+    def __init__(self, folder: Path, identity: dict, force: bool):
+        self.path = folder / "fit.json"
+        if force and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = json.loads(self.path.read_text()) if self.path.exists() else None
+        if saved is not None and saved.get("identity") != identity:
+            old = saved.get("identity") or {}
+            diff = next((k for k in identity if old.get(k) != identity[k]), "settings")
+            raise DogtlError(f"{folder} holds a fit made with other settings ({diff}: {old.get(diff)!r}, now "
+                             f"{identity.get(diff)!r}): pass --force to start over, or another --out")
+        self.data = saved or {"identity": identity, "stages": {}}
+
+    def stage(self, name: str) -> dict | None:
+        return self.data["stages"].get(name)
+
+    def done(self, name: str, **record) -> dict:
+        from dogtl.core.files import write_json_atomic
+
+        self.data["stages"][name] = record
+        write_json_atomic(self.path, self.data)
+        return record
+
+    def plan(self, **values) -> None:
+        from dogtl.core.files import write_json_atomic
+
+        self.data.setdefault("plan", {}).update(values)
+        write_json_atomic(self.path, self.data)
+
+
+def fit(config: FitConfig, progress: Progress | None = None, started: float | None = None) -> FitResult:
+    """Run (or resume) the four stages within `config.budget` seconds from `started` (a
+    time.time(); default now) and copy the final model to `config.out`. `progress` gets dicts:
+    {"event": "line", "text"} (what was chosen or finished), {"event": "images", "stage", "done",
+    "total"}, and the head search's own events with "stage": "head"."""
+    from dogtl.core.artifacts import check_writable
+    from dogtl.core.files import check_overwrite
+
+    started = time.time() if started is None else started
+    end = Deadline.after(config.budget, started)
+    out = Path(config.out)
+    if out.suffix == ".keras":
+        out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out, config.force)
+    check_overwrite(out.with_suffix(".json"), config.force)
+
+    def say(text: str) -> None:
+        if progress:
+            progress({"event": "line", "text": text})
+
+    size, why = choose_image_size(config.data, config.backbone, config.image_size)
+    identity = {"data": str(Path(config.data).resolve()), "backbone": config.backbone, "weights": config.weights,
+                "image_size": size, "passes": config.passes, "hflip": config.hflip,
+                "val_fraction": config.val_fraction, "seed": config.seed}
+    state = _State(config.folder, identity, config.force)
+    choices = [f"backbone {config.backbone} at {size} px: {why}"]
+    say(choices[-1])
+    extract = _extract(config, state, size, end, started, progress, say)
+    head = _head(config, state, end, progress, say, choices)
+    tuned = _finetune(config, state, end, extract, head, progress, say, choices)
+    final = {} if tuned.get("skipped") else _evaluate(config, state, end, tuned, progress, say)
+    _publish(Path(tuned["model"]), out)
+    metrics = final.get("metrics") or tuned["metrics"]
+    if tuned.get("skipped"):
+        why = f"the head: {tuned['skipped']}"
+    elif tuned["best_epoch"]:
+        why = (f"fine-tuning lowered the validation log loss from {head['metrics']['val_log_loss']:.4f} to "
+               f"{tuned['metrics']['val_log_loss']:.4f}")
+    else:
+        why = "no fine-tuning epoch beat the head: the model is the head on its backbone"
+    choices.append(f"final model: {why}")
+    say(choices[-1])
+    stages = {name: state.stage(name) for name in STAGES}
+    return FitResult(out, metrics, head["metrics"], choices, stages, time.time() - started, config.budget,
+                     config.folder)
+
+
+def _extract(config, state, size, end, started, progress, say) -> dict:
+    import dogtl
+
+    done = state.stage("extract")
+    if done:
+        say(f"extract: reusing {done['cache']} ({done['images']} images)")
+        return done
+    deadline = Deadline.after(config.budget * EXTRACT_SHARE, started)
+    cache = config.folder / "features.h5"
+    t = time.time()
+
+    def bar(done_, total):
+        if progress:
+            progress({"event": "images", "stage": "extract", "done": done_, "total": total})
+        if done_ < total and deadline.passed():
+            raise _Stop(done_, total)
+
+    try:
+        s = dogtl.extract_features(config.data, cache, backbone=config.backbone, weights=config.weights,
+                                   image_size=size, passes=config.passes, val_fraction=config.val_fraction,
+                                   seed=config.seed, hflip=config.hflip, progress=bar, **AUGMENTATION)
+    except _Stop as e:
+        finished, total = e.args
+        raise DogtlError(f"--budget {format_seconds(config.budget)}: extracting the features took "
+                         f"{EXTRACT_SHARE:.0%} of it and is not finished ({finished:,} of {total:,} images); "
+                         f"it is kept in {cache}: rerun with a larger --budget (or a smaller --image-size) "
+                         "to continue") from None
+    seconds = time.time() - t
+    computed = (s.images * (1 + s.passes) + s.test_images * (1 + s.tta_passes)) - s.resumed
+    rate = computed / seconds if computed > 0 and s.status != "up to date" else None
+    record = state.done("extract", cache=str(cache), images=s.images, passes=s.passes, seconds=seconds, rate=rate)
+    say(f"extract: {s.images} images x {1 + s.passes} passes in {format_seconds(seconds)}"
+        + (f" ({rate:.1f} images/s)" if rate else " (found complete)"))
+    return record
+
+
+def _head(config, state, end, progress, say, choices) -> dict:
+    from dogtl.head.auto import auto_train
+
+    done = state.stage("head")
+    if done:
+        say(f"head: reusing {done['model']} (val log loss {done['metrics']['val_log_loss']:.4f})")
+        return done
+    out = config.folder / "head.keras"
+    meta = _written(out)
+    if meta:  # killed between writing the head and recording it
+        return state.done("head", model=str(out), metrics=meta["metrics"], seconds=None, trials=None,
+                          settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
+    budget = min(HEAD_MAX, max(HEAD_MIN, HEAD_SHARE * end.left()))
+    choices.append(f"head search: {format_seconds(budget)} ({HEAD_SHARE:.0%} of the time left, at least "
+                   f"{format_seconds(HEAD_MIN)}): the head only starts fine-tuning, which gains more per minute")
+    say(choices[-1])
+    r = auto_train(state.stage("extract")["cache"], out, budget=budget, seed=config.seed, top=1, trials=config.trials,
+                   progress=(lambda e: progress({**e, "stage": "head"})) if progress else None)
+    meta = _written(out)
+    record = state.done("head", model=str(out), metrics=r.metrics, seconds=r.seconds, trials=r.trials,
+                        settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
+    say(f"head: {r.trials} trials in {format_seconds(r.seconds)}; the best, retrained: val accuracy "
+        f"{r.metrics['val_accuracy']:.4f}, log loss {r.metrics['val_log_loss']:.4f}")
+    return record
+
+
+def plan_epochs(seconds: float, train_images: int, val_images: int, rate: float) -> tuple[int, float]:
+    """(epochs, seconds per epoch): as many fine-tuning epochs as fit in `seconds`, each a training
+    pass at FINETUNE_COST times the extraction's seconds per image plus a validation pass."""
+    per_epoch = (train_images * FINETUNE_COST + val_images) / max(rate, 1e-9)
+    return int(min(MAX_EPOCHS, max(0, math.floor(seconds / per_epoch)))), per_epoch
+
+
+def _finetune(config, state, end, extract, head, progress, say, choices) -> dict:
+    import dogtl
+
+    done = state.stage("finetune")
+    if done:
+        say(f"finetune: reusing {done['model']} (val log loss {done['metrics']['val_log_loss']:.4f})")
+        return done
+    rate = extract["rate"] or _measure_rate(config, head, say)
+    out = config.folder / "finetuned.keras"
+    meta = _written(out)
+    if meta:  # killed between writing the model and recording it
+        m = meta["metrics"]
+        return state.done("finetune", model=str(out), metrics={k: m[k] for k in ("val_accuracy", "val_log_loss")},
+                          before=m["before"], best_epoch=m["best_epoch"], epochs_run=m["epochs_run"], seconds=None)
+    reserve = EVALUATE_COST * head["val_images"] / rate
+    plan = (state.data.get("plan") or {}).get("epochs")
+    epochs, per_epoch = plan_epochs(end.left() - reserve, head["train_images"], head["val_images"], rate)
+    epochs = min(epochs, config.epochs or epochs)
+    if plan is None:  # planned once: a resumed fit keeps the schedule it started
+        if epochs >= 1:
+            state.plan(epochs=epochs)
+        choices.append(f"fine-tuning: {epochs} epoch(s) of ~{format_seconds(per_epoch)} (planned from the measured "
+                       f"{rate:.1f} images/s) in the {format_seconds(end.left() - reserve)} left")
+    else:
+        epochs = plan
+        choices.append(f"fine-tuning: resuming the {epochs} epoch(s) planned")
+    say(choices[-1])
+    called = time.time()
+    if epochs < 1:
+        return _no_finetuning(head, say, f"not even one fine-tuning epoch (~{format_seconds(per_epoch)}) fits in "
+                              "what the extraction and head search left")
+
+    def images(done_, total):
+        nonlocal reserve
+        if progress:
+            progress({"event": "images", "stage": "finetune", "done": done_, "total": total})
+        if setup[0] is None:  # loading, building and validating the model before its first step: the
+            setup[0] = time.time() - called  # evaluation's model load and validation pass cost no more
+            reserve = max(reserve, setup[0])
+        if end.passed(reserve):
+            raise _Stop
+
+    setup = [None]
+
+    last = [time.time()]
+
+    def report(line):  # with each epoch's seconds, to set against the plan
+        say(f"finetune {line} ({time.time() - last[0]:.0f} s)")
+        last[0] = time.time()
+
+    try:
+        r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=images, report=report)
+    except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
+        from dogtl.finetuning.checkpoints import finished_epochs
+
+        done_epochs = finished_epochs(out)
+        if not done_epochs:
+            return _no_finetuning(head, say, "the budget ended before the first fine-tuning epoch did")
+        say(f"finetune: stopped by the budget after epoch {done_epochs} of {epochs}; writing the best epoch")
+        r = dogtl.finetune(config.data, head["model"], out, epochs=done_epochs, progress=False)
+    return state.done("finetune", model=str(out), metrics=r.after, before=r.before, best_epoch=r.best_epoch,
+                      epochs_run=r.epochs_run, seconds=r.seconds, evaluate_reserve=reserve)
+
+
+def _no_finetuning(head, say, why: str) -> dict:
+    """The head as the model, when the budget leaves no fine-tuning; not recorded as finished, so
+    that a rerun (with a larger --budget) fine-tunes, resuming what was started."""
+    say(f"finetune: skipped: {why}; the model is the head (evaluate and predict take images with it "
+        "too); rerun with a larger --budget to fine-tune")
+    return {"model": head["model"], "metrics": head["metrics"], "best_epoch": 0, "epochs_run": 0, "skipped": why}
+
+
+def _measure_rate(config, head, say) -> float:
+    """Images/s of the backbone on this machine now, when the extraction was found finished (not
+    timed): the head on the validation images, as `evaluate` runs it."""
+    import dogtl
+
+    t = time.time()
+    r = dogtl.evaluate(head["model"], data=config.data, force=True, progress=False)
+    rate = r.images / max(time.time() - t, 1e-3)
+    say(f"measured {rate:.1f} images/s (the head on the {r.images} validation images: accuracy "
+        f"{r.accuracy:.4f}, log loss {r.log_loss:.4f})")
+    return rate
+
+
+def _evaluate(config, state, end, tuned, progress, say) -> dict:
+    import dogtl
+
+    done = state.stage("evaluate")
+    if done:
+        return done
+    if end.passed(tuned.get("evaluate_reserve", 0.0)):
+        say("evaluate: skipped, the budget is spent (fine-tuning's own validation figures stand)")
+        return state.done("evaluate", metrics=None, skipped=True)
+
+    def images(done_, total):
+        if progress:
+            progress({"event": "images", "stage": "evaluate", "done": done_, "total": total})
+
+    r = dogtl.evaluate(tuned["model"], data=config.data, force=True, progress=images)
+    metrics = {"val_accuracy": r.accuracy, "val_log_loss": r.log_loss, "top_k_accuracy": r.top_k_accuracy,
+               "top_k": r.top_k}
+    say(f"evaluate: accuracy {r.accuracy:.4f}, log loss {r.log_loss:.4f}, top-{r.top_k} {r.top_k_accuracy:.4f} "
+        f"on {r.images} validation images (report {r.json_path})")
+    return state.done("evaluate", metrics=metrics, report=str(r.json_path))
+
+
+def _written(model: Path) -> dict | None:
+    """The metadata of a model a stage finished writing (both files are renamed into place together)."""
+    from dogtl.core.artifacts import load_metadata
+
+    return load_metadata(model) if model.exists() and model.with_suffix(".json").exists() else None
+
+
+def _publish(model: Path, out: Path) -> None:
+    """The final model and its metadata at --out, together (atomic renames)."""
+    from dogtl.core.files import atomic_paths
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(out, out.with_suffix(".json")) as (model_tmp, meta_tmp):
+        shutil.copyfile(model, model_tmp)
+        shutil.copyfile(model.with_suffix(".json"), meta_tmp)

@@ -1,0 +1,93 @@
+"""dogtl fit: one command from images to a model within a time budget, resumable after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import assert_clean_error, run_cli
+
+def _fit_args(stage3, out, budget, data=None):
+    """stage3's data and backbone (mobilenet_v2 at 48 px, a small weights file: cheap to checkpoint)."""
+    return ["fit", "--data", data or stage3.data, "--out", out, "--budget", budget, "--backbone", "mobilenet_v2",
+            "--weights", stage3.weights, "--image-size", 48]
+
+
+def _stages(out):
+    path = out.with_suffix(".fit") / "fit.json"
+    try:
+        return json.loads(path.read_text())["stages"]
+    except (OSError, ValueError):
+        return {}
+
+
+def test_fit_reuses_finished_stages_after_an_interruption(stage3, tmp_path):
+    """Stopped after its extraction (Ctrl-C), fit run again reuses the cache, then searches the head,
+    fine-tunes and evaluates within its budget, printing what it chose and why."""
+    import dogtl
+
+    out = tmp_path / "models" / "model.keras"
+
+    def stop_after_extraction(event):
+        if event["event"] == "line" and event["text"].startswith("extract:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dogtl.fit(stage3.data, out=out, budget="5m", progress=stop_after_extraction, backbone="mobilenet_v2",
+                  weights=str(stage3.weights), image_size=48)
+    assert list(_stages(out)) == ["extract"] and not out.exists()
+    cache = out.with_suffix(".fit") / "features.h5"
+    written = cache.stat().st_mtime_ns
+
+    started = time.time()
+    result = run_cli(*_fit_args(stage3, out, "5m"), "--trials", 1, "--epochs", 1)
+    elapsed = time.time() - started
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "backbone mobilenet_v2 at 48 px: as requested"
+    assert any(line.startswith("extract: reusing") for line in lines) and cache.stat().st_mtime_ns == written
+    assert any(line.startswith("head search: ") for line in lines)
+    assert any(line.startswith("  trial 0 fold 1/3: head linear") for line in lines)
+    assert any(line.startswith("fine-tuning: ") and "planned from the measured" in line for line in lines)
+    assert any(line.startswith("final model: ") for line in lines)
+    assert "None" not in result.stdout
+    assert elapsed <= 300, (elapsed, result.output)
+    assert set(_stages(out)) == {"extract", "head", "finetune", "evaluate"}
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["kind"] == "finetuned" and meta["image_size"] == 48
+    assert f"{meta['metrics']['val_log_loss']:.4f}" in lines[-2]
+
+
+def test_fit_refuses_bad_input_in_one_line(stage3, tmp_path):
+    out = tmp_path / "m.keras"
+    assert_clean_error(run_cli(*_fit_args(stage3, out, "forever")), "--budget 'forever'")
+    assert_clean_error(run_cli(*_fit_args(stage3, out, "1m", data=tmp_path / "nothing")), "nothing")
+    assert_clean_error(run_cli(*_fit_args(stage3, tmp_path / "m.h5", "1m")), "m.h5", ".keras")
+
+
+@pytest.mark.slow
+def test_fit_resumes_after_kill_9(stage3, tmp_path):
+    """A real SIGKILL in the middle of the head search; the rerun reuses the extraction and the
+    search's finished trials, and finishes."""
+    out = tmp_path / "model.keras"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "dogtl.cli", *map(str, _fit_args(stage3, out, "10m"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    study = out.with_suffix(".fit") / "head.auto" / "study.db"
+    deadline = time.time() + 300
+    while not ("extract" in _stages(out) and study.exists()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # into the search
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(_stages(out)) == ["extract"], proc.stdout.read()
+    result = run_cli(*_fit_args(stage3, out, "5m"), "--trials", 2, "--epochs", 1)
+    assert result.exit_code == 0, result.output
+    assert "extract: reusing" in result.stdout and out.exists()
+    assert set(_stages(out)) == {"extract", "head", "finetune", "evaluate"}
