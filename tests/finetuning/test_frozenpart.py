@@ -39,3 +39,21 @@ def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     probs, ok = predict_images(model, split["paths"], spec, size)
     assert ok.all()
     assert abs(scores(split["labels"], probs)["val_log_loss"] - result.after["val_log_loss"]) < 1e-3, val
+
+
+@pytest.mark.parametrize("blocks, frozen_part", [(2, True), ("all", False)])
+def test_frozen_part_only_below_some_top_blocks(blocks, frozen_part):
+    """--trainable-blocks all (the default) leaves no frozen part: the whole model trains in
+    TensorFlow whatever --runtime says (it once compared 'all' with a number and crashed)."""
+    from types import SimpleNamespace
+
+    from dogtl.core.runtimes import installed
+    from dogtl.features.backbones import get_backbone
+    from dogtl.finetuning.frozenpart import FrozenPartSource, frozen_part_source
+
+    runtime = next((r for r in ("openvino", "onnxruntime") if installed(r)), None)
+    if runtime is None:
+        pytest.skip("neither openvino nor onnxruntime is installed (dogtl dependencies)")
+    config = SimpleNamespace(runtime=runtime, precision="float32", trainable_blocks=blocks)
+    source = frozen_part_source(config, None, get_backbone("mobilenet_v2"))
+    assert isinstance(source, FrozenPartSource) if frozen_part else source is None

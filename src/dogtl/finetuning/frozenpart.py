@@ -24,7 +24,8 @@ def frozen_part_source(config, strategy, spec):
     from dogtl.core.runtimes import plan
 
     runtime, _ = plan(config.runtime, config.precision, strategy)
-    if runtime == "tensorflow" or not 0 < config.trainable_blocks < len(spec.blocks):
+    blocks = config.trainable_blocks  # 'all': no frozen part
+    if runtime == "tensorflow" or blocks == "all" or not 0 < blocks < len(spec.blocks):
         return None
     return FrozenPartSource()
 
