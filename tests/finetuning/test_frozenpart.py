@@ -21,8 +21,8 @@ def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
         pytest.skip("openvino is not installed (pip install openvino, a dogtl dependency); .ci/run installs it")
     out = tmp_path / "ft.keras"
     result = finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out), epochs=2,
-                                     patience=5, batch_size=8, optimizer="adam", base_lr=1e-3, runtime="openvino",
-                                     precision="float32"))
+                                     patience=5, batch_size=8, optimizer="adam", schedule="constant", base_lr=1e-3,
+                                     trainable_blocks=2, runtime="openvino", precision="float32"))
     assert result.head_difference < 1e-3  # epoch 0: the frozen part on OpenVINO reproduces the cached features
     assert result.epochs_run == 2 and result.history["loss"].notna().all()
     meta = json.loads(out.with_suffix(".json").read_text())

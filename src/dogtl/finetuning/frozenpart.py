@@ -37,6 +37,10 @@ class FrozenPartSource(CacheSource):
     def __init__(self):
         self._forward = None
 
+    def cut_blocks(self, setup):
+        """The frozen part ends where the trainable blocks start (the cache holds no cut)."""
+        return setup.config.trainable_blocks
+
     def forward(self, setup):
         """The frozen part on the runtime, converted (or loaded from the conversion cache) once."""
         if self._forward is None:
