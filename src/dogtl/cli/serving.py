@@ -22,7 +22,7 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="SavedModel: the model base folder (written at OUT/1/, class names at OUT/labels.txt; default export/<model>). TFLite, ONNX, OpenVINO: a .tflite, .onnx or .xml file (OpenVINO: and its .bin), its labels beside it as <name>.labels.txt (ONNX/OpenVINO: and dogtl's metadata as <name>.json; default export/<model>.tflite|.onnx|.xml)."),
     quantize: str = typer.Option("none", help="TFLite only: 'none' (float32), 'float16' (half-size weights) or 'dynamic' (int8 weights, quarter size)."),
     top_k: int = typer.Option(5, help="SavedModel: how many class names and scores the signature returns beside the probabilities."),
-    data: Path = typer.Option(Path("data"), help="TFLite/ONNX/OpenVINO check: data folder holding the model's validation images."),
+    data: Optional[Path] = typer.Option(None, show_default=False, help="TFLite/ONNX/OpenVINO check: data folder holding the model's validation images (default: the folder a fine-tuned model was trained on, else data/)."),
     check_images: Optional[list[Path]] = typer.Option(None, "--check-images", help="TFLite/ONNX/OpenVINO check: these image files instead of the validation images (repeat the option)."),
     check_limit: int = typer.Option(200, help="TFLite/ONNX/OpenVINO check: at most this many validation images."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),

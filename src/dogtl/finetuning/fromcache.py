@@ -55,7 +55,7 @@ class CacheSource:
     """The hooks train.py calls for a run from the cache (build, dataset, validate, export)."""
 
     def cut_blocks(self, setup):
-        """Where the trained top part starts: the cache's cut (at or below the trainable blocks)."""
+        """Where the model's input enters the backbone: the cache's cut (top blocks above it)."""
         return setup.cache.fingerprint["cut"]["blocks"]
 
     def build(self, setup):

@@ -304,11 +304,13 @@ def check_tflite(tflite: str | Path | bytes, sm: ServingModel, paths) -> ExportC
                        max_abs_diff_same_pixels=float(np.max(np.abs(lite - same))))
 
 
-def validation_images(sm: ServingModel, data: str | Path = "data", limit: int = 200) -> list[Path]:
-    """Up to `limit` validation images of the model's cache in the data folder; [] when either
-    cannot be found (the caller says what to pass)."""
+def validation_images(sm: ServingModel, data: str | Path | None = None, limit: int = 200) -> list[Path]:
+    """Up to `limit` validation images of the model's cache in the data folder (default: the one a
+    fine-tuned model was trained on, else data/); [] when either cannot be found (the caller says
+    what to pass)."""
     from dogtl.core.modelinfo import open_model_cache, split_paths
 
+    data = data or sm.metadata.get("settings", {}).get("data") or "data"
     try:
         cache = open_model_cache(sm.metadata, required=False)
         if cache is None or not Path(data).is_dir():
