@@ -10,6 +10,18 @@ import numpy as np
 import pytest
 
 
+@pytest.mark.parametrize("blocks, frozen", [(2, True), (0, False), ("all", False)])
+def test_only_a_frozen_part_below_the_trainable_blocks_goes_to_the_runtime(blocks, frozen):
+    """The default --trainable-blocks all leaves nothing frozen: TensorFlow trains on the images."""
+    from types import SimpleNamespace
+
+    from dogtl.features.backbones import get_backbone
+    from dogtl.finetuning.frozenpart import frozen_part_source
+
+    config = SimpleNamespace(runtime="openvino", precision="float32", trainable_blocks=blocks)
+    assert (frozen_part_source(config, None, get_backbone("mobilenet_v2")) is not None) == frozen
+
+
 @pytest.mark.slow
 def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     from dogtl.core.runtimes import installed
@@ -21,7 +33,8 @@ def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
         pytest.skip("openvino is not installed (pip install openvino, a dogtl dependency); .ci/run installs it")
     out = tmp_path / "ft.keras"
     result = finetune(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(out), epochs=2,
-                                     patience=5, batch_size=8, optimizer="adam", base_lr=1e-3, runtime="openvino",
+                                     trainable_blocks=2, patience=5, batch_size=8, optimizer="adam", schedule="constant", base_lr=1e-3,
+                                     runtime="openvino",
                                      precision="float32"))
     assert result.head_difference < 1e-3  # epoch 0: the frozen part on OpenVINO reproduces the cached features
     assert result.epochs_run == 2 and result.history["loss"].notna().all()

@@ -303,6 +303,7 @@ def test_start_up_errors(tmp_path, monkeypatch):
     assert_clean_error(run_cli("bot", model, "--telegram-token", TOKEN, "--top", "0"), "--top 0")
     assert_clean_error(run_cli("bot", model, "--telegram-token", TOKEN, "--min-confidence", "50"),
                        "--min-confidence 50")
+    assert_clean_error(run_cli("bot", model, "--telegram-token", TOKEN, "--runtime", "tensorrt"), "--runtime 'tensorrt'")
 
 
 def test_api_urls_in_the_bot_apis_form():

@@ -9,15 +9,18 @@ from typing import Optional
 
 import typer
 
-from dogtl.cli.common import friendly_errors
+from dogtl.cli.common import chosen_model, friendly_errors, model_argument, model_option
 from dogtl.core.errors import SettingError
+from dogtl.core.precision import PRECISION_HELP
+from dogtl.core.runtimes import RUNTIME_HELP
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @friendly_errors
 def bot_cmd(
-    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Any model dogtl serve serves: a fine-tuned or head model (.keras, with its .json beside it)."),
+    model: Optional[Path] = model_argument("Any model dogtl serve serves: a fine-tuned or head model (.keras, with its .json beside it), or an ONNX / OpenVINO export"),
+    model_opt: Optional[Path] = model_option(),
     telegram_token: Optional[str] = typer.Option(None, "--telegram-token", envvar="TELEGRAM_BOT_TOKEN", show_envvar=True, help="The bot's token from @BotFather. Prefer the environment variable on shared machines: a command line is visible to every user (ps)."),
     api_base: str = typer.Option("https://api.telegram.org/bot", "--api-base", help="The Bot API server, in the Bot API's own form (the token follows it): http://127.0.0.1:8081/bot for a self-hosted telegram-bot-api. Files are fetched from /file/bot on the same host."),
     top: int = typer.Option(3, help="Classes named in each reply (alternatives under 1% are left out)."),
@@ -26,6 +29,8 @@ def bot_cmd(
     batch_wait_ms: float = typer.Option(25.0, help="The longest the first photo of a batch waits for the photos still being downloaded or decoded (ms); a lone photo never waits."),
     max_file_mb: float = typer.Option(20.0, help="Larger files get a reply saying so and are not downloaded (20 MB is the cloud Bot API's own download limit)."),
     weights: Optional[str] = typer.Option(None, help="Only for a head whose backbone came from a local weights file that moved: that file."),
+    runtime: str = typer.Option("auto", help=RUNTIME_HELP + " As in dogtl serve."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     log_level: str = typer.Option("info", help=f"Logging: {', '.join(LOG_LEVELS)}. The token is taken out of every line."),
 ):
     """Answer photos sent to a Telegram bot with the model's top classes (needs: pip install 'dogtl\\[bot]').
@@ -43,12 +48,14 @@ def bot_cmd(
     token = check_token(telegram_token)
     api_urls(api_base)  # a malformed --api-base fails before anything is loaded
     settings = BotSettings(top=top, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                           min_confidence=min_confidence, max_file_mb=max_file_mb)
+                           min_confidence=min_confidence, max_file_mb=max_file_mb, runtime=runtime,
+                           precision=precision)
     with _logging_without(token, log_level):
         username = check_connection(token, api_base)  # a bad token fails before the model loads
-        sm = load_serving_model(model, weights)
+        sm = load_serving_model(chosen_model(model, model_opt), weights)
         bot = BreedBot(sm, settings)
-        typer.echo(f"@{username} answers with {sm.name} ({len(sm.classes)} classes); Ctrl-C to stop")
+        typer.echo(f"@{username} answers with {sm.name} ({len(sm.classes)} classes, {bot.predictor.runtime}); "
+                   "Ctrl-C to stop")
         bot.run(token, api_base)
     typer.echo("stopped")
 

@@ -22,10 +22,12 @@ def frozen_part_source(config, strategy, spec):
     """A FrozenPartSource when --runtime means another runtime than TensorFlow here and there is a
     frozen part below the trainable blocks; else None (train on images in TensorFlow)."""
     from dogtl.core.runtimes import plan
+    from dogtl.core.settings import ALL_BLOCKS
 
     runtime, _ = plan(config.runtime, config.precision, strategy)
-    if runtime == "tensorflow" or not 0 < config.trainable_blocks < len(spec.blocks):
-        return None
+    blocks = config.trainable_blocks
+    if runtime == "tensorflow" or blocks == ALL_BLOCKS or not 0 < blocks < len(spec.blocks):
+        return None  # nothing frozen below the trainable blocks (or TensorFlow runs it anyway)
     return FrozenPartSource()
 
 
@@ -35,6 +37,10 @@ class FrozenPartSource(CacheSource):
 
     def __init__(self):
         self._forward = None
+
+    def cut_blocks(self, setup):
+        """The model's input is the frozen part's output: the activations entering the trainable blocks."""
+        return setup.config.trainable_blocks
 
     def forward(self, setup):
         """The frozen part on the runtime, converted (or loaded from the conversion cache) once."""

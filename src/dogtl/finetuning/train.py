@@ -174,10 +174,14 @@ def start(setup: Setup, report: Report | None = None) -> tuple[object, RunState]
     with computing_in(model, setup.precision):
         probs, before = validate_setup(setup, model)
     cached = head.predict(setup.cache.features("labelled", passes=[0])[0][val["rows"]], batch_size=1024, verbose=0)
-    difference = float(np.max(np.abs(probs - cached)))
-    if difference > 0.05:
-        log.warning("the backbone does not reproduce the cached features (predictions differ by "
-                    "up to %.3f): were the weights or images changed since extraction?", difference)
+    per_image = np.abs(probs - cached).max(axis=1)
+    difference = float(per_image.max())
+    # On average, not the worst image: in bfloat16 (or with the cache made on another runtime)
+    # a peaked softmax may move by 0.2 on one image of many; changed weights or images move all.
+    if per_image.mean() > 0.05:
+        log.warning("the backbone does not reproduce the cached features (predictions differ by %.3f on "
+                    "average, up to %.3f): were the weights or images changed since extraction?",
+                    per_image.mean(), difference)
     first = setup.checkpoints.save_model(model, 0)
     state = RunState(epoch=0, before=before, best=before, best_file=first, last_file=first,
                      trainable_layers=trainable, head_difference=difference,

@@ -75,8 +75,15 @@ class BotSettings:
     batch_wait_ms: float = 25.0
     min_confidence: float = 0.5  # below this for the best class the reply says it is not sure
     max_file_mb: float = 20.0  # larger files are refused before downloading (the cloud API's own limit)
+    runtime: str = "auto"  # what runs the model (core/runtimes.py), as in dogtl serve
+    precision: str = "auto"
 
     def __post_init__(self):
+        from dogtl.core.precision import check_precision
+        from dogtl.core.runtimes import check_runtime
+
+        check_runtime(self.runtime)
+        check_precision(self.precision)
         if self.top < 1:
             raise SettingError(f"--top {self.top} must be at least 1")
         if self.max_batch < 1:
@@ -212,7 +219,7 @@ class BreedBot:
     def __init__(self, sm: ServingModel, settings: BotSettings = BotSettings()):
         require_bot_extra()
         self.sm, self.settings = sm, settings
-        self.predictor = Predictor(sm, settings.top)
+        self.predictor = Predictor(sm, settings.top, settings.runtime, settings.precision)
         self.predictor.warm_up()
         self._coming = 0  # photos being downloaded or decoded
         self.batcher = MicroBatcher(self._predict, max_batch=settings.max_batch,
