@@ -390,7 +390,8 @@ def runtime_study(args) -> None:
                     f"{r} {v['rate']:.1f} img/s ({v['vs_tf']:.2f}x), {v['cpu_ms']:.1f} CPU-ms/img ({v['cpu_vs_tf']:.2f}x)"
                     if isinstance(v, dict) else f"{r}: {v}" for r, v in side.items()), flush=True)
                 for runtime in RUNTIMES:
-                    if precision not in args.pipeline_precisions or (runtime == "onnxruntime" and precision != "float32"):
+                    if (precision not in args.pipeline_precisions or runtime not in args.pipeline_runtimes
+                            or (runtime == "onnxruntime" and precision != "float32")):
                         if isinstance(side.get(runtime), dict):  # the side-by-side forward only
                             table.append({"backbone": f"{backbone} {size}", "precision": precision,
                                           "runtime": runtime, "failed": None, "side": side[runtime], "pipe": None})
@@ -475,6 +476,9 @@ def main():
     parser.add_argument("--runtime-precisions", nargs="+", default=["float32", "auto"])
     parser.add_argument("--pipeline-precisions", nargs="+", default=["float32"],
                         help="precisions whose pipeline is run (the others: the side-by-side forward only)")
+    parser.add_argument("--pipeline-runtimes", nargs="+", default=list(RUNTIMES),
+                        help="runtimes whose pipeline is run (the others: the side-by-side forward only; a "
+                             "runtime's pipeline on another model than the bare forward's converts it again)")
     parser.add_argument("--cosine-size", type=int, default=224)
     parser.add_argument("--side-batches", type=int, default=6, help="turns of the side-by-side bare forward")
     parser.add_argument("--keep-going", action="store_true", default=True, help=argparse.SUPPRESS)

@@ -129,6 +129,11 @@ def main():
         full, full_wall, full_cpu = timed(lambda: extract(before, tmp / "full.h5"))
         print(f"full extraction of {full.images} images:      {full_wall:7.1f} s wall, {full_cpu:7.1f} s CPU")
         shutil.copy(tmp / "full.h5", tmp / "updated.h5")
+        if args.weights == "none":  # the random backbone is calibrated on the images: every run uses full's
+            from dogtl.features.random_backbone import random_backbone_path
+
+            for name in ("updated", "fresh"):
+                shutil.copy(random_backbone_path(tmp / "full.h5"), random_backbone_path(tmp / f"{name}.h5"))
         notes = []
         update, update_wall, update_cpu = timed(lambda: extract(after, tmp / "updated.h5", notes))
         print(f"update adding {added} images ({added / args.images:.0%}):     {update_wall:7.1f} s wall, "

@@ -157,6 +157,57 @@ def test_extracted_features_equal_tensorflows(runtime, stage3, tmp_path):
     assert again.exit_code == 0 and "already up to date" in again.output, again.output
 
 
+def test_an_update_on_openvino_equals_a_fresh_tensorflow_extraction(stage3, tmp_path):
+    """The stage3 cache (TensorFlow) updated on OpenVINO after an image was added, one removed
+    and one relabelled: only the new image runs on OpenVINO, the other rows are copied bit for
+    bit, and the result is a fresh TensorFlow extraction of the new list row for row (its
+    computed rows within the runtimes' rounding)."""
+    import shutil
+
+    import pandas as pd
+    from PIL import Image
+
+    from dogtl.core.runtimes import agreement
+    from dogtl.features.cache import open_cache
+
+    _needs("openvino")
+    data = shutil.copytree(stage3.data, tmp_path / "data")
+    table = pd.read_csv(data / "labels.csv", dtype=str)
+    removed, relabelled, new = table["id"][2], table["id"][5], table["id"][0]
+    shutil.copy(data / "train" / f"{new}.jpg", data / "train" / "new_a.jpg")
+    Image.open(data / "train" / "new_a.jpg").transpose(Image.Transpose.ROTATE_90).save(data / "train" / "new_a.jpg")
+    table.loc[5, "breed"] = table["breed"][table["breed"] != table["breed"][5]].iloc[0]
+    table = pd.concat([table.iloc[:4], pd.DataFrame([["new_a", table["breed"][0]]], columns=table.columns),
+                       table.iloc[4:]])
+    table[table["id"] != removed].to_csv(data / "labels.csv", index=False)
+    (data / "train" / f"{removed}.jpg").unlink()
+    args = ["--data", data, "--backbone", "mobilenet_v2", "--weights", stage3.weights, "--image-size", 48,
+            "--passes", 1, "--tta-passes", 1, "--batch-size", 8, "--val-fraction", 0.25, "--seed", 0, "--dtype", "float32",
+            "--precision", "float32"]  # stage3's settings
+    updated, fresh = shutil.copy(stage3.cache, tmp_path / "updated.h5"), tmp_path / "fresh.h5"
+    result = run_cli("extract-features", "--cache", updated, *args, "--runtime", "openvino")
+    assert result.exit_code == 0, result.output
+    assert "+1 images, 1 relabelled, 1 removed: extracting 1" in result.output
+    assert "(1 images computed, 27 copied" in result.output, result.output
+    result = run_cli("extract-features", "--cache", fresh, *args, "--runtime", "tensorflow")
+    assert result.exit_code == 0, result.output
+
+    up, ref, old = open_cache(updated), open_cache(fresh), open_cache(stage3.cache)
+    assert up.fingerprint == {**ref.fingerprint, "runtime": "openvino"}
+    assert up.classes == ref.classes and list(up.ids) == list(ref.ids) and list(up.test_ids) == list(ref.test_ids)
+    np.testing.assert_array_equal(up.labels, ref.labels)
+    np.testing.assert_array_equal(up.is_val, ref.is_val)
+    for name in ("index", "key", "sha256"):
+        np.testing.assert_array_equal(up.column("labelled", name), ref.column("labelled", name))
+    np.testing.assert_array_equal(up.features("test"), old.features("test"))  # the test images: all copied
+    ids = list(up.ids)
+    computed = ids.index("new_a")
+    kept = [i for i in range(len(ids)) if i != computed]
+    np.testing.assert_array_equal(up.features()[:, kept], old.features()[:, [list(old.ids).index(ids[i]) for i in kept]])
+    check = agreement(up.features()[:, computed], ref.features()[:, computed])  # its clean and augmented pass
+    assert check["cosine"] >= 0.9999 and check["relative"] < 1e-3, check
+
+
 def test_extraction_with_a_missing_runtime_says_how_to_install_it(monkeypatch, synthetic_data, tmp_path):
     from dogtl.core import runtimes
 

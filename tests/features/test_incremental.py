@@ -26,6 +26,16 @@ def _extract(data, cache, *extra):
     return run_cli("extract-features", "--data", data, "--cache", cache, *ARGS, *extra)
 
 
+def _copy(cache, target):
+    """A copy of `cache` at `target` with its --weights none backbone beside it, as a user's
+    folder holds them (without it, the copy's backbone would be calibrated again, on other
+    images: another backbone, refused)."""
+    from dogtl.features.random_backbone import random_backbone_path
+
+    shutil.copy(random_backbone_path(cache), random_backbone_path(target))
+    return shutil.copy(cache, target)
+
+
 @pytest.fixture(scope="module")
 def changed(synthetic_data, tmp_path_factory):
     """synthetic_data with two images added (in the middle of labels.csv and at its end), one
@@ -55,8 +65,13 @@ def changed(synthetic_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fresh(changed, tmp_path_factory):
+def fresh(changed, small_cache, tmp_path_factory):
+    """A fresh extraction of `changed` with small_cache's random backbone (--weights none
+    calibrates on the images, which changed)."""
+    from dogtl.features.random_backbone import random_backbone_path
+
     path = tmp_path_factory.mktemp("fresh") / "features.h5"
+    shutil.copy(random_backbone_path(small_cache), random_backbone_path(path))
     result = _extract(changed[0], path)
     assert result.exit_code == 0, result.output
     return path
@@ -65,7 +80,7 @@ def fresh(changed, tmp_path_factory):
 @pytest.fixture(scope="module")
 def updated(small_cache, changed, tmp_path_factory):
     """small_cache updated to `changed`: (CLI result, cache, the batches computed)."""
-    path = shutil.copy(small_cache, tmp_path_factory.mktemp("updated") / "features.h5")
+    path = _copy(small_cache, tmp_path_factory.mktemp("updated") / "features.h5")
     real_write, writes = PartialCache.write, []
 
     def recorded(self, split, pass_index, positions, features, **extra):
@@ -147,7 +162,7 @@ def test_heads_of_the_old_cache_are_refused_naming_the_change_but_not_for_later_
     data = shutil.copytree(synthetic_data, tmp_path / "data")
     shutil.copy(data / "test" / "test00000.jpg", data / "test" / "test_late.jpg")
     (data / "sample_submission.csv").unlink()
-    cache = shutil.copy(small_cache, tmp_path / "features.h5")
+    cache = _copy(small_cache, tmp_path / "features.h5")
     result = _extract(data, cache)
     assert result.exit_code == 0, result.output
     assert "+1 test images: extracting 1" in result.output and "(1 images computed, 28 copied" in result.output
@@ -164,7 +179,7 @@ def test_kill_9_during_an_update_resumes_identically_and_keeps_the_old_cache(sma
     harness.write_text(HARNESS)
     log = tmp_path / "writes.jsonl"
     cache = tmp_path / "features.h5"
-    shutil.copy(small_cache, cache)
+    _copy(small_cache, cache)
     args = ["extract-features", "--data", changed[0], "--cache", cache, *ARGS, "--batch-size", 2]
 
     def run(name, kill):
@@ -203,7 +218,7 @@ def _format_1(cache):
 
 
 def test_what_cannot_be_updated_is_refused_naming_why(small_cache, changed, tmp_path):
-    cache = shutil.copy(small_cache, tmp_path / "features.h5")
+    cache = _copy(small_cache, tmp_path / "features.h5")
     before = cache.read_bytes()
     # Other settings as well as other images: refused (naming the setting) unless --force.
     assert_clean_error(_extract(changed[0], cache, "--passes", 3), r"passes: cache has 2, now 3", "--force")
