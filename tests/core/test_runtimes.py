@@ -108,6 +108,14 @@ def test_conversion_cache_reused_then_rebuilt_when_damaged_or_stale(runtime, tmp
     assert any("stale" in r.message for r in caplog.records if r.levelno == logging.WARNING)
     assert json.loads((entry / "entry.json").read_text())["key"]["versions"]["keras"] != "0.0.1"
 
+    # Called from several threads at once (fine-tuning: tf.data's thread and validation's), as
+    # OpenVINO's one infer request was not: "Infer Request is busy".
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        for got in pool.map(lambda _: rebuilt(x), range(32)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_a_model_the_runtime_cannot_convert_runs_on_tensorflow_saying_so(runtime, tmp_path, caplog):

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,12 +314,16 @@ def _openvino_call(path: Path, precision: str):
     hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                           "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
     outputs = compiled.outputs
+    # An infer request runs one call at a time ("Infer Request is busy"): one per thread, since
+    # fine-tuning's batches come from tf.data's thread while validation runs in the main one.
+    local = threading.local()
 
     def call(batches):
-        request.infer(batches)
-        return [np.array(request.get_tensor(o).data, copy=True) for o in outputs]
+        if not hasattr(local, "request"):
+            local.request = compiled.create_infer_request()
+        local.request.infer(batches)
+        return [np.array(local.request.get_tensor(o).data, copy=True) for o in outputs]
 
     return call, len(compiled.inputs), len(outputs)
 
