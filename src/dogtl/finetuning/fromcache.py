@@ -51,12 +51,12 @@ def _backbone_and_head(setup):
     return build_backbone(setup.spec, setup.weights, setup.size), load_head(setup.config, setup.meta)
 
 
-def _cut_blocks(setup):
-    return setup.cache.fingerprint["cut"]["blocks"]
-
-
 class CacheSource:
     """The hooks train.py calls for a run from the cache (build, dataset, validate, export)."""
+
+    def cut_blocks(self, setup):
+        """Blocks above the cut the model starts from: the cache's cut."""
+        return setup.cache.fingerprint["cut"]["blocks"]
 
     def build(self, setup):
         """(compiled model on cut activations, the head inside it, names of the trainable layers,
@@ -69,7 +69,7 @@ class CacheSource:
         c = setup.config
         backbone, head = _backbone_and_head(setup)
         trainable = unfreeze(backbone, head, setup.spec, c.trainable_blocks)
-        _, top = split_backbone(backbone, setup.spec, _cut_blocks(setup))
+        _, top = split_backbone(backbone, setup.spec, self.cut_blocks(setup))
         inputs = keras.Input(tuple(top.input.shape[1:]), name="cut")
         model = keras.Model(inputs, head(top(inputs, training=False)), name="finetuned_from_cache")
         compile_model(model, backbone, setup.spec, c, setup.steps)
@@ -150,7 +150,7 @@ class CacheSource:
         trained_top = next(layer for layer in trained.layers if layer.name == "top_part")
         # Layer by layer in the order the same construction gives (unnamed layers such as
         # Xception's conv2d_N are numbered per process, so names cannot be matched).
-        _, top = split_backbone(backbone, setup.spec, _cut_blocks(setup))
+        _, top = split_backbone(backbone, setup.spec, self.cut_blocks(setup))
         pairs = list(zip(top.layers, trained_top.layers))
         if len(top.layers) != len(trained_top.layers) or any(
                 type(a) is not type(b) or [w.shape for w in a.weights] != [w.shape for w in b.weights]

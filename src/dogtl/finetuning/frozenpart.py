@@ -36,6 +36,10 @@ class FrozenPartSource(CacheSource):
     def __init__(self):
         self._forward = None
 
+    def cut_blocks(self, setup):
+        """The frozen part ends below the trainable blocks (the cache may hold no cut at all)."""
+        return setup.config.trainable_blocks
+
     def forward(self, setup):
         """The frozen part on the runtime, converted (or loaded from the conversion cache) once."""
         if self._forward is None:
@@ -43,7 +47,7 @@ class FrozenPartSource(CacheSource):
             from dogtl.core.runtimes import frozen_forward
             from dogtl.features.cut import split_backbone
 
-            n = setup.config.trainable_blocks
+            n = self.cut_blocks(setup)
             frozen, _ = split_backbone(build_backbone(setup.spec, setup.weights, setup.size), setup.spec, n)
             self._forward = frozen_forward(frozen, runtime=setup.config.runtime, precision=setup.config.precision,
                                            label=f"{setup.spec.name}-{setup.size}-below{n}")
