@@ -299,7 +299,10 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Mom
         if filler is not None:
             filler.unlink()
         if interrupted:  # the same command again, to finish the work
-            rerun = dogtl(argv, folder, timeout=limit)
+            try:
+                rerun = dogtl(argv, folder, timeout=limit)
+            except subprocess.TimeoutExpired:  # a row goes on; what was left is in the folder
+                return Outcome(interrupted, clean, False, False, False, f"the rerun ran past {limit:.0f} s")
             (folder / "rerun.stderr").write_text(rerun.stderr)
         else:  # it finished before the fault: a rerun would (rightly) refuse to overwrite
             rerun = process

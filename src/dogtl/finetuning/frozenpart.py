@@ -53,9 +53,10 @@ class FrozenPartSource(CacheSource):
                                            label=f"{setup.spec.name}-{setup.size}-below{n}")
         return self._forward
 
-    @property
-    def runtime(self) -> str | None:
-        return self._forward.runtime if self._forward else None
+    def runtime(self, setup) -> str:
+        """The runtime the frozen part runs on, for the metadata: asked of the converted part even
+        when nothing ran here (a rerun that resumes after the last epoch trains nothing)."""
+        return self.forward(setup).runtime
 
     def batches(self, setup, epochs):
         from dogtl.finetuning.data import training_batches
