@@ -9,7 +9,7 @@ import pytest
 
 from conftest import assert_clean_error, run_cli
 from dogtl.core.errors import DogtlError
-from dogtl.head.lrfind import LRFindConfig, lr_find, smooth, suggest
+from dogtl.head.lrfind import LRFindConfig, diverged_at, lr_find, smooth, suggest
 from dogtl.features.synthetic import write_feature_cache
 
 
@@ -51,6 +51,13 @@ def test_smooth_and_suggest():
     lrs = 10.0 ** np.arange(-5, 1)
     at_min, base, top = suggest(lrs, np.array([3.0, 2.0, 1.0, 0.5, 2.0, 9.0]))
     assert (at_min, top, base) == pytest.approx((1e-2, 1e-3, 1e-4))
+
+
+def test_divergence_is_judged_after_the_lowest_loss():
+    """Easy data: the first batches' losses stand far above the minimum reached a few steps
+    later (a newcomer's 192 images: 'diverged at once' from 1e-07). That is not divergence."""
+    assert diverged_at(np.array([1.6, 1.2, 0.6, 0.3, 0.25, 0.3, 0.32, 0.3, 0.31, 0.35])) is None
+    assert diverged_at(np.array([1.6, 0.6, 0.3, 0.25, 0.5, 1.2, 3.0])) == 5  # 1.2 > 4 x 0.25, after it
 
 
 @pytest.mark.parametrize("changes, needle", [

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from dogtl.cli.common import friendly_errors
+from dogtl.cli.common import chosen_model, friendly_errors, model_argument, model_option
 from dogtl.core.errors import SettingError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -17,7 +17,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 @friendly_errors
 def bot_cmd(
-    model: Path = typer.Argument(Path("models/finetuned.keras"), help="Any model dogtl serve serves: a fine-tuned or head model (.keras, with its .json beside it)."),
+    model: Optional[Path] = model_argument("Any model dogtl serve serves: a fine-tuned or head model (.keras, with its .json beside it), or an ONNX / OpenVINO export"),
+    model_opt: Optional[Path] = model_option(),
     telegram_token: Optional[str] = typer.Option(None, "--telegram-token", envvar="TELEGRAM_BOT_TOKEN", show_envvar=True, help="The bot's token from @BotFather. Prefer the environment variable on shared machines: a command line is visible to every user (ps)."),
     api_base: str = typer.Option("https://api.telegram.org/bot", "--api-base", help="The Bot API server, in the Bot API's own form (the token follows it): http://127.0.0.1:8081/bot for a self-hosted telegram-bot-api. Files are fetched from /file/bot on the same host."),
     top: int = typer.Option(3, help="Classes named in each reply (alternatives under 1% are left out)."),
@@ -46,7 +47,7 @@ def bot_cmd(
                            min_confidence=min_confidence, max_file_mb=max_file_mb)
     with _logging_without(token, log_level):
         username = check_connection(token, api_base)  # a bad token fails before the model loads
-        sm = load_serving_model(model, weights)
+        sm = load_serving_model(chosen_model(model, model_opt), weights)
         bot = BreedBot(sm, settings)
         typer.echo(f"@{username} answers with {sm.name} ({len(sm.classes)} classes); Ctrl-C to stop")
         bot.run(token, api_base)

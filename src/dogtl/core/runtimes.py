@@ -421,14 +421,17 @@ def _probe(model) -> list[np.ndarray]:
 
 
 def _convert(model, runtime: str, folder: Path) -> None:
-    """Keras's own exporters; any failure is a ConversionError naming its first line."""
+    """Keras's own exporters; any failure is a ConversionError naming its first line (tf2onnx
+    and OpenVINO's converters print pages of notes on file descriptor 2: kept off it)."""
     import warnings
+
+    from dogtl.core.quiet import native_stderr_silenced
 
     probe = _probe(model)
     model(probe if len(probe) > 1 else probe[0], training=False)  # Keras's ONNX export wants a called model
     target = folder / _FILES[runtime][0]
     try:
-        with warnings.catch_warnings(), _quiet_stderr(), _logging_kept() as said:
+        with warnings.catch_warnings(), native_stderr_silenced(), _logging_kept() as said:
             warnings.simplefilter("ignore")
             model.export(str(target), format="onnx" if runtime == "onnxruntime" else "openvino", verbose=False)
     except Exception as e:  # converters raise many types for ops they do not support
@@ -454,22 +457,6 @@ def _keep_model_outputs(path: Path, count: int) -> None:
         for name in ("model.xml", "model.bin"):
             (path.parent / name).unlink()
         ov.save_model(kept, str(path), compress_to_fp16=False)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """tf2onnx and OpenVINO's converters print pages of notes on file descriptor 2."""
-    if os.environ.get("DOGTL_TF_VERBOSE"):
-        yield
-        return
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 @contextlib.contextmanager

@@ -52,6 +52,15 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, float, float]
     return at_min, max_lr / 10, max_lr
 
 
+def diverged_at(smoothed: np.ndarray) -> int | None:
+    """The first step after the lowest smoothed loss where it exceeds DIVERGED times that lowest,
+    or None. Steps before the lowest do not count: on small, easy data the first batches' losses
+    often stand far above the minimum reached a few steps later, which is noise, not divergence."""
+    low = int(np.argmin(smoothed))
+    above = np.flatnonzero(smoothed[low:] > DIVERGED * smoothed[low])
+    return low + int(above[0]) if len(above) else None
+
+
 def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.ndarray, num_classes: int,
                start_lr: float, end_lr: float, steps: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """(rates, losses, diverged): one training step per rate, rates growing exponentially."""
@@ -77,8 +86,7 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
         if not finite.all():
             cut = int(np.argmin(finite))
             losses, diverged = losses[:cut], True
-        elif len(losses) >= 10 and smoothed[-1] > DIVERGED * smoothed.min():
-            cut = int(np.argmax(smoothed > DIVERGED * smoothed.min()))
+        elif len(losses) >= 10 and (cut := diverged_at(smoothed)) is not None:
             losses, diverged = losses[:cut + 1], True
     lrs = start_lr * rate ** np.arange(len(losses))
     return lrs, np.asarray(losses), diverged
