@@ -299,7 +299,10 @@ def one_run(command: Command, fault: str, paths: dict, folder: Path, moment: Mom
         if filler is not None:
             filler.unlink()
         if interrupted:  # the same command again, to finish the work
-            rerun = dogtl(argv, folder, timeout=limit)
+            try:
+                rerun = dogtl(argv, folder, timeout=limit)
+            except subprocess.TimeoutExpired:  # a row goes on; what was left is in the folder
+                return Outcome(interrupted, clean, False, False, False, f"the rerun ran past {limit:.0f} s")
             (folder / "rerun.stderr").write_text(rerun.stderr)
         else:  # it finished before the fault: a rerun would (rightly) refuse to overwrite
             rerun = process
@@ -429,9 +432,12 @@ def main(argv=None):
         for fault in faults:
             moments = draw_moments(rng, args.runs, timing)
             limit = max(900.0, 5 * timing.seconds)  # a loaded machine may be slower still
+            def run(im):  # each run's outcome as it comes (a long row stopped early keeps them)
+                outcome = one_run(command, fault, paths, root / slug / f"{fault}-{im[0]}", im[1], reference, limit)
+                print(f"    {fault}-{im[0]} at {im[1]} s: {outcome}", flush=True)
+                return outcome
             with ThreadPoolExecutor(args.jobs) as pool:
-                outcomes = list(pool.map(lambda im: one_run(command, fault, paths, root / slug / f"{fault}-{im[0]}",
-                                                            im[1], reference, limit), enumerate(moments)))
+                outcomes = list(pool.map(run, enumerate(moments)))
             row = {"command": command.name, "fault": fault, "runs": len(outcomes),
                    **{k: sum(getattr(o, k) for o in outcomes) for k in ("interrupted", "clean", "resumed",
                                                                       "identical", "tidy", "late")},

@@ -52,3 +52,45 @@ def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     probs, ok = predict_images(model, split["paths"], spec, size)
     assert ok.all()
     assert abs(scores(split["labels"], probs)["val_log_loss"] - result.after["val_log_loss"]) < 1e-3, val
+
+
+
+def _frozen_part_setup(stage3, tmp_path):
+    """train.Setup of `finetune --trainable-blocks 1 --runtime openvino` from images, and its model."""
+    from dogtl.core.locks import writes
+    from dogtl.core.runtimes import installed
+    from dogtl.finetuning.frozenpart import FrozenPartSource
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.finetuning.train import prepare
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed (pip install openvino, a dogtl dependency); .ci/run installs it")
+
+    @writes  # as finetune does: prepare locks the output
+    def build():
+        setup = prepare(FinetuneConfig(data=str(stage3.data), head=str(stage3.head), out=str(tmp_path / "ft.keras"),
+                                       trainable_blocks=1, runtime="openvino", precision="float32"), None)
+        assert isinstance(setup.source, FrozenPartSource)
+        return setup, setup.source.build(setup)
+    return build()
+
+
+def test_frozen_part_model_starts_above_the_trainable_blocks_from_a_cache_without_a_cut(stage3, tmp_path):
+    """Found by benchmarks/faults.py: `finetune --trainable-blocks 1` with --runtime auto (OpenVINO
+    here) read the cut from the head's cache, which has none (KeyError 'cut', reported as a bug)."""
+    from dogtl.core.models import build_backbone
+    from dogtl.features.cut import cut_tensor
+
+    setup, (model, _, trainable, _) = _frozen_part_setup(stage3, tmp_path)
+    assert "cut" not in setup.cache.fingerprint
+    below_top_block = cut_tensor(build_backbone(setup.spec, setup.weights, setup.size), setup.spec, 1)
+    assert tuple(model.input.shape[1:]) == tuple(below_top_block.shape[1:])
+    assert trainable
+
+
+@pytest.mark.slow
+def test_frozen_part_runtime_is_known_before_anything_ran(stage3, tmp_path):
+    """Found by benchmarks/faults.py: a rerun resumed after the last epoch (nothing to train, the
+    frozen part never ran) left frozen_part_runtime out of the model's metadata."""
+    setup, _ = _frozen_part_setup(stage3, tmp_path)
+    assert setup.source.runtime(setup) == "openvino"

@@ -49,15 +49,16 @@ class FrozenPartSource(CacheSource):
             from dogtl.core.runtimes import frozen_forward
             from dogtl.features.cut import split_backbone
 
-            n = setup.config.trainable_blocks
+            n = self.cut_blocks(setup)
             frozen, _ = split_backbone(build_backbone(setup.spec, setup.weights, setup.size), setup.spec, n)
             self._forward = frozen_forward(frozen, runtime=setup.config.runtime, precision=setup.config.precision,
                                            label=f"{setup.spec.name}-{setup.size}-below{n}")
         return self._forward
 
-    @property
-    def runtime(self) -> str | None:
-        return self._forward.runtime if self._forward else None
+    def runtime(self, setup) -> str:
+        """The runtime the frozen part runs on, for the metadata: asked of the converted part even
+        when nothing ran here (a rerun that resumes after the last epoch trains nothing)."""
+        return self.forward(setup).runtime
 
     def batches(self, setup, epochs):
         from dogtl.finetuning.data import training_batches

@@ -301,7 +301,7 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
         "feature_dim": setup.spec.feature_dim, "cache": str(setup.cache.path),
         "cache_fingerprint": setup.cache.fingerprint, "head": str(setup.config.head),
         "settings": asdict(setup.config), "metrics": metrics, "trainable_layers": state.trainable_layers,
-        **({"frozen_part_runtime": setup.source.runtime} if getattr(setup.source, "runtime", None) else {}),
+        **({"frozen_part_runtime": setup.source.runtime(setup)} if hasattr(setup.source, "runtime") else {}),
         "augmentation": setup.augmentation.as_dict() if setup.augmentation else None,  # what --augment meant
     }
     history_path = setup.out.with_suffix(".history.csv")
