@@ -121,7 +121,7 @@ def bare_forward(args, batches: int):
 def worker_bare(args) -> dict:
     import numpy as np
 
-    from dogtl.core.precision import computing_in, resolve
+    from dogtl.core.precision import computing_in
 
     model, batches, timed = bare_forward(args, 2)
     reference = np.asarray(model(batches[0], training=False), np.float64)  # float32 features
