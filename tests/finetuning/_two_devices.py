@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-EXTRACT = dict(backbone="mobilenet_v2", image_size=48, passes=1, tta_passes=1, batch_size=8, val_fraction=0.25,
+EXTRACT = dict(backbone="mobilenet_v2", image_size=48, passes=1, tta_passes=1, batch_size=8, val_fraction=0.25, seed=0,
                dtype="float32")  # the settings of _stage3.build_pipeline
 FINETUNE = dict(trainable_blocks=2, optimizer="sgd", schedule="constant", augment="cache", epochs=1, batch_size=8,
                 base_lr=3e-3, patience=5)
