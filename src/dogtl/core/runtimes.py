@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dogtl.core.errors import DogtlError, SettingError
+from dogtl.core.files import file_sha256
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "tensorflow", "onnxruntime", "openvino")
@@ -362,7 +363,7 @@ def converted(model, runtime: str, label: str, cache_dir: str | Path | None = No
             started = time.perf_counter()
             _convert(model, runtime, tmp)
             check = _check(model, runtime, tmp)
-            entry = {"key": key, "files": {name: _sha256(tmp / name) for name in _FILES[runtime]},
+            entry = {"key": key, "files": {name: file_sha256(tmp / name) for name in _FILES[runtime]},
                      "check": check, "seconds": round(time.perf_counter() - started, 1)}
             (tmp / "entry.json").write_text(json.dumps(entry, indent=1, sort_keys=True))
             os.replace(tmp, folder)
@@ -384,7 +385,7 @@ def entry_problem(folder: Path, key: dict) -> str | None:
         return "stale (made for another model or converter version)"
     for name, sha in (entry.get("files") or {}).items():
         try:
-            if _sha256(folder / name) != sha:
+            if file_sha256(folder / name) != sha:
                 return f"damaged ({name} changed)"
         except OSError:
             return f"damaged ({name} missing)"
@@ -395,14 +396,6 @@ def entry_problem(folder: Path, key: dict) -> str | None:
 
 def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:60]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
