@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     import keras
 
     from dogtl.data.augment import AugmentConfig
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.finetuning.data import training_dataset
     from dogtl.data.synthetic import make_kaggle_dataset
 

@@ -97,7 +97,7 @@ def _fresh_dir(config: DemoConfig) -> Path:
 def _extract(config: DemoConfig, data: Path, root: Path, say: Note):
     """Stage one with ImageNet weights when they can be had, else a random backbone whose
     BatchNorm statistics come from the demo images: (summary, weights used)."""
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.extract import ExtractConfig, extract_features
 
     spec = get_backbone(config.backbone)

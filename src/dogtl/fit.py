@@ -116,7 +116,7 @@ def choose_image_size(data: str, backbone: str, requested: int | None) -> tuple[
     from PIL import Image
 
     from dogtl.data.folders import load_dataset
-    from dogtl.features.backbones import check_image_size, get_backbone
+    from dogtl.core.backbones import check_image_size, get_backbone
 
     spec = get_backbone(backbone)
     if requested is not None:

@@ -260,7 +260,7 @@ CANNOT = {("convnext_tiny", "onnxruntime"): "Erfc"}  # tf2onnx has no rule for G
 def test_backbones_convert_or_fall_back_as_documented(backbone, runtime, tmp_path):
     from dogtl.core.models import build_backbone, calibrate_batchnorm
     from dogtl.core.runtimes import agreement, frozen_forward
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     _needs(runtime)
     spec = get_backbone(backbone)

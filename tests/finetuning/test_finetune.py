@@ -11,7 +11,7 @@ import pytest
 from _stage3 import copy_head
 from conftest import CHEAP_BACKBONES, assert_clean_error, run_cli
 
-from dogtl.features.backbones import get_backbone
+from dogtl.core.backbones import get_backbone
 from dogtl.core.errors import DogtlError
 
 

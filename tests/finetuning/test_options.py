@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dogtl.core.errors import DogtlError
-from dogtl.features.backbones import get_backbone
+from dogtl.core.backbones import get_backbone
 
 SPEC = get_backbone("mobilenet_v2")
 

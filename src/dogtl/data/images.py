@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from dogtl.data.augment import AugmentConfig, augment, image_seed
-from dogtl.features.backbones import BackboneSpec
+from dogtl.core.backbones import BackboneSpec
 
 MAX_PIXELS = 40_000_000  # decoded pixels (e.g. 8000 x 5000); ~0.5 GB as float32 RGB
 TOO_LARGE = "image too large"

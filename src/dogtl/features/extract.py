@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from dogtl.data.augment import AugmentConfig
-from dogtl.features.backbones import check_image_size, get_backbone
+from dogtl.core.backbones import check_image_size, get_backbone
 from dogtl.features.cache import (FORMAT_VERSION, IMAGE_KEY, IMAGE_LISTS, PartialCache, damage,
                                   fingerprint_differences, is_cache_file, open_cache, space_needed, write_cache)
 from dogtl.features.incremental import (Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan,

@@ -102,7 +102,7 @@ def _validation_scores(model, meta: dict) -> dict | None:
     """Validation accuracy and log loss of a head model on its cache(s); None for image models or
     when the cache is not found."""
     from dogtl.core.modelinfo import open_model_cache
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
 
     if meta.get("kind") != "head":
         return None
@@ -160,7 +160,7 @@ def ensemble_of_trials(cache, configs, out, force: bool = True, stop=None, on_me
     trains (cut short if need be); a later member cut short, and those after it, are left out.
     `on_member(index, FitResult)` is called as each member is kept."""
     from dogtl.core.artifacts import check_writable, save_model
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
     from dogtl.features.multicache import head_inputs
     from dogtl.head.train import fit_head, head_metadata, load_training_data
 

@@ -23,7 +23,7 @@ from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import CacheError, DogtlError
 from dogtl.core.files import atomic_paths, check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
-from dogtl.evaluation.metrics import at_chance, chance_scores, scores
+from dogtl.core.metrics import at_chance, chance_scores, scores
 from dogtl.features.signal import spread
 from dogtl.head.settings import HeadConfig, Resolved
 

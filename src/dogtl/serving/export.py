@@ -136,7 +136,7 @@ def load_exported(path: str | Path) -> ServingModel:
     """An ONNX / OpenVINO export of `dogtl export` as a ServingModel (no Keras model inside)."""
     import json
 
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.serving.model import EXPORT_SUFFIXES, ImageInput
 
     path = Path(path)

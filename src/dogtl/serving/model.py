@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dogtl.core.errors import DogtlError
-from dogtl.features.backbones import BackboneSpec
+from dogtl.core.backbones import BackboneSpec
 
 
 EXPORT_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
