@@ -71,7 +71,7 @@ class Checkpoints:
 
     @classmethod
     def beside(cls, out: Path, identity: dict) -> "Checkpoints":
-        from dogtl.core.files import progress_folder
+        from dogtl.core.temporaries import progress_folder
 
         return cls(progress_folder(out), json.loads(json.dumps(identity)))
 

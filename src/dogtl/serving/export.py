@@ -25,7 +25,8 @@ import numpy as np
 
 from dogtl.core.diskspace import require_free_space
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import atomic_path, check_overwrite, make_folder, temporary_sibling, write_text_atomic
+from dogtl.core.files import atomic_path, check_overwrite, make_folder, write_text_atomic
+from dogtl.core.temporaries import temporary_sibling
 from dogtl.core.locks import artifact_lock
 from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
 
