@@ -216,26 +216,25 @@ def _report(found: dict[str, list[str]]) -> str:
     return "\n".join(f"{kind} ({len(items)}):\n  " + "\n  ".join(items) for kind, items in found.items() if items)
 
 
+def _check(kind: str) -> None:
+    found = findings(SRC)[kind]
+    assert not found, _report({kind: found})
+
+
 def test_layers_point_one_way():
-    found = findings(SRC)
-    assert not found["imports from a lower layer to a higher one"], _report(found)
+    _check("imports from a lower layer to a higher one")
 
 
 def test_no_import_cycles_between_files():
-    found = findings(SRC)
-    assert not found["import cycles between files"], _report(found)
+    _check("import cycles between files")
 
 
 def test_local_imports_of_dogtl_modules_say_why():
-    found = findings(SRC)
-    kind = "function-local imports of dogtl modules without a `# local: <reason>` comment"
-    assert not found[kind], _report({kind: found[kind]})
+    _check("function-local imports of dogtl modules without a `# local: <reason>` comment")
 
 
 def test_light_modules_are_imported_at_the_top():
-    found = findings(SRC)
-    kind = "function-local imports of light modules without a `# local: <reason>` comment"
-    assert not found[kind], _report({kind: found[kind]})
+    _check("function-local imports of light modules without a `# local: <reason>` comment")
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:

@@ -9,6 +9,7 @@ MAX_PIXELS is refused as unreadable instead of exhausting memory.
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -22,8 +23,6 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def preprocess_fn(spec: BackboneSpec):
-    import importlib
-
     return importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
 
 

@@ -15,9 +15,12 @@ metadata (classes, inputs, name) in `.json` beside it, which `dogtl serve OUT` r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,11 @@ from dogtl.core.errors import DogtlError
 from dogtl.core.files import atomic_path, check_overwrite, make_folder, write_text_atomic
 from dogtl.core.temporaries import temporary_sibling
 from dogtl.core.locks import artifact_lock
-from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
+from dogtl.core.modelinfo import open_model_cache, split_paths
+from dogtl.core.quiet import native_stderr_silenced
+from dogtl.core.runtimes import ConversionError, converted, file_forward, require
+from dogtl.data.images import decode_error, load_image
+from dogtl.serving.model import ServingModel, encoded_batch_fn, encoded_to_pixels, pixel_model, pixels_to_inputs
 
 log = logging.getLogger(__name__)
 FORMATS = ("savedmodel", "tflite", "onnx", "openvino")
@@ -101,11 +108,6 @@ def metadata_path(model_path: str | Path) -> Path:
 
 def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool = False) -> Path:
     """Write OUT (.onnx, or .xml with its .bin) and its labels and metadata files beside it."""
-    import json
-
-    from dogtl.core.runtimes import ConversionError, require, converted
-    from dogtl.serving.model import pixel_model
-
     out, runtime = Path(out), RUNTIME_OF[fmt]
     if out.suffix != SUFFIX[fmt]:
         raise DogtlError(f"--out {out}: an {fmt} model file must end in {SUFFIX[fmt]}")
@@ -139,9 +141,6 @@ def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "au
     both see the same decoded pixels, so the difference is the conversion's alone."""
     import tensorflow as tf
 
-    from dogtl.core.runtimes import file_forward
-    from dogtl.serving.model import encoded_to_pixels
-
     kept = [p for p in paths if _readable(p)]
     keras_probs = _keras_probabilities(sm, kept)
     forward = file_forward(path, runtime, "float32")
@@ -155,8 +154,6 @@ def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "au
 
 
 def _readable(path) -> bool:
-    from dogtl.data.images import decode_error
-
     return decode_error(path) is None
 
 
@@ -166,8 +163,6 @@ def tflite_bytes(sm: ServingModel, quantize: str = "none") -> bytes:
 
     if quantize not in QUANTIZE:
         raise DogtlError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
-    import tempfile
-
     import keras
 
     archive = keras.export.ExportArchive()
@@ -206,10 +201,6 @@ def tflite_interpreter(tflite: str | Path | bytes):
     TensorFlow's, without the deprecation warning it prints on every use (it still works in this
     TensorFlow, and the warning would only say to install LiteRT). Either prints an INFO line
     about its CPU delegate that no log level hides: kept off the screen too."""
-    import warnings
-
-    from dogtl.core.quiet import native_stderr_silenced
-
     kwargs = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -240,8 +231,6 @@ def client_pixels(paths, size: int):
     """(uint8 RGB [n, size, size, 3], kept paths): what a TFLite client feeds, decoded and resized
     as dogtl does and rounded to bytes; unreadable files are left out."""
     import tensorflow as tf
-
-    from dogtl.data.images import load_image
 
     images, kept = [], []
     for path in paths:
@@ -288,8 +277,6 @@ def validation_images(sm: ServingModel, data: str | Path | None = None, limit: i
     """Up to `limit` validation images of the model's cache in the data folder (default: the one a
     fine-tuned model was trained on, else data/); [] when either cannot be found (the caller says
     what to pass)."""
-    from dogtl.core.modelinfo import open_model_cache, split_paths
-
     data = data or sm.metadata.get("settings", {}).get("data") or "data"
     try:
         cache = open_model_cache(sm.metadata, required=False)
