@@ -120,10 +120,10 @@ def _targets(node: ast.AST, module: str, is_package: bool, modules: set[str]) ->
 
 
 def scan(root: Path, package: str = "dogtl") -> tuple[list[Import], list[tuple[str, Path, int, bool]]]:
-    """Every import of a module of `package` by a module of it, and every third-party local import."""
+    """Every import of a module of `package` by a module of it, and every function-local import of any other module."""
     files = {module_name(p, root): p for p in sorted((root / package).rglob("*.py"))}
     modules = set(files)
-    found, third_party = [], []
+    found, outside = [], []
     for module, path in files.items():
         text = path.read_text()
         lines = text.splitlines()
@@ -140,8 +140,8 @@ def scan(root: Path, package: str = "dogtl") -> tuple[list[Import], list[tuple[s
                         found.append(Import(module, target, path, node.lineno, local, commented))
                 elif local:
                     top = written.split(".")[0]
-                    third_party.append((top, path, node.lineno, top in HEAVY | OPTIONAL or commented))
-    return list(dict.fromkeys(found)), list(dict.fromkeys(third_party))
+                    outside.append((top, path, node.lineno, top in HEAVY | OPTIONAL or commented))
+    return list(dict.fromkeys(found)), list(dict.fromkeys(outside))
 
 
 def upward(imports: list[Import], package: str = "dogtl") -> list[Import]:
@@ -199,7 +199,7 @@ def uncommented_local(imports: list[Import]) -> list[Import]:
 
 
 def findings(root: Path, package: str = "dogtl") -> dict[str, list[str]]:
-    imports, third_party = scan(root, package)
+    imports, outside = scan(root, package)
     return {
         "imports from a lower layer to a higher one": [
             f"{i.where(root)} {i.source} -> {i.target}" for i in upward(imports, package)],
@@ -208,7 +208,7 @@ def findings(root: Path, package: str = "dogtl") -> dict[str, list[str]]:
         "function-local imports of dogtl modules without a `# local: <reason>` comment": [
             f"{i.where(root)} {i.source} -> {i.target}" for i in uncommented_local(imports)],
         "function-local imports of light modules without a `# local: <reason>` comment": [
-            f"{path.relative_to(root)}:{line} {name}" for name, path, line, ok in third_party if not ok],
+            f"{path.relative_to(root)}:{line} {name}" for name, path, line, ok in outside if not ok],
     }
 
 
