@@ -6,7 +6,7 @@ Four stages, each a plain stage function called with keyword arguments (so fit a
 their current defaults), each within its share of the budget by a deadline it checks:
 
 1. extract   the frozen backbone once over every image, clean + augmented passes (stage 1);
-2. head      `train-head --auto`'s search (head/auto.py), its best trial retrained as one head;
+2. head      `train-head --auto`'s search (sweeps/auto.py), its best trial retrained as one head;
 3. finetune  the backbone and that head together on the images (stage 3), for as many
              epochs as the measured speed fits in the time left;
 4. evaluate  the fine-tuned model on the validation images (accuracy, log loss, per class).
@@ -253,7 +253,7 @@ def _extract(config, state, size, end, started, progress, say) -> dict:
 
 
 def _head(config, state, end, progress, say, choices) -> dict:
-    from dogtl.head.auto import auto_train
+    from dogtl.sweeps.auto import auto_train
 
     done = state.stage("head")
     if done:
