@@ -43,7 +43,8 @@ def test_auto_keeps_a_tiny_budget_on_its_own_clock(cache, tmp_path):
 
 
 def test_a_search_stopped_midway_resumes_without_retraining_finished_trials(cache, tmp_path):
-    from dogtl.sweeps.auto import AUTO_FIRST, auto_train
+    from dogtl.sweeps.auto import auto_train
+    from dogtl.sweeps.autosearch import AUTO_FIRST
 
     out = tmp_path / "auto.keras"
 
