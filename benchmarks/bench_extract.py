@@ -95,7 +95,7 @@ def bare_forward(args, batches: int):
 
     from dogtl.core.models import build_backbone
     from dogtl.core.runtimes import frozen_forward
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone(args.backbone)
     model = build_backbone(spec, "none", args.image_size)
@@ -199,7 +199,7 @@ def worker_prep(args) -> dict:
     """The pipeline without the model: what decoding, augmentation and batching cost alone."""
     from dogtl.data.folders import load_dataset
     from dogtl.data.images import multi_pass_dataset
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.extract import ExtractConfig
 
     defaults = ExtractConfig()  # the seed and augmentation the pipeline worker extracts with
@@ -227,7 +227,7 @@ def worker_side_by_side(args) -> dict:
 
     from dogtl.core.models import build_backbone
     from dogtl.core.runtimes import frozen_forward
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone(args.backbone)
     model = build_backbone(spec, "none", args.image_size)
@@ -270,7 +270,7 @@ def worker_cosine(args) -> dict:
     from dogtl.core.conversions import agreement
     from dogtl.core.runtimes import frozen_forward
     from dogtl.data.images import image_dataset
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone("mobilenet_v2")
     model = build_backbone(spec, str(WEIGHTS), args.image_size)

@@ -95,7 +95,7 @@ def online_seconds_per_image(folder: Path, jpeg_size: int, image_size: int, num_
     import tensorflow as tf
 
     from dogtl.data.augment import AugmentConfig
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.data.images import image_dataset
     from dogtl.core.models import build_backbone, build_head, compose
     from dogtl.data.synthetic import make_kaggle_dataset

@@ -90,7 +90,7 @@ def plain_keras_record(folder: Path, head: Path, weights: Path, head_epochs: int
     from dogtl.core.artifacts import load_metadata
     from dogtl.core.modelinfo import split_paths
     from dogtl.data.folders import load_dataset
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
     from dogtl.features.cache import open_cache
 
     load0, t = os.getloadavg(), time.perf_counter()

@@ -96,7 +96,7 @@ def plain_keras(data: Path, cache: Path, weights: Path, size: int, hflip: bool, 
     import tensorflow as tf
 
     from dogtl.data.folders import load_dataset
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
     from dogtl.features.cache import open_cache
 
     c = open_cache(cache)

@@ -27,7 +27,7 @@ class Pipeline:
 
 
 def head_metadata(cache, backbone: str, size: int, cache_path) -> dict:
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone(backbone)
     return {"kind": "head", "classes": list(cache.classes), "backbone": spec.name,
@@ -41,7 +41,7 @@ def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE, **ext
     import keras
 
     from dogtl.core import artifacts
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.cache import open_cache
     from dogtl.features.extract import ExtractConfig, extract_features
     from dogtl.data.images import image_dataset

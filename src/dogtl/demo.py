@@ -22,7 +22,7 @@ from dogtl.core.errors import DogtlError
 from dogtl.data.synthetic import make_kaggle_dataset
 from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
 from dogtl.evaluation.predict import PredictConfig, predict_submission
-from dogtl.features.backbones import get_backbone
+from dogtl.core.backbones import get_backbone
 from dogtl.features.extract import ExtractConfig, extract_features
 from dogtl.features.random_backbone import calibrate_random_backbone
 from dogtl.finetuning.settings import FinetuneConfig

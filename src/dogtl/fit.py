@@ -37,17 +37,20 @@ from typing import Callable
 from PIL import Image
 
 from dogtl.core.artifacts import check_writable
+from dogtl.core.backbones import check_image_size, get_backbone
 from dogtl.core.budget import Deadline, format_seconds
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import check_overwrite
+from dogtl.data.augment import AugmentConfig
 from dogtl.data.folders import load_dataset
-from dogtl.features.backbones import check_image_size, get_backbone
+from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+from dogtl.features.extract import ExtractConfig, extract_features
 from dogtl.finetuning.checkpoints import finished_epochs
+from dogtl.finetuning.settings import FinetuneConfig
+from dogtl.finetuning.train import finetune
 from dogtl.fitstate import FitState, publish, written_model
 from dogtl.sweeps.auto import auto_train
 
-# local: `import dogtl` in the stages: the public stage functions, so that fit runs their current
-# defaults (dogtl.api imports this module only when fit is called).
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
 
@@ -185,8 +188,6 @@ def fit(config: FitConfig, progress: Progress | None = None, started: float | No
 
 
 def _extract(config, state, size, end, started, progress, say) -> dict:
-    import dogtl
-
     done = state.stage("extract")
     if done:
         say(f"extract: reusing {done['cache']} ({done['images']} images)")
@@ -202,9 +203,10 @@ def _extract(config, state, size, end, started, progress, say) -> dict:
             raise _Stop(done_, total)
 
     try:
-        s = dogtl.extract_features(config.data, cache, backbone=config.backbone, weights=config.weights,
-                                   image_size=size, passes=config.passes, val_fraction=config.val_fraction,
-                                   seed=config.seed, hflip=config.hflip, progress=bar, **AUGMENTATION)
+        s = extract_features(ExtractConfig(
+            data=str(config.data), cache=str(cache), backbone=config.backbone, weights=config.weights,
+            image_size=size, passes=config.passes, val_fraction=config.val_fraction, seed=config.seed,
+            augmentation=AugmentConfig(hflip=config.hflip, **AUGMENTATION)), progress=bar)
     except _Stop as e:
         finished, total = e.args
         raise DogtlError(f"--budget {format_seconds(config.budget)}: extracting the features took "
@@ -252,8 +254,6 @@ def plan_epochs(seconds: float, train_images: int, val_images: int, rate: float)
 
 
 def _finetune(config, state, end, extract, head, progress, say, choices) -> dict:
-    import dogtl
-
     done = state.stage("finetune")
     if done:
         say(f"finetune: reusing {done['model']} (val log loss {done['metrics']['val_log_loss']:.4f})")
@@ -292,13 +292,13 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         last[0] = time.time()
 
     try:
-        r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=images, report=report)
+        r = finetune(_finetune_config(config, head, out, epochs), progress=images, report=report)
     except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
         done_epochs = finished_epochs(out)
         if not done_epochs:
             return _no_finetuning(head, say, "the budget ended before the first fine-tuning epoch did")
         say(f"finetune: stopped by the budget after epoch {done_epochs} of {epochs}; writing the best epoch")
-        r = dogtl.finetune(config.data, head["model"], out, epochs=done_epochs, progress=False)
+        r = finetune(_finetune_config(config, head, out, done_epochs))
     return state.done("finetune", model=str(out), metrics=r.after, before=r.before, best_epoch=r.best_epoch,
                       epochs_run=r.epochs_run, seconds=r.seconds, evaluate_reserve=reserve)
 
@@ -320,6 +320,15 @@ def _plan_finetuning(config, state, end, head, rate: float, reserve: float, choi
     return epochs, per_epoch
 
 
+def _finetune_config(config, head, out, epochs: int) -> FinetuneConfig:
+    return FinetuneConfig(data=str(config.data), head=str(head["model"]), out=str(out), epochs=epochs)
+
+
+def _evaluate_on_images(model, data, progress=None):
+    """The validation report of `model` on the images of `data`, as `dogtl evaluate --force` writes it."""
+    return evaluate(EvaluateConfig(model=str(Path(model)), data=str(data), force=True), progress=progress)
+
+
 def _no_finetuning(head, say, why: str) -> dict:
     """The head as the model, when the budget leaves no fine-tuning; not recorded as finished, so
     that a rerun (with a larger --budget) fine-tunes, resuming what was started."""
@@ -331,10 +340,8 @@ def _no_finetuning(head, say, why: str) -> dict:
 def _measure_rate(config, head, say) -> float:
     """Images/s of the backbone on this machine now, when the extraction was found finished (not
     timed): the head on the validation images, as `evaluate` runs it."""
-    import dogtl
-
     t = time.time()
-    r = dogtl.evaluate(head["model"], data=config.data, force=True, progress=False)
+    r = _evaluate_on_images(head["model"], config.data)
     rate = r.images / max(time.time() - t, 1e-3)
     say(f"measured {rate:.1f} images/s (the head on the {r.images} validation images: accuracy "
         f"{r.accuracy:.4f}, log loss {r.log_loss:.4f})")
@@ -342,8 +349,6 @@ def _measure_rate(config, head, say) -> float:
 
 
 def _evaluate(config, state, end, tuned, progress, say) -> dict:
-    import dogtl
-
     done = state.stage("evaluate")
     if done:
         return done
@@ -355,7 +360,7 @@ def _evaluate(config, state, end, tuned, progress, say) -> dict:
         if progress:
             progress({"event": "images", "stage": "evaluate", "done": done_, "total": total})
 
-    r = dogtl.evaluate(tuned["model"], data=config.data, force=True, progress=images)
+    r = _evaluate_on_images(tuned["model"], config.data, images)
     metrics = {"val_accuracy": r.accuracy, "val_log_loss": r.log_loss, "top_k_accuracy": r.top_k_accuracy,
                "top_k": r.top_k}
     say(f"evaluate: accuracy {r.accuracy:.4f}, log loss {r.log_loss:.4f}, top-{r.top_k} {r.top_k_accuracy:.4f} "

@@ -9,8 +9,8 @@ import pytest
 
 from dogtl.core import artifacts
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import (atomic_path, atomic_paths, check_overwrite, temporary_sibling, write_json_atomic,
-                              write_text_atomic)
+from dogtl.core.files import atomic_path, atomic_paths, check_overwrite, write_json_atomic, write_text_atomic
+from dogtl.core.temporaries import temporary_sibling
 
 
 class Boom(Exception):

@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_clean_error, run_cli
 
 from dogtl.core.errors import DataError, DogtlError
-from dogtl.evaluation.metrics import clip_rows
+from dogtl.core.metrics import clip_rows
 from dogtl.evaluation.predict import PredictConfig, predict_submission, predict_top_k
 
 

@@ -82,7 +82,7 @@ def test_clean_and_augmented_passes_are_the_backbone_on_those_images(small_cache
     import tensorflow as tf
 
     from dogtl.data.augment import AugmentConfig, augment, image_seed
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.data.images import load_image, preprocess_fn
     from dogtl.core.models import build_backbone
 

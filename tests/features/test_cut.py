@@ -37,7 +37,7 @@ def test_cut_activations_equal_the_frozen_part_on_the_same_augmented_pass(cut_st
     from dogtl.data.augment import AugmentConfig
     from dogtl.data.folders import load_dataset
     from dogtl.data.images import image_dataset
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.cut import CutReader, split_backbone
 
     cache = open_cache(cut_stage3.cache)

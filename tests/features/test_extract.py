@@ -418,14 +418,14 @@ def test_local_weights_file_is_used_and_identified_by_content(synthetic_data, sm
 
 
 def test_every_backbone_builds_at_its_minimum_size_with_its_feature_dim():
-    from dogtl.features.backbones import BACKBONES
+    from dogtl.core.backbones import BACKBONES
     from dogtl.data.images import preprocess_fn
     from dogtl.core.models import build_backbone
 
     assert {"xception", "inception_v3", "resnet50", "mobilenet_v2", "efficientnet_b0"} <= set(BACKBONES)
     from conftest import CHEAP_BACKBONES
 
-    for spec in (BACKBONES[name] for name in CHEAP_BACKBONES):  # the others: tests/features/test_backbones.py
+    for spec in (BACKBONES[name] for name in CHEAP_BACKBONES):  # the others: tests/core/test_backbones.py
         model = build_backbone(spec, "none", spec.min_size)
         x = preprocess_fn(spec)(np.full((1, spec.min_size, spec.min_size, 3), 128.0, np.float32))
         assert model(x, training=False).shape == (1, spec.feature_dim), spec.name

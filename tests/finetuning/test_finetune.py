@@ -11,7 +11,7 @@ import pytest
 from _stage3 import copy_head
 from conftest import CHEAP_BACKBONES, assert_clean_error, run_cli
 
-from dogtl.features.backbones import get_backbone
+from dogtl.core.backbones import get_backbone
 from dogtl.core.errors import DogtlError
 
 
@@ -171,7 +171,7 @@ def _config(stage3, out, **kw):
 
 def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
     from dogtl.finetuning.train import finetune
-    from dogtl.head.schedules import cyclic_lr
+    from dogtl.core.schedules import cyclic_lr
 
     out = tmp_path / "ft.keras"
     seen = []
@@ -291,7 +291,7 @@ def test_config_file_values_are_used_and_the_command_line_wins_and_the_recipe_fi
 
 
 def test_schedule_triangular_cycles_between_base_and_max_lr(from_config_file):
-    from dogtl.head.schedules import cyclic_lr
+    from dogtl.core.schedules import cyclic_lr
 
     _, history = from_config_file
     assert history["lr"].tolist() == pytest.approx([cyclic_lr(3, 50, 60, 1), cyclic_lr(6, 50, 60, 1)])

@@ -18,7 +18,7 @@ def _as_resnet50(path):
     """A synthetic cache labelled as resnet50's at 32 px, so that evaluate/predict accept its heads."""
     import h5py
 
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.cache import content_digest
 
     spec = get_backbone("resnet50")

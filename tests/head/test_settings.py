@@ -52,7 +52,7 @@ def test_warmup_epochs_is_checked_like_any_setting(value, needle):
 
 
 def test_warmup_ramps_the_learning_rate_linearly():
-    from dogtl.head.schedules import cyclic_lr, warmup_lr
+    from dogtl.core.schedules import cyclic_lr, warmup_lr
     from dogtl.head.train import fit_head
 
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def test_warmup_ramps_the_learning_rate_linearly():
 
 
 def test_warmup_lr_formula():
-    from dogtl.head.schedules import warmup_lr
+    from dogtl.core.schedules import warmup_lr
 
     assert [warmup_lr(i, 1.0, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_lr(0, 0.3, 0) == 0.3
@@ -80,7 +80,7 @@ def test_warmup_lr_formula():
 def test_warmup_schedule_saves_and_loads_with_a_model():
     import keras
 
-    from dogtl.head.schedules import CyclicLR, Warmup
+    from dogtl.core.schedules import CyclicLR, Warmup
 
     for inner in (0.01, CyclicLR(1e-4, 1e-3, 10, mode="exp_range", gamma=0.999)):
         schedule = Warmup(inner, 7)

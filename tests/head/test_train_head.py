@@ -73,7 +73,7 @@ def test_outputs_and_metadata(trained, separable):
 
 def test_best_weights_are_restored_and_saved(trained, arrays):
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
 
     _, result = trained
     history = pd.read_csv(result.history_path)
@@ -93,7 +93,7 @@ def test_precision_trains_alike_and_saves_a_float32_model(separable, arrays, tmp
     """bfloat16 matmuls learn what float32 ones do; either way the saved head computes in float32
     and its validation scores are the ones reported."""
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
 
     out = tmp_path / "head.keras"
     result = train_head(HeadConfig(epochs=6, patience=0, seed=3, precision=precision, **FAST),

@@ -63,7 +63,7 @@ def model_path() -> Path:
     """A 'finetuned' dogtl model file (with metadata) on 32 px images, 4 classes."""
     from dogtl.core.artifacts import save_model
     from dogtl.core.models import build_head, compose
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone("mobilenet_v2")
     backbone = _calibrated_backbone(spec, images())

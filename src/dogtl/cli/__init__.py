@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from dogtl.core.version import __version__
+
 app = typer.Typer(
     help="Transfer learning in three stages: extract-features (frozen backbone, once) -> "
          "train-head (seconds per epoch on cached features) -> finetune.",
@@ -20,8 +22,6 @@ def versions_line() -> str:
     """dogtl's version and those of the libraries it runs on, read without importing them."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
-
-    from dogtl import __version__
 
     parts = [f"dogtl {__version__}"]
     for name in ("tensorflow", "keras"):

@@ -14,6 +14,8 @@ import time
 
 import typer
 
+from dogtl.core.version import __version__
+
 _PROCESS_STARTED: float | None = None  # set by `main`, the `dogtl` program's entry point
 _COMMAND_STARTED: float | None = None
 
@@ -164,8 +166,8 @@ def bug_report(error: BaseException) -> str:
     import platform
     import traceback
 
-    versions = []
-    for name in ("dogtl", "tensorflow", "keras", "h5py", "numpy"):
+    versions = [f"dogtl {__version__}"]
+    for name in ("tensorflow", "keras", "h5py", "numpy"):
         module = sys.modules.get(name)
         versions.append(f"{name} {getattr(module, '__version__', 'not loaded')}")
     return ("".join(traceback.format_exception(error)) +
@@ -175,8 +177,6 @@ def bug_report(error: BaseException) -> str:
 
 
 def _bug(error: BaseException):
-    import dogtl  # noqa: F401  its version in the report
-
     typer.secho(bug_report(error), err=True, nl=False)
     raise typer.Exit(1)
 

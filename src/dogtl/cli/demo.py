@@ -8,7 +8,7 @@ import typer
 
 from dogtl import api
 from dogtl.cli.common import friendly_errors
-from dogtl.features.backbones import backbone_help
+from dogtl.core.backbones import backbone_help
 
 
 @friendly_errors

@@ -11,7 +11,7 @@ from dogtl import api
 from dogtl.cli.common import ImageProgress, friendly_errors
 from dogtl.core.precision import PRECISION_HELP
 from dogtl.core.runtimes import RUNTIME_HELP
-from dogtl.features.backbones import backbone_help
+from dogtl.core.backbones import backbone_help
 
 
 @friendly_errors

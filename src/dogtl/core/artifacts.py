@@ -94,7 +94,7 @@ def load_model(path: str | Path, compile: bool = True):
     compile=False skips the optimizer (for models used only to predict or to build on)."""
     import keras
 
-    from dogtl.head import schedules  # noqa: F401  registers the cyclical LR schedule with Keras
+    from dogtl.core import schedules  # noqa: F401  # local: imports Keras; registers the LR schedules with it
 
     metadata = load_metadata(path)
     check_model_file(path, metadata)

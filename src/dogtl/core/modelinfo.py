@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.artifacts import load_metadata
-from dogtl.features.backbones import BackboneSpec, get_backbone
+from dogtl.core.backbones import BackboneSpec, get_backbone
 from dogtl.core.errors import CacheError, DogtlError
 
 KINDS = ("head", "finetuned")

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from dogtl.features.backbones import BackboneSpec
+from dogtl.core.backbones import BackboneSpec
 from dogtl.core.errors import DogtlError
 
 log = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
     """All numbers of a report from probabilities [n, C] and true labels (pure, no files)."""
     from sklearn.metrics import confusion_matrix
 
-    from dogtl.evaluation.metrics import log_loss
+    from dogtl.core.metrics import log_loss
 
     num_classes = len(classes)
     labels = np.asarray(labels)

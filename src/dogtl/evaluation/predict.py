@@ -21,7 +21,7 @@ from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submissi
 from dogtl.core.errors import DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
-from dogtl.evaluation.metrics import clip_rows
+from dogtl.core.metrics import clip_rows
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]

@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import CacheError, DamagedError, SettingError
-from dogtl.core.files import atomic_path, fixed_temporary, progress_folder, write_text_atomic
+from dogtl.core.files import atomic_path, write_text_atomic
+from dogtl.core.temporaries import fixed_temporary, progress_folder
 
 FORMAT = "dogtl-features"
 FORMAT_VERSION = 2

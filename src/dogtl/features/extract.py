@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from dogtl.data.augment import AugmentConfig
-from dogtl.features.backbones import check_image_size, get_backbone
+from dogtl.core.backbones import check_image_size, get_backbone
 from dogtl.features.cache import (FORMAT_VERSION, IMAGE_KEY, IMAGE_LISTS, PartialCache, damage,
                                   fingerprint_differences, is_cache_file, open_cache, space_needed, write_cache)
 from dogtl.features.incremental import (Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan,
@@ -28,6 +28,7 @@ from dogtl.core.errors import CacheError, DataError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
 from dogtl.core.diskspace import require_free_space
 from dogtl.core.locks import hold, writes
+from dogtl.core.version import __version__
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images done, images in total)
@@ -113,8 +114,6 @@ def versions() -> dict:
     import h5py
     import keras
     import tensorflow as tf
-
-    from dogtl import __version__
 
     return {"dogtl": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__}

@@ -155,7 +155,7 @@ def multi_image_model(path, meta: dict, weights: str | None = None):
     from dogtl.core.artifacts import load_model
     from dogtl.core.modelinfo import same_weights, backbone_weights, check_model_matches
     from dogtl.core.models import build_backbone, compose_multi, renamed
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     specs, sizes, backbones, names = [], [], [], set()
     for entry in meta["backbones"]:

@@ -71,7 +71,7 @@ class Checkpoints:
 
     @classmethod
     def beside(cls, out: Path, identity: dict) -> "Checkpoints":
-        from dogtl.core.files import progress_folder
+        from dogtl.core.temporaries import progress_folder
 
         return cls(progress_folder(out), json.loads(json.dumps(identity)))
 
@@ -109,7 +109,7 @@ class Checkpoints:
 
         from dogtl.core.files import file_sha256
         from dogtl.finetuning import optimizer  # noqa: F401  registers the layer-wise optimizers and the loss
-        from dogtl.head import schedules  # noqa: F401  registers the cyclical schedules for loading
+        from dogtl.core import schedules  # noqa: F401  registers the cyclical schedules for loading
 
         path = self.folder / name
         if name in state.hashes and file_sha256(path) != state.hashes[name]:

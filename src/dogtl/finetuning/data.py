@@ -11,7 +11,7 @@ from functools import reduce
 import numpy as np
 
 from dogtl.core.errors import DataError, SettingError
-from dogtl.evaluation.metrics import scores
+from dogtl.core.metrics import scores
 
 
 def training_augmentation(augment: str, cached: dict, from_cache: bool):

@@ -127,7 +127,7 @@ class CacheSource:
 
     def validate(self, setup, model):
         """(probabilities, scores) on the cached clean pass of the validation rows."""
-        from dogtl.evaluation.metrics import scores
+        from dogtl.core.metrics import scores
         from dogtl.evaluation.predict import inference_fn
 
         val, b = setup.split["val"], 2 * setup.config.batch_size

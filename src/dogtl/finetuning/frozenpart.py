@@ -82,7 +82,7 @@ class FrozenPartSource(CacheSource):
         """(probabilities, scores) on the clean validation images, the frozen part on the runtime."""
         from dogtl.core.errors import DataError
         from dogtl.data.images import image_dataset
-        from dogtl.evaluation.metrics import scores
+        from dogtl.core.metrics import scores
         from dogtl.evaluation.predict import inference_fn
 
         val, forward, top = setup.split["val"], self.forward(setup), inference_fn(model)

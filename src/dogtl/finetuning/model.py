@@ -66,7 +66,7 @@ def learning_rate(config: FinetuneConfig, steps_per_epoch: int):
     """The schedule of `--schedule` (see the setting's help), with `--warmup-epochs`."""
     import keras
 
-    from dogtl.head.schedules import CyclicLR, OneCycleLR, Warmup
+    from dogtl.core.schedules import CyclicLR, OneCycleLR, Warmup
 
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     if config.schedule == "cosine":

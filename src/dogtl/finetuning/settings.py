@@ -123,7 +123,7 @@ def _cycle_step_size(config, steps_per_epoch: int) -> int:
 def _cycle_gamma(config) -> float:
     """exp_range's decay per iteration: train-head's default rule, the recipe's decay per
     image at any batch size."""
-    from dogtl.head.schedules import RECIPE_GAMMA
+    from dogtl.core.schedules import RECIPE_GAMMA  # local: imports Keras; `dogtl --help` reads these settings
 
     return config.gamma if config.gamma is not None else RECIPE_GAMMA ** (config.batch_size / RECIPE_BATCH_SIZE)
 

@@ -28,7 +28,7 @@ from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
 
 if TYPE_CHECKING:
     from dogtl.data.augment import AugmentConfig
-    from dogtl.features.backbones import BackboneSpec
+    from dogtl.core.backbones import BackboneSpec
     from dogtl.features.cache import FeatureCache
 
 log = logging.getLogger(__name__)

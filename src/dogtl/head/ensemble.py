@@ -18,8 +18,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
+from dogtl.core.artifacts import check_writable, load_metadata, load_model, save_model
 from dogtl.core.errors import DogtlError
+from dogtl.core.files import check_overwrite
+from dogtl.core.metrics import scores
+from dogtl.core.modelinfo import check_metadata, check_model_matches, open_model_cache
+from dogtl.core.models import renamed
+from dogtl.features.cache import fingerprint_differences
+from dogtl.features.multicache import head_inputs
+from dogtl.head.train import fit_head, head_metadata, load_training_data
 
 # Metadata of a member that describes its own training, not the ensemble.
 MEMBER_ONLY = ("settings", "metrics", "resolved", "history", "train_images", "val_images", "passes_used",
@@ -57,8 +64,6 @@ def _binding(meta: dict) -> dict:
 
 
 def _first_difference(a: dict, b: dict) -> str:
-    from dogtl.features.cache import fingerprint_differences
-
     for key in ("kind", "classes"):
         if a[key] != b[key]:
             return key
@@ -74,8 +79,6 @@ def _first_difference(a: dict, b: dict) -> str:
 def ensemble_model(models, name: str = "ensemble"):
     """One Keras model averaging the probabilities of `models` (same input and output shapes)."""
     import keras
-
-    from dogtl.core.models import renamed
 
     first = models[0]
     shape = tuple(first.input.shape[1:])
@@ -101,9 +104,6 @@ def ensemble_metadata(first_meta: dict, members: list, member_metrics: list, met
 def _validation_scores(model, meta: dict) -> dict | None:
     """Validation accuracy and log loss of a head model on its cache(s); None for image models or
     when the cache is not found."""
-    from dogtl.core.modelinfo import open_model_cache
-    from dogtl.evaluation.metrics import scores
-
     if meta.get("kind") != "head":
         return None
     cache = open_model_cache(meta, required=False)
@@ -116,10 +116,6 @@ def _validation_scores(model, meta: dict) -> dict | None:
 
 def combine_models(paths, out, force: bool = False) -> EnsembleResult:
     """`dogtl ensemble`: average the saved models at `paths` into one model at `out`."""
-    from dogtl.core.artifacts import check_writable, load_metadata, load_model, save_model
-    from dogtl.core.files import check_overwrite
-    from dogtl.core.modelinfo import check_metadata, check_model_matches
-
     started = time.perf_counter()
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
@@ -159,11 +155,6 @@ def ensemble_of_trials(cache, configs, out, force: bool = True, stop=None, on_me
     `stop(seconds of the last epoch)` is a deadline (see `fit_head`): the first member always
     trains (cut short if need be); a later member cut short, and those after it, are left out.
     `on_member(index, FitResult)` is called as each member is kept."""
-    from dogtl.core.artifacts import check_writable, save_model
-    from dogtl.evaluation.metrics import scores
-    from dogtl.features.multicache import head_inputs
-    from dogtl.head.train import fit_head, head_metadata, load_training_data
-
     started = time.perf_counter()
     out = Path(out)
     check_writable(out, force)

@@ -88,7 +88,8 @@ def _check(config) -> None:
 
 def _resolve(config, num_rows: int) -> "Resolved":
     """The values the automatic settings take for a training set of `num_rows` images."""
-    from dogtl.head.schedules import RECIPE_GAMMA
+    # local: both import Keras, which `dogtl --help` (it reads these settings) must not load
+    from dogtl.core.schedules import RECIPE_GAMMA
     from dogtl.head.trainloop import steps_per_epoch
 
     batch = min(resolve_batch_size(config.batch_size, num_rows), num_rows)

@@ -23,7 +23,7 @@ from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import CacheError, DogtlError
 from dogtl.core.files import atomic_paths, check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
-from dogtl.evaluation.metrics import at_chance, chance_scores, scores
+from dogtl.core.metrics import at_chance, chance_scores, scores
 from dogtl.features.signal import spread
 from dogtl.head.settings import HeadConfig, Resolved
 
@@ -58,7 +58,7 @@ class HeadResult:
 
 
 def _schedule(config: HeadConfig, r: Resolved):
-    from dogtl.head.schedules import CyclicLR, Warmup
+    from dogtl.core.schedules import CyclicLR, Warmup
 
     lr = r.base_lr if config.schedule == "constant" else CyclicLR(r.base_lr, r.max_lr, r.step_size,
                                                                  mode=config.schedule, gamma=r.gamma)
@@ -71,7 +71,7 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
     (or `learning_rate`, a rate or Keras schedule, instead); its initial weights and dropout
     streams depend on `config.seed` alone."""
     from dogtl.core.models import build_head
-    from dogtl.head.schedules import make_optimizer
+    from dogtl.core.schedules import make_optimizer
 
     model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
                        dropout=config.dropout, seed=config.seed)

@@ -16,11 +16,13 @@ An ONNX or OpenVINO export (serving/export.py) is `pixel_model`: decoded float R
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dogtl.core.artifacts import metadata_path
+from dogtl.core.backbones import BackboneSpec, get_backbone
 from dogtl.core.errors import DogtlError
-from dogtl.features.backbones import BackboneSpec
 
 
 EXPORT_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
@@ -111,8 +113,6 @@ def load_serving_model(path: str | Path, weights: str | None = None) -> ServingM
 
     path = Path(path)
     if path.suffix in EXPORT_SUFFIXES:
-        from dogtl.serving.export import load_exported
-
         return load_exported(path)
     if path.is_dir():
         raise DogtlError(f"{path}: a folder; pass a dogtl model file (models/finetuned.keras or "
@@ -123,6 +123,22 @@ def load_serving_model(path: str | Path, weights: str | None = None) -> ServingM
     inputs = tuple(ImageInput(s, z) for s, z in zip(specs, sizes))
     return ServingModel(model=model, classes=[str(c) for c in meta["classes"]], inputs=inputs,
                         name=str(meta.get("name") or path.stem), path=path, metadata=meta)
+
+
+def load_exported(path: str | Path) -> ServingModel:
+    """An ONNX / OpenVINO export of `dogtl export` as a ServingModel (no Keras model inside)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DogtlError(f"{path}: no such model file")
+    try:
+        meta = json.loads(metadata_path(path).read_text())
+        inputs = tuple(ImageInput(get_backbone(i["backbone"]), int(i["size"])) for i in meta["inputs"])
+        classes = [str(c) for c in meta["classes"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DogtlError(f"{path}: cannot read its metadata {metadata_path(path)} ({e}); export the model again "
+                         "with dogtl export") from None
+    return ServingModel(model=None, classes=classes, inputs=inputs, name=str(meta.get("name") or path.stem),
+                        path=path, metadata=meta, exported=EXPORT_SUFFIXES[path.suffix])
 
 
 def encoded_batch_fn(sm: ServingModel, top_k: int = 5):

@@ -224,7 +224,7 @@ def train_fused(configs: list[HeadConfig], features, labels, train_rows: np.ndar
     return one outcome per trial, in order. `on_done(index, outcome)` is called as each
     trial finishes. With `shrink`, once half the group has stopped the rest continue in
     a smaller graph (same numbers, less wasted compute)."""
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
 
     started = time.perf_counter()
     val_rows = np.asarray(val_rows)

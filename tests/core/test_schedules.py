@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dogtl.core.errors import DogtlError
-from dogtl.head.schedules import CyclicLR, cyclic_lr, make_optimizer
+from dogtl.core.schedules import CyclicLR, cyclic_lr, make_optimizer
 
 BASE, MAX, STEP = 1e-4, 1e-3, 10
 AMP = MAX - BASE
@@ -123,3 +123,11 @@ def test_exp_range_decays_over_cycles():
     peaks = [cyclic_lr(STEP * (2 * k + 1), BASE, MAX, STEP, "exp_range", gamma=0.99) for k in range(4)]
     assert all(a > b for a, b in zip(peaks, peaks[1:]))
     assert peaks[1] - BASE == pytest.approx(AMP * 0.99 ** 30) and not math.isnan(peaks[-1])
+
+
+def test_the_cyclical_modes_are_the_head_schedules_but_constant():
+    """core.schedules names its modes itself (core imports no stage); they must stay train-head's choices."""
+    from dogtl.core.schedules import MODES
+    from dogtl.head.settings import SCHEDULES
+
+    assert MODES == tuple(s for s in SCHEDULES if s != "constant")
