@@ -126,7 +126,7 @@ def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool =
                         else "pixels"} for k, i in enumerate(sm.inputs)],
             "input": "float32 RGB pixels [N, size, size, 3], 0-255 (decoded and resized; the backbone's "
                      "preprocessing is inside)", "output": "probabilities [N, classes]",
-            "source": str(sm.path), "source_kind": sm.metadata.get("kind")}
+            "source": str(sm.path), "source_kind": sm.metadata.kind}
     write_text_atomic(metadata_path(out), json.dumps(meta, indent=1))
     write_text_atomic(labels_path(out), "".join(f"{c}\n" for c in sm.classes))
     return out
@@ -150,7 +150,7 @@ def load_exported(path: str | Path) -> ServingModel:
         raise DogtlError(f"{path}: cannot read its metadata {metadata_path(path)} ({e}); export the model again "
                          "with dogtl export") from None
     return ServingModel(model=None, classes=classes, inputs=inputs, name=str(meta.get("name") or path.stem),
-                        path=path, metadata=meta, exported=EXPORT_SUFFIXES[path.suffix])
+                        path=path, metadata=None, exported=EXPORT_SUFFIXES[path.suffix])
 
 
 def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "auto") -> ExportCheck:
@@ -308,9 +308,9 @@ def validation_images(sm: ServingModel, data: str | Path | None = None, limit: i
     """Up to `limit` validation images of the model's cache in the data folder (default: the one a
     fine-tuned model was trained on, else data/); [] when either cannot be found (the caller says
     what to pass)."""
-    from dogtl.core.modelinfo import open_model_cache, split_paths
+    from dogtl.features.modelcache import open_model_cache, split_paths
 
-    data = data or sm.metadata.get("settings", {}).get("data") or "data"
+    data = data or (sm.metadata.settings or {}).get("data") or "data"
     try:
         cache = open_model_cache(sm.metadata, required=False)
         if cache is None or not Path(data).is_dir():
