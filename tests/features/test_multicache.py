@@ -127,7 +127,7 @@ def test_ensemble_of_multi_heads_saves_loads_and_predicts_from_image_files(multi
     import tensorflow as tf
 
     from dogtl.serving.export import export_savedmodel
-    from dogtl.serving.loader import load_serving_model
+    from dogtl.serving.model import load_serving_model
 
     sm = load_serving_model(out)
     assert [i.size for i in sm.inputs] == [32, 40]

@@ -79,7 +79,7 @@ def model_path() -> Path:
 
 @functools.cache
 def serving_model():
-    from dogtl.serving.loader import load_serving_model
+    from dogtl.serving.model import load_serving_model
 
     return load_serving_model(model_path())
 

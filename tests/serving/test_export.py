@@ -129,7 +129,7 @@ def test_head_model_deploys_with_its_backbone(stage3):
     from dogtl.evaluation.predict import PredictConfig, predict_top_k
     from dogtl.serving.app import Predictor
     from dogtl.serving.export import validation_images
-    from dogtl.serving.loader import load_serving_model
+    from dogtl.serving.model import load_serving_model
 
     sm = load_serving_model(stage3.head)
     assert sm.model.input.shape[1:] == (48, 48, 3) and sm.inputs[0].spec.name == "mobilenet_v2"
@@ -195,7 +195,7 @@ def test_serve_serves_the_exported_file(runtime_export, serving_images):
     from fastapi.testclient import TestClient
 
     from dogtl.serving.app import create_app
-    from dogtl.serving.loader import load_serving_model
+    from dogtl.serving.model import load_serving_model
 
     fmt, path, _ = runtime_export
     sm = load_serving_model(path)

@@ -40,7 +40,7 @@ def bot_cmd(
     Example: TELEGRAM_BOT_TOKEN=123456:ABC... dogtl bot models/finetuned.keras
     """
     from dogtl.serving.bot import BotSettings, BreedBot, api_urls, check_connection, check_token, require_bot_extra
-    from dogtl.serving.loader import load_serving_model
+    from dogtl.serving.model import load_serving_model
 
     require_bot_extra()
     if log_level not in LOG_LEVELS:

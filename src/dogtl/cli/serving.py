@@ -37,7 +37,7 @@ def export_cmd(
     ONNX / OpenVINO: input float32 RGB pixels [N, size, size, 3] (0-255, decoded and resized; one input per backbone for a head on several caches), output probabilities; converted once (the runtimes' conversion cache, see docs/runtimes.md) and checked like TFLite. `dogtl serve export/MODEL.onnx` (or .xml) serves it.
     """
     from dogtl.serving import export as ex
-    from dogtl.serving.loader import load_serving_model
+    from dogtl.serving.model import load_serving_model
 
     if format not in ex.FORMATS:
         raise SettingError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
@@ -120,7 +120,7 @@ def serve_cmd(
 
     require_serve_extra()
     from dogtl.serving.app import create_app
-    from dogtl.serving.loader import load_serving_model
+    from dogtl.serving.model import load_serving_model
     from dogtl.serving.server import make_server
 
     sm = load_serving_model(chosen_model(model, model_opt), weights)

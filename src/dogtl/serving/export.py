@@ -132,27 +132,6 @@ def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool =
     return out
 
 
-def load_exported(path: str | Path) -> ServingModel:
-    """An ONNX / OpenVINO export of `dogtl export` as a ServingModel (no Keras model inside)."""
-    import json
-
-    from dogtl.features.backbones import get_backbone
-    from dogtl.serving.model import EXPORT_SUFFIXES, ImageInput
-
-    path = Path(path)
-    if not path.is_file():
-        raise DogtlError(f"{path}: no such model file")
-    try:
-        meta = json.loads(metadata_path(path).read_text())
-        inputs = tuple(ImageInput(get_backbone(i["backbone"]), int(i["size"])) for i in meta["inputs"])
-        classes = [str(c) for c in meta["classes"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DogtlError(f"{path}: cannot read its metadata {metadata_path(path)} ({e}); export the model again "
-                         "with dogtl export") from None
-    return ServingModel(model=None, classes=classes, inputs=inputs, name=str(meta.get("name") or path.stem),
-                        path=path, metadata=None, exported=EXPORT_SUFFIXES[path.suffix])
-
-
 def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "auto") -> ExportCheck:
     """Top-1 agreement and largest probability difference of an ONNX/OpenVINO export (run by
     `runtime` in float32) against the Keras model (dogtl's pipeline on the files) on `paths`:
