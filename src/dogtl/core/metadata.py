@@ -7,8 +7,8 @@ input: one for a head on one cache or a fine-tuned model, one per cache for a he
 On disk the first backbone's fields stay at the top level (`backbone`, `weights`, `image_size`,
 ...; `feature_dim` the model's whole input size) and `backbones` is written only for several,
 as dogtl wrote it before `format_version` existed; so older dogtl releases read new files, and
-files without `format_version` (format 1) load as format 2. Keys this dogtl does not know (a
-later release's) are kept in `extra` and written back unchanged; a later format is refused.
+files without `format_version` (format 1) load as format 2. Top-level keys this dogtl does not
+know (a later release's) are kept in `extra` and written back unchanged; a later format is refused.
 
 The "integrity" entry binds the metadata to its model against damage on disk (bit rot, a bad
 copy): the SHA-256 of the .keras file and of the metadata itself (its JSON without that entry).
