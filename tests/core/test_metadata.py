@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+from conftest import assert_clean_error, run_cli
 
 from dogtl.core.errors import DamagedError, DogtlError
 from dogtl.core.files import json_text
@@ -86,6 +87,8 @@ def test_a_later_format_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(DamagedError, match="damaged metadata"):
         ModelMetadata.from_dict({**OLD_HEAD, "format_version": "two"})
+    assert_clean_error(run_cli("evaluate", "--model", model, "--out", tmp_path / "e"),
+                       f"metadata format {FORMAT_VERSION + 1} is newer than this dogtl reads")
 
 
 def test_keys_of_a_later_release_are_kept(tmp_path):
