@@ -26,14 +26,16 @@ class Pipeline:
     head: Path
 
 
-def head_metadata(cache, backbone: str, size: int, cache_path) -> dict:
+def head_metadata(cache, backbone: str, size: int, cache_path):
+    """A head's metadata in the first format (one backbone's fields at the top level), upgraded."""
+    from dogtl.core.metadata import ModelMetadata
     from dogtl.core.backbones import get_backbone
 
     spec = get_backbone(backbone)
-    return {"kind": "head", "classes": list(cache.classes), "backbone": spec.name,
+    return ModelMetadata.from_dict({"kind": "head", "classes": list(cache.classes), "backbone": spec.name,
             "weights": cache.fingerprint["weights"], "weights_path": cache.weights_path, "image_size": size,
             "preprocessing": spec.preprocessing, "feature_dim": spec.feature_dim, "cache": str(cache_path),
-            "cache_fingerprint": cache.fingerprint, "settings": {"epochs": 30}, "metrics": {}}
+            "cache_fingerprint": cache.fingerprint, "settings": {"epochs": 30}, "metrics": {}})
 
 
 def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE, **extract) -> Pipeline:
@@ -88,7 +90,7 @@ def copy_head(pipeline: Pipeline, folder: Path, **changes) -> Path:
     meta = json.loads(pipeline.head.with_suffix(".json").read_text())
     meta.update(changes)
     target.with_suffix(".json").write_text(json.dumps(meta))
-    from dogtl.core.artifacts import rewrite_metadata
+    from dogtl.core.metadata import ModelMetadata
 
-    rewrite_metadata(target, meta)  # a deliberate edit: the metadata's content hash made anew
+    ModelMetadata.from_dict(meta).save(target)  # a deliberate edit: the metadata's content hash made anew
     return target

@@ -230,8 +230,8 @@ def _head(config, state, end, progress, say, choices) -> dict:
     out = config.folder / "head.keras"
     meta = written_model(out)
     if meta:  # killed between writing the head and recording it
-        return state.done("head", model=str(out), metrics=meta["metrics"], seconds=None, trials=None,
-                          settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
+        return state.done("head", model=str(out), metrics=meta.metrics, seconds=None, trials=None,
+                          settings=meta.settings, val_images=meta.val_images, train_images=meta.train_images)
     budget = min(HEAD_MAX, max(HEAD_MIN, HEAD_SHARE * end.left()))
     choices.append(f"head search: {format_seconds(budget)} ({HEAD_SHARE:.0%} of the time left, at least "
                    f"{format_seconds(HEAD_MIN)}): the head only starts fine-tuning, which gains more per minute")
@@ -240,7 +240,7 @@ def _head(config, state, end, progress, say, choices) -> dict:
                    progress=(lambda e: progress({**e, "stage": "head"})) if progress else None)
     meta = written_model(out)
     record = state.done("head", model=str(out), metrics=r.metrics, seconds=r.seconds, trials=r.trials,
-                        settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
+                        settings=meta.settings, val_images=meta.val_images, train_images=meta.train_images)
     say(f"head: {r.trials} trials in {format_seconds(r.seconds)}; the best, retrained: val accuracy "
         f"{r.metrics['val_accuracy']:.4f}, log loss {r.metrics['val_log_loss']:.4f}")
     return record
@@ -262,7 +262,7 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
     out = config.folder / "finetuned.keras"
     meta = written_model(out)
     if meta:  # killed between writing the model and recording it
-        m = meta["metrics"]
+        m = meta.metrics
         return state.done("finetune", model=str(out), metrics={k: m[k] for k in ("val_accuracy", "val_log_loss")},
                           before=m["before"], best_epoch=m["best_epoch"], epochs_run=m["epochs_run"], seconds=None)
     reserve = EVALUATE_COST * head["val_images"] / rate

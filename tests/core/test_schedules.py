@@ -73,6 +73,7 @@ def test_head_with_schedule_saves_and_loads(tmp_path):
     import keras
 
     from dogtl.core.artifacts import load_model, save_model
+    from dogtl.core.metadata import ModelMetadata
     from dogtl.core.models import build_head
 
     keras.utils.set_random_seed(0)
@@ -82,9 +83,9 @@ def test_head_with_schedule_saves_and_loads(tmp_path):
     x = np.random.default_rng(0).standard_normal((16, 8)).astype("float32")
     head.fit(x, np.arange(16) % 3, epochs=1, batch_size=8, verbose=0)  # iterations = 2
     path = tmp_path / "head.keras"
-    save_model(head, path, {"kind": "head"})
+    save_model(head, path, ModelMetadata(kind="head"))
     loaded, meta = load_model(path)
-    assert meta["kind"] == "head"
+    assert meta.kind == "head"
     saved = loaded.optimizer.get_config()["learning_rate"]
     assert saved["registered_name"] == "dogtl>CyclicLR" and saved["config"] == schedule.get_config()
     assert int(loaded.optimizer.iterations.numpy()) == 2

@@ -163,15 +163,17 @@ def tiny_model(tmp_path_factory):
     import keras
 
     from dogtl.core.artifacts import save_model
+    from dogtl.core.metadata import ModelMetadata
 
     path = tmp_path_factory.mktemp("model") / "head.keras"
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
-    save_model(model, path, {"kind": "head", "classes": ["a", "b", "c"], "metrics": {"val_log_loss": 0.5}})
+    save_model(model, path, ModelMetadata(kind="head", classes=["a", "b", "c"], metrics={"val_log_loss": 0.5}))
     return path
 
 
 def test_models_carry_content_hashes_checked_on_load(tiny_model, tmp_path):
-    from dogtl.core.artifacts import load_model, metadata_path
+    from dogtl.core.artifacts import load_model
+    from dogtl.core.metadata import metadata_path
 
     meta = json.loads(metadata_path(tiny_model).read_text())
     assert set(meta["integrity"]) == {"model_sha256", "metadata_sha256"}

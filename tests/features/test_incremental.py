@@ -147,7 +147,7 @@ def test_heads_of_the_old_cache_are_refused_naming_the_change_but_not_for_later_
         updated, small_cache, synthetic_data, tmp_path):
     from _stage3 import head_metadata
     from dogtl.core import artifacts
-    from dogtl.core.modelinfo import open_model_cache
+    from dogtl.features.modelcache import open_model_cache
     from dogtl.core.models import build_head
 
     old = open_cache(small_cache)

@@ -114,8 +114,8 @@ def test_ensemble_of_multi_heads_saves_loads_and_predicts_from_image_files(multi
     assert result.exit_code == 0, result.output
     model, meta, specs, sizes = load_image_model(out)
     assert [i.name for i in model.inputs] == ["image_0_resnet50_32", "image_1_resnet50_40"]
-    assert meta["ensemble"]["members"] == [str(multi_head)] * 2
-    multi = open_caches([b["cache"] for b in meta["backbones"]])
+    assert meta.ensemble["members"] == [str(multi_head)] * 2
+    multi = open_caches([b.cache for b in meta.backbones])
     rows = np.arange(6)
     probs, ok = predict_images(model, [synthetic_data / "train" / f"{multi.ids[r]}.jpg" for r in rows], specs, sizes)
     head, _ = load_model(multi_head, compile=False)

@@ -75,17 +75,17 @@ def test_composed_model_equals_head_on_cached_features_before_training(stage3):
     from dogtl.features.cache import open_cache
     from dogtl.data.folders import load_dataset
     from dogtl.core.models import build_backbone, compose
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.evaluation.predict import predict_images
 
     spec = get_backbone("mobilenet_v2")
     head, meta = load_model(stage3.head, compile=False)
     cache = open_cache(stage3.cache)
-    model = compose(build_backbone(spec, str(stage3.weights), meta["image_size"]), head)
+    model = compose(build_backbone(spec, str(stage3.weights), meta.backbones[0].image_size), head)
     split = split_paths(cache, load_dataset(stage3.data))
     cached = head.predict(cache.features("labelled", passes=[0])[0], verbose=0)
     for part in ("train", "val"):
-        probs, ok = predict_images(model, split[part]["paths"], spec, meta["image_size"], batch_size=5)
+        probs, ok = predict_images(model, split[part]["paths"], spec, meta.backbones[0].image_size, batch_size=5)
         assert ok.all()
         assert np.max(np.abs(probs - cached[split[part]["rows"]])) <= 1e-4
     assert cached.std(axis=0).max() > 1e-3  # the features carry signal: the check is not vacuous
@@ -97,7 +97,7 @@ def test_epoch_e_is_the_caches_augmented_pass_1_plus_e(stage3):
     from dogtl.data.folders import load_dataset
     from dogtl.finetuning.data import training_batches
     from dogtl.core.models import build_backbone
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
 
     spec = get_backbone("mobilenet_v2")
     cache = open_cache(stage3.cache)
@@ -205,7 +205,7 @@ def test_cli_never_saves_worse_than_the_head_and_stops_early(stage3, tmp_path):
     from dogtl.core.artifacts import load_model
     from dogtl.features.cache import open_cache
     from dogtl.data.folders import load_dataset
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.evaluation.predict import predict_images
 
     out = tmp_path / "ft.keras"

@@ -53,7 +53,7 @@ def test_before_its_first_step_it_is_the_head_on_cached_features(cut_stage3):
 
 
 def test_saved_model_is_the_backbone_plus_head_with_the_frozen_part_bit_identical(cut_stage3, from_cache):
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.core.models import build_backbone, top_blocks_start
     from dogtl.data.folders import load_dataset
     from dogtl.core.metrics import scores

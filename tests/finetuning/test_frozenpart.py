@@ -42,7 +42,7 @@ def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     model, _, spec, size = load_image_model(out)
     assert model.input.shape[1:] == (48, 48, 3)  # the whole backbone + head, as from TensorFlow
     val = result.history  # the saved (best) model scores as recorded, from images on TensorFlow
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.data.folders import load_dataset
     from dogtl.core.metrics import scores
     from dogtl.features.cache import open_cache

@@ -62,6 +62,7 @@ def images() -> tuple[Path, ...]:
 def model_path() -> Path:
     """A 'finetuned' dogtl model file (with metadata) on 32 px images, 4 classes."""
     from dogtl.core.artifacts import save_model
+    from dogtl.core.metadata import BackboneInput, ModelMetadata
     from dogtl.core.models import build_head, compose
     from dogtl.core.backbones import get_backbone
 
@@ -70,9 +71,9 @@ def model_path() -> Path:
     head = build_head(spec.feature_dim, len(CLASSES), hidden=(), input_dropout=0.0, seed=1)
     model = compose(backbone, head, name="tiny")
     path = _folder() / "tiny.keras"
-    save_model(model, path, {"kind": "finetuned", "classes": CLASSES, "backbone": spec.name, "image_size": SIZE,
-                             "preprocessing": spec.preprocessing, "feature_dim": spec.feature_dim,
-                             "weights": "none"})
+    save_model(model, path, ModelMetadata(kind="finetuned", classes=CLASSES, backbones=[BackboneInput(
+        backbone=spec.name, image_size=SIZE, preprocessing=spec.preprocessing, feature_dim=spec.feature_dim,
+        weights="none")]))
     return path
 
 

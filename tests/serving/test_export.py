@@ -135,7 +135,7 @@ def test_head_model_deploys_with_its_backbone(stage3):
     assert sm.model.input.shape[1:] == (48, 48, 3) and sm.inputs[0].spec.name == "mobilenet_v2"
     val = validation_images(sm, stage3.data)
     assert val and all(p.parent.name == "train" for p in val)
-    sm.metadata.setdefault("settings", {})["data"] = str(stage3.data)  # as a fine-tuned model records it
+    sm.metadata.settings = {**(sm.metadata.settings or {}), "data": str(stage3.data)}  # as a fine-tuned model records it
     assert validation_images(sm) == val  # no --data: the folder the model was trained on
     predictor = Predictor(sm, top_k=3)
     row = predictor.predict(tuple(x[None] for x in predictor.decode(val[0].read_bytes())))[0]

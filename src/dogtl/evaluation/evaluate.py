@@ -105,8 +105,9 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
 @writes
 def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report:
     from dogtl.core.files import check_overwrite, write_csv_atomic, write_json_atomic
-    from dogtl.core.modelinfo import check_metadata, open_model_cache
+    from dogtl.core.modelinfo import check_metadata
     from dogtl.core.plots import plot_confusion
+    from dogtl.features.modelcache import open_model_cache
 
     meta, spec, size = check_metadata(config.model)
     paths = report_paths(config.model, config.out)
@@ -116,8 +117,8 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     cache = open_model_cache(meta, config.cache)
     if not cache.is_val.any():
         raise DataError(f"{cache.path} has no validation split (--val-fraction 0): nothing to evaluate on")
-    classes = list(meta["classes"])
-    if meta["kind"] == "head" and config.data is None:
+    classes = list(meta.classes)
+    if meta.kind == "head" and config.data is None:
         probs, labels, source = _on_cache(config, meta, cache), cache.labels[cache.is_val], "cached features"
         runtime = None
     else:
@@ -131,7 +132,7 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     write_csv_atomic(numbers["per_class"], csv_path)
     plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path, title=Path(config.model).name)
     summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
-    summary.update(model=str(config.model), kind=meta["kind"], source=source,
+    summary.update(model=str(config.model), kind=meta.kind, source=source,
                    per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path),
                    **({"runtime": runtime, "precision": config.precision} if runtime else {}),
                    **({"tta": tta} if tta is not None else {}))
@@ -152,7 +153,7 @@ def _on_cache(config, meta, cache):
 
 
 def _on_images(config, meta, cache, progress):
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.evaluation.predict import inference_fn, load_image_model, predict_images
 
     val = split_paths(cache, config.data or "data")["val"]
@@ -178,7 +179,7 @@ def _tta(config, meta, cache, source, progress) -> dict | None:
 
         head, _ = load_model(config.model, compile=False)
         return {"probs": tta.cached_probabilities(head, cache, rows=cache.is_val), "passes": cache.num_passes}
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.evaluation.predict import _augmentation_of, load_image_model
 
     val = split_paths(cache, config.data or "data")["val"]

@@ -97,21 +97,20 @@ def resolve_model(model: str | None) -> Path:
 def load_image_model(path, weights: str | None = None):
     """(model on preprocessed images, metadata, spec, image size) for a head or fine-tuned file."""
     from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import backbone_weights, check_metadata, check_model_matches
+    from dogtl.core.modelinfo import check_metadata, check_model_matches
     from dogtl.core.models import build_backbone, compose
+    from dogtl.features.modelweights import backbone_weights
 
     meta, spec, size = check_metadata(path)
-    from dogtl.features.multicache import is_multi
-
-    if is_multi(meta):  # one backbone per cache, each at its own size: lists of specs and sizes
+    if meta.is_multi:  # one backbone per cache, each at its own size: lists of specs and sizes
         from dogtl.features.multicache import multi_image_model
 
         return multi_image_model(path, meta, weights)
-    if meta["kind"] == "head":
-        backbone = build_backbone(spec, backbone_weights(meta, weights), size)
+    if meta.kind == "head":
+        backbone = build_backbone(spec, backbone_weights(meta.backbones[0], weights), size)
     model, _ = load_model(path, compile=False)
     check_model_matches(model, meta, path)
-    if meta["kind"] == "head":
+    if meta.kind == "head":
         model = compose(backbone, model, name="head_on_images")
     return model, meta, spec, size
 
@@ -198,11 +197,11 @@ def predict_submission(config: PredictConfig, progress: Progress | None = None) 
     out = check_overwrite(config.out, config.force)
     hold(out, "the submission")
     ids, paths, sample, reasons = _test_set(config, meta)
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     columns = check_submission_columns(sample, classes) if sample is not None else sorted(classes)
 
     probs, ok, source, passes, runtime = None, None, "images", 0, None
-    if meta["kind"] == "head" and config.use_cache:
+    if meta.kind == "head" and config.use_cache:
         probs, ok, passes = _from_cache(config, meta, model_path, ids, paths, required=reasons is not None)
         if probs is not None:
             source = "cached features"
@@ -230,9 +229,9 @@ def _test_set(config, meta):
     """(ids, paths, sample submission or None, reasons or None) of the test images: those in
     data/test/, or, for a head model when there is no data/test/, the ones its cache holds
     features of (then `reasons` gives why the cache skipped some, and the cache is required)."""
-    from dogtl.core.modelinfo import open_model_cache
+    from dogtl.features.modelcache import open_model_cache
 
-    if (Path(config.data) / "test").is_dir() or meta["kind"] != "head" or not config.use_cache:
+    if (Path(config.data) / "test").is_dir() or meta.kind != "head" or not config.use_cache:
         return (*test_images(config.data), None)
     cache = open_model_cache(meta, config.cache, required=config.cache is not None)
     if cache is None or not len(cache.test_ids):
@@ -255,7 +254,8 @@ def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
     """Head predictions from the cache's test features; (None, None, 0) when it cannot serve them
     (or an error, when `required`: the images are not there)."""
     from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches, open_model_cache
+    from dogtl.core.modelinfo import check_model_matches
+    from dogtl.features.modelcache import open_model_cache
 
     cache = open_model_cache(meta, config.cache, required=required or config.cache is not None)
     if cache is None:
@@ -289,7 +289,7 @@ def _augmentation_of(meta):
     """The augmentation settings and seed recorded with the model's cache (defaults if none)."""
     from dogtl.data.augment import AugmentConfig
 
-    fingerprint = meta.get("cache_fingerprint") or {}
+    fingerprint = meta.backbones[0].cache_fingerprint or {}
     aug = fingerprint.get("augmentation")
     return (AugmentConfig(**aug) if aug else AugmentConfig()), int(fingerprint.get("seed", 0))
 
@@ -301,7 +301,7 @@ def _augmentation_keys(meta, paths):
     from dogtl.data.augment import image_keys
     from dogtl.features.cache import IMAGE_KEY
 
-    fingerprint = meta.get("cache_fingerprint") or {}
+    fingerprint = meta.backbones[0].cache_fingerprint or {}
     return image_keys([Path(p).stem for p in paths]) if fingerprint.get("image_key") == IMAGE_KEY else None
 
 
@@ -339,7 +339,7 @@ def predict_top_k(config: PredictConfig, progress: Progress | None = None) -> li
             for p in range(passes)]
     probs = np.mean([r[0] for r in runs], axis=0)
     ok = np.logical_and.reduce([r[1] for r in runs])
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     k = min(config.top_k, len(classes))
     results = []
     for path, row, good in zip(paths, probs, ok):

@@ -22,6 +22,7 @@ import pandas as pd
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import DataError
 from dogtl.core.locks import hold, writes
+from dogtl.core.metadata import BackboneInput, ModelMetadata
 from dogtl.finetuning.checkpoints import Checkpoints, RunState, random_state, restore_random_state
 from dogtl.finetuning.data import training_dataset, validate
 from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
@@ -60,12 +61,12 @@ class Setup:
     config: FinetuneConfig
     strategy: object  # a tf.distribute strategy, or None for one device
     out: Path  # this worker's model path
-    meta: dict  # the head's metadata
+    meta: ModelMetadata  # the head's
     spec: BackboneSpec
     size: int
     weights: str  # what rebuilds the head's backbone: 'imagenet', 'none' or a file
     cache: FeatureCache
-    split: dict  # modelinfo.split_paths
+    split: dict  # modelcache.split_paths
     augmentation: AugmentConfig | None  # None: --no-augment
     seed: int
     steps: int  # per epoch
@@ -114,7 +115,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
 
 
 def prepare(config: FinetuneConfig, strategy) -> Setup:
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
 
     from dogtl.finetuning.frozenpart import frozen_part_source
 
@@ -126,8 +127,10 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     """What every run checks and reads first; `make_split(cache)` gives the train/val split."""
     from dogtl.core.artifacts import check_writable
     from dogtl.core.distribute import check_global_batch, training_steps, worker
-    from dogtl.core.modelinfo import backbone_weights, check_metadata, open_model_cache
+    from dogtl.core.modelinfo import check_metadata
     from dogtl.core.precision import resolve
+    from dogtl.features.modelcache import open_model_cache
+    from dogtl.features.modelweights import backbone_weights
     from dogtl.finetuning.data import training_augmentation
 
     # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
@@ -137,7 +140,7 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     from dogtl.head.ensemble import refuse_composite
 
     refuse_composite(meta, config.head)
-    weights = backbone_weights(meta, config.weights)
+    weights = backbone_weights(meta.backbones[0], config.weights)
     cache = open_model_cache(meta, config.cache)
     if not cache.is_val.any():
         raise DataError(f"{cache.path} has no validation split (--val-fraction 0): fine-tuning needs "
@@ -149,7 +152,7 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
     check_global_batch(config.batch_size, strategy, images)
     fingerprint = cache.fingerprint
     settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
-    identity = {"settings": settings, "head": meta, "cache_fingerprint": fingerprint}
+    identity = {"settings": settings, "head": meta.to_dict(), "cache_fingerprint": fingerprint}
     if callable(extra.get("source")):  # chosen once the head's backbone is known
         extra["source"] = extra["source"](spec)
     return Setup(config, strategy, out, meta, spec, size, weights, cache, split,
@@ -293,17 +296,16 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
     best_epoch = state.stopping.best_epoch
     metrics = {**state.best, "before": state.before, "best_epoch": best_epoch, "epochs_run": state.epoch,
                "head_difference": state.head_difference}
-    meta = setup.meta
-    metadata = {
-        "kind": "finetuned", "classes": list(meta["classes"]), "backbone": setup.spec.name,
-        "weights": meta["weights"], "weights_path": weights_path_to_record(setup.weights),
-        "image_size": setup.size, "preprocessing": setup.spec.preprocessing,
-        "feature_dim": setup.spec.feature_dim, "cache": str(setup.cache.path),
-        "cache_fingerprint": setup.cache.fingerprint, "head": str(setup.config.head),
-        "settings": asdict(setup.config), "metrics": metrics, "trainable_layers": state.trainable_layers,
-        **({"frozen_part_runtime": setup.source.runtime(setup)} if hasattr(setup.source, "runtime") else {}),
-        "augmentation": setup.augmentation.as_dict() if setup.augmentation else None,  # what --augment meant
-    }
+    backbone = BackboneInput(
+        backbone=setup.spec.name, weights=setup.meta.backbones[0].weights,
+        weights_path=weights_path_to_record(setup.weights), image_size=setup.size,
+        preprocessing=setup.spec.preprocessing, feature_dim=setup.spec.feature_dim, cache=str(setup.cache.path),
+        cache_fingerprint=setup.cache.fingerprint)
+    metadata = ModelMetadata(
+        kind="finetuned", classes=list(setup.meta.classes), backbones=[backbone], head=str(setup.config.head),
+        settings=asdict(setup.config), metrics=metrics, trainable_layers=state.trainable_layers,
+        frozen_part_runtime=setup.source.runtime(setup) if hasattr(setup.source, "runtime") else None,
+        augmentation=setup.augmentation.as_dict() if setup.augmentation else None)  # what --augment meant
     history_path = setup.out.with_suffix(".history.csv")
     plot_path = setup.out.with_suffix(".png") if len(history) else None
     # The files together (as train-head writes them), the checkpoints removed only after them.

@@ -23,6 +23,7 @@ from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import CacheError, DogtlError
 from dogtl.core.files import atomic_paths, check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
+from dogtl.core.metadata import ModelMetadata
 from dogtl.core.metrics import at_chance, chance_scores, scores
 from dogtl.features.signal import spread
 from dogtl.head.settings import HeadConfig, Resolved
@@ -199,14 +200,15 @@ def _warn_at_chance(metrics: dict, chance: dict) -> None:
                     chance["val_accuracy"])
 
 
-def head_metadata(cache, config: HeadConfig, fit: FitResult, data: TrainingData) -> dict:
+def head_metadata(cache, config: HeadConfig, fit: FitResult, data: TrainingData) -> ModelMetadata:
     """What a saved head records: the cache(s) it is bound to, its settings and its validation figures."""
     from dogtl.features.multicache import head_inputs
 
     features = data.train_features[:1] if config.clean_only else data.train_features
-    return {"kind": "head", "classes": list(cache.classes), **head_inputs(cache), "settings": asdict(config),
-            "metrics": fit.metrics, "train_images": int(features.shape[1]), "val_images": int(len(data.val_labels)),
-            "passes_used": int(features.shape[0]), "resolved": asdict(fit.resolved)}
+    return ModelMetadata(kind="head", classes=list(cache.classes), backbones=head_inputs(cache),
+                         settings=asdict(config), metrics=fit.metrics, train_images=int(features.shape[1]),
+                         val_images=int(len(data.val_labels)), passes_used=int(features.shape[0]),
+                         resolved=asdict(fit.resolved))
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -247,7 +249,8 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
     fit = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels,
                    len(cache.classes), on_epoch=progress)
     _warn_at_chance(fit.metrics, chance_scores(data.train_labels, data.val_labels, len(cache.classes)))
-    metadata = {**head_metadata(cache, config, fit, data), "history": paths["history"].name}
+    metadata = head_metadata(cache, config, fit, data)
+    metadata.history = paths["history"].name
     # All four files or none (bar the microseconds between renames): a kill between them would
     # leave some, and the rerun would refuse to overwrite them.
     with atomic_paths(paths["history"], paths["plot"]) as (history_tmp, plot_tmp):

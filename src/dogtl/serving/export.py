@@ -31,10 +31,10 @@ from dogtl.core.errors import DogtlError
 from dogtl.core.files import atomic_path, check_overwrite, make_folder, write_text_atomic
 from dogtl.core.temporaries import temporary_sibling
 from dogtl.core.locks import artifact_lock
-from dogtl.core.modelinfo import open_model_cache, split_paths
 from dogtl.core.quiet import native_stderr_silenced
 from dogtl.core.runtimes import ConversionError, converted, file_forward, require
 from dogtl.data.images import decode_error, load_image
+from dogtl.features.modelcache import open_model_cache, split_paths
 from dogtl.serving.model import ServingModel, encoded_batch_fn, encoded_to_pixels, pixel_model, pixels_to_inputs
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool =
                         else "pixels"} for k, i in enumerate(sm.inputs)],
             "input": "float32 RGB pixels [N, size, size, 3], 0-255 (decoded and resized; the backbone's "
                      "preprocessing is inside)", "output": "probabilities [N, classes]",
-            "source": str(sm.path), "source_kind": sm.metadata.get("kind")}
+            "source": str(sm.path), "source_kind": sm.metadata.kind}
     write_text_atomic(metadata_path(out), json.dumps(meta, indent=1))
     write_text_atomic(labels_path(out), "".join(f"{c}\n" for c in sm.classes))
     return out
@@ -277,7 +277,7 @@ def validation_images(sm: ServingModel, data: str | Path | None = None, limit: i
     """Up to `limit` validation images of the model's cache in the data folder (default: the one a
     fine-tuned model was trained on, else data/); [] when either cannot be found (the caller says
     what to pass)."""
-    data = data or sm.metadata.get("settings", {}).get("data") or "data"
+    data = data or (sm.metadata.settings or {}).get("data") or "data"
     try:
         cache = open_model_cache(sm.metadata, required=False)
         if cache is None or not Path(data).is_dir():
