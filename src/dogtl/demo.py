@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from dogtl.core.errors import DogtlError
+from dogtl.core.settings import Setting, settings_class
+from dogtl.features.backbones import backbone_help
 
 log = logging.getLogger(__name__)
 Note = Callable[[str], None]
@@ -25,21 +27,27 @@ WEIGHTS_HOST = ("storage.googleapis.com", 443)  # where keras.applications downl
 GENERATED = ("data", "cache", "models", "reports", "submission.csv")
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    dir: str = "demo"
-    backbone: str = "xception"
-    image_size: int = 71
-    weights: str = "auto"  # auto: ImageNet when reachable, else random initialisation
-    classes: int = 4
-    per_class: int = 16
-    test_images: int = 8
-    source_size: int = 96  # pixels of the generated JPEGs
-    passes: int = 2
-    head_epochs: int = 100  # seconds: the head trains on cached features
-    finetune_epochs: int = 2
-    batch_size: int = 16
-    force: bool = False
+DEMO_SETTINGS = (
+    Setting("dir", "path", "demo", "Folder for the demo's data, cache, models, reports and submission.",
+            cli_names=("--dir",)),
+    Setting("backbone", "str", "xception", "Backbone to demonstrate. " + backbone_help()),
+    Setting("image_size", "int", 71, "Small input size so the demo runs in minutes on a CPU."),
+    Setting("weights", "str", "auto", "'auto' (ImageNet if it can be downloaded, else random initialisation), "
+            "'imagenet', 'none' or PATH."),
+    Setting("classes", "int", 4, "Classes of the generated data set.", cli=False),
+    Setting("per_class", "int", 16, "Generated training images per class.", cli=False),
+    Setting("test_images", "int", 8, "Generated test images.", cli=False),
+    Setting("source_size", "int", 96, "Pixels of the generated JPEGs.", cli=False),
+    Setting("passes", "int", 2, "Augmented passes extracted.", cli=False),
+    Setting("head_epochs", "int", 100, "Head epochs (seconds: the head trains on cached features).", cli=False),
+    Setting("finetune_epochs", "int", 2, "Fine-tuning epochs.", cli=False),
+    Setting("batch_size", "int", 16, "Images per step at every stage.", cli=False),
+    Setting("force", "bool", False, "Redo a demo already in --dir (replaces its data, cache, models, reports).",
+            cli_names=("--force",)),
+)
+
+DemoConfig = settings_class("DemoConfig", DEMO_SETTINGS, "The demo's settings (DEMO_SETTINGS): small, so it runs "
+                            "in minutes on a CPU.", {"__module__": __name__})
 
 
 @dataclass
@@ -98,7 +106,8 @@ def _extract(config: DemoConfig, data: Path, root: Path, say: Note):
     """Stage one with ImageNet weights when they can be had, else a random backbone whose
     BatchNorm statistics come from the demo images: (summary, weights used)."""
     from dogtl.features.backbones import get_backbone
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     spec = get_backbone(config.backbone)
     weights = config.weights
@@ -122,12 +131,13 @@ def _extract(config: DemoConfig, data: Path, root: Path, say: Note):
 
 def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     """Every stage on generated data in `config.dir`; `note` gets one line per finished step."""
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+    from dogtl.evaluation.evaluate import evaluate
+    from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
     from dogtl.finetuning.settings import FinetuneConfig
     from dogtl.finetuning.train import finetune
     from dogtl.head.settings import HeadConfig
     from dogtl.head.train import train_head
-    from dogtl.evaluation.predict import PredictConfig, predict_submission
+    from dogtl.evaluation.predict import predict_submission
     from dogtl.data.synthetic import make_kaggle_dataset
 
     say = note or (lambda line: None)

@@ -8,15 +8,15 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import command_started, friendly_errors, interactive
+from dogtl.cli.common import ImageProgress, command_started, friendly_errors, interactive
+from dogtl.cli.head import auto_line
+from dogtl.core.budget import format_seconds
 
 
 class FitProgress:
     """One line per choice and finished step; a progress bar for the stages over images."""
 
     def __init__(self):
-        from dogtl.cli.head import auto_line
-
         self.auto_line = auto_line
         self.bar = None
         self.stage = None
@@ -28,8 +28,6 @@ class FitProgress:
             typer.echo(line)
 
     def __call__(self, event: dict) -> None:
-        from dogtl.cli.common import ImageProgress
-
         if event["event"] == "images":
             if event["stage"] != self.stage:
                 self.close()
@@ -82,8 +80,6 @@ def fit_cmd(
                     started=command_started())
     finally:
         report.close()
-    from dogtl.core.budget import format_seconds
-
     typer.echo(f"validation accuracy {r.metrics['val_accuracy']:.4f}  log loss {r.metrics['val_log_loss']:.4f}"
                f"  (the head before fine-tuning: {r.head_metrics['val_accuracy']:.4f}, "
                f"{r.head_metrics['val_log_loss']:.4f})")
