@@ -11,6 +11,7 @@ from dogtl import api
 from dogtl.cli.common import ImageProgress, command_started, friendly_errors, interactive
 from dogtl.cli.head import auto_line
 from dogtl.core.budget import format_seconds
+from dogtl.features.backbones import backbone_help
 
 
 class FitProgress:
@@ -57,7 +58,7 @@ def fit_cmd(
     data: Path = typer.Option(Path("data"), help="Data folder: Kaggle layout (labels.csv, train/, test/) or one sub-folder per class."),
     budget: str = typer.Option("30m", help="Wall-clock time the whole command may take, start-up included: 90s, 30m, 1h (a bare number is seconds)."),
     out: Path = typer.Option(Path("models/model.keras"), help="The final model (+ .json metadata); the work is kept beside it in OUT-without-.keras.fit/."),
-    backbone: str = typer.Option("mobilenet_v2", help="Backbone (see extract-features --help). The default is the cheapest per image: the most fine-tuning epochs in a budget on CPUs."),
+    backbone: str = typer.Option("mobilenet_v2", help=backbone_help() + " The default is the cheapest per image: the most fine-tuning epochs in a budget on CPUs."),
     weights: str = typer.Option("imagenet", help="'imagenet' (downloaded by Keras), 'none' (random, for smoke tests) or PATH to a local no-top weights file."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels. Default: the images' own (median) size rounded to 32 px, from 96 up to the backbone's own size."),
     passes: int = typer.Option(2, help="Augmented passes cached per image (light augmentation: rotation 10 degrees, zoom and shift 0.1)."),

@@ -42,19 +42,7 @@ def export_cmd(
     from dogtl.serving import export as ex
     from dogtl.serving.model import load_serving_model
 
-    if format not in ex.FORMATS:
-        raise SettingError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
-    if quantize not in ex.QUANTIZE:
-        raise SettingError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
-    if format == "savedmodel" and quantize != "none":
-        raise SettingError("--quantize applies to --format tflite only")
-    if format in ex.SUFFIX and out is not None and out.suffix != ex.SUFFIX[format]:
-        raise SettingError(f"--out {out}: {'a TFLite' if format == 'tflite' else f'an {format}'} model file must end "
-                           f"in {ex.SUFFIX[format]}")
-    if check_images:
-        absent = [str(p) for p in check_images if not p.is_file()]
-        if absent:
-            raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
+    _refuse_bad_export_options(ex, format, quantize, out, check_images)
     model = chosen_model(model, model_opt)
     sm = load_serving_model(model, weights)
     if out is None:
@@ -76,7 +64,30 @@ def export_cmd(
         size = sum(f.stat().st_size for f in (path, path.with_suffix(".bin")) if f.exists())
         typer.echo(f"wrote {format} {path} ({size / 1e6:.1f} MB, input float32 RGB pixels 0-255 "
                    f"[N, {sm.size}, {sm.size}, 3]), {ex.labels_path(path)} and {ex.metadata_path(path)}")
-    paths = list(check_images) if check_images else ex.validation_images(sm, data, check_limit)
+    _check_export(ex, sm, path, format, quantize,
+                  list(check_images) if check_images else ex.validation_images(sm, data, check_limit),
+                  given=bool(check_images))
+
+
+def _refuse_bad_export_options(ex, format: str, quantize: str, out, check_images) -> None:
+    """The export's options, checked before the model loads."""
+    if format not in ex.FORMATS:
+        raise SettingError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
+    if quantize not in ex.QUANTIZE:
+        raise SettingError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
+    if format == "savedmodel" and quantize != "none":
+        raise SettingError("--quantize applies to --format tflite only")
+    if format in ex.SUFFIX and out is not None and out.suffix != ex.SUFFIX[format]:
+        raise SettingError(f"--out {out}: {'a TFLite' if format == 'tflite' else f'an {format}'} model file must end "
+                           f"in {ex.SUFFIX[format]}")
+    if check_images:
+        absent = [str(p) for p in check_images if not p.is_file()]
+        if absent:
+            raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
+
+
+def _check_export(ex, sm, path, format: str, quantize: str, paths: list, given: bool) -> None:
+    """Compare the exported file with the Keras model on `paths` and print the agreement."""
     if not paths:
         typer.secho(f"no validation images found to check the {format} model against: pass --data with the "
                     "model's data folder or --check-images FILES", err=True, fg=typer.colors.YELLOW)
@@ -85,7 +96,7 @@ def export_cmd(
         c = ex.check_tflite(path, sm, paths)
     else:
         c = ex.check_exported(path, sm, paths, ex.RUNTIME_OF[format])
-    typer.echo(f"check on {c.images} {'given' if check_images else 'validation'} images"
+    typer.echo(f"check on {c.images} {'given' if given else 'validation'} images"
                + (f", quantize {quantize}" if format == "tflite" else "")
                + f": top-1 agreement with the Keras model {c.top1_agreement:.1%}, "
                f"largest probability difference {c.max_abs_diff:.4f}"

@@ -42,6 +42,18 @@ def image_keys(ids):
 LIGHT = dict(rotation=10.0, zoom=0.1, shift=0.1)
 
 
+def _warp_text(c) -> str:
+    return f"rotation {c['rotation']:g} degrees, zoom {c['zoom']:g}, shift {c['shift']:g}"
+
+
+AUGMENT_PRESETS = {  # name: what it is (the --augment help is made from this)
+    "none": "no augmentation",
+    "light": f"{_warp_text(LIGHT)}, flips as at extraction",
+    "recipe": f"the reference recipe's: {_warp_text(AugmentConfig().as_dict())}, flips",
+    "cache": "the cache's settings",
+}
+
+
 def augment_preset(name: str, cached: AugmentConfig) -> AugmentConfig | None:
     """The augmentation `--augment name` means: none (None), light (LIGHT, flips as `cached`, the
     extraction's: whether a mirror image keeps its label is a property of the data), recipe (the
