@@ -196,7 +196,7 @@ def run_set(bench: Bench, name: str, spec: dict, args) -> None:
     from dogtl.evaluation.evaluate import evaluate
     from dogtl.evaluation.settings import EvaluateConfig
     from dogtl.finetuning.settings import FinetuneConfig
-    from dogtl.head.auto import AUTO_PARAMS
+    from dogtl.sweeps.autosearch import AUTO_PARAMS
 
     quick = bench.quick
     work = bench.work / name

@@ -25,7 +25,7 @@ from pathlib import Path
 from dogtl.core import tracking
 from dogtl.core.budget import parse_budget
 from dogtl.core.settings import defaults
-from dogtl.demo import DEMO_SETTINGS, DemoConfig, run_demo
+from dogtl.demo_settings import DEMO_SETTINGS, DemoConfig
 from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
 from dogtl.features.settings import EXTRACT_SETTINGS, ExtractConfig
 from dogtl.features.shards import merge_caches
@@ -206,8 +206,10 @@ def fit(data="data", *, budget="30m", out="models/model.keras", force: bool = Fa
 
 def demo(dir=_DEMO["dir"], *, note=None, **settings):
     """The whole pipeline on a small generated data set; returns where every artifact went.
-    `settings`: any demo setting (`dogtl.demo.DEMO_SETTINGS`: backbone, image_size, weights, force,
-    ...); `note` gets one line per finished step (the CLI prints them)."""
+    `settings`: any demo setting (`dogtl.demo_settings.DEMO_SETTINGS`: backbone, image_size, weights,
+    force, ...); `note` gets one line per finished step (the CLI prints them)."""
+    from dogtl.demo import run_demo
+
     return run_demo(DemoConfig(dir=dir, **settings), note=note)
 
 

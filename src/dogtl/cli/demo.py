@@ -9,7 +9,7 @@ import typer
 from dogtl import api
 from dogtl.cli.common import friendly_errors
 from dogtl.core.settings import with_options
-from dogtl.demo import DEMO_SETTINGS
+from dogtl.demo_settings import DEMO_SETTINGS
 
 
 @friendly_errors

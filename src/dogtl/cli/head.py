@@ -91,7 +91,7 @@ def lr_find_cmd(
 
 
 def _auto(io: dict, budget: str, trials: int | None, storage: str | None, force: bool, track: bool) -> None:
-    from dogtl.head.auto import auto_train  # local: the search's modules load only with --auto
+    from dogtl.sweeps.auto import auto_train  # local: the search's modules load only with --auto
 
     seconds = parse_budget(budget)
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -38,11 +36,10 @@ def export_cmd(
 
     ONNX / OpenVINO: input float32 RGB pixels [N, size, size, 3] (0-255, decoded and resized; one input per backbone for a head on several caches), output probabilities; converted once (the runtimes' conversion cache, see docs/runtimes.md) and checked like TFLite. `dogtl serve export/MODEL.onnx` (or .xml) serves it.
     """
-    # local: the serving stack (and the exporters' converters) loads only for these commands, not for `dogtl --help`
-    from dogtl.serving import export as ex
+    from dogtl.serving import export as ex  # local: TensorFlow's converters, not needed for --help
     from dogtl.serving.model import load_serving_model
 
-    _refuse_bad_export_options(ex, format, quantize, out, check_images)
+    _check_export_options(format, quantize, out, check_images)
     model = chosen_model(model, model_opt)
     sm = load_serving_model(model, weights)
     if out is None:
@@ -64,13 +61,18 @@ def export_cmd(
         size = sum(f.stat().st_size for f in (path, path.with_suffix(".bin")) if f.exists())
         typer.echo(f"wrote {format} {path} ({size / 1e6:.1f} MB, input float32 RGB pixels 0-255 "
                    f"[N, {sm.size}, {sm.size}, 3]), {ex.labels_path(path)} and {ex.metadata_path(path)}")
-    _check_export(ex, sm, path, format, quantize,
-                  list(check_images) if check_images else ex.validation_images(sm, data, check_limit),
-                  given=bool(check_images))
+    paths = list(check_images) if check_images else ex.validation_images(sm, data, check_limit)
+    if not paths:
+        typer.secho(f"no validation images found to check the {format} model against: pass --data with the "
+                    "model's data folder or --check-images FILES", err=True, fg=typer.colors.YELLOW)
+        return
+    _check_export(path, sm, format, quantize, paths, given=bool(check_images))
 
 
-def _refuse_bad_export_options(ex, format: str, quantize: str, out, check_images) -> None:
-    """The export's options, checked before the model loads."""
+def _check_export_options(format: str, quantize: str, out: Path | None, check_images) -> None:
+    """export's options that contradict each other or name no file, refused before any work."""
+    from dogtl.serving import export as ex  # local: TensorFlow's converters, not needed for --help
+
     if format not in ex.FORMATS:
         raise SettingError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
     if quantize not in ex.QUANTIZE:
@@ -86,12 +88,10 @@ def _refuse_bad_export_options(ex, format: str, quantize: str, out, check_images
             raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
 
 
-def _check_export(ex, sm, path, format: str, quantize: str, paths: list, given: bool) -> None:
-    """Compare the exported file with the Keras model on `paths` and print the agreement."""
-    if not paths:
-        typer.secho(f"no validation images found to check the {format} model against: pass --data with the "
-                    "model's data folder or --check-images FILES", err=True, fg=typer.colors.YELLOW)
-        return
+def _check_export(path: Path, sm, format: str, quantize: str, paths: list, given: bool) -> None:
+    """The exported model against the Keras model on `paths`, printed."""
+    from dogtl.serving import export as ex  # local: TensorFlow's converters, not needed for --help
+
     if format == "tflite":
         c = ex.check_tflite(path, sm, paths)
     else:
@@ -130,9 +130,9 @@ def serve_cmd(
 
     curl -F file=@a.jpg -F file=@b.jpg http://127.0.0.1:8000/predict/batch
     """
-    from dogtl.serving.app import require_serve_extra  # local: see export_cmd
+    from dogtl.serving.app import require_serve_extra
 
-    require_serve_extra()  # before FastAPI and uvicorn load: says what to install
+    require_serve_extra()
     from dogtl.serving.app import create_app
     from dogtl.serving.model import load_serving_model
     from dogtl.serving.server import make_server
@@ -158,6 +158,9 @@ def serve_cmd(
 
 def _print_access_log():
     """The app's access log (logger dogtl.access) as lines on stdout, with the time."""
+    import logging
+    import sys
+
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger = logging.getLogger("dogtl.access")
