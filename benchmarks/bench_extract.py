@@ -149,7 +149,8 @@ def worker_pipeline(args) -> dict:
     import tracemalloc
 
     from dogtl.core.precision import computing_in, resolve
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     reference, (batch,), timed = bare_forward(args, 1)
     if args.trace_python:
@@ -200,7 +201,7 @@ def worker_prep(args) -> dict:
     from dogtl.data.folders import load_dataset
     from dogtl.data.images import multi_pass_dataset
     from dogtl.core.backbones import get_backbone
-    from dogtl.features.extract import ExtractConfig
+    from dogtl.features.settings import ExtractConfig
 
     defaults = ExtractConfig()  # the seed and augmentation the pipeline worker extracts with
 

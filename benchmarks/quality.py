@@ -193,7 +193,8 @@ def metrics_of(model: Path) -> dict:
 
 def run_set(bench: Bench, name: str, spec: dict, args) -> None:
     import dogtl
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+    from dogtl.evaluation.evaluate import evaluate
+    from dogtl.evaluation.settings import EvaluateConfig
     from dogtl.finetuning.settings import FinetuneConfig
     from dogtl.sweeps.autosearch import AUTO_PARAMS
 

@@ -45,7 +45,8 @@ def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE, **ext
     from dogtl.core import artifacts
     from dogtl.core.backbones import get_backbone
     from dogtl.features.cache import open_cache
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
     from dogtl.data.images import image_dataset
     from dogtl.core.models import build_backbone, build_head, calibrate_batchnorm
     from dogtl.data.synthetic import make_kaggle_dataset

@@ -11,7 +11,8 @@ from conftest import assert_clean_error, run_cli
 
 from dogtl.core.errors import DataError, DogtlError
 from dogtl.core.metrics import clip_rows
-from dogtl.evaluation.predict import PredictConfig, predict_submission, predict_top_k
+from dogtl.evaluation.predict import predict_submission, predict_top_k
+from dogtl.evaluation.settings import PredictConfig
 
 
 @pytest.fixture(scope="module")

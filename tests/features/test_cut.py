@@ -76,7 +76,8 @@ def test_int8_cut_round_trips_within_half_a_step():
 
 def test_no_room_for_the_cut_is_refused_before_any_work(cut_stage3, tmp_path, monkeypatch):
     from dogtl.core import diskspace
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10_000)
     cache = tmp_path / "features.h5"

@@ -223,7 +223,8 @@ def test_options_reach_the_pipeline(synthetic_data, small_cache, tmp_path):
 # --- progress and interruption ---------------------------------------------------------------
 
 def test_interrupt_keeps_work_and_progress_resumes_where_it_stopped(synthetic_data, tmp_path, monkeypatch):
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     cache = tmp_path / "features.h5"
     real_write, writes = PartialCache.write, []
@@ -260,9 +261,10 @@ def test_interrupt_keeps_work_and_progress_resumes_where_it_stopped(synthetic_da
 
 def test_float16_overflow_is_an_error_and_underflow_a_warning(caplog):
     from dogtl.core.errors import DogtlError
-    from dogtl.features.extract import ExtractConfig, _PassRunner
+    from dogtl.features.passes import PassRunner
+    from dogtl.features.settings import ExtractConfig
 
-    runner = _PassRunner(ExtractConfig(), None, 32, None, None, None)
+    runner = PassRunner(ExtractConfig(), None, 32, None, None, None)
     assert runner._store(np.array([[1.5, -2.0]], np.float32)).dtype == np.float16
     with pytest.raises(DogtlError, match="beyond --dtype float16: rerun with --dtype float32 --force"):
         runner._store(np.array([[1e6, 0.0]], np.float32))
@@ -373,12 +375,12 @@ def test_folder_per_class_layout(tmp_path):
     (["--image-size", 16], r"--image-size 16 is too small for resnet50: use at least 32"),
     (["--backbone", "xception", "--image-size", 64], r"too small for xception: use at least 71"),
     (["--weights", "/nowhere/w.h5"], r"--weights /nowhere/w\.h5: no such file"),
-    (["--on-bad-image", "ignore"], r"--on-bad-image 'ignore' must be 'skip' or 'fail'"),
+    (["--on-bad-image", "ignore"], r"--on-bad-image 'ignore': choose one of skip, fail"),
     (["--val-fraction", 1.5], r"--val-fraction 1\.5 must be in \[0, 1\)"),
     (["--dtype", "float8"], r"--dtype 'float8'"),
     (["--batch-size", 0], r"--batch-size 0 must be at least 1"),
     (["--passes", -1], r"--passes -1"),
-    (["--zoom", 1.5], r"zoom=1\.5 must be below 1"),
+    (["--zoom", 1.5], r"--zoom 1\.5 must be in \[0, 1\)"),
 ])
 def test_bad_options_are_one_clear_line(args, message, synthetic_data, tmp_path):
     result = run_cli("extract-features", "--data", synthetic_data, "--cache", tmp_path / "c.h5", *CHEAP, *args)

@@ -52,7 +52,8 @@ def no_dropout_head(head: Path, out: Path) -> Path:
 
 
 def extract_with(strategy: str, root: Path, data: Path, weights: Path, name: str, **changes) -> Path:
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     summary = extract_features(ExtractConfig(data=str(data), cache=str(root / name), weights=str(weights),
                                              strategy=strategy, **{**EXTRACT, **changes}))

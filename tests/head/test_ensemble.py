@@ -107,7 +107,8 @@ def test_tta_over_equal_passes_equals_plain_and_reports_both(caches, tmp_path):
 
 def test_tta_over_augmented_passes_averages_them(head, caches):
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+    from dogtl.evaluation.evaluate import evaluate
+    from dogtl.evaluation.settings import EvaluateConfig
     from dogtl.features.cache import open_cache
 
     report = evaluate(EvaluateConfig(model=str(head), tta=True, force=True))

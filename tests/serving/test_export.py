@@ -57,7 +57,8 @@ def tflite(tiny_model, serving_images, tmp_path_factory):
 def test_savedmodel_equals_dogtl_predict(saved_model, loaded, serving_model, serving_images, odd_images):
     import tensorflow as tf
 
-    from dogtl.evaluation.predict import PredictConfig, predict_images, predict_top_k
+    from dogtl.evaluation.predict import predict_images, predict_top_k
+    from dogtl.evaluation.settings import PredictConfig
 
     assert (saved_model / "1" / "saved_model.pb").is_file()  # TF Serving's layout: BASE/VERSION/
     assert (saved_model / "labels.txt").read_text().split() == serving_model.classes
@@ -126,7 +127,8 @@ def test_export_missing_model(tmp_path):
 
 def test_head_model_deploys_with_its_backbone(stage3):
     """A head file: the deployable model is backbone + head, and export finds its validation images."""
-    from dogtl.evaluation.predict import PredictConfig, predict_top_k
+    from dogtl.evaluation.predict import predict_top_k
+    from dogtl.evaluation.settings import PredictConfig
     from dogtl.serving.app import Predictor
     from dogtl.serving.export import validation_images
     from dogtl.serving.model import load_serving_model

@@ -15,34 +15,10 @@ import numpy as np
 import pandas as pd
 
 from dogtl.core.locks import hold, writes
-from dogtl.core.errors import DataError, SettingError
+from dogtl.core.errors import DataError
+from dogtl.evaluation.settings import EvaluateConfig
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    model: str = "models/finetuned.keras"
-    data: str | None = None  # images of the validation split; a head uses its cache when None
-    cache: str | None = None  # default: the cache recorded with the model (it holds the split)
-    out: str | None = None  # report prefix; default: the model path without .keras
-    weights: str | None = None  # only for backbones built from a local weights file
-    top_k: int = 5
-    confused: int = 10  # most confused pairs to list
-    batch_size: int = 32
-    tta: bool = False  # also report the figures averaged over the cache's clean and augmented passes
-    force: bool = False
-    precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
-    runtime: str = "auto"  # what runs the model on images (core/runtimes.py)
-
-    def __post_init__(self):
-        from dogtl.core.precision import check_precision
-        from dogtl.core.runtimes import check_runtime
-
-        check_precision(self.precision)
-        check_runtime(self.runtime)
-        if self.top_k < 1 or self.confused < 1 or self.batch_size < 1:
-            raise SettingError("--top-k, --confused and --batch-size must be at least 1")
 
 
 @dataclass

@@ -18,47 +18,16 @@ import numpy as np
 import pandas as pd
 
 from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
-from dogtl.core.errors import DataError, DogtlError, SettingError
+from dogtl.core.errors import DataError, DogtlError
 from dogtl.core.files import check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
 from dogtl.core.metrics import clip_rows
+from dogtl.evaluation.settings import PredictConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 _INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 DEFAULT_MODELS = ("models/finetuned.keras", "models/head.keras")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    model: str | None = None  # default: models/finetuned.keras, else models/head.keras
-    data: str = "data"
-    images: tuple[str, ...] = ()  # when given: top-k for these files instead of a submission
-    cache: str | None = None  # default: the cache recorded with a head model
-    use_cache: bool = True  # head models: cached test features when they fit (else images)
-    out: str = "submission.csv"
-    tta: bool = False
-    tta_passes: int = 4  # augmented passes computed when they are not cached
-    top_k: int = 5
-    batch_size: int = 32
-    weights: str | None = None  # only for backbones built from a local weights file
-    on_bad_image: str = "skip"  # skip | uniform | fail
-    force: bool = False
-    precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
-    runtime: str = "auto"  # what runs the model on images (core/runtimes.py)
-
-    def __post_init__(self):
-        from dogtl.core.precision import check_precision
-        from dogtl.core.runtimes import check_runtime
-
-        check_precision(self.precision)
-        check_runtime(self.runtime)
-        if self.on_bad_image not in ("skip", "uniform", "fail"):
-            raise SettingError(f"--on-bad-image {self.on_bad_image!r} must be 'skip', 'uniform' or 'fail'")
-        if self.tta_passes < 1:
-            raise SettingError(f"--tta-passes {self.tta_passes} must be at least 1")
-        if self.top_k < 1 or self.batch_size < 1:
-            raise SettingError("--top-k and --batch-size must be at least 1")
 
 
 @dataclass
