@@ -41,7 +41,6 @@ from dogtl.core.backbones import check_image_size, get_backbone
 from dogtl.core.budget import Deadline, format_seconds
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import check_overwrite
-from dogtl.data.augment import AugmentConfig
 from dogtl.data.folders import load_dataset
 from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
 from dogtl.features.extract import ExtractConfig, extract_features
@@ -206,7 +205,7 @@ def _extract(config, state, size, end, started, progress, say) -> dict:
         s = extract_features(ExtractConfig(
             data=str(config.data), cache=str(cache), backbone=config.backbone, weights=config.weights,
             image_size=size, passes=config.passes, val_fraction=config.val_fraction, seed=config.seed,
-            augmentation=AugmentConfig(hflip=config.hflip, **AUGMENTATION)), progress=bar)
+            hflip=config.hflip, **AUGMENTATION), progress=bar)
     except _Stop as e:
         finished, total = e.args
         raise DogtlError(f"--budget {format_seconds(config.budget)}: extracting the features took "
