@@ -262,7 +262,7 @@ def test_refuses_to_overwrite_without_force(separable, tmp_path):
 def test_missing_incomplete_and_foreign_caches(tmp_path):
     import h5py
 
-    from dogtl.features.cache import PartialCache
+    from dogtl.features.partial import PartialCache
 
     out = str(tmp_path / "m" / "head.keras")
     with pytest.raises(CacheError, match="no feature cache"):

@@ -103,7 +103,7 @@ def backbone_weights(meta: dict, override: str | None = None) -> str:
 
 def same_weights(recorded: str, weights: str) -> bool:
     from dogtl.core.models import weights_identity
-    from dogtl.features.cache import fingerprint_differences
+    from dogtl.features.fingerprint import fingerprint_differences
 
     return not fingerprint_differences({"weights": recorded}, {"weights": weights_identity(weights)})
 
@@ -120,7 +120,8 @@ def open_model_cache(meta: dict, override: str | Path | None = None, required: b
     Returns None when it is not required and cannot be found. A cache that differs from
     the one recorded with the model is refused, naming the differences.
     """
-    from dogtl.features.cache import IMAGE_LISTS, TEST_LIST, fingerprint_differences, open_cache
+    from dogtl.features.cache import open_cache
+    from dogtl.features.fingerprint import IMAGE_LISTS, TEST_LIST, fingerprint_differences
     from dogtl.features.incremental import changes_since
     from dogtl.features.multicache import is_multi, open_model_caches
 

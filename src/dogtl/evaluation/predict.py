@@ -299,7 +299,7 @@ def _augmentation_keys(meta, paths):
     stems, as test ids are) for a format-2 cache, so TTA on test/ID.jpg averages the cached TTA
     passes of ID; else None (their positions, as format 1 numbered test files)."""
     from dogtl.data.augment import image_keys
-    from dogtl.features.cache import IMAGE_KEY
+    from dogtl.features.fingerprint import IMAGE_KEY
 
     fingerprint = meta.get("cache_fingerprint") or {}
     return image_keys([Path(p).stem for p in paths]) if fingerprint.get("image_key") == IMAGE_KEY else None

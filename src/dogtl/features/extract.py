@@ -19,8 +19,11 @@ import numpy as np
 
 from dogtl.data.augment import AugmentConfig
 from dogtl.features.backbones import check_image_size, get_backbone
-from dogtl.features.cache import (FORMAT_VERSION, IMAGE_KEY, IMAGE_LISTS, PartialCache, damage,
-                                  fingerprint_differences, is_cache_file, open_cache, space_needed, write_cache)
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import FORMAT_VERSION, damage, is_cache_file
+from dogtl.features.cachewriter import write_cache
+from dogtl.features.fingerprint import IMAGE_KEY, IMAGE_LISTS, fingerprint_differences
+from dogtl.features.partial import PartialCache, space_needed
 from dogtl.features.incremental import (Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan,
                                         updates_after)
 from dogtl.data.folders import KAGGLE_COLUMNS, Dataset, load_dataset, split_validation

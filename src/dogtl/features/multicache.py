@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import CacheError
-from dogtl.features.cache import CacheShapes, FeatureCache, fingerprint_differences, open_cache
+from dogtl.features.cache import CacheShapes, FeatureCache, open_cache
+from dogtl.features.fingerprint import fingerprint_differences
 
 # Fingerprint settings that may differ between caches concatenated into one head.
 PER_BACKBONE = {"backbone", "weights", "image_size", "preprocessing", "feature_dim", "dtype", "shard"}

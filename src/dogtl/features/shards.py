@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dogtl.features.cache import (SPLITS, STRING_COLUMNS, cache_file_writer, create_numeric, fingerprint_differences,
-                                 open_cache, read_block, write_cache)
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import SPLITS, STRING_COLUMNS, read_block
+from dogtl.features.cachewriter import cache_file_writer, create_numeric, write_cache
+from dogtl.features.fingerprint import fingerprint_differences
 from dogtl.features.cut import stored_layout
 from dogtl.core.errors import CacheError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite

@@ -21,7 +21,7 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
 
     `pass_transform(pass_index, features, labels, is_val) -> features` may rewrite a pass
     (tests use it to make clean and augmented passes tell different stories)."""
-    from dogtl.features.cache import write_cache
+    from dogtl.features.cachewriter import write_cache
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

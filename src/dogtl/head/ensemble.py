@@ -57,7 +57,7 @@ def _binding(meta: dict) -> dict:
 
 
 def _first_difference(a: dict, b: dict) -> str:
-    from dogtl.features.cache import fingerprint_differences
+    from dogtl.features.fingerprint import fingerprint_differences
 
     for key in ("kind", "classes"):
         if a[key] != b[key]:
