@@ -33,6 +33,7 @@ from pathlib import Path
 
 from dogtl.core.errors import SettingError
 
+# local: tensorflow and numpy are imported inside functions: `dogtl --help` imports this module.
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 HEAD_PRECISIONS = ("auto", "float32", "bfloat16")  # a head's hidden matmuls (models.set_head_precision)

@@ -22,7 +22,7 @@ from dogtl.features.cacheformat import (DAMAGED_HINT, FORMAT, FORMAT_VERSION, RE
                                         content_digest, is_cache_file, read_block)
 from dogtl.features.partial import PartialCache
 
-# local: h5py is imported where a file is read or written, not when the module is (`dogtl --help`).
+# local: h5py is imported where a file is read or written: argument checks import this module.
 
 
 class CacheShapes:

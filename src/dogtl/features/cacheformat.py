@@ -39,7 +39,7 @@ from pathlib import Path
 
 from dogtl.core.errors import DamagedError
 
-# local: h5py is imported where a file is read or written, not when the module is (`dogtl --help`).
+# local: h5py is imported where a file is read or written: argument checks import this module.
 
 FORMAT = "dogtl-features"
 FORMAT_VERSION = 2

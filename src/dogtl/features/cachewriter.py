@@ -18,7 +18,7 @@ from dogtl.core.files import atomic_path, fixed_temporary
 from dogtl.features.cacheformat import CHECKSUM, FORMAT, FORMAT_VERSION, RESUME_HINT, STRING_COLUMNS, content_digest
 from dogtl.features.cut import stored_layout
 
-# local: h5py is imported where a file is read or written, not when the module is (`dogtl --help`).
+# local: h5py is imported where a file is read or written: argument checks import this module.
 
 
 def _fill_pass(ds, p: int, source, n: int, dim, where: str) -> None:

@@ -133,7 +133,7 @@ def open_model_caches(meta: dict, override=None, required: bool = True):
     """The caches a multi-backbone head was trained on, checked against its metadata, as one
     MultiCache (None when not `required` and one cannot be found). `override`: a list of paths
     in the order of the head's caches."""
-    from dogtl.core.modelinfo import open_model_cache
+    from dogtl.core.modelinfo import open_model_cache  # local: it calls this module back (multi-cache heads)
 
     entries = meta["backbones"]
     paths = as_paths(override) if override is not None else [None] * len(entries)
@@ -147,28 +147,3 @@ def open_model_caches(meta: dict, override=None, required: bool = True):
             return None
         caches.append(cache)
     return combine(caches)
-
-
-def multi_image_model(path, meta: dict, weights: str | None = None):
-    """(model on images, metadata, [spec per backbone], [size per backbone]) for a multi-backbone
-    head: every backbone of its caches, each with its own weights and size, feeding the head.
-    `weights` (a local file) replaces the recorded file of the backbones that used that file."""
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import same_weights, backbone_weights, check_model_matches
-    from dogtl.core.models import build_backbone, compose_multi, renamed
-    from dogtl.features.backbones import get_backbone
-
-    specs, sizes, backbones, names = [], [], [], set()
-    for entry in meta["backbones"]:
-        spec, size = get_backbone(entry["backbone"]), int(entry["image_size"])
-        override = weights if weights is not None and same_weights(entry["weights"], weights) else None
-        backbone = build_backbone(spec, backbone_weights(entry, override), size)
-        if backbone.name in names:
-            backbone = renamed(backbone, f"{backbone.name}_{len(backbones)}")
-        names.add(backbone.name)
-        specs.append(spec)
-        sizes.append(size)
-        backbones.append(backbone)
-    head, _ = load_model(path, compile=False)
-    check_model_matches(head, meta, path)
-    return compose_multi(backbones, specs, sizes, head), meta, specs, sizes

@@ -224,7 +224,7 @@ def _copy_pass(parts, split: str, pass_index: int, key: str = "features"):
 
 
 def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, skipped) -> None:
-    """The cache's schema (cache.py) with features as virtual datasets over the shards' files.
+    """The cache's schema (cacheformat.py) with features as virtual datasets over the shards' files.
 
     Source files are recorded relative to `out`'s folder when they are beside it or below it
     (HDF5 looks for relative sources next to the merged file), else as absolute paths.
