@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first; modules of one entry are on the same layer and may import each other.
 LAYERS = [("core",), ("data",), ("features",), ("head",), ("sweeps",), ("evaluation",), ("finetuning",),
-          ("serving",), ("fit", "fitstate", "demo"), ("api",), ("cli",), ("__init__", "__main__")]
+          ("serving",), ("fit", "fitstate", "demo", "demo_settings"), ("api",), ("cli",), ("__init__", "__main__")]
 
 # Third-party modules that may be imported inside functions without a comment, for one of two
 # reasons. Heavy ones take long to import (or pull TensorFlow in): importing them in the function
