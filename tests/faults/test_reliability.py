@@ -22,7 +22,8 @@ import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 from dogtl.core.errors import CacheError, DamagedError
 from dogtl.core.locks import lock_path
-from dogtl.features.cache import open_cache, partial_dir
+from dogtl.features.cache import open_cache
+from dogtl.features.partial import partial_dir
 
 SMALL = [*CHEAP, "--passes", 2, "--tta-passes", 1]  # the settings of conftest's small_cache
 
@@ -59,7 +60,7 @@ def test_a_second_writer_is_refused_and_the_first_finishes_intact(synthetic_data
 
 def _fail_after(monkeypatch, batches: int, error: OSError):
     """Make the (batches+1)-th saved batch of an extraction fail with `error`."""
-    from dogtl.features.cache import PartialCache
+    from dogtl.features.partial import PartialCache
 
     real, count = PartialCache.write, {"n": 0}
 

@@ -15,7 +15,11 @@ import pandas as pd
 import pytest
 
 from dogtl.data.augment import image_keys
-from dogtl.features.cache import RESUME_HINT, PartialCache, fingerprint_differences, open_cache, partial_dir, write_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import RESUME_HINT
+from dogtl.features.cachewriter import write_cache
+from dogtl.features.fingerprint import fingerprint_differences
+from dogtl.features.partial import PartialCache, partial_dir
 from dogtl.core.errors import CacheError
 
 

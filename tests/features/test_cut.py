@@ -10,7 +10,9 @@ import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 
 from dogtl.core.errors import DiskSpaceError
-from dogtl.features.cache import PartialCache, fingerprint_differences, open_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.fingerprint import fingerprint_differences
+from dogtl.features.partial import PartialCache
 
 
 def test_precision_is_recorded_and_old_caches_count_as_float32(cut_stage3):

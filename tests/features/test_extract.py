@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from conftest import CHEAP, assert_clean_error, run_cli, write_odd_images
 
-from dogtl.features.cache import RESUME_HINT, PartialCache, open_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import RESUME_HINT
+from dogtl.features.partial import PartialCache
 from dogtl.core.errors import CacheError
 
 
@@ -41,7 +43,7 @@ def _same_cache(a, b, exact=True):
 HARNESS = r'''
 import json, os, signal, sys
 from dogtl.core import files
-from dogtl.features import cache
+from dogtl.features import partial
 
 log, kill, run = os.environ["DOGTL_TEST_LOG"], os.environ.get("DOGTL_TEST_KILL", ""), os.environ["DOGTL_TEST_RUN"]
 real_os, renames = files.os, [0]
@@ -60,14 +62,14 @@ class KillingOs:
         return real_os.replace(src, dst)
 
 files.os = KillingOs()  # every rename into place is core.files's
-write = cache.PartialCache.write
+write = partial.PartialCache.write
 
 def logged_write(self, split, pass_index, positions, features):
     with open(log, "a") as f:
         f.write(json.dumps([run, split, pass_index, positions.tolist()]) + "\n")
     write(self, split, pass_index, positions, features)
 
-cache.PartialCache.write = logged_write
+partial.PartialCache.write = logged_write
 from dogtl.cli import app
 app(sys.argv[1:], prog_name="dogtl")
 '''

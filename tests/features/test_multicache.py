@@ -107,7 +107,7 @@ def test_ensemble_of_multi_heads_saves_loads_and_predicts_from_image_files(multi
     """One model, one image input per backbone (each at its own size) -> each member head, averaged:
     on image files it equals the head on the concatenated cached features (identical members)."""
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.predict import load_image_model, predict_images
+    from dogtl.evaluation.inference import load_image_model, predict_images
 
     out = tmp_path / "ens.keras"
     result = run_cli("ensemble", multi_head, multi_head, "--out", out)

@@ -76,7 +76,7 @@ def test_composed_model_equals_head_on_cached_features_before_training(stage3):
     from dogtl.data.folders import load_dataset
     from dogtl.core.models import build_backbone, compose
     from dogtl.features.modelcache import split_paths
-    from dogtl.evaluation.predict import predict_images
+    from dogtl.evaluation.inference import predict_images
 
     spec = get_backbone("mobilenet_v2")
     head, meta = load_model(stage3.head, compile=False)
@@ -206,7 +206,7 @@ def test_cli_never_saves_worse_than_the_head_and_stops_early(stage3, tmp_path):
     from dogtl.features.cache import open_cache
     from dogtl.data.folders import load_dataset
     from dogtl.features.modelcache import split_paths
-    from dogtl.evaluation.predict import predict_images
+    from dogtl.evaluation.inference import predict_images
 
     out = tmp_path / "ft.keras"
     result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--weights", stage3.weights,

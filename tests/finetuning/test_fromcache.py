@@ -57,7 +57,7 @@ def test_saved_model_is_the_backbone_plus_head_with_the_frozen_part_bit_identica
     from dogtl.core.models import build_backbone, top_blocks_start
     from dogtl.data.folders import load_dataset
     from dogtl.core.metrics import scores
-    from dogtl.evaluation.predict import load_image_model, predict_images
+    from dogtl.evaluation.inference import load_image_model, predict_images
     from dogtl.core.backbones import get_backbone
     from dogtl.features.cache import open_cache
 

@@ -24,7 +24,7 @@ def test_only_a_frozen_part_below_the_trainable_blocks_goes_to_the_runtime(block
 @pytest.mark.slow
 def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     from dogtl.core.runtimes import installed
-    from dogtl.evaluation.predict import load_image_model, predict_images
+    from dogtl.evaluation.inference import load_image_model, predict_images
     from dogtl.finetuning.settings import FinetuneConfig
     from dogtl.finetuning.train import finetune
 

@@ -19,7 +19,7 @@ def _as_resnet50(path):
     import h5py
 
     from dogtl.core.backbones import get_backbone
-    from dogtl.features.cache import content_digest
+    from dogtl.features.cacheformat import content_digest
 
     spec = get_backbone("resnet50")
     with h5py.File(path, "r+") as f:

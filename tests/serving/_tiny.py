@@ -87,7 +87,7 @@ def serving_model():
 @functools.cache
 def predicted() -> np.ndarray:
     """dogtl predict's probabilities for `images()`: what every serving path must answer."""
-    from dogtl.evaluation.predict import predict_images
+    from dogtl.evaluation.inference import predict_images
 
     sm = serving_model()
     probs, ok = predict_images(sm.model, list(images()), sm.inputs[0].spec, sm.size)

@@ -57,7 +57,8 @@ def tflite(tiny_model, serving_images, tmp_path_factory):
 def test_savedmodel_equals_dogtl_predict(saved_model, loaded, serving_model, serving_images, odd_images):
     import tensorflow as tf
 
-    from dogtl.evaluation.predict import predict_images, predict_top_k
+    from dogtl.evaluation.inference import predict_images
+    from dogtl.evaluation.predict import predict_top_k
     from dogtl.evaluation.settings import PredictConfig
 
     assert (saved_model / "1" / "saved_model.pb").is_file()  # TF Serving's layout: BASE/VERSION/
@@ -170,7 +171,7 @@ def test_onnx_and_openvino_exports_agree_with_keras(runtime_export, serving_mode
     import tensorflow as tf
 
     from dogtl.core.runtimes import file_forward
-    from dogtl.evaluation.predict import predict_images
+    from dogtl.evaluation.inference import predict_images
     from dogtl.serving.export import labels_path, metadata_path
     from dogtl.serving.model import encoded_to_pixels
 

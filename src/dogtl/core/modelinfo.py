@@ -53,7 +53,7 @@ def _check_backbone(path, entry: BackboneInput) -> tuple[BackboneSpec, int]:
 
 def check_model_matches(model, meta: ModelMetadata, path) -> None:
     """The loaded Keras model has the input and output sizes its metadata promises."""
-    if isinstance(model.input, (list, tuple, dict)):  # one image input per backbone: see models.compose_multi
+    if isinstance(model.input, (list, tuple, dict)):  # one image input per backbone: see models.compose
         return
     inputs = model.input.shape
     outputs = model.output.shape[-1]

@@ -119,18 +119,16 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
 
 
 def _on_cache(config, meta, cache):
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches
+    from dogtl.evaluation.inference import load_checked_model
 
-    head, _ = load_model(config.model, compile=False)
-    check_model_matches(head, meta, config.model)
+    head = load_checked_model(config.model, meta)
     features = cache.features("labelled", passes=[0])[0][cache.is_val]
     return head.predict(features, batch_size=1024, verbose=0)
 
 
 def _on_images(config, meta, cache, progress):
     from dogtl.features.modelcache import split_paths
-    from dogtl.evaluation.predict import inference_fn, load_image_model, predict_images
+    from dogtl.evaluation.inference import inference_fn, load_image_model, predict_images
 
     val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
@@ -151,16 +149,16 @@ def _tta(config, meta, cache, source, progress) -> dict | None:
         raise DataError(f"{cache.path} holds no augmented passes (extracted with --passes 0): --tta has "
                         "nothing to average; re-extract with --passes 2 or more")
     if source == "cached features":
-        from dogtl.core.artifacts import load_model
+        from dogtl.evaluation.inference import load_checked_model
 
-        head, _ = load_model(config.model, compile=False)
+        head = load_checked_model(config.model, meta)
         return {"probs": tta.cached_probabilities(head, cache, rows=cache.is_val), "passes": cache.num_passes}
     from dogtl.features.modelcache import split_paths
-    from dogtl.evaluation.predict import _augmentation_of, load_image_model
+    from dogtl.evaluation.inference import load_image_model
 
     val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
-    augmentation, seed = _augmentation_of(meta)
+    augmentation, seed = tta.augmentation_of(meta)
     probs, _ = tta.image_probabilities(model, val["paths"], spec, size, passes=cache.num_passes, seed=seed,
                                        augmentation=augmentation, indices=val["indices"],
                                        batch_size=config.batch_size, progress=progress, precision=config.precision,

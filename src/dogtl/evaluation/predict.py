@@ -1,4 +1,4 @@
-"""Predictions: Kaggle submissions for a test folder, top-k classes for single images.
+"""The predict command: Kaggle submissions for a test folder, top-k classes for single images.
 
 A fine-tuned model reads the test images. A head model uses the cached test features of
 its cache when they are there (seconds), otherwise it runs behind the same backbone that
@@ -9,24 +9,25 @@ log loss), columns follow sample_submission.csv exactly.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
 from dogtl.core.errors import DataError, DogtlError
 from dogtl.core.files import check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
 from dogtl.core.metrics import clip_rows
+from dogtl.core.modelinfo import check_metadata
+from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
+from dogtl.data.images import decode_error
+from dogtl.evaluation.inference import Progress, inference_fn, load_checked_model, load_image_model, predict_images
 from dogtl.evaluation.settings import PredictConfig
+from dogtl.evaluation.tta import augmentation_keys, augmentation_of, image_probabilities
+from dogtl.features.modelcache import open_model_cache
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int], None]
-_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 DEFAULT_MODELS = ("models/finetuned.keras", "models/head.keras")
 
 
@@ -51,8 +52,6 @@ class TopK:
     error: str | None = None
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
 def resolve_model(model: str | None) -> Path:
     if model is not None:
         return Path(model)
@@ -61,83 +60,6 @@ def resolve_model(model: str | None) -> Path:
             return Path(candidate)
     raise DogtlError("no model found at models/finetuned.keras or models/head.keras: train one first "
                      "(dogtl train-head) or name it (e.g. dogtl evaluate path/to/model.keras)")
-
-
-def load_image_model(path, weights: str | None = None):
-    """(model on preprocessed images, metadata, spec, image size) for a head or fine-tuned file."""
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_metadata, check_model_matches
-    from dogtl.core.models import build_backbone, compose
-    from dogtl.features.modelweights import backbone_weights
-
-    meta, spec, size = check_metadata(path)
-    if meta.is_multi:  # one backbone per cache, each at its own size: lists of specs and sizes
-        from dogtl.features.multicache import multi_image_model
-
-        return multi_image_model(path, meta, weights)
-    if meta.kind == "head":
-        backbone = build_backbone(spec, backbone_weights(meta.backbones[0], weights), size)
-    model, _ = load_model(path, compile=False)
-    check_model_matches(model, meta, path)
-    if meta.kind == "head":
-        model = compose(backbone, model, name="head_on_images")
-    return model, meta, spec, size
-
-
-def inference_fn(model, precision: str = "float32", runtime: str = "tensorflow"):
-    """The model's forward pass on numpy batches (core/runtimes.frozen_forward), one per model,
-    precision and runtime: traced, or converted and loaded, once."""
-    fns = _INFERENCE.setdefault(model, {})
-    if (precision, runtime) not in fns:
-        from dogtl.core.runtimes import frozen_forward
-
-        size = "x".join(str(t.shape[1]) for t in model.inputs)
-        fns[precision, runtime] = frozen_forward(model, runtime=runtime, precision=precision,
-                                                 label=f"{model.name}-{size}")
-    return fns[precision, runtime]
-
-
-def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: int = 0, seed: int = 0,
-                   augmentation=None, batch_size: int = 32, progress: Progress | None = None,
-                   precision: str | None = None, runtime: str | None = None):
-    """Class probabilities [n, C] for image files (rows of unreadable ones are NaN) and a read mask.
-
-    Uses the pipeline of extraction, so the pixels are the ones the head was trained on;
-    pass p > 0 is the same augmentation as the cache's pass p for the same indices.
-    `precision` (PRECISIONS) and `runtime` (RUNTIMES): compute in them (`inference_fn(model,
-    precision, runtime).runtime` says which runtime ran it); both None: TensorFlow, in the
-    precision the caller has set the model up in.
-    """
-    if precision is None and runtime is None:
-        return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
-                               augmentation=augmentation, batch_size=batch_size, progress=progress,
-                               infer=inference_fn(model))
-    with inference_fn(model, precision or "auto", runtime or "auto") as infer:
-        return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index,
-                               seed=seed, augmentation=augmentation, batch_size=batch_size,
-                               progress=progress, infer=infer)
-
-
-def _predict_images(model, paths, spec, image_size, *, indices, pass_index, seed, augmentation, batch_size,
-                    progress, infer):
-    from dogtl.data.multiimages import model_image_dataset
-
-    n = len(paths)
-    num_classes = model.output.shape[-1]
-    probs = np.full((n, num_classes), np.nan)
-    ok = np.zeros(n, dtype=bool)
-    if n == 0:
-        return probs, ok
-    ds = model_image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
-                       augmentation=augmentation, batch_size=batch_size, skip_bad=True)
-    for positions, _, images in ds:
-        positions = positions.numpy()
-        probs[positions] = np.asarray(infer(images), dtype=np.float64)
-        ok[positions] = True
-        done = int(positions[-1]) + 1
-        if progress:
-            progress(done, n)
-    return probs, ok
 
 
 def test_images(root: str | Path):
@@ -158,9 +80,6 @@ def test_images(root: str | Path):
 
 @writes
 def predict_submission(config: PredictConfig, progress: Progress | None = None) -> Submission:
-    from dogtl.data.images import decode_error
-    from dogtl.core.modelinfo import check_metadata
-
     model_path = resolve_model(config.model)
     meta, spec, size = check_metadata(model_path)
     out = check_overwrite(config.out, config.force)
@@ -198,8 +117,6 @@ def _test_set(config, meta):
     """(ids, paths, sample submission or None, reasons or None) of the test images: those in
     data/test/, or, for a head model when there is no data/test/, the ones its cache holds
     features of (then `reasons` gives why the cache skipped some, and the cache is required)."""
-    from dogtl.features.modelcache import open_model_cache
-
     if (Path(config.data) / "test").is_dir() or meta.kind != "head" or not config.use_cache:
         return (*test_images(config.data), None)
     cache = open_model_cache(meta, config.cache, required=config.cache is not None)
@@ -222,10 +139,6 @@ def _test_set(config, meta):
 def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
     """Head predictions from the cache's test features; (None, None, 0) when it cannot serve them
     (or an error, when `required`: the images are not there)."""
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches
-    from dogtl.features.modelcache import open_model_cache
-
     cache = open_model_cache(meta, config.cache, required=required or config.cache is not None)
     if cache is None:
         log.info("no cache for %s: computing features from the images", model_path)
@@ -242,8 +155,7 @@ def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
                             f"in {config.data}/test to compute them from: drop --tta or pass --data")
         log.info("%s holds no test-time augmentation passes: computing them from the images", cache.path)
         return None, None, 0
-    head, _ = load_model(model_path, compile=False)
-    check_model_matches(head, meta, model_path)
+    head = load_checked_model(model_path, meta)
     passes = list(range(cache.num_test_passes)) if config.tta else [0]
     features = cache.features("test", passes=passes)
     mean = np.mean([head.predict(f, batch_size=1024, verbose=0) for f in features], axis=0)
@@ -254,34 +166,12 @@ def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
     return probs, ok, len(passes)
 
 
-def _augmentation_of(meta):
-    """The augmentation settings and seed recorded with the model's cache (defaults if none)."""
-    from dogtl.data.augment import AugmentConfig
-
-    fingerprint = meta.backbones[0].cache_fingerprint or {}
-    aug = fingerprint.get("augmentation")
-    return (AugmentConfig(**aug) if aug else AugmentConfig()), int(fingerprint.get("seed", 0))
-
-
-def _augmentation_keys(meta, paths):
-    """The keys the model's cache drew augmented passes of these files with: their ids' (file
-    stems, as test ids are) for a format-2 cache, so TTA on test/ID.jpg averages the cached TTA
-    passes of ID; else None (their positions, as format 1 numbered test files)."""
-    from dogtl.data.augment import image_keys
-    from dogtl.features.cache import IMAGE_KEY
-
-    fingerprint = meta.backbones[0].cache_fingerprint or {}
-    return image_keys([Path(p).stem for p in paths]) if fingerprint.get("image_key") == IMAGE_KEY else None
-
-
 def _from_images(config, model_path, paths, progress):
     model, meta, spec, size = load_image_model(model_path, config.weights)
-    augmentation, seed = _augmentation_of(meta)
-    from dogtl.evaluation.tta import image_probabilities
-
+    augmentation, seed = augmentation_of(meta)
     passes = 1 + (config.tta_passes if config.tta else 0)
     probs, ok = image_probabilities(model, paths, spec, size, passes=passes, seed=seed, augmentation=augmentation,
-                                    indices=_augmentation_keys(meta, paths),
+                                    indices=augmentation_keys(meta, paths),
                                     batch_size=config.batch_size, progress=progress, precision=config.precision,
                                     runtime=config.runtime)
     return probs, ok, passes, inference_fn(model, config.precision, config.runtime).runtime
@@ -291,17 +181,15 @@ def _from_images(config, model_path, paths, progress):
 
 def predict_top_k(config: PredictConfig, progress: Progress | None = None) -> list[TopK]:
     """Top-k classes with probabilities for each file in config.images."""
-    from dogtl.data.images import decode_error
-
     model_path = resolve_model(config.model)
     paths = [Path(p) for p in config.images]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         raise DataError(f"no such image file: {', '.join(absent[:3])}")
     model, meta, spec, size = load_image_model(model_path, config.weights)
-    augmentation, seed = _augmentation_of(meta)
+    augmentation, seed = augmentation_of(meta)
     passes = 1 + (config.tta_passes if config.tta else 0)
-    keys = _augmentation_keys(meta, paths)
+    keys = augmentation_keys(meta, paths)
     runs = [predict_images(model, paths, spec, size, indices=keys, pass_index=p, seed=seed, augmentation=augmentation,
                            batch_size=config.batch_size, progress=progress, precision=config.precision,
                            runtime=config.runtime)

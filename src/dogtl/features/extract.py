@@ -30,7 +30,9 @@ from dogtl.core.models import build_backbone, weights_identity
 from dogtl.core.runtimes import frozen_forward, plan as runtime_plan
 from dogtl.data.folders import KAGGLE_COLUMNS, Dataset, load_dataset, split_validation
 from dogtl.core.backbones import check_image_size, get_backbone
-from dogtl.features.cache import IMAGE_KEY, PartialCache, space_needed, write_cache
+from dogtl.features.cachewriter import write_cache
+from dogtl.features.fingerprint import IMAGE_KEY
+from dogtl.features.partial import PartialCache, space_needed
 from dogtl.features.cut import cut_bytes, cut_info, extraction_model, stored_layout
 from dogtl.features.incremental import (Change, fresh_plan, image_lists, list_fingerprint, merged_pass, update_plan,
                                         updates_after)

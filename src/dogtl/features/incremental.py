@@ -26,7 +26,8 @@ import numpy as np
 from dogtl.core.errors import CacheError
 from dogtl.data.augment import image_keys
 from dogtl.data.folders import content_hashes
-from dogtl.features.cache import LABELLED_LIST, FeatureCache
+from dogtl.features.cache import FeatureCache
+from dogtl.features.fingerprint import LABELLED_LIST
 
 SPLITS = ("labelled", "test")
 COPY_ROWS = 4096  # rows of the updated cache assembled at a time

@@ -14,7 +14,8 @@ import numpy as np
 from dogtl.core.errors import CacheError, DataError
 from dogtl.core.metadata import BackboneInput, ModelMetadata
 from dogtl.data.folders import Dataset, load_dataset
-from dogtl.features.cache import IMAGE_LISTS, TEST_LIST, fingerprint_differences, open_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.fingerprint import IMAGE_LISTS, TEST_LIST, fingerprint_differences
 from dogtl.features.incremental import changes_since
 from dogtl.features.multicache import as_paths, combine
 

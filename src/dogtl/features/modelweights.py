@@ -7,7 +7,7 @@ from pathlib import Path
 from dogtl.core.errors import DogtlError
 from dogtl.core.metadata import BackboneInput
 from dogtl.core.models import weights_identity
-from dogtl.features.cache import fingerprint_differences
+from dogtl.features.fingerprint import fingerprint_differences
 
 
 def backbone_weights(entry: BackboneInput, override: str | None = None) -> str:

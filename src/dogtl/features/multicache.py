@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import CacheError
-from dogtl.core.metadata import BackboneInput, ModelMetadata
-from dogtl.features.cache import CacheShapes, FeatureCache, fingerprint_differences, open_cache
+from dogtl.core.metadata import BackboneInput
+from dogtl.features.cache import CacheShapes, FeatureCache, open_cache
+from dogtl.features.fingerprint import fingerprint_differences
 
 # Fingerprint settings that may differ between caches concatenated into one head.
 PER_BACKBONE = {"backbone", "weights", "image_size", "preprocessing", "feature_dim", "dtype", "shard"}
@@ -121,27 +122,3 @@ def head_inputs(cache) -> list[BackboneInput]:
     return [_entry(c) for c in getattr(cache, "caches", [cache])]
 
 
-def multi_image_model(path, meta: ModelMetadata, weights: str | None = None):
-    """(model on images, metadata, [spec per backbone], [size per backbone]) for a multi-backbone
-    head: every backbone of its caches, each with its own weights and size, feeding the head.
-    `weights` (a local file) replaces the recorded file of the backbones that used that file."""
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches
-    from dogtl.core.models import build_backbone, compose_multi, renamed
-    from dogtl.core.backbones import get_backbone
-    from dogtl.features.modelweights import backbone_weights, same_weights
-
-    specs, sizes, backbones, names = [], [], [], set()
-    for entry in meta.backbones:
-        spec, size = get_backbone(entry.backbone), int(entry.image_size)
-        override = weights if weights is not None and same_weights(entry.weights, weights) else None
-        backbone = build_backbone(spec, backbone_weights(entry, override), size)
-        if backbone.name in names:
-            backbone = renamed(backbone, f"{backbone.name}_{len(backbones)}")
-        names.add(backbone.name)
-        specs.append(spec)
-        sizes.append(size)
-        backbones.append(backbone)
-    head, _ = load_model(path, compile=False)
-    check_model_matches(head, meta, path)
-    return compose_multi(backbones, specs, sizes, head), meta, specs, sizes

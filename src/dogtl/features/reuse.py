@@ -10,8 +10,10 @@ from pathlib import Path
 
 from dogtl.core.errors import CacheError
 from dogtl.core.files import check_overwrite
-from dogtl.features.cache import (FORMAT_VERSION, IMAGE_LISTS, PartialCache, damage, fingerprint_differences,
-                                  is_cache_file, open_cache)
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import FORMAT_VERSION, damage, is_cache_file
+from dogtl.features.fingerprint import IMAGE_LISTS, fingerprint_differences
+from dogtl.features.partial import PartialCache
 
 log = logging.getLogger(__name__)
 

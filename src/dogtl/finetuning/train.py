@@ -14,23 +14,31 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from dogtl.core.determinism import make_deterministic
+from dogtl.core.distribute import agree, make_strategy, scope
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import DataError
-from dogtl.core.locks import hold, writes
+from dogtl.core.locks import writes
 from dogtl.core.metadata import BackboneInput, ModelMetadata
-from dogtl.finetuning.checkpoints import Checkpoints, RunState, random_state, restore_random_state
-from dogtl.finetuning.data import training_dataset, validate
-from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
+from dogtl.core.models import reestimate_batchnorm
+from dogtl.core.precision import computing_in
+from dogtl.features.modelcache import split_paths
+from dogtl.finetuning.checkpoints import RunState, random_state, restore_random_state
+from dogtl.finetuning.data import reestimation_images, training_dataset, validate
+from dogtl.finetuning.fromcache import prepare_from_cache
+from dogtl.finetuning.frozenpart import frozen_part_source
+from dogtl.finetuning.model import REESTIMATE_IMAGES, build_model
+from dogtl.finetuning.settings import FinetuneConfig
+from dogtl.finetuning.setup import Setup, prepare_common
 
-if TYPE_CHECKING:
-    from dogtl.data.augment import AugmentConfig
-    from dogtl.core.backbones import BackboneSpec
-    from dogtl.features.cache import FeatureCache
+# local: keras and tensorflow are imported inside the functions that train (here and in the
+# finetuning modules imported above): make_strategy must start a multi-worker run before
+# TensorFlow loads.
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images trained on, images in all remaining epochs)
@@ -54,46 +62,13 @@ class FinetuneResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class Setup:
-    """Everything a run reads before training, checked: the head, its backbone and cache, the split."""
-
-    config: FinetuneConfig
-    strategy: object  # a tf.distribute strategy, or None for one device
-    out: Path  # this worker's model path
-    meta: ModelMetadata  # the head's
-    spec: BackboneSpec
-    size: int
-    weights: str  # what rebuilds the head's backbone: 'imagenet', 'none' or a file
-    cache: FeatureCache
-    split: dict  # modelcache.split_paths
-    augmentation: AugmentConfig | None  # None: --no-augment
-    seed: int
-    steps: int  # per epoch
-    checkpoints: Checkpoints
-    precision: str = "float32"  # resolved --precision (core/precision.py)
-    source: object = None  # None: train on the images; fromcache.CacheSource: on cut activations;
-    # frozenpart.FrozenPartSource: on images, the frozen part on a runtime
-
-
 @writes
 def finetune(config: FinetuneConfig, progress: Progress | None = None, report: Report | None = None) -> FinetuneResult:
     """Fine-tune, or resume a killed run of the same settings, and write the best model."""
-    from dogtl.core.distribute import agree, make_strategy, scope
-
-    from dogtl.core.precision import computing_in
-
     started = time.perf_counter()
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before TensorFlow
-    if config.from_cache:
-        from dogtl.finetuning.fromcache import prepare_from_cache
-
-        setup = prepare_from_cache(config, strategy)
-    else:
-        setup = prepare(config, strategy)
+    setup = prepare_from_cache(config, strategy) if config.from_cache else prepare(config, strategy)
     if config.deterministic:
-        from dogtl.core.determinism import make_deterministic
-
         make_deterministic(setup.seed)
     state = setup.checkpoints.load(config.force)
     agree(strategy, [-1, 0] if state is None else [state.epoch, int(state.stopping.stopped)],
@@ -115,60 +90,14 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
 
 
 def prepare(config: FinetuneConfig, strategy) -> Setup:
-    from dogtl.features.modelcache import split_paths
-
-    from dogtl.finetuning.frozenpart import frozen_part_source
-
+    """The Setup of a run on images (the frozen part on a runtime where --runtime says so)."""
     return prepare_common(config, strategy, lambda cache: split_paths(cache, config.data),
                           source=lambda spec: frozen_part_source(config, strategy, spec))
-
-
-def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Setup:
-    """What every run checks and reads first; `make_split(cache)` gives the train/val split."""
-    from dogtl.core.artifacts import check_writable
-    from dogtl.core.distribute import check_global_batch, training_steps, worker
-    from dogtl.core.modelinfo import check_metadata
-    from dogtl.core.precision import resolve
-    from dogtl.features.modelcache import open_model_cache
-    from dogtl.features.modelweights import backbone_weights
-    from dogtl.finetuning.data import training_augmentation
-
-    # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
-    out = check_writable(worker(strategy).private_path(config.out), config.force)
-    hold(out, "the model")  # and its checkpoints folder
-    meta, spec, size = check_metadata(config.head, kinds=("head",))
-    from dogtl.head.ensemble import refuse_composite
-
-    refuse_composite(meta, config.head)
-    weights = backbone_weights(meta.backbones[0], config.weights)
-    cache = open_model_cache(meta, config.cache)
-    if not cache.is_val.any():
-        raise DataError(f"{cache.path} has no validation split (--val-fraction 0): fine-tuning needs "
-                        "one to stop early and keep the best model; extract with --val-fraction > 0")
-    split = make_split(cache)
-    images = len(split["train"]["labels"])
-    if images == 0:
-        raise DataError(f"{cache.path} has no training images outside the validation split")
-    check_global_batch(config.batch_size, strategy, images)
-    fingerprint = cache.fingerprint
-    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
-    identity = {"settings": settings, "head": meta.to_dict(), "cache_fingerprint": fingerprint}
-    if callable(extra.get("source")):  # chosen once the head's backbone is known
-        extra["source"] = extra["source"](spec)
-    return Setup(config, strategy, out, meta, spec, size, weights, cache, split,
-                 augmentation=training_augmentation(config.augment, fingerprint["augmentation"], config.from_cache),
-                 seed=int(fingerprint.get("seed", 0)) if config.seed is None else config.seed,
-                 steps=training_steps(images, config.batch_size, strategy),
-                 checkpoints=Checkpoints.beside(out, identity), precision=resolve(config.precision), **extra)
 
 
 def start(setup: Setup, report: Report | None = None) -> tuple[object, RunState]:
     """A fresh run: the head on its backbone, scored and checkpointed as epoch 0 (the model to
     beat); then, with --batchnorm reestimate, the model training starts from."""
-    from dogtl.core.distribute import scope
-    from dogtl.core.precision import computing_in
-    from dogtl.finetuning.model import build_model
-
     with scope(setup.strategy):  # variables mirrored on every replica
         model, head, trainable, batchnorm = (
             setup.source.build(setup) if setup.source else
@@ -200,10 +129,6 @@ def start(setup: Setup, report: Report | None = None) -> tuple[object, RunState]
 def reestimate(setup: Setup, model, layers: list, report: Report | None) -> None:
     """--batchnorm reestimate: `layers`' statistics from the clean training images (or their
     cached cut), before the first step."""
-    from dogtl.core.models import reestimate_batchnorm
-    from dogtl.finetuning.data import reestimation_images
-    from dogtl.finetuning.model import REESTIMATE_IMAGES
-
     train = setup.split["train"]
     batches = (setup.source.reestimation_batches(setup, REESTIMATE_IMAGES) if setup.source else
                reestimation_images(train["paths"], setup.spec, setup.size, seed=setup.seed, limit=REESTIMATE_IMAGES))

@@ -25,7 +25,7 @@ from dogtl.core.metadata import BackboneInput, ModelMetadata
 from dogtl.core.metrics import scores
 from dogtl.core.modelinfo import check_metadata, check_model_matches
 from dogtl.core.models import renamed
-from dogtl.features.cache import fingerprint_differences
+from dogtl.features.fingerprint import fingerprint_differences
 from dogtl.features.modelcache import open_model_cache
 from dogtl.features.multicache import head_inputs
 from dogtl.head.train import fit_head, head_metadata, load_training_data

@@ -107,7 +107,7 @@ def _preprocessors(inputs: tuple[ImageInput, ...]):
 def load_serving_model(path: str | Path, weights: str | None = None) -> ServingModel:
     """A fine-tuned model, or a head composed with the backbone(s) its features came from
     (an ensemble of them too), or an ONNX/OpenVINO export of one."""
-    from dogtl.evaluation.predict import load_image_model  # local: pandas and Keras, only once a model loads
+    from dogtl.evaluation.inference import load_image_model  # local: Keras, only once a model loads
 
     path = Path(path)
     if path.suffix in EXPORT_SUFFIXES:
