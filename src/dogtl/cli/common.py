@@ -216,8 +216,6 @@ class PlainProgress:
     with what is done, the rate and the time left, and one when it ends."""
 
     def __init__(self, description: str, unit: str = "images", every: float | None = None, clock=None):
-        import time
-
         self.description, self.unit = description, unit
         self.every = every if every is not None else float(os.environ.get("DOGTL_PROGRESS_SECONDS", 30))
         self.clock = clock or time.monotonic

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +29,6 @@ class TrialProgress(_RichBar):
         self.started = None  # (time, runs done) at the first event: the ETA of plain lines
 
     def update(self, event: dict):
-        import time
-
         best = f"{event['best']:.4f}" if event["best"] != float("inf") else "-"
         if self.task is None:
             self.started = (time.monotonic(), event["done"])
@@ -49,8 +48,6 @@ class TrialProgress(_RichBar):
 
     def _eta(self, done: int, total: int) -> str:
         """Where no bar shows it (logs): the time left at this session's rate."""
-        import time
-
         from dogtl.cli.common import duration_text
 
         since, first = self.started

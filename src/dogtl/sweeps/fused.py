@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 
+from dogtl.core.errors import DogtlError
+from dogtl.core.metrics import scores
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.head.settings import HEAD_SETTINGS, HeadConfig
 
@@ -224,13 +226,9 @@ def train_fused(configs: list[HeadConfig], features, labels, train_rows: np.ndar
     return one outcome per trial, in order. `on_done(index, outcome)` is called as each
     trial finishes. With `shrink`, once half the group has stopped the rest continue in
     a smaller graph (same numbers, less wasted compute)."""
-    from dogtl.core.metrics import scores
-
     started = time.perf_counter()
     val_rows = np.asarray(val_rows)
     if not len(val_rows):
-        from dogtl.core.errors import DogtlError
-
         raise DogtlError("no validation images: early stopping and the metrics need some")
     labels = np.asarray(labels, np.int32)
     clean = features[0] if isinstance(features, np.ndarray) else None
