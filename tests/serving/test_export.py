@@ -172,7 +172,8 @@ def test_onnx_and_openvino_exports_agree_with_keras(runtime_export, serving_mode
 
     from dogtl.core.runtimes import file_forward
     from dogtl.evaluation.inference import predict_images
-    from dogtl.serving.export import labels_path, metadata_path
+    from dogtl.core.metadata import metadata_path
+    from dogtl.serving.export import labels_path
     from dogtl.serving.model import encoded_to_pixels
 
     fmt, path, output = runtime_export

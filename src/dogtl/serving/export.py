@@ -31,6 +31,7 @@ from dogtl.core.errors import DogtlError
 from dogtl.core.files import atomic_path, check_overwrite, make_folder, write_text_atomic
 from dogtl.core.temporaries import temporary_sibling
 from dogtl.core.locks import artifact_lock
+from dogtl.core.metadata import metadata_path
 from dogtl.core.quiet import native_stderr_silenced
 from dogtl.core.runtimes import ConversionError, converted, file_forward, require
 from dogtl.data.images import decode_error, load_image
@@ -100,10 +101,6 @@ def export_savedmodel(sm: ServingModel, out: str | Path, *, top_k: int = 5, forc
 def labels_path(model_path: str | Path) -> Path:
     path = Path(model_path)
     return path.with_name(f"{path.stem}.labels.txt")
-
-
-def metadata_path(model_path: str | Path) -> Path:
-    return Path(model_path).with_suffix(".json")
 
 
 def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool = False) -> Path:
