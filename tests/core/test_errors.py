@@ -32,6 +32,17 @@ def test_h5py_errors_carry_errno_and_file_in_their_message():
     assert os_error_message(h5py_style).startswith("/x/c.h5.tmp: the disk is full")
 
 
+def test_h5py_errors_with_an_errno_are_one_line_naming_the_file():
+    """h5py (Keras's save_weights on a full disk) sets errno but no filename, and its message
+    holds a newline (the C library's time stamp)."""
+    h5py_style = OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: time = Fri Dec  4 "
+                         "13:13:31 2026\n, filename = '/m/c.tmp-1.random-backbone.weights.h5', file descriptor = 3, "
+                         "errno = 28, error message = 'No space left on device', buf = 0x7f)")
+    message = os_error_message(h5py_style)
+    assert message.startswith("/m/c.tmp-1.random-backbone.weights.h5: the disk is full")
+    assert message.endswith("(No space left on device)") and "\n" not in message
+
+
 def test_other_os_errors_are_not_a_users_to_fix():
     assert os_error_message(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")) is None
     assert os_error_message(OSError("Unable to open object (bad symbol table)")) is None

@@ -9,8 +9,11 @@ cause is open (see docs/runtimes.md)."""
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -63,3 +66,32 @@ def test_without_a_signal_an_unexpected_error_is_still_a_bug(capsys):
         command()
     assert caught.value.exit_code == 1
     assert "this is a bug in dogtl" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_without_the_complaints_of_h5py_objects_freed_after_it(capsys, monkeypatch):
+    """Keras's save_weights on a full disk: h5py objects of the unwritable file raise again as
+    they are freed (through sys.unraisablehook), after the one-line message; found by faults.py."""
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+
+    class Unflushed:
+        def __init__(self, text):
+            self.text = text
+
+        def __del__(self):
+            raise RuntimeError(self.text)
+
+    @friendly_errors
+    def command():
+        held = [Unflushed("Can't decrement id ref count (file write failed: time = Fri Dec  4 2026\n, errno = 28)"),
+                Unflushed("something else")]  # noqa: F841  freed with the traceback's frames
+        raise OSError(errno.ENOSPC, "No space left on device", "/m/c.weights.h5")
+
+    with pytest.raises(typer.Exit) as caught:
+        command()
+    assert caught.value.exit_code == 1
+    del caught
+    gc.collect()
+    err = capsys.readouterr().err
+    assert err.startswith("error: /m/c.weights.h5: the disk is full") and err.count("\n") == 1
+    assert [str(u.exc_value) for u in passed_on] == ["something else"]  # any other is still shown

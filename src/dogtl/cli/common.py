@@ -103,6 +103,7 @@ def friendly_errors(command):
             message = os_error_message(e)
             if message is None:
                 _bug_unless_signalled(e)
+            _ignore_failed_h5_closes()
             fail(message, code=1)
         except KeyboardInterrupt:
             _interrupted()
@@ -114,6 +115,19 @@ def friendly_errors(command):
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
     return wrapper
+
+
+def _ignore_failed_h5_closes() -> None:
+    """After a write failed (a full disk), h5py objects of the unwritable file complain again as
+    they are freed, through sys.unraisablehook ("Exception ignored in ... __dealloc__", a
+    traceback): that says nothing the one-line message does not, so it is not shown."""
+    shown = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "file write failed" in str(unraisable.exc_value)):
+            shown(unraisable)
+
+    sys.unraisablehook = hook
 
 
 received: list[int] = []  # the signals (SIGINT, SIGTERM) this command got

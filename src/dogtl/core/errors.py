@@ -51,23 +51,23 @@ _OS_ADVICE = {
 def os_error_message(error: OSError) -> str | None:
     """One line for an operating-system error a user can fix (path, cause, what to do), else None."""
     code, path = error.errno, error.filename or ""
-    if code is None:  # h5py's OSError carries the C library's errno and file in its message
+    # h5py's OSError carries the C library's errno and file in its (several lines') message
+    if code is None:
         found = re.search(r"errno = (\d+)", str(error))
         code = int(found[1]) if found else None
+    if not path:
         named = re.search(r"file ?name = '([^']*)'", str(error))
-        path = path or (named[1] if named else "")
+        path = named[1] if named else ""
     name = errno.errorcode.get(code or -1)
     if name not in _OS_ADVICE:
         return None
-    if error.strerror is None and code is not None:
-        error = OSError(code, os.strerror(code), path)
     need, mount = "some space", "that disk"
     if name in ("ENOSPC", "EDQUOT"):
         mb = getattr(error, "dogtl_needed_mb", None)
         need = f"{mb:,.0f} MB" if mb else "space"
         mount = _mount_point(path) if path else "the disk it was writing to (the output's)"
     where = f"{path}: " if path else ""
-    return f"{where}{_OS_ADVICE[name].format(need=need, mount=mount)} ({error.strerror or name})"
+    return f"{where}{_OS_ADVICE[name].format(need=need, mount=mount)} ({os.strerror(code)})"
 
 
 def _mount_point(path) -> str:
