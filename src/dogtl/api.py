@@ -10,38 +10,26 @@
 
 Every function takes the command's options as keyword arguments (underscores for hyphens),
 returns the stage's result object (metrics and paths), and raises `dogtl.DogtlError` with the
-same one-line messages as the command line. `progress=True` shows a progress bar, in a
-terminal or a Jupyter notebook; a callable gets the raw progress events instead. `track=True`
+same one-line messages as the command line. `progress=True` prints plain progress lines on
+stderr; a callable gets the stage's `dogtl.core.progress.ProgressEvent`s instead (images done,
+finished epochs with their figures, a sweep's finished runs, lines to show). `track=True`
 (train_head, sweep, finetune, evaluate) records the run in MLflow, as `--track` does
 (`dogtl.core.tracking`). The `dogtl` commands are a thin layer over exactly these functions.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from dogtl.core import tracking
+from dogtl.core.progress import PlainRenderer, counting
 
 
-@contextmanager
-def _bar(progress, make):
-    """The callback a stage reports progress to: `progress` itself if callable, the `update`
-    of a bar made by `make()` if True, nothing if False."""
-    if callable(progress):
-        yield progress
-    elif progress:
-        with make() as bar:
-            yield bar.update
-    else:
-        yield None
-
-
-def _images(description: str):
-    from dogtl.cli.common import ImageProgress
-
-    return lambda: ImageProgress(description)
+def _progress(progress):
+    """The callback a stage reports its ProgressEvents to: `progress` itself if callable, plain
+    lines on stderr if True (the command line draws bars instead), nothing if False."""
+    return progress if callable(progress) else PlainRenderer() if progress else None
 
 
 def extract_features(data="data", cache="cache/features.h5", *, force: bool = False, progress=True,
@@ -58,8 +46,7 @@ def extract_features(data="data", cache="cache/features.h5", *, force: bool = Fa
 
     config = ExtractConfig(data=str(data), cache=str(cache), force=force, **settings,
                            augmentation=AugmentConfig(rotation=rotation, zoom=zoom, shift=shift, hflip=hflip))
-    with _bar(progress, _images("extracting")) as update:
-        return run(config, progress=update, note=note)
+    return run(config, progress=counting(_progress(progress), "extract"), note=note)
 
 
 def merge_cache(shards, out=None, *, copy: bool = False, force: bool = False):
@@ -73,16 +60,14 @@ def train_head(cache="cache/features.h5", out="models/head.keras", *, force: boo
                track: bool = False, **settings):
     """Stage two: train the head on cached features. `settings`: any train-head setting
     (`dogtl.head.settings.HEAD_SETTINGS`), e.g. epochs=30, hidden=(512,), max_lr=2e-3."""
-    from dogtl.cli.common import EpochProgress
     from dogtl.head.settings import HeadConfig
     from dogtl.head.train import train_head as run
 
     config = HeadConfig(**settings)
     params = {**asdict(config), "cache": cache, "out": out}
-    with tracking.start("train-head", f"train-head {Path(out).name}", track, params) as tracked, \
-            _bar(progress, lambda: EpochProgress("training the head", config.epochs)) as update:
+    with tracking.start("train-head", f"train-head {Path(out).name}", track, params) as tracked:
         result = run(config, cache=cache, out=out, force=force, progress=tracking.tee(
-            update, lambda row: tracked.epoch({k: v for k, v in row.items() if k != "epochs"})))
+            _progress(progress), lambda e: tracked.epoch({**e.record.as_row(), "seconds": e.seconds})))
         tracked.params({"resolved": asdict(result.resolved)})
         tracked.result(result.metrics, tracking.model_files(result.model_path))
         return result
@@ -105,15 +90,9 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
     cache = tuple(str(p) for p in cache) if isinstance(cache, (list, tuple)) else str(cache)
     config = SweepConfig(cache=cache, params=tuple(params), space=str(space) if space else None,
                          out=str(out) if out else None, force=force, **settings)
-
-    def make():
-        from dogtl.cli.sweep import TrialProgress
-
-        return TrialProgress("trials" if not config.folds else "trial folds")
-
-    with tracking.start("sweep", "sweep", track, {k: v for k, v in asdict(config).items() if k != "force"}) as tracked, \
-            _bar(progress, make) as update:
-        result = run_sweep(config, progress=tracking.tee(update, tracking.trial_observer(tracked, config.folds)))
+    with tracking.start("sweep", "sweep", track, {k: v for k, v in asdict(config).items() if k != "force"}) as tracked:
+        result = run_sweep(config, progress=tracking.tee(_progress(progress),
+                                                         tracking.trial_observer(tracked, config.folds)))
         tracked.tags({"mlflow.runName": f"sweep {result.out.name}", "dogtl.out": str(result.out)})
         best = result.results.iloc[0] if len(result.results) else {}
         tracked.result({"val_log_loss": best.get("val_log_loss"), "val_accuracy": best.get("val_accuracy"),
@@ -131,22 +110,20 @@ def ensemble(models, out="models/ensemble.keras", *, force: bool = False):
 
 
 def finetune(data="data", head="models/head.keras", out="models/finetuned.keras", *, force: bool = False,
-             progress=True, report=None, recipe=None, track: bool = False,
-             **settings):
+             progress=True, recipe=None, track: bool = False, **settings):
     """Stage three: fine-tune backbone blocks with the trained head, on the images (or cached cut
     activations, from_cache=True). `settings`: any finetune setting
     (`dogtl.finetuning.settings.FINETUNE_SETTINGS`); `recipe`: a named set of them replacing the
     defaults ("reference": the reference recipe's fine-tuning), `settings` still winning;
-    `report` gets one line per finished epoch."""
+    `progress` events include each finished epoch (`event.line()` is the line the command prints)."""
     from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
     from dogtl.finetuning.train import finetune as run
 
     config = FinetuneConfig(data=str(data), head=str(head), out=str(out), force=force,
                             **{**recipe_settings(recipe), **settings})
     params = {k: v for k, v in asdict(config).items() if k != "force"}
-    with tracking.start("finetune", f"finetune {Path(out).name}", track, params) as tracked, \
-            _bar(progress, _images("fine-tuning")) as update:
-        result = run(config, progress=update, report=report)
+    with tracking.start("finetune", f"finetune {Path(out).name}", track, params) as tracked:
+        result = run(config, progress=_progress(progress))
         b = result.before  # step 0: the head it started from
         tracked.epoch({"val_loss": b["val_log_loss"], "val_accuracy": b["val_accuracy"]}, step=0)
         tracked.history(result.history.to_dict("records"))
@@ -165,9 +142,8 @@ def evaluate(model=None, *, data=None, force: bool = False, progress=True, track
     config = EvaluateConfig(model=str(resolve_model(model)), data=str(data) if data else None, force=force,
                             **settings)
     params = {k: v for k, v in asdict(config).items() if k != "force"}
-    with tracking.start("evaluate", f"evaluate {Path(config.model).name}", track, params) as tracked, \
-            _bar(progress, _images("evaluating")) as update:
-        report = run(config, progress=update)
+    with tracking.start("evaluate", f"evaluate {Path(config.model).name}", track, params) as tracked:
+        report = run(config, progress=counting(_progress(progress), "evaluate"))
         tracked.result({"val_accuracy": report.accuracy, "val_log_loss": report.log_loss,
                         f"val_top_{report.top_k}_accuracy": report.top_k_accuracy,
                         **tracking.numbers(report.tta or {}, "tta_val_")},
@@ -183,8 +159,8 @@ def predict(images=(), *, model=None, data="data", out="submission.csv", force: 
 
     config = PredictConfig(model=str(model) if model else None, data=str(data), out=str(out), force=force,
                            images=tuple(str(Path(p)) for p in images), **settings)
-    with _bar(progress, _images("predicting")) as update:
-        return (predict_top_k if config.images else predict_submission)(config, progress=update)
+    return (predict_top_k if config.images else predict_submission)(config,
+                                                                    progress=counting(_progress(progress), "predict"))
 
 
 def fit(data="data", *, budget="30m", out="models/model.keras", force: bool = False, progress=False,

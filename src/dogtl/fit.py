@@ -236,7 +236,8 @@ def _extract(config, state, size, end, started, progress, say) -> dict:
     try:
         s = dogtl.extract_features(config.data, cache, backbone=config.backbone, weights=config.weights,
                                    image_size=size, passes=config.passes, val_fraction=config.val_fraction,
-                                   seed=config.seed, hflip=config.hflip, progress=bar, **AUGMENTATION)
+                                   seed=config.seed, hflip=config.hflip, progress=lambda e: bar(e.done, e.total),
+                                   **AUGMENTATION)
     except _Stop as e:
         finished, total = e.args
         raise DogtlError(f"--budget {format_seconds(config.budget)}: extracting the features took "
@@ -336,7 +337,8 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         last[0] = time.time()
 
     try:
-        r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=images, report=report)
+        r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=lambda e: images(
+            e.done, e.total) if e.unit == "images" else report(e.line()))
     except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
         from dogtl.finetuning.checkpoints import finished_epochs
 
@@ -384,7 +386,7 @@ def _evaluate(config, state, end, tuned, progress, say) -> dict:
         if progress:
             progress({"event": "images", "stage": "evaluate", "done": done_, "total": total})
 
-    r = dogtl.evaluate(tuned["model"], data=config.data, force=True, progress=images)
+    r = dogtl.evaluate(tuned["model"], data=config.data, force=True, progress=lambda e: images(e.done, e.total))
     metrics = {"val_accuracy": r.accuracy, "val_log_loss": r.log_loss, "top_k_accuracy": r.top_k_accuracy,
                "top_k": r.top_k}
     say(f"evaluate: accuracy {r.accuracy:.4f}, log loss {r.log_loss:.4f}, top-{r.top_k} {r.top_k_accuracy:.4f} "

@@ -38,7 +38,7 @@ def evaluate_cmd(
     model = chosen_model(model, model_opt)
     show_tracking(track)
     with ImageProgress("evaluating") as bar:
-        r = api.evaluate(model, data=data, force=force, progress=bar.update, cache=str(cache) if cache else None,
+        r = api.evaluate(model, data=data, force=force, progress=bar, cache=str(cache) if cache else None,
                          out=str(out) if out else None, top_k=top_k, confused=confused, batch_size=batch_size,
                          weights=weights, precision=precision, runtime=runtime, tta=tta, track=track)
     typer.echo(f"{r.model} on {r.images} validation images ({r.source}{f', {r.runtime}' if r.runtime else ''}):")
@@ -87,7 +87,7 @@ def predict_cmd(
                    weights=weights, on_bad_image=on_bad_image, precision=precision, runtime=runtime)
     if images:
         with ImageProgress("predicting") as bar:
-            results = api.predict(images, progress=bar.update, **options)
+            results = api.predict(images, progress=bar, **options)
         for r in results:
             if r.error:
                 typer.secho(f"{r.path}: cannot read image ({r.error})", err=True, fg=typer.colors.YELLOW)
@@ -99,7 +99,7 @@ def predict_cmd(
             raise typer.Exit(1)
         return
     with ImageProgress("predicting") as bar:
-        s = api.predict(progress=bar.update, **options)
+        s = api.predict(progress=bar, **options)
     for line in s.skipped:
         path, _, reason = line.partition("\t")
         typer.secho(f"  {'uniform row for' if s.filled else 'skipped'} {path}: {reason}", err=True,

@@ -52,7 +52,7 @@ def extract_features_cmd(
     """
     with ImageProgress("extracting") as bar:
         summary = api.extract_features(
-            data, cache, force=force, progress=bar.update, backbone=backbone, weights=weights, image_size=image_size,
+            data, cache, force=force, progress=bar, backbone=backbone, weights=weights, image_size=image_size,
             passes=passes, tta_passes=tta_passes, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
             on_bad_image=on_bad_image, dtype=dtype, rotation=rotation, zoom=zoom, shift=shift, hflip=hflip,
             shard=shard, strategy=strategy, precision=precision, runtime=runtime, cut_blocks=cut_blocks, cut_dtype=cut_dtype,

@@ -29,13 +29,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import write_csv_atomic, write_json_atomic
 from dogtl.core.locks import hold, writes
+from dogtl.core.progress import Progress, ProgressEvent
 from dogtl.core.plots import plot_sweep
 from dogtl.sweeps.folds import make_folds
 from dogtl.sweeps.records import digest, training_settings, trial_key
@@ -220,7 +220,7 @@ class _Tally:
     records: list
     total: int
     labels: dict  # trial key -> its searched values, for progress lines
-    progress: Callable[[dict], None] | None
+    progress: Progress | None
     skipped: int = 0
     macs: float = 0.0
     fused: int = 0
@@ -238,8 +238,9 @@ class _Tally:
 
     def _report(self, record: dict | None) -> None:
         if self.progress:
-            self.progress({"done": self.done, "total": self.total, "skipped": self.skipped, "record": record,
-                           "best": self.best, "label": self.labels.get(record["trial"], "") if record else None})
+            self.progress(ProgressEvent("sweep", self.done, self.total, "runs", detail={
+                "skipped": self.skipped, "record": record, "best": self.best,
+                "label": self.labels.get(record["trial"], "") if record else None}))
 
     def add(self, record: dict) -> None:
         write_json_atomic(self.trial_dir / f"{record['key']}.json", record)
@@ -264,12 +265,13 @@ def _write_best(config: SweepConfig, frame, settings: dict, cache, out: Path) ->
 
 
 @writes
-def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = None) -> SweepResult:
+def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepResult:
     """Expand the space, run every unfinished (trial, fold), then rank the trials and write
     results.csv, best.toml and sweep.png in the sweep folder.
 
-    `progress` gets a dict after each finished run: done, total, skipped, record (the run),
-    best (lowest validation log loss so far) and label (the trial's searched values)."""
+    `progress` gets a ProgressEvent (unit "runs") first and after each finished run, its `detail`:
+    skipped, record (the run), best (lowest validation log loss so far) and label (the trial's
+    searched values)."""
     from dogtl.features.multicache import as_paths, open_caches
 
     started = time.perf_counter()
