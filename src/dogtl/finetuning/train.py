@@ -18,14 +18,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dogtl.core.artifacts import check_writable, save_model
+from dogtl.core.determinism import make_deterministic
+from dogtl.core.distribute import (agree, check_global_batch, make_strategy, prepare_fit, scope, training_steps,
+                                   worker)
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.epochs import EpochRecord, history_frame
 from dogtl.core.errors import DataError
+from dogtl.core.files import atomic_paths, write_csv_atomic
 from dogtl.core.locks import hold, writes
+from dogtl.core.modelinfo import (backbone_weights, check_metadata, open_model_cache, split_paths,
+                                  weights_path_to_record)
+from dogtl.core.models import reestimate_batchnorm
+from dogtl.core.plots import plot_history
+from dogtl.core.precision import computing_in, resolve, set_policy
 from dogtl.core.progress import Progress, ProgressEvent
 from dogtl.finetuning.checkpoints import Checkpoints, RunState, random_state, restore_random_state
-from dogtl.finetuning.data import training_dataset, validate
+from dogtl.finetuning.data import reestimation_images, training_augmentation, training_dataset, validate
+from dogtl.finetuning.frozenpart import frozen_part_source
+from dogtl.finetuning.model import REESTIMATE_IMAGES, build_model
 from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
+from dogtl.head.ensemble import refuse_composite
 
 if TYPE_CHECKING:
     from dogtl.data.augment import AugmentConfig
@@ -78,21 +91,15 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None) -> Finetu
     """Fine-tune, or resume a killed run of the same settings, and write the best model. `progress`
     gets ProgressEvents: images trained on (of all remaining epochs), each finished epoch, and the
     line of --batchnorm reestimate."""
-    from dogtl.core.distribute import agree, make_strategy, scope
-
-    from dogtl.core.precision import computing_in
-
     started = time.perf_counter()
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before TensorFlow
     if config.from_cache:
-        from dogtl.finetuning.fromcache import prepare_from_cache
+        from dogtl.finetuning.fromcache import prepare_from_cache  # local: fromcache imports this module
 
         setup = prepare_from_cache(config, strategy)
     else:
         setup = prepare(config, strategy)
     if config.deterministic:
-        from dogtl.core.determinism import make_deterministic
-
         make_deterministic(setup.seed)
     state = setup.checkpoints.load(config.force)
     agree(strategy, [-1, 0] if state is None else [state.epoch, int(state.stopping.stopped)],
@@ -114,28 +121,16 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None) -> Finetu
 
 
 def prepare(config: FinetuneConfig, strategy) -> Setup:
-    from dogtl.core.modelinfo import split_paths
-
-    from dogtl.finetuning.frozenpart import frozen_part_source
-
     return prepare_common(config, strategy, lambda cache: split_paths(cache, config.data),
                           source=lambda spec: frozen_part_source(config, strategy, spec))
 
 
 def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Setup:
     """What every run checks and reads first; `make_split(cache)` gives the train/val split."""
-    from dogtl.core.artifacts import check_writable
-    from dogtl.core.distribute import check_global_batch, training_steps, worker
-    from dogtl.core.modelinfo import backbone_weights, check_metadata, open_model_cache
-    from dogtl.core.precision import resolve
-    from dogtl.finetuning.data import training_augmentation
-
     # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
     out = check_writable(worker(strategy).private_path(config.out), config.force)
     hold(out, "the model")  # and its checkpoints folder
     meta, spec, size = check_metadata(config.head, kinds=("head",))
-    from dogtl.head.ensemble import refuse_composite
-
     refuse_composite(meta, config.head)
     weights = backbone_weights(meta, config.weights)
     cache = open_model_cache(meta, config.cache)
@@ -162,10 +157,6 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
 def start(setup: Setup, progress: Progress | None = None) -> tuple[object, RunState]:
     """A fresh run: the head on its backbone, scored and checkpointed as epoch 0 (the model to
     beat); then, with --batchnorm reestimate, the model training starts from."""
-    from dogtl.core.distribute import scope
-    from dogtl.core.precision import computing_in
-    from dogtl.finetuning.model import build_model
-
     with scope(setup.strategy):  # variables mirrored on every replica
         model, head, trainable, batchnorm = (
             setup.source.build(setup) if setup.source else
@@ -197,10 +188,6 @@ def start(setup: Setup, progress: Progress | None = None) -> tuple[object, RunSt
 def reestimate(setup: Setup, model, layers: list, progress: Progress | None) -> None:
     """--batchnorm reestimate: `layers`' statistics from the clean training images (or their
     cached cut), before the first step."""
-    from dogtl.core.models import reestimate_batchnorm
-    from dogtl.finetuning.data import reestimation_images
-    from dogtl.finetuning.model import REESTIMATE_IMAGES
-
     train = setup.split["train"]
     batches = (setup.source.reestimation_batches(setup, REESTIMATE_IMAGES) if setup.source else
                reestimation_images(train["paths"], setup.spec, setup.size, seed=setup.seed, limit=REESTIMATE_IMAGES))
@@ -215,10 +202,8 @@ def reestimate(setup: Setup, model, layers: list, progress: Progress | None) -> 
 
 def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None) -> None:
     """`fit` from the state's epoch on; `end_epoch` after each epoch, which may stop it early."""
-    import keras
+    import keras  # local: importing this module (finetune's option checks) costs no TensorFlow start-up
     import tensorflow as tf
-
-    from dogtl.core.distribute import prepare_fit
 
     c, train = setup.config, setup.split["train"]
     images, first = len(train["labels"]), state.epoch
@@ -277,12 +262,6 @@ def validate_setup(setup: Setup, model) -> tuple[np.ndarray, dict]:
 
 def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> FinetuneResult:
     """Write the best model with its metadata, history and plot; remove the checkpoints."""
-    from dogtl.core.artifacts import save_model
-    from dogtl.core.files import atomic_paths, write_csv_atomic
-    from dogtl.core.modelinfo import weights_path_to_record
-
-    from dogtl.core.precision import set_policy
-
     best = setup.checkpoints.load_model(state.best_file, state)
     if setup.source:  # the whole backbone + head, the frozen part as it came
         best = setup.source.export(setup, best)
@@ -308,8 +287,6 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
     with atomic_paths(*[p for p in (history_path, plot_path) if p]) as tmps:
         write_csv_atomic(history, tmps[0])
         if plot_path:
-            from dogtl.core.plots import plot_history
-
             plot_history(history, tmps[1], title=f"finetune {setup.out.name} from {Path(setup.config.head).name}",
                          best_epoch=best_epoch, start=state.before)
         save_model(best, setup.out, metadata)

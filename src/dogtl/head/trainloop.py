@@ -13,8 +13,8 @@ saved model is an ordinary Keras model), with two speed-ups measured on CPU
   side is ~6x slower than the untransposed one. This needs graph gradients
   (`tf.gradients` + `keras_private.override_gradients`), applied only inside the training step.
 
-TensorFlow and Keras are imported inside the functions that use them: importing this module
-(as train-head's option checks do, through head.train) costs no TensorFlow start-up.
+TensorFlow and Keras are imported inside the functions that use them (local): importing this
+module costs no TensorFlow start-up until training starts.
 """
 
 from __future__ import annotations

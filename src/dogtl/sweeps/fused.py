@@ -24,8 +24,8 @@ its setup and first epoch (tracing and compiling 8 models) 54 s against 95 s.
 
 `fuse_key` returns None for a setting this module does not know, and the caller uses `fit_head`.
 
-TensorFlow is imported inside the functions that use it: importing this module (as the sweep
-command's option checks do) costs no TensorFlow start-up.
+TensorFlow is imported inside the functions that use it (local): importing this module costs no
+TensorFlow start-up until training starts.
 """
 
 from __future__ import annotations
