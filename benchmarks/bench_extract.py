@@ -267,7 +267,8 @@ def worker_cosine(args) -> dict:
     import numpy as np
 
     from dogtl.core.models import build_backbone
-    from dogtl.core.runtimes import agreement, frozen_forward
+    from dogtl.core.conversions import agreement
+    from dogtl.core.runtimes import frozen_forward
     from dogtl.data.images import image_dataset
     from dogtl.features.backbones import get_backbone
 
@@ -360,7 +361,8 @@ def machine() -> str:
 def runtime_study(args) -> None:
     import statistics
 
-    from dogtl.core.runtimes import plan, runtime_version
+    from dogtl.core.forward import runtime_version
+    from dogtl.core.runtimes import plan
     from dogtl.data.synthetic import make_kaggle_dataset
 
     median = statistics.median

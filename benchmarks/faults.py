@@ -122,11 +122,15 @@ def _argv(command: Command, paths: dict, out: Path) -> list[str]:
 
 # -- comparing outputs ------------------------------------------------------------------------
 
-def _h5_content(path) -> dict:
+def _h5_content(path, out: Path | None = None) -> dict:
+    """Every attribute and dataset; the run's own output folder in an attribute (the calibrated
+    `--weights none` backbone kept beside the cache) reads `{out}`, as each run writes to its own
+    folder, and the cache's content_sha256, a digest of those attributes, is left out."""
     content = {}
     with h5py.File(path, "r") as f:
         for k, v in f.attrs.items():
-            content[f"@{k}"] = str(v)
+            if k != "content_sha256":
+                content[f"@{k}"] = str(v).replace(str(out.resolve()), "{out}") if out else str(v)
 
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
@@ -163,9 +167,9 @@ def _json_content(path) -> dict:
     return meta
 
 
-def content(path: Path):
+def content(path: Path, out: Path):
     if path.suffix == ".h5":
-        return _h5_content(path)
+        return _h5_content(path, out)
     if path.suffix == ".keras":
         return _keras_weights(path)
     if path.suffix == ".csv":
@@ -177,7 +181,7 @@ def content(path: Path):
 
 def outputs_of(command: Command, out: Path) -> dict | None:
     try:
-        return {name: content(out / name) for name in command.outputs}
+        return {name: content(out / name, out) for name in command.outputs}
     except (OSError, KeyError, ValueError) as e:
         return {"unreadable": str(e)}
 

@@ -195,7 +195,7 @@ def run_set(bench: Bench, name: str, spec: dict, args) -> None:
     import dogtl
     from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
     from dogtl.finetuning.settings import FinetuneConfig
-    from dogtl.head.auto import AUTO_PARAMS
+    from dogtl.sweeps.autosearch import AUTO_PARAMS
 
     quick = bench.quick
     work = bench.work / name

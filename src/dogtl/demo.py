@@ -8,6 +8,7 @@ backbone is randomly initialised (deterministically, so every stage sees the sam
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import socket
@@ -18,6 +19,16 @@ from pathlib import Path
 from typing import Callable
 
 from dogtl.core.errors import DogtlError
+from dogtl.data.synthetic import make_kaggle_dataset
+from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+from dogtl.evaluation.predict import PredictConfig, predict_submission
+from dogtl.features.backbones import get_backbone
+from dogtl.features.extract import ExtractConfig, extract_features
+from dogtl.features.random_backbone import calibrate_random_backbone
+from dogtl.finetuning.settings import FinetuneConfig
+from dogtl.finetuning.train import finetune
+from dogtl.head.settings import HeadConfig
+from dogtl.head.train import train_head
 
 log = logging.getLogger(__name__)
 Note = Callable[[str], None]
@@ -75,8 +86,6 @@ def _cached_imagenet(module: str) -> bool:
 def _random_backbone(spec, image_size: int, data: Path, path: Path) -> Path:
     """A random backbone with the demo images' BatchNorm statistics, as a local weights file so
     every stage rebuilds exactly the same backbone (features/random_backbone.py)."""
-    from dogtl.features.random_backbone import calibrate_random_backbone
-
     return calibrate_random_backbone(spec, image_size, sorted((data / "train").iterdir()), path)
 
 
@@ -97,9 +106,6 @@ def _fresh_dir(config: DemoConfig) -> Path:
 def _extract(config: DemoConfig, data: Path, root: Path, say: Note):
     """Stage one with ImageNet weights when they can be had, else a random backbone whose
     BatchNorm statistics come from the demo images: (summary, weights used)."""
-    from dogtl.features.backbones import get_backbone
-    from dogtl.features.extract import ExtractConfig, extract_features
-
     spec = get_backbone(config.backbone)
     weights = config.weights
     if weights == "auto":
@@ -122,14 +128,6 @@ def _extract(config: DemoConfig, data: Path, root: Path, say: Note):
 
 def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     """Every stage on generated data in `config.dir`; `note` gets one line per finished step."""
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
-    from dogtl.finetuning.settings import FinetuneConfig
-    from dogtl.finetuning.train import finetune
-    from dogtl.head.settings import HeadConfig
-    from dogtl.head.train import train_head
-    from dogtl.evaluation.predict import PredictConfig, predict_submission
-    from dogtl.data.synthetic import make_kaggle_dataset
-
     say = note or (lambda line: None)
     started = time.perf_counter()
     root = _fresh_dir(config)
@@ -141,7 +139,6 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
         f"classes x {config.per_class} images + {config.test_images} test images in {data}")
 
     summary, weights = _extract(config, data, root, say)
-    cache = summary.path
     backbone_file = weights if weights not in ("imagenet", "none") else None
     if backbone_file:
         result.artifacts["backbone weights"] = Path(backbone_file)
@@ -150,6 +147,19 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     say(f"[2/6] extracted features with {config.backbone} ({Path(weights).name} weights) at {config.image_size} px: "
         f"{summary.images} images x {1 + config.passes} passes -> {summary.path}")
 
+    tuned = _train(config, data, root, summary.path, backbone_file, result, say)
+    _evaluate_and_predict(tuned.model_path, data, root, result, say)
+    serve = f"dogtl serve {tuned.model_path}   (then open http://127.0.0.1:8000/)"
+    if importlib.util.find_spec("fastapi") is None:  # the plain install has no web server
+        serve = f"pip install 'dogtl[serve]' && {serve}"
+    say(f"try the model in a browser: {serve}")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _train(config: DemoConfig, data: Path, root: Path, cache: Path, backbone_file: str | None,
+           result: DemoResult, say: Note):
+    """Stages two and three: the head on the cached features, then fine-tuned with the backbone."""
     head = train_head(HeadConfig(epochs=config.head_epochs, patience=0), cache=cache,
                       out=root / "models" / "head.keras", force=True)
     result.artifacts["head model"] = Path(head.model_path)
@@ -166,8 +176,12 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     say(f"[4/6] fine-tuned {len(tuned.trainable_layers)} backbone layers with the head: val log loss {tuned.before['val_log_loss']:.4f} -> "
         f"{tuned.after['val_log_loss']:.4f}, val accuracy {tuned.before['val_accuracy']:.3f} -> "
         f"{tuned.after['val_accuracy']:.3f} -> {tuned.model_path}")
+    return tuned
 
-    report = evaluate(EvaluateConfig(model=str(tuned.model_path), data=str(data),
+
+def _evaluate_and_predict(model: Path, data: Path, root: Path, result: DemoResult, say: Note) -> None:
+    """The fine-tuned model's evaluation report and the test images' submission."""
+    report = evaluate(EvaluateConfig(model=str(model), data=str(data),
                                      out=str(root / "reports" / "finetuned"), force=True))
     result.artifacts["evaluation report"] = report.json_path
     result.artifacts["confusion plot"] = report.png_path
@@ -176,15 +190,7 @@ def run_demo(config: DemoConfig, note: Note | None = None) -> DemoResult:
     say(f"[5/6] evaluated on {report.images} validation images: accuracy {report.accuracy:.3f}, "
         f"log loss {report.log_loss:.4f}, top-{report.top_k} {report.top_k_accuracy:.3f} -> {report.json_path}")
 
-    submission = predict_submission(PredictConfig(model=str(tuned.model_path), data=str(data),
+    submission = predict_submission(PredictConfig(model=str(model), data=str(data),
                                                   out=str(root / "submission.csv"), force=True))
     result.artifacts["submission"] = submission.path
     say(f"[6/6] predicted {submission.rows} test images -> {submission.path}")
-    import importlib.util
-
-    serve = f"dogtl serve {tuned.model_path}   (then open http://127.0.0.1:8000/)"
-    if importlib.util.find_spec("fastapi") is None:  # the plain install has no web server
-        serve = f"pip install 'dogtl[serve]' && {serve}"
-    say(f"try the model in a browser: {serve}")
-    result.seconds = time.perf_counter() - started
-    return result

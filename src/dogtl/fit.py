@@ -6,7 +6,7 @@ Four stages, each a plain stage function called with keyword arguments (so fit a
 their current defaults), each within its share of the budget by a deadline it checks:
 
 1. extract   the frozen backbone once over every image, clean + augmented passes (stage 1);
-2. head      `train-head --auto`'s search (head/auto.py), its best trial retrained as one head;
+2. head      `train-head --auto`'s search (sweeps/auto.py), its best trial retrained as one head;
 3. finetune  the backbone and that head together on the images (stage 3), for as many
              epochs as the measured speed fits in the time left;
 4. evaluate  the fine-tuned model on the validation images (accuracy, log loss, per class).
@@ -27,18 +27,27 @@ them (never worse than the head) is the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from PIL import Image
+
+from dogtl.core.artifacts import check_writable
 from dogtl.core.budget import Deadline, format_seconds
 from dogtl.core.errors import DogtlError
+from dogtl.core.files import check_overwrite
+from dogtl.data.folders import load_dataset
+from dogtl.features.backbones import check_image_size, get_backbone
+from dogtl.finetuning.checkpoints import finished_epochs
+from dogtl.fitstate import FitState, publish, written_model
+from dogtl.sweeps.auto import auto_train
 
+# local: `import dogtl` in the stages: the public stage functions, so that fit runs their current
+# defaults (dogtl.api imports this module only when fit is called).
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
 
@@ -113,11 +122,6 @@ def choose_image_size(data: str, backbone: str, requested: int | None) -> tuple[
     within [96, the backbone's own size]. Upscaling small images costs time and (Fashion, 96 px
     photos: a 160 px cache gained 1.8 points for the head at 4x the extraction and ~2.8x the
     fine-tuning time per epoch) bought less than spending that time on more epochs."""
-    from PIL import Image
-
-    from dogtl.data.folders import load_dataset
-    from dogtl.features.backbones import check_image_size, get_backbone
-
     spec = get_backbone(backbone)
     if requested is not None:
         return check_image_size(spec, requested), "as requested"
@@ -136,47 +140,11 @@ def choose_image_size(data: str, backbone: str, requested: int | None) -> tuple[
                                           f"the images are {native} px; {backbone} takes {spec.default_size}")
 
 
-class _State:
-    """fit.json: what this fit is (its settings) and which stages are finished, written atomically."""
-
-    def __init__(self, folder: Path, identity: dict, force: bool):
-        self.path = folder / "fit.json"
-        if force and folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        saved = json.loads(self.path.read_text()) if self.path.exists() else None
-        if saved is not None and saved.get("identity") != identity:
-            old = saved.get("identity") or {}
-            diff = next((k for k in identity if old.get(k) != identity[k]), "settings")
-            raise DogtlError(f"{folder} holds a fit made with other settings ({diff}: {old.get(diff)!r}, now "
-                             f"{identity.get(diff)!r}): pass --force to start over, or another --out")
-        self.data = saved or {"identity": identity, "stages": {}}
-
-    def stage(self, name: str) -> dict | None:
-        return self.data["stages"].get(name)
-
-    def done(self, name: str, **record) -> dict:
-        from dogtl.core.files import write_json_atomic
-
-        self.data["stages"][name] = record
-        write_json_atomic(self.path, self.data)
-        return record
-
-    def plan(self, **values) -> None:
-        from dogtl.core.files import write_json_atomic
-
-        self.data.setdefault("plan", {}).update(values)
-        write_json_atomic(self.path, self.data)
-
-
 def fit(config: FitConfig, progress: Progress | None = None, started: float | None = None) -> FitResult:
     """Run (or resume) the four stages within `config.budget` seconds from `started` (a
     time.time(); default now) and copy the final model to `config.out`. `progress` gets dicts:
     {"event": "line", "text"} (what was chosen or finished), {"event": "images", "stage", "done",
     "total"}, and the head search's own events with "stage": "head"."""
-    from dogtl.core.artifacts import check_writable
-    from dogtl.core.files import check_overwrite
-
     started = time.time() if started is None else started
     end = Deadline.after(config.budget, started)
     out = Path(config.out)
@@ -193,14 +161,14 @@ def fit(config: FitConfig, progress: Progress | None = None, started: float | No
     identity = {"data": str(Path(config.data).resolve()), "backbone": config.backbone, "weights": config.weights,
                 "image_size": size, "passes": config.passes, "hflip": config.hflip,
                 "val_fraction": config.val_fraction, "seed": config.seed}
-    state = _State(config.folder, identity, config.force)
+    state = FitState(config.folder, identity, config.force)
     choices = [f"backbone {config.backbone} at {size} px: {why}"]
     say(choices[-1])
     extract = _extract(config, state, size, end, started, progress, say)
     head = _head(config, state, end, progress, say, choices)
     tuned = _finetune(config, state, end, extract, head, progress, say, choices)
     final = {} if tuned.get("skipped") else _evaluate(config, state, end, tuned, progress, say)
-    _publish(Path(tuned["model"]), out)
+    publish(Path(tuned["model"]), out)
     metrics = final.get("metrics") or tuned["metrics"]
     if tuned.get("skipped"):
         why = f"the head: {tuned['skipped']}"
@@ -254,14 +222,12 @@ def _extract(config, state, size, end, started, progress, say) -> dict:
 
 
 def _head(config, state, end, progress, say, choices) -> dict:
-    from dogtl.head.auto import auto_train
-
     done = state.stage("head")
     if done:
         say(f"head: reusing {done['model']} (val log loss {done['metrics']['val_log_loss']:.4f})")
         return done
     out = config.folder / "head.keras"
-    meta = _written(out)
+    meta = written_model(out)
     if meta:  # killed between writing the head and recording it
         return state.done("head", model=str(out), metrics=meta["metrics"], seconds=None, trials=None,
                           settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
@@ -271,7 +237,7 @@ def _head(config, state, end, progress, say, choices) -> dict:
     say(choices[-1])
     r = auto_train(state.stage("extract")["cache"], out, budget=budget, seed=config.seed, top=1, trials=config.trials,
                    progress=(lambda e: progress({**e, "stage": "head"})) if progress else None)
-    meta = _written(out)
+    meta = written_model(out)
     record = state.done("head", model=str(out), metrics=r.metrics, seconds=r.seconds, trials=r.trials,
                         settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
     say(f"head: {r.trials} trials in {format_seconds(r.seconds)}; the best, retrained: val accuracy "
@@ -295,23 +261,13 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         return done
     rate = extract["rate"] or _measure_rate(config, head, say)
     out = config.folder / "finetuned.keras"
-    meta = _written(out)
+    meta = written_model(out)
     if meta:  # killed between writing the model and recording it
         m = meta["metrics"]
         return state.done("finetune", model=str(out), metrics={k: m[k] for k in ("val_accuracy", "val_log_loss")},
                           before=m["before"], best_epoch=m["best_epoch"], epochs_run=m["epochs_run"], seconds=None)
     reserve = EVALUATE_COST * head["val_images"] / rate
-    plan = (state.data.get("plan") or {}).get("epochs")
-    epochs, per_epoch = plan_epochs(end.left() - reserve, head["train_images"], head["val_images"], rate)
-    epochs = min(epochs, config.epochs or epochs)
-    if plan is None:  # planned once: a resumed fit keeps the schedule it started
-        if epochs >= 1:
-            state.plan(epochs=epochs)
-        choices.append(f"fine-tuning: {epochs} epoch(s) of ~{format_seconds(per_epoch)} (planned from the measured "
-                       f"{rate:.1f} images/s) in the {format_seconds(end.left() - reserve)} left")
-    else:
-        epochs = plan
-        choices.append(f"fine-tuning: resuming the {epochs} epoch(s) planned")
+    epochs, per_epoch = _plan_finetuning(config, state, end, head, rate, reserve, choices)
     say(choices[-1])
     called = time.time()
     if epochs < 1:
@@ -340,8 +296,6 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=lambda e: images(
             e.done, e.total) if e.unit == "images" else report(e.line()))
     except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
-        from dogtl.finetuning.checkpoints import finished_epochs
-
         done_epochs = finished_epochs(out)
         if not done_epochs:
             return _no_finetuning(head, say, "the budget ended before the first fine-tuning epoch did")
@@ -349,6 +303,23 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         r = dogtl.finetune(config.data, head["model"], out, epochs=done_epochs, progress=False)
     return state.done("finetune", model=str(out), metrics=r.after, before=r.before, best_epoch=r.best_epoch,
                       epochs_run=r.epochs_run, seconds=r.seconds, evaluate_reserve=reserve)
+
+
+def _plan_finetuning(config, state, end, head, rate: float, reserve: float, choices) -> tuple[int, float]:
+    """(epochs, seconds per epoch) of fine-tuning, planned once from the measured `rate` in the
+    time left but the evaluation's `reserve`: a resumed fit keeps the schedule it started."""
+    plan = (state.data.get("plan") or {}).get("epochs")
+    epochs, per_epoch = plan_epochs(end.left() - reserve, head["train_images"], head["val_images"], rate)
+    epochs = min(epochs, config.epochs or epochs)
+    if plan is None:
+        if epochs >= 1:
+            state.plan(epochs=epochs)
+        choices.append(f"fine-tuning: {epochs} epoch(s) of ~{format_seconds(per_epoch)} (planned from the measured "
+                       f"{rate:.1f} images/s) in the {format_seconds(end.left() - reserve)} left")
+    else:
+        epochs = plan
+        choices.append(f"fine-tuning: resuming the {epochs} epoch(s) planned")
+    return epochs, per_epoch
 
 
 def _no_finetuning(head, say, why: str) -> dict:
@@ -392,20 +363,3 @@ def _evaluate(config, state, end, tuned, progress, say) -> dict:
     say(f"evaluate: accuracy {r.accuracy:.4f}, log loss {r.log_loss:.4f}, top-{r.top_k} {r.top_k_accuracy:.4f} "
         f"on {r.images} validation images (report {r.json_path})")
     return state.done("evaluate", metrics=metrics, report=str(r.json_path))
-
-
-def _written(model: Path) -> dict | None:
-    """The metadata of a model a stage finished writing (both files are renamed into place together)."""
-    from dogtl.core.artifacts import load_metadata
-
-    return load_metadata(model) if model.exists() and model.with_suffix(".json").exists() else None
-
-
-def _publish(model: Path, out: Path) -> None:
-    """The final model and its metadata at --out, together (atomic renames)."""
-    from dogtl.core.files import atomic_paths
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_paths(out, out.with_suffix(".json")) as (model_tmp, meta_tmp):
-        shutil.copyfile(model, model_tmp)
-        shutil.copyfile(model.with_suffix(".json"), meta_tmp)

@@ -69,10 +69,11 @@ def test_auto_and_precision_rules(monkeypatch):
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_conversion_cache_reused_then_rebuilt_when_damaged_or_stale(runtime, tmp_path, caplog):
-    from dogtl.core.runtimes import frozen_forward, model_digest
+    from dogtl.core.conversions import model_digest
+    from dogtl.core.runtimes import frozen_forward
 
     _needs(runtime)
-    caplog.set_level(logging.INFO, logger="dogtl.core.runtimes")
+    caplog.set_level(logging.INFO, logger="dogtl.core.conversions")
     model, x = _tiny(), _batch()
     want = np.asarray(model(x))
     first = frozen_forward(model, runtime=runtime, precision="float32", label="tiny", cache_dir=tmp_path)
@@ -140,7 +141,7 @@ def test_extracted_features_equal_tensorflows(runtime, stage3, tmp_path):
     """The stage3 cache was extracted on TensorFlow in float32: the same settings on `runtime`
     give the same features (cosine >= 0.9999 per image) and record the runtime, and the cache
     made on one runtime is up to date for another (recorded, not refused)."""
-    from dogtl.core.runtimes import agreement
+    from dogtl.core.conversions import agreement
     from dogtl.features.cache import open_cache
 
     _needs(runtime)
@@ -175,7 +176,7 @@ def test_an_update_on_openvino_equals_a_fresh_tensorflow_extraction(stage3, tmp_
     import pandas as pd
     from PIL import Image
 
-    from dogtl.core.runtimes import agreement
+    from dogtl.core.conversions import agreement
     from dogtl.features.cache import open_cache
 
     _needs("openvino")
@@ -259,7 +260,8 @@ CANNOT = {("convnext_tiny", "onnxruntime"): "Erfc"}  # tf2onnx has no rule for G
 @pytest.mark.parametrize("backbone", ["xception", "resnet50", "mobilenet_v2", "efficientnet_v2_b0", "convnext_tiny"])
 def test_backbones_convert_or_fall_back_as_documented(backbone, runtime, tmp_path):
     from dogtl.core.models import build_backbone, calibrate_batchnorm
-    from dogtl.core.runtimes import agreement, frozen_forward
+    from dogtl.core.conversions import agreement
+    from dogtl.core.runtimes import frozen_forward
     from dogtl.features.backbones import get_backbone
 
     _needs(runtime)

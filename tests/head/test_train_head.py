@@ -425,7 +425,7 @@ def test_cli_defaults_match_the_library_and_help_teaches():
         command = group.commands[name]
         io = inspect.signature(stage).parameters  # cache, out, force: the stage function's own defaults
         for param in command.params:
-            if param.name in ("config", "ctx", "auto", "budget", "trials", "storage", "track"):  # --auto: head/auto.py's own options; --track: MLflow
+            if param.name in ("config", "ctx", "auto", "budget", "trials", "storage", "track"):  # --auto: sweeps/auto.py's own options; --track: MLflow
                 continue
             got = param.default
             if param.name == "cache":  # repeatable: a list of one default path

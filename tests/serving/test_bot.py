@@ -319,7 +319,7 @@ def test_api_urls_in_the_bot_apis_form():
 # ---- replies in words, and the log filter --------------------------------------------------
 
 def test_replies_in_words():
-    from dogtl.serving.bot import describe, readable
+    from dogtl.serving.bot_replies import describe, readable
 
     assert readable("german_short-haired_pointer") == "german short-haired pointer"
     assert readable("n02085620-Chihuahua") == "Chihuahua"

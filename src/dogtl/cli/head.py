@@ -86,7 +86,7 @@ def _auto(io: dict, budget: str, trials: int | None, storage: str | None, force:
     from dogtl.cli.common import command_started
     from dogtl.core import tracking
     from dogtl.core.budget import format_seconds, parse_budget
-    from dogtl.head.auto import auto_train
+    from dogtl.sweeps.auto import auto_train
 
     seconds = parse_budget(budget)
 

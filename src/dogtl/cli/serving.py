@@ -36,22 +36,10 @@ def export_cmd(
 
     ONNX / OpenVINO: input float32 RGB pixels [N, size, size, 3] (0-255, decoded and resized; one input per backbone for a head on several caches), output probabilities; converted once (the runtimes' conversion cache, see docs/runtimes.md) and checked like TFLite. `dogtl serve export/MODEL.onnx` (or .xml) serves it.
     """
-    from dogtl.serving import export as ex
+    from dogtl.serving import export as ex  # local: TensorFlow's converters, not needed for --help
     from dogtl.serving.model import load_serving_model
 
-    if format not in ex.FORMATS:
-        raise SettingError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
-    if quantize not in ex.QUANTIZE:
-        raise SettingError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
-    if format == "savedmodel" and quantize != "none":
-        raise SettingError("--quantize applies to --format tflite only")
-    if format in ex.SUFFIX and out is not None and out.suffix != ex.SUFFIX[format]:
-        raise SettingError(f"--out {out}: {'a TFLite' if format == 'tflite' else f'an {format}'} model file must end "
-                           f"in {ex.SUFFIX[format]}")
-    if check_images:
-        absent = [str(p) for p in check_images if not p.is_file()]
-        if absent:
-            raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
+    _check_export_options(format, quantize, out, check_images)
     model = chosen_model(model, model_opt)
     sm = load_serving_model(model, weights)
     if out is None:
@@ -78,11 +66,37 @@ def export_cmd(
         typer.secho(f"no validation images found to check the {format} model against: pass --data with the "
                     "model's data folder or --check-images FILES", err=True, fg=typer.colors.YELLOW)
         return
+    _check_export(path, sm, format, quantize, paths, given=bool(check_images))
+
+
+def _check_export_options(format: str, quantize: str, out: Path | None, check_images) -> None:
+    """export's options that contradict each other or name no file, refused before any work."""
+    from dogtl.serving import export as ex  # local: TensorFlow's converters, not needed for --help
+
+    if format not in ex.FORMATS:
+        raise SettingError(f"--format {format!r}: choose one of {', '.join(ex.FORMATS)}")
+    if quantize not in ex.QUANTIZE:
+        raise SettingError(f"--quantize {quantize!r}: choose one of {', '.join(ex.QUANTIZE)}")
+    if format == "savedmodel" and quantize != "none":
+        raise SettingError("--quantize applies to --format tflite only")
+    if format in ex.SUFFIX and out is not None and out.suffix != ex.SUFFIX[format]:
+        raise SettingError(f"--out {out}: {'a TFLite' if format == 'tflite' else f'an {format}'} model file must end "
+                           f"in {ex.SUFFIX[format]}")
+    if check_images:
+        absent = [str(p) for p in check_images if not p.is_file()]
+        if absent:
+            raise SettingError(f"--check-images: no such file: {', '.join(absent[:3])}")
+
+
+def _check_export(path: Path, sm, format: str, quantize: str, paths: list, given: bool) -> None:
+    """The exported model against the Keras model on `paths`, printed."""
+    from dogtl.serving import export as ex  # local: TensorFlow's converters, not needed for --help
+
     if format == "tflite":
         c = ex.check_tflite(path, sm, paths)
     else:
         c = ex.check_exported(path, sm, paths, ex.RUNTIME_OF[format])
-    typer.echo(f"check on {c.images} {'given' if check_images else 'validation'} images"
+    typer.echo(f"check on {c.images} {'given' if given else 'validation'} images"
                + (f", quantize {quantize}" if format == "tflite" else "")
                + f": top-1 agreement with the Keras model {c.top1_agreement:.1%}, "
                f"largest probability difference {c.max_abs_diff:.4f}"

@@ -230,7 +230,7 @@ def trial_observer(run: Run, folds: int | None = None):
 
 
 def fold_observer(run: Run):
-    """`train-head --auto`'s progress callback (`dogtl.head.auto`) logging each finished or
+    """`train-head --auto`'s progress callback (`dogtl.sweeps.auto`) logging each finished or
     pruned (trial, fold) as a child run of `run`: its settings and scores."""
     def on_event(event: dict) -> None:
         if event.get("event") not in ("fold", "pruned"):

@@ -21,10 +21,15 @@ from importlib import resources
 import numpy as np
 
 from dogtl.core.errors import DogtlError
+from dogtl.core.runtimes import file_forward, frozen_forward
+from dogtl.data.images import TOO_LARGE, clean_reason
 from dogtl.serving.batching import MicroBatcher
-from dogtl.serving.model import ServingModel, encoded_to_pixels
+from dogtl.serving.model import ServingModel, encoded_to_pixels, pixel_model
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request).
+# local: TensorFlow (seconds to import; `dogtl serve` checks its arguments and the serve extra
+# first) and FastAPI/Starlette (the serve extra: require_serve_extra says how to install it) are
+# imported in the functions that use them.
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("dogtl.access")
@@ -61,9 +66,6 @@ class Predictor:
     def __init__(self, sm: ServingModel, top_k: int = 5, runtime: str = "auto", precision: str = "auto"):
         import tensorflow as tf
 
-        from dogtl.core.runtimes import file_forward, frozen_forward
-        from dogtl.serving.model import pixel_model
-
         self.sm, self.top_k = sm, min(int(top_k), len(sm.classes))
         self._decode = tf.function(lambda data: encoded_to_pixels(data, sm.inputs),
                                    input_signature=[tf.TensorSpec([], tf.string)])
@@ -76,8 +78,6 @@ class Predictor:
     def decode(self, data: bytes) -> tuple:
         """The model's inputs for one encoded image, or BadUpload saying why it cannot be read."""
         import tensorflow as tf
-
-        from dogtl.data.images import TOO_LARGE, clean_reason
 
         try:
             return tuple(x.numpy() for x in self._decode(tf.constant(data)))
@@ -204,11 +204,10 @@ class AccessLog:
 def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 20, batch_wait_ms: float = 5,
                top_k: int = 5, decode_threads: int | None = None, max_files: int = 16, runtime: str = "auto",
                precision: str = "auto"):
+    """The web application serving `sm`: the model loaded on `runtime` and warmed up, its batcher
+    running while the application does."""
     require_serve_extra()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
+    from fastapi import FastAPI
 
     if max_upload_mb <= 0:
         raise DogtlError(f"--max-upload-mb {max_upload_mb} must be positive")
@@ -219,7 +218,6 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
     batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
     pool = ThreadPoolExecutor(max_workers=decode_threads or min(8, os.cpu_count() or 2),
                               thread_name_prefix="dogtl-decode")
-    max_upload = int(max_upload_mb * MB)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -232,13 +230,26 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
     app = FastAPI(title=f"dogtl: {sm.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(AccessLog)
     app.state.batcher, app.state.predictor = batcher, predictor
+    _add_page_routes(app, sm, predictor)
+    _add_predict_routes(app, sm, predictor, batcher, pool, int(max_upload_mb * MB), max_files)
+    return app
 
-    def error(status: int, message: str):
-        return JSONResponse({"error": message}, status_code=status)
+
+def _error(status: int, message: str):
+    """The JSON answer to a request the server refuses: {"error": message}."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _add_page_routes(app, sm: ServingModel, predictor: Predictor) -> None:
+    """GET / (the page), GET /health, and HTTP errors as JSON."""
+    from fastapi.responses import HTMLResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        return error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail))
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -247,6 +258,13 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": sm.name, "classes": len(sm.classes), "runtime": predictor.runtime}
+
+
+def _add_predict_routes(app, sm: ServingModel, predictor: Predictor, batcher: MicroBatcher,
+                        pool: ThreadPoolExecutor, max_upload: int, max_files: int) -> None:
+    """POST /predict and POST /predict/batch: uploads decoded in `pool`, predicted by `batcher`."""
+    from fastapi import Request
+    from starlette.requests import ClientDisconnect
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -257,10 +275,10 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
                 raise BadUpload(400, "empty upload (0 bytes): send an image file")
             inputs = await asyncio.get_running_loop().run_in_executor(pool, predictor.decode, data)
         except BadUpload as e:
-            return error(e.status, e.message)
+            return _error(e.status, e.message)
         except ClientDisconnect:
             log.info("client disconnected during the upload")
-            return error(400, "client disconnected during the upload")
+            return _error(400, "client disconnected during the upload")
         request.state.images = 1
         row = await batcher.submit(inputs)
         return {"model": sm.name, "predictions": predictor.top(row),
@@ -274,9 +292,9 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
         try:
             files = await multipart_files(request, max_upload, max_files)
         except BadUpload as e:
-            return error(e.status, e.message)
+            return _error(e.status, e.message)
         except ClientDisconnect:
-            return error(400, "client disconnected during the upload")
+            return _error(400, "client disconnected during the upload")
         loop = asyncio.get_running_loop()
 
         async def one(name: str, data: bytes) -> dict:
@@ -291,5 +309,3 @@ def create_app(sm: ServingModel, *, max_batch: int = 32, max_upload_mb: float = 
         results = await asyncio.gather(*(one(name, data) for name, data in files))
         request.state.images = sum("predictions" in r for r in results)
         return {"model": sm.name, "results": list(results), "ms": round((time.perf_counter() - started) * 1000, 2)}
-
-    return app

@@ -5,10 +5,13 @@ A photo, or an image sent as a file, is downloaded, decoded with `dogtl serve`'s
 micro-batcher (batching.MicroBatcher): photos from many chats share one model call, which waits
 for the photos still downloading or decoding and for nothing else. Updates are handled
 concurrently, so a slow download holds up only its own chat. Replies are written for a
-dog owner: readable class names, percentages, and "not sure" when the best match is below
-`min_confidence` (a calibrated model's top class is then more likely wrong than right).
+dog owner (serving/bot_replies.py): readable class names, percentages, and "not sure" when the
+best match is below `min_confidence` (a calibrated model's top class is then more likely wrong
+than right).
 
 The bot token is part of every Bot API URL, so `TokenRedactor` takes it out of log records.
+python-telegram-bot, an optional extra, is imported where it is used (local), after
+`require_bot_extra` has said how to install it if it is missing.
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from dogtl.core.errors import DogtlError, SettingError
+from dogtl.core.precision import check_precision
+from dogtl.core.runtimes import check_runtime
 from dogtl.serving.app import BadUpload, Predictor
 from dogtl.serving.batching import MicroBatcher
+from dogtl.serving.bot_replies import (DOWNLOAD_FAILED, EMPTY, FAILED, HINT_OTHER, HINT_STICKER, HINT_TEXT, HINT_VIDEO,
+                                       NOT_AN_IMAGE_FILE, TOO_BIG, TOO_BIG_UNKNOWN, TOO_MANY_PIXELS, UNREADABLE,
+                                       describe, help_text, start_text)
 from dogtl.serving.model import ServingModel
 
 log = logging.getLogger(__name__)
@@ -38,20 +46,6 @@ DOWNLOAD_TIMEOUT_S = 60
 REQUEST_TIMEOUT_S = 20  # any other Bot API call
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp")
 _TOKEN_SHAPE = re.compile(r"\d{3,}(?::|%3A)[A-Za-z0-9_-]{20,}", re.IGNORECASE)  # %3A: in a quoted URL
-
-HINT_TEXT = "I only look at pictures: send me a photo of a dog and I'll tell you its breed."
-HINT_STICKER = "Nice sticker! But I can only read real photos: send me a picture of a dog."
-HINT_VIDEO = "I can't watch videos or GIFs: send me a still photo of the dog instead."
-HINT_OTHER = "I don't know what to do with that: send me a photo of a dog and I'll tell you its breed."
-NOT_AN_IMAGE_FILE = ("That file ({name}) is not an image. Send a photo, or an image file "
-                     "(JPEG, PNG, GIF, BMP or WebP).")
-TOO_BIG = "That file is {size} MB, over my limit of {limit:g} MB. Send it as a photo instead: Telegram makes photos smaller."
-TOO_BIG_UNKNOWN = "That file is over my limit of {limit:g} MB. Send it as a photo instead: Telegram makes photos smaller."
-UNREADABLE = "Sorry, I couldn't read that file as an image ({reason}). Try sending the picture as a photo."
-TOO_MANY_PIXELS = "That image has too many pixels for me to open. Send it as a photo instead: Telegram makes photos smaller."
-EMPTY = "That file is empty. Send the picture again as a photo."
-DOWNLOAD_FAILED = "Sorry, I couldn't download that from Telegram. Please send it again."
-FAILED = "Sorry, something went wrong on my side. Please try again in a moment."
 
 
 def require_bot_extra():
@@ -79,9 +73,6 @@ class BotSettings:
     precision: str = "auto"
 
     def __post_init__(self):
-        from dogtl.core.precision import check_precision
-        from dogtl.core.runtimes import check_runtime
-
         check_runtime(self.runtime)
         check_precision(self.precision)
         if self.top < 1:
@@ -158,59 +149,6 @@ class TokenRedactor(logging.Filter):
         return True
 
 
-# ---- replies in words -----------------------------------------------------------------------
-
-def readable(name: str) -> str:
-    """A class name as a person writes it: 'n02085620-Chihuahua' -> 'Chihuahua' (a WordNet id as
-    in ImageNet and Stanford Dogs folders), 'german_short-haired_pointer' -> 'german short-haired pointer'."""
-    text = re.sub(r"^n\d{8}[-_]", "", str(name)).replace("_", " ")
-    return " ".join(text.split()) or str(name)
-
-
-def with_article(name: str) -> str:
-    """'a beagle', 'an Afghan hound'; names that do not start with a letter stay bare."""
-    if not name[:1].isalpha():
-        return name
-    return ("an " if name[0].lower() in "aeiou" else "a ") + name
-
-
-def percent(p: float) -> str:
-    return "over 99%" if p >= 0.995 else f"{max(1, round(p * 100))}%"
-
-
-def describe(top: list[tuple[str, float]], min_confidence: float) -> str:
-    """The reply for one image's top classes (class, probability), best first: 'Most likely a
-    beagle (91%); maybe a basset (6%).' Alternatives under 1% are left out. Below
-    `min_confidence` for the best class, it says it is not sure and lists the candidates."""
-    shown = [f"{with_article(readable(name))} ({percent(p)})" for name, p in top[:1]]
-    shown += [f"{with_article(readable(name))} ({percent(p)})" for name, p in top[1:] if p >= 0.01]
-    if top[0][1] < min_confidence:
-        return (f"I'm not sure about this one. It could be {_or_list(shown)}, but I wouldn't bet on it. "
-                "A sharp photo with the dog filling the frame works best.")
-    if len(shown) == 1:
-        return f"Most likely {shown[0]}."
-    return f"Most likely {shown[0]}; maybe {_or_list(shown[1:])}."
-
-
-def _or_list(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
-
-
-def _start_text(classes: list[str]) -> str:
-    names = [readable(c) for c in classes]
-    examples = _or_list(sorted({names[0], names[len(names) // 2], names[-1]}, key=names.index))
-    return (f"Hi! Send me a photo of a dog and I'll tell you which breed it looks like. I know {len(names)} "
-            f"breeds, for example {examples.replace(' or ', ' and ')}.\nSend /help for tips.")
-
-
-def _help_text(s: BotSettings) -> str:
-    return ("Send me a photo of one dog, or an image file (JPEG, PNG, GIF, BMP or WebP) up to "
-            f"{s.max_file_mb:g} MB. I answer with the breeds it looks most like and how sure I am, in percent. "
-            f"When my best match is under {s.min_confidence:.0%} I say I'm not sure rather than guess. "
-            "A sharp photo with the dog filling the frame works best.\n"
-            "I can't read text, stickers or videos.")
-
-
 # ---- the bot --------------------------------------------------------------------------------
 
 class BreedBot:
@@ -250,8 +188,8 @@ class BreedBot:
                .post_init(self._started).post_stop(self._stopped).build())
         private = filters.ChatType.PRIVATE  # hints only in private chats: a group is not spammed
         app.add_handlers([
-            CommandHandler("start", _reply_with(_start_text(self.sm.classes))),
-            CommandHandler("help", _reply_with(_help_text(self.settings))),
+            CommandHandler("start", _reply_with(start_text(self.sm.classes))),
+            CommandHandler("help", _reply_with(help_text(self.settings.max_file_mb, self.settings.min_confidence))),
             MessageHandler(filters.PHOTO, self.on_photo),
             # Before documents: Telegram sends a GIF as an animation and a document at once.
             MessageHandler((filters.VIDEO | filters.VIDEO_NOTE | filters.ANIMATION) & private,

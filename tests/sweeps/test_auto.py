@@ -43,7 +43,8 @@ def test_auto_keeps_a_tiny_budget_on_its_own_clock(cache, tmp_path):
 
 
 def test_a_search_stopped_midway_resumes_without_retraining_finished_trials(cache, tmp_path):
-    from dogtl.head.auto import AUTO_FIRST, auto_train
+    from dogtl.sweeps.auto import auto_train
+    from dogtl.sweeps.autosearch import AUTO_FIRST
 
     out = tmp_path / "auto.keras"
 
@@ -79,7 +80,7 @@ def test_a_search_stopped_midway_resumes_without_retraining_finished_trials(cach
 
 def test_deadline_cuts_the_final_retraining_but_keeps_its_first_member(cache, tmp_path):
     """With no time left, the first member trains at least an epoch and is kept (cut short)."""
-    from dogtl.head.auto import auto_train
+    from dogtl.sweeps.auto import auto_train
 
     events: list = []
     r = auto_train(cache, tmp_path / "auto.keras", budget=0.01, progress=events.append)
