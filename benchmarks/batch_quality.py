@@ -29,8 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def make_cache(root: Path, name: str, classes: int, per_class: int, passes: int, val_fraction: float) -> Path:
-    from dogtl.features.backbones import get_backbone
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.core.backbones import get_backbone
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
     from dogtl.data.images import image_dataset
     from dogtl.core.models import build_backbone, calibrate_batchnorm
     from dogtl.data.synthetic import make_kaggle_dataset

@@ -95,7 +95,7 @@ def bare_forward(args, batches: int):
 
     from dogtl.core.models import build_backbone
     from dogtl.core.runtimes import frozen_forward
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone(args.backbone)
     model = build_backbone(spec, "none", args.image_size)
@@ -149,7 +149,8 @@ def worker_pipeline(args) -> dict:
     import tracemalloc
 
     from dogtl.core.precision import computing_in, resolve
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     reference, (batch,), timed = bare_forward(args, 1)
     if args.trace_python:
@@ -199,8 +200,8 @@ def worker_prep(args) -> dict:
     """The pipeline without the model: what decoding, augmentation and batching cost alone."""
     from dogtl.data.folders import load_dataset
     from dogtl.data.images import multi_pass_dataset
-    from dogtl.features.backbones import get_backbone
-    from dogtl.features.extract import ExtractConfig
+    from dogtl.core.backbones import get_backbone
+    from dogtl.features.settings import ExtractConfig
 
     defaults = ExtractConfig()  # the seed and augmentation the pipeline worker extracts with
 
@@ -227,7 +228,7 @@ def worker_side_by_side(args) -> dict:
 
     from dogtl.core.models import build_backbone
     from dogtl.core.runtimes import frozen_forward
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone(args.backbone)
     model = build_backbone(spec, "none", args.image_size)
@@ -270,7 +271,7 @@ def worker_cosine(args) -> dict:
     from dogtl.core.conversions import agreement
     from dogtl.core.runtimes import frozen_forward
     from dogtl.data.images import image_dataset
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone("mobilenet_v2")
     model = build_backbone(spec, str(WEIGHTS), args.image_size)

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 def build_model(spec, size: int, num_classes: int, blocks: int):
     from dogtl.core.models import build_backbone, build_head, compose, freeze_batchnorm, unfreeze_top_blocks
-    from dogtl.head.schedules import make_optimizer
+    from dogtl.core.schedules import make_optimizer
 
     backbone = build_backbone(spec, "none", size)
     unfreeze_top_blocks(backbone, spec, blocks)
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     import keras
 
     from dogtl.data.augment import AugmentConfig
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.finetuning.data import training_dataset
     from dogtl.data.synthetic import make_kaggle_dataset
 

@@ -95,7 +95,7 @@ def online_seconds_per_image(folder: Path, jpeg_size: int, image_size: int, num_
     import tensorflow as tf
 
     from dogtl.data.augment import AugmentConfig
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.data.images import image_dataset
     from dogtl.core.models import build_backbone, build_head, compose
     from dogtl.data.synthetic import make_kaggle_dataset
@@ -136,7 +136,7 @@ def main():
     from dogtl.head.settings import RECIPE_BATCH_SIZE, resolve_batch_size
     from dogtl.head.train import load_training_data
     from dogtl.head.lrfind import LRFindConfig, lr_find
-    from dogtl.head.precision import resolve_precision
+    from dogtl.core.precision import resolve
     from dogtl.features.synthetic import write_feature_cache
 
     if args.quick:
@@ -163,10 +163,10 @@ def main():
 
         fit16 = plain_fit_seconds(data, classes, RECIPE_BATCH_SIZE, epochs)
         print(f"model.fit, clean features only, batch {RECIPE_BATCH_SIZE}: {fit16:.2f} s/epoch")
-        precision = resolve_precision("auto", default_batch)
+        precision = resolve("auto", head_batch=default_batch)
         ours16 = head_seconds_per_epoch(data, classes, RECIPE_BATCH_SIZE, epochs)
         print(f"dogtl head epoch, batch {RECIPE_BATCH_SIZE}, default precision "
-              f"({resolve_precision('auto', RECIPE_BATCH_SIZE)}): {ours16:.2f} s/epoch "
+              f"({resolve('auto', head_batch=RECIPE_BATCH_SIZE)}): {ours16:.2f} s/epoch "
               f"(target <= 3 s; {fit16 / ours16:.1f}x faster than model.fit)")
         if precision != "float32":
             ours32 = head_seconds_per_epoch(data, classes, None, epochs, "float32")

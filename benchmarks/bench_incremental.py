@@ -107,7 +107,8 @@ def main():
     dtype = "float16" if args.weights != "none" or args.backbone != "mobilenet_v2" else "float32"  # random mobilenet: ~1e-12
 
     from dogtl.core.precision import resolve
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     added = max(1, round(args.images * args.added))
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout

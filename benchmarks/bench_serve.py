@@ -54,7 +54,7 @@ def build_model(root: Path, weights: Path, per_class: int = 30) -> tuple[Path, l
     from dogtl.core.artifacts import save_model
     from dogtl.core.models import build_backbone, build_head, compose
     from dogtl.data.images import load_image, preprocess_fn
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     digits = load_digits()
     picked = np.concatenate([np.flatnonzero(digits.target == c)[:per_class] for c in range(10)])

@@ -109,7 +109,7 @@ def main():
 
     from dogtl.head.settings import HeadConfig
     from dogtl.sweeps.results import write_best_config
-    from dogtl.sweeps.run import DEFAULT_FUSE
+    from dogtl.sweeps.settings import DEFAULT_FUSE
     from dogtl.features.synthetic import write_feature_cache
 
     if args.quick:

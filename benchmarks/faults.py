@@ -65,9 +65,10 @@ class Command:
 
 
 COMMANDS = [
-    Command("extract", ["extract-features", "--data", "{data}", "--cache", "{out}/c.h5", *EXTRACT], ["c.h5"]),
+    Command("extract", ["extract-features", "--data", "{data}", "--cache", "{out}/c.h5", *EXTRACT], ["c.h5"],
+            tmpfs_mb=160),  # the calibrated --weights none backbone (91 MB) is kept beside the cache
     Command("extract --shard", ["extract-features", "--data", "{data}", "--cache", "{out}/c.h5", *EXTRACT,
-                                "--shard", "2/2"], ["c.shard-2-of-2.h5"]),
+                                "--shard", "2/2"], ["c.shard-2-of-2.h5"], tmpfs_mb=160),
     Command("merge-cache --copy", ["merge-cache", "{inputs}/c.shard-1-of-2.h5", "{inputs}/c.shard-2-of-2.h5",
                                    "--copy", "--out", "{out}/m.h5"], ["m.h5"]),
     Command("train-head", ["train-head", "--cache", "{inputs}/c.h5", "--out", "{out}/h.keras", "--epochs", "6",

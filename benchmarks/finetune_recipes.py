@@ -87,14 +87,14 @@ def plain_keras_record(folder: Path, head: Path, weights: Path, head_epochs: int
     import numpy as np
     from PIL import Image
 
-    from dogtl.core.artifacts import load_metadata
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.core.metadata import ModelMetadata
+    from dogtl.features.modelcache import split_paths
     from dogtl.data.folders import load_dataset
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
     from dogtl.features.cache import open_cache
 
     load0, t = os.getloadavg(), time.perf_counter()
-    split = split_paths(open_cache(load_metadata(head)["cache"]), load_dataset(folder))
+    split = split_paths(open_cache(ModelMetadata.load(head).backbones[0].cache), load_dataset(folder))
 
     def arrays(part):
         x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((96, 96), Image.BILINEAR), np.float32)

@@ -96,7 +96,7 @@ def plain_keras(data: Path, cache: Path, weights: Path, size: int, hflip: bool, 
     import tensorflow as tf
 
     from dogtl.data.folders import load_dataset
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
     from dogtl.features.cache import open_cache
 
     c = open_cache(cache)
@@ -193,7 +193,8 @@ def metrics_of(model: Path) -> dict:
 
 def run_set(bench: Bench, name: str, spec: dict, args) -> None:
     import dogtl
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+    from dogtl.evaluation.evaluate import evaluate
+    from dogtl.evaluation.settings import EvaluateConfig
     from dogtl.finetuning.settings import FinetuneConfig
     from dogtl.sweeps.autosearch import AUTO_PARAMS
 

@@ -26,14 +26,16 @@ class Pipeline:
     head: Path
 
 
-def head_metadata(cache, backbone: str, size: int, cache_path) -> dict:
-    from dogtl.features.backbones import get_backbone
+def head_metadata(cache, backbone: str, size: int, cache_path):
+    """A head's metadata in the first format (one backbone's fields at the top level), upgraded."""
+    from dogtl.core.metadata import ModelMetadata
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone(backbone)
-    return {"kind": "head", "classes": list(cache.classes), "backbone": spec.name,
+    return ModelMetadata.from_dict({"kind": "head", "classes": list(cache.classes), "backbone": spec.name,
             "weights": cache.fingerprint["weights"], "weights_path": cache.weights_path, "image_size": size,
             "preprocessing": spec.preprocessing, "feature_dim": spec.feature_dim, "cache": str(cache_path),
-            "cache_fingerprint": cache.fingerprint, "settings": {"epochs": 30}, "metrics": {}}
+            "cache_fingerprint": cache.fingerprint, "settings": {"epochs": 30}, "metrics": {}})
 
 
 def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE, **extract) -> Pipeline:
@@ -41,9 +43,10 @@ def build_pipeline(root: Path, backbone: str = BACKBONE, size: int = SIZE, **ext
     import keras
 
     from dogtl.core import artifacts
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.cache import open_cache
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
     from dogtl.data.images import image_dataset
     from dogtl.core.models import build_backbone, build_head, calibrate_batchnorm
     from dogtl.data.synthetic import make_kaggle_dataset
@@ -88,7 +91,7 @@ def copy_head(pipeline: Pipeline, folder: Path, **changes) -> Path:
     meta = json.loads(pipeline.head.with_suffix(".json").read_text())
     meta.update(changes)
     target.with_suffix(".json").write_text(json.dumps(meta))
-    from dogtl.core.artifacts import rewrite_metadata
+    from dogtl.core.metadata import ModelMetadata
 
-    rewrite_metadata(target, meta)  # a deliberate edit: the metadata's content hash made anew
+    ModelMetadata.from_dict(meta).save(target)  # a deliberate edit: the metadata's content hash made anew
     return target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -45,21 +46,97 @@ def test_stage_functions_are_not_shadowed_by_the_stage_packages():
         assert callable(getattr(dogtl, name)) and getattr(dogtl, name).__module__ == "dogtl.api", name
 
 
-def test_python_defaults_are_the_command_lines():
+# Every command with an API function: (function, the config class its **settings fill or None,
+# {CLI option: why the API has no such parameter}, {CLI option: the API's name for it}).
+def _commands():
+    from dogtl import api
+    from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
+    from dogtl.features.settings import ExtractConfig
+    from dogtl.finetuning.settings import FinetuneConfig
+    from dogtl.fit import FitConfig
+    from dogtl.head.settings import HeadConfig, LRFindConfig
+    from dogtl.sweeps.settings import SweepConfig
+
+    dogtl.fit = api.fit  # a sub-module's first import binds its name in the package: keep the function
+
+    config_file = {"config": "--config FILE: the API takes the settings themselves"}
+    model_option = {"model_opt": "--model: the MODEL argument spelled as an option"}
+    return {
+        "extract-features": (api.extract_features, ExtractConfig, {}, {}),
+        "merge-cache": (api.merge_cache, None, {"shards": "the SHARD... argument: required"}, {}),
+        "train-head": (api.train_head, HeadConfig, {**config_file, **{
+            name: "--auto's search (head.auto.auto_train), not train_head's"
+            for name in ("auto", "budget", "trials", "storage")}}, {}),
+        "lr-find": (api.lr_find, LRFindConfig, config_file, {}),
+        "sweep": (api.sweep, SweepConfig, {}, {"param": "params"}),
+        "finetune": (api.finetune, FinetuneConfig, {**config_file, "head_file": "the HEAD argument: --head"}, {}),
+        "evaluate": (api.evaluate, EvaluateConfig, model_option, {}),
+        "predict": (api.predict, PredictConfig, {**model_option, "files": "the MODEL|IMAGE... arguments: images"},
+                    {}),
+        "fit": (api.fit, FitConfig, {}, {}),
+    }
+
+
+def _api_default(function, config, name):
+    """What the API uses for `name` when not given: its own parameter's default, else the config's."""
+    parameter = inspect.signature(function).parameters.get(name)
+    if parameter is not None and parameter.default is not inspect.Parameter.empty:
+        return parameter.default
+    fields = {f.name: f for f in dataclasses.fields(config)} if config is not None else {}
+    if name not in fields:
+        return _MISSING
+    f = fields[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _same(config, name, cli_default, api_default) -> bool:
+    setting = {s.name: s for s in getattr(config, "SETTINGS", ())}.get(name)
+    if isinstance(cli_default, (list, tuple)) and len(cli_default) == 1:  # repeatable --cache: one default path
+        cli_default = cli_default[0]
+    if setting is not None and cli_default is not None:  # as the config reads it: "1024" -> (1024,), Path -> str
+        cli_default = setting.convert(cli_default)
+    if cli_default in (None, ()) or api_default in (None, ()):
+        return cli_default in (None, ()) and api_default in (None, ())
+    return str(cli_default) == str(api_default)
+
+
+_MISSING = object()
+
+
+def _differences(command, function, config, cli_only, renamed):
+    """(option, CLI default, API default) for each option of `command` whose API default differs
+    (_MISSING: the API has no such parameter); and how many options were compared."""
     import typer
 
     from dogtl.cli import app
 
-    commands = typer.main.get_command(app).commands
-    for function, command in [(dogtl.extract_features, "extract-features"), (dogtl.train_head, "train-head"),
-                              (dogtl.lr_find, "lr-find"), (dogtl.finetune, "finetune"),
-                              (dogtl.evaluate, "evaluate"), (dogtl.predict, "predict")]:
-        defaults = {p.name: p.default for p in commands[command].params}
-        for name, parameter in inspect.signature(function).parameters.items():
-            if parameter.default is inspect.Parameter.empty or name in ("progress", "settings", "images") \
-                    or name not in defaults:
-                continue
-            default = defaults[name]
-            if isinstance(default, (list, tuple)) and len(default) == 1:  # repeatable --cache: one default path
-                default = default[0]
-            assert str(parameter.default) == str(default), (command, name)
+    params = [p for p in typer.main.get_command(app).commands[command].params if p.name not in cli_only]
+    differences = []
+    for p in params:
+        name = renamed.get(p.name, p.name)
+        api_default = _api_default(function, config, name)
+        if api_default is _MISSING or not _same(config, name, p.default, api_default):
+            differences.append((p.name, p.default, api_default))
+    return differences, len(params)
+
+
+def test_python_defaults_are_the_command_lines():
+    """Every option of every command with an API function, compared with the default the API
+    uses when the option is left out (its own parameter's, else its config class's)."""
+    compared = 0
+    for command, (function, config, cli_only, renamed) in _commands().items():
+        differences, count = _differences(command, function, config, cli_only, renamed)
+        assert differences == [], command
+        compared += count
+    assert compared >= 140  # 148 options of 9 commands (extract-features alone has 25); 27 before issue 25
+
+
+def test_a_different_python_default_is_caught():
+    """The comparison above can fail: an API whose batch size defaults to 33, or that lacks an option."""
+    from dogtl.features.settings import ExtractConfig
+
+    other = dataclasses.make_dataclass("Other", [(f.name, f.type, dataclasses.field(default=f.default))
+                                                 for f in dataclasses.fields(ExtractConfig) if f.name != "cut_dtype"])
+    other = dataclasses.make_dataclass("Other", [("batch_size", int, dataclasses.field(default=33))], bases=(other,))
+    differences, _ = _differences("extract-features", dogtl.extract_features, other, {}, {})
+    assert [(name, api) for name, _, api in differences] == [("batch_size", 33), ("cut_dtype", _MISSING)]

@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from dogtl import demo
 from dogtl.core.errors import DogtlError
+from dogtl.demo_settings import DemoConfig
 
 SMALL = dict(backbone="mobilenet_v2", image_size=32, classes=3, per_class=8, test_images=3, source_size=48,
              passes=1, head_epochs=3, finetune_epochs=1, batch_size=8)
@@ -19,7 +20,7 @@ def test_demo_runs_every_stage_offline_and_says_where_artifacts_went(tmp_path, m
     monkeypatch.setattr(demo, "weights_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(demo, "_cached_imagenet", lambda module: False)
     lines = []
-    result = demo.run_demo(demo.DemoConfig(dir=str(tmp_path / "demo"), **SMALL), note=lines.append)
+    result = demo.run_demo(DemoConfig(dir=str(tmp_path / "demo"), **SMALL), note=lines.append)
 
     notes = [line for line in lines if line.startswith("note:")]
     assert len(notes) == 1 and "randomly initialised" in notes[0] and "offline" in notes[0]
@@ -38,7 +39,7 @@ def test_demo_runs_every_stage_offline_and_says_where_artifacts_went(tmp_path, m
     assert set(result.metrics) == {"head", "finetune", "evaluate"}
 
     with pytest.raises(DogtlError, match="already holds a demo"):
-        demo.run_demo(demo.DemoConfig(dir=str(tmp_path / "demo"), **SMALL))
+        demo.run_demo(DemoConfig(dir=str(tmp_path / "demo"), **SMALL))
 
 
 def test_weights_probe_gives_up_quickly(monkeypatch):

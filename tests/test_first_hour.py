@@ -104,7 +104,7 @@ def test_degenerate_features_are_refused_at_extraction_and_training(synthetic_da
     """A backbone whose weights carry no signal (all zero here) gives the same features for
     every image: extraction stops after the clean pass; train-head refuses such a cache."""
     from dogtl.core.models import build_backbone
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.synthetic import write_feature_cache
 
     model = build_backbone(get_backbone("resnet50"), "none", 32)
@@ -244,7 +244,7 @@ def test_finetune_takes_the_head_first_and_ensemble_takes_model_options(tmp_path
 
 def test_version_python_m_completion_backbone_help_and_rich(tmp_path):
     from dogtl import __version__
-    from dogtl.features.backbones import BACKBONES
+    from dogtl.core.backbones import BACKBONES
 
     version = _dogtl("-m", "dogtl", "--version")
     assert version.returncode == 0 and version.stdout.startswith(f"dogtl {__version__}, tensorflow ")

@@ -9,11 +9,9 @@ From Python, the stages are functions with the command line's defaults (see `dog
 `dogtl.fit` (all of it in a time budget), `dogtl.extract_features`, `train_head`, `lr_find`, `sweep`, `finetune`, `evaluate`, `predict`.
 """
 
-__version__ = "0.1.0"
-
-from dogtl.api import (evaluate, extract_features, finetune, fit, lr_find, merge_cache, predict,  # noqa: E402
-                       sweep, train_head)
-from dogtl.core.errors import DogtlError  # noqa: E402
+from dogtl.api import evaluate, extract_features, finetune, fit, lr_find, merge_cache, predict, sweep, train_head
+from dogtl.core.errors import DogtlError
+from dogtl.core.version import __version__
 
 __all__ = ["fit", "extract_features", "merge_cache", "train_head", "lr_find", "sweep", "finetune", "evaluate",
            "predict", "DogtlError", "__version__"]

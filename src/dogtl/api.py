@@ -23,7 +23,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dogtl.core import tracking
+from dogtl.core.budget import parse_budget
 from dogtl.core.progress import PlainRenderer, counting
+from dogtl.core.settings import defaults
+from dogtl.demo_settings import DEMO_SETTINGS, DemoConfig
+from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
+from dogtl.features.settings import EXTRACT_SETTINGS, ExtractConfig
+from dogtl.features.shards import merge_caches
+from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
+from dogtl.head.settings import HeadConfig, LRFindConfig
+from dogtl.sweeps.settings import SweepConfig
+
+# local: each function imports the modules that run its stage when it is called: they load
+# TensorFlow, Keras, h5py, pandas or sklearn, which neither `import dogtl` nor the command line's
+# --help and option checks need. The settings above are light.
+
+_EXTRACT, _DEMO = defaults(EXTRACT_SETTINGS), defaults(DEMO_SETTINGS)
 
 
 def _progress(progress):
@@ -32,27 +47,20 @@ def _progress(progress):
     return progress if callable(progress) else PlainRenderer() if progress else None
 
 
-def extract_features(data="data", cache="cache/features.h5", *, force: bool = False, progress=True,
-                     rotation: float = 45.0, zoom: float = 0.25, shift: float = 0.2, hflip: bool = True,
-                     note=None, **settings):
+def extract_features(data=_EXTRACT["data"], cache=_EXTRACT["cache"], *, progress=True, note=None, **settings):
     """Stage one: run the frozen backbone over every image (and augmented passes) into `cache`.
-    `settings`: backbone, weights, image_size, passes, tta_passes, batch_size, val_fraction, seed,
-    on_bad_image, dtype, shard, strategy, precision, cut_blocks, cut_dtype (see `dogtl extract-features
-    --help`); `note` gets a line before the work starts (what changed when a cache whose images changed
-    is updated; the disk the cut activations take). Returns an ExtractSummary: status "written",
-    "updated" or "up to date"."""
-    from dogtl.data.augment import AugmentConfig
-    from dogtl.features.extract import ExtractConfig, extract_features as run
+    `settings`: any extract-features setting (`dogtl.features.settings.EXTRACT_SETTINGS`: backbone,
+    weights, passes, batch_size, rotation, force, ...); `note` gets a line before the work starts (what
+    changed when a cache whose images changed is updated; the disk the cut activations take). Returns
+    an ExtractSummary: status "written", "updated" or "up to date"."""
+    from dogtl.features.extract import extract_features as run  # local: see the note above
 
-    config = ExtractConfig(data=str(data), cache=str(cache), force=force, **settings,
-                           augmentation=AugmentConfig(rotation=rotation, zoom=zoom, shift=shift, hflip=hflip))
+    config = ExtractConfig(data=data, cache=cache, **settings)
     return run(config, progress=counting(_progress(progress), "extract"), note=note)
 
 
 def merge_cache(shards, out=None, *, copy: bool = False, force: bool = False):
     """Join the shard caches of a sharded extraction into one cache."""
-    from dogtl.features.shards import merge_caches
-
     return merge_caches(shards, out, mode="copy" if copy else "virtual", force=force)
 
 
@@ -60,8 +68,7 @@ def train_head(cache="cache/features.h5", out="models/head.keras", *, force: boo
                track: bool = False, **settings):
     """Stage two: train the head on cached features. `settings`: any train-head setting
     (`dogtl.head.settings.HEAD_SETTINGS`), e.g. epochs=30, hidden=(512,), max_lr=2e-3."""
-    from dogtl.head.settings import HeadConfig
-    from dogtl.head.train import train_head as run
+    from dogtl.head.train import train_head as run  # local: see the note above
 
     config = HeadConfig(**settings)
     params = {**asdict(config), "cache": cache, "out": out}
@@ -75,21 +82,19 @@ def train_head(cache="cache/features.h5", out="models/head.keras", *, force: boo
 
 def lr_find(cache="cache/features.h5", out="models/lr-find.png", *, force: bool = False, **settings):
     """Learning-rate range test on the cached features; the result suggests base_lr and max_lr."""
-    from dogtl.head.lrfind import lr_find as run
-    from dogtl.head.settings import LRFindConfig
+    from dogtl.head.lrfind import lr_find as run  # local: see the note above
 
     return run(LRFindConfig(**settings), cache=cache, out=out, force=force)
 
 
-def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: bool = False, progress=True,
-          track: bool = False, **settings):
+def sweep(cache="cache/features.h5", *, params=(), progress=True, track: bool = False, **settings):
     """Train many heads and rank them by validation log loss. `params`: ["max_lr=1e-3,3e-3", ...]
-    as `--param`; `space`: a TOML/JSON file; `settings`: trials, folds, epochs, jobs, backend, ..."""
-    from dogtl.sweeps.run import SweepConfig, run_sweep
+    as `--param`; `settings`: any sweep setting (`dogtl.sweeps.settings.SWEEP_SETTINGS`: space,
+    trials, folds, epochs, jobs, backend, out, force, ...)."""
+    from dogtl.sweeps.run import run_sweep  # local: see the note above
 
     cache = tuple(str(p) for p in cache) if isinstance(cache, (list, tuple)) else str(cache)
-    config = SweepConfig(cache=cache, params=tuple(params), space=str(space) if space else None,
-                         out=str(out) if out else None, force=force, **settings)
+    config = SweepConfig(cache=cache, params=tuple(params), **settings)
     with tracking.start("sweep", "sweep", track, {k: v for k, v in asdict(config).items() if k != "force"}) as tracked:
         result = run_sweep(config, progress=tracking.tee(_progress(progress),
                                                          tracking.trial_observer(tracked, config.folds)))
@@ -104,7 +109,7 @@ def sweep(cache="cache/features.h5", *, params=(), space=None, out=None, force: 
 
 def ensemble(models, out="models/ensemble.keras", *, force: bool = False):
     """Average the probabilities of several saved models into one model at `out` (an EnsembleResult)."""
-    from dogtl.head.ensemble import combine_models
+    from dogtl.head.ensemble import combine_models  # local: see the note above
 
     return combine_models(models, out, force=force)
 
@@ -116,8 +121,7 @@ def finetune(data="data", head="models/head.keras", out="models/finetuned.keras"
     (`dogtl.finetuning.settings.FINETUNE_SETTINGS`); `recipe`: a named set of them replacing the
     defaults ("reference": the reference recipe's fine-tuning), `settings` still winning;
     `progress` events include each finished epoch (`event.line()` is the line the command prints)."""
-    from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
-    from dogtl.finetuning.train import finetune as run
+    from dogtl.finetuning.train import finetune as run  # local: see the note above
 
     config = FinetuneConfig(data=str(data), head=str(head), out=str(out), force=force,
                             **{**recipe_settings(recipe), **settings})
@@ -133,14 +137,14 @@ def finetune(data="data", head="models/head.keras", out="models/finetuned.keras"
         return result
 
 
-def evaluate(model=None, *, data=None, force: bool = False, progress=True, track: bool = False, **settings):
+def evaluate(model=None, *, progress=True, track: bool = False, **settings):
     """Accuracy, log loss, top-k, per-class accuracy and confusions on the validation split of
-    `model` (default: models/finetuned.keras, else models/head.keras)."""
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate as run
-    from dogtl.evaluation.predict import resolve_model
+    `model` (default: models/finetuned.keras, else models/head.keras). `settings`: any evaluate
+    setting (`dogtl.evaluation.settings.EVALUATE_SETTINGS`: data, top_k, tta, force, ...)."""
+    from dogtl.evaluation.evaluate import evaluate as run  # local: see the note above
+    from dogtl.evaluation.predict import resolve_model  # local: see the note above
 
-    config = EvaluateConfig(model=str(resolve_model(model)), data=str(data) if data else None, force=force,
-                            **settings)
+    config = EvaluateConfig(model=resolve_model(model), **settings)
     params = {k: v for k, v in asdict(config).items() if k != "force"}
     with tracking.start("evaluate", f"evaluate {Path(config.model).name}", track, params) as tracked:
         report = run(config, progress=counting(_progress(progress), "evaluate"))
@@ -151,14 +155,13 @@ def evaluate(model=None, *, data=None, force: bool = False, progress=True, track
         return report
 
 
-def predict(images=(), *, model=None, data="data", out="submission.csv", force: bool = False, progress=True,
-            **settings):
+def predict(images=(), *, progress=True, **settings):
     """Top classes of the given image files (a list of `TopK`), or, without images, a Kaggle
-    submission for the test images of `data` (a `Submission`)."""
-    from dogtl.evaluation.predict import PredictConfig, predict_submission, predict_top_k
+    submission for the test images of `data` (a `Submission`). `settings`: any predict setting
+    (`dogtl.evaluation.settings.PREDICT_SETTINGS`: model, data, out, tta, force, ...)."""
+    from dogtl.evaluation.predict import predict_submission, predict_top_k  # local: see the note above
 
-    config = PredictConfig(model=str(model) if model else None, data=str(data), out=str(out), force=force,
-                           images=tuple(str(Path(p)) for p in images), **settings)
+    config = PredictConfig(images=tuple(str(Path(p)) for p in images), **settings)
     return (predict_top_k if config.images else predict_submission)(config,
                                                                     progress=counting(_progress(progress), "predict"))
 
@@ -170,19 +173,19 @@ def fit(data="data", *, budget="30m", out="models/model.keras", force: bool = Fa
     backbone, weights, image_size, passes, hflip, val_fraction, seed (see `dogtl fit --help`);
     `progress` (a callable) gets fit's events; `started` (a time.time()) is when the budget began
     (default: now). Returns a FitResult (the model's path and metrics, and what was chosen and why)."""
-    from dogtl.core.budget import parse_budget
-    from dogtl.fit import FitConfig, fit as run
+    from dogtl.fit import FitConfig, fit as run  # local: see the note above
 
     config = FitConfig(data=str(data), out=str(out), budget=parse_budget(budget), force=force, **settings)
     return run(config, progress=progress if callable(progress) else None, started=started)
 
 
-def demo(dir="demo", *, force: bool = False, note=None, **settings):
+def demo(dir=_DEMO["dir"], *, note=None, **settings):
     """The whole pipeline on a small generated data set; returns where every artifact went.
-    `note` gets one line per finished step (the CLI prints them)."""
-    from dogtl.demo import DemoConfig, run_demo
+    `settings`: any demo setting (`dogtl.demo_settings.DEMO_SETTINGS`: backbone, image_size, weights,
+    force, ...); `note` gets one line per finished step (the CLI prints them)."""
+    from dogtl.demo import run_demo  # local: see the note above
 
-    return run_demo(DemoConfig(dir=str(dir), force=force, **settings), note=note)
+    return run_demo(DemoConfig(dir=dir, **settings), note=note)
 
 
 __all__ = ["extract_features", "merge_cache", "train_head", "lr_find", "sweep", "ensemble", "finetune", "evaluate", "predict",

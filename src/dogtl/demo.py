@@ -20,10 +20,13 @@ from typing import Callable
 
 from dogtl.core.errors import DogtlError
 from dogtl.data.synthetic import make_kaggle_dataset
-from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
-from dogtl.evaluation.predict import PredictConfig, predict_submission
-from dogtl.features.backbones import get_backbone
-from dogtl.features.extract import ExtractConfig, extract_features
+from dogtl.demo_settings import DemoConfig
+from dogtl.evaluation.evaluate import evaluate
+from dogtl.evaluation.predict import predict_submission
+from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
+from dogtl.core.backbones import get_backbone
+from dogtl.features.extract import extract_features
+from dogtl.features.settings import ExtractConfig
 from dogtl.features.random_backbone import calibrate_random_backbone
 from dogtl.finetuning.settings import FinetuneConfig
 from dogtl.finetuning.train import finetune
@@ -34,23 +37,6 @@ log = logging.getLogger(__name__)
 Note = Callable[[str], None]
 WEIGHTS_HOST = ("storage.googleapis.com", 443)  # where keras.applications downloads from
 GENERATED = ("data", "cache", "models", "reports", "submission.csv")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    dir: str = "demo"
-    backbone: str = "xception"
-    image_size: int = 71
-    weights: str = "auto"  # auto: ImageNet when reachable, else random initialisation
-    classes: int = 4
-    per_class: int = 16
-    test_images: int = 8
-    source_size: int = 96  # pixels of the generated JPEGs
-    passes: int = 2
-    head_epochs: int = 100  # seconds: the head trains on cached features
-    finetune_epochs: int = 2
-    batch_size: int = 16
-    force: bool = False
 
 
 @dataclass

@@ -37,17 +37,19 @@ from typing import Callable
 from PIL import Image
 
 from dogtl.core.artifacts import check_writable
+from dogtl.core.backbones import check_image_size, get_backbone
 from dogtl.core.budget import Deadline, format_seconds
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import check_overwrite
 from dogtl.data.folders import load_dataset
-from dogtl.features.backbones import check_image_size, get_backbone
+from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+from dogtl.features.extract import ExtractConfig, extract_features
 from dogtl.finetuning.checkpoints import finished_epochs
+from dogtl.finetuning.settings import FinetuneConfig
+from dogtl.finetuning.train import finetune
 from dogtl.fitstate import FitState, publish, written_model
 from dogtl.sweeps.auto import auto_train
 
-# local: `import dogtl` in the stages: the public stage functions, so that fit runs their current
-# defaults (dogtl.api imports this module only when fit is called).
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
 
@@ -185,8 +187,6 @@ def fit(config: FitConfig, progress: Progress | None = None, started: float | No
 
 
 def _extract(config, state, size, end, started, progress, say) -> dict:
-    import dogtl
-
     done = state.stage("extract")
     if done:
         say(f"extract: reusing {done['cache']} ({done['images']} images)")
@@ -202,10 +202,10 @@ def _extract(config, state, size, end, started, progress, say) -> dict:
             raise _Stop(done_, total)
 
     try:
-        s = dogtl.extract_features(config.data, cache, backbone=config.backbone, weights=config.weights,
-                                   image_size=size, passes=config.passes, val_fraction=config.val_fraction,
-                                   seed=config.seed, hflip=config.hflip, progress=lambda e: bar(e.done, e.total),
-                                   **AUGMENTATION)
+        s = extract_features(ExtractConfig(
+            data=str(config.data), cache=str(cache), backbone=config.backbone, weights=config.weights,
+            image_size=size, passes=config.passes, val_fraction=config.val_fraction, seed=config.seed,
+            hflip=config.hflip, **AUGMENTATION), progress=bar)
     except _Stop as e:
         finished, total = e.args
         raise DogtlError(f"--budget {format_seconds(config.budget)}: extracting the features took "
@@ -229,8 +229,8 @@ def _head(config, state, end, progress, say, choices) -> dict:
     out = config.folder / "head.keras"
     meta = written_model(out)
     if meta:  # killed between writing the head and recording it
-        return state.done("head", model=str(out), metrics=meta["metrics"], seconds=None, trials=None,
-                          settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
+        return state.done("head", model=str(out), metrics=meta.metrics, seconds=None, trials=None,
+                          settings=meta.settings, val_images=meta.val_images, train_images=meta.train_images)
     budget = min(HEAD_MAX, max(HEAD_MIN, HEAD_SHARE * end.left()))
     choices.append(f"head search: {format_seconds(budget)} ({HEAD_SHARE:.0%} of the time left, at least "
                    f"{format_seconds(HEAD_MIN)}): the head only starts fine-tuning, which gains more per minute")
@@ -239,7 +239,7 @@ def _head(config, state, end, progress, say, choices) -> dict:
                    progress=(lambda e: progress({**e, "stage": "head"})) if progress else None)
     meta = written_model(out)
     record = state.done("head", model=str(out), metrics=r.metrics, seconds=r.seconds, trials=r.trials,
-                        settings=meta["settings"], val_images=meta["val_images"], train_images=meta["train_images"])
+                        settings=meta.settings, val_images=meta.val_images, train_images=meta.train_images)
     say(f"head: {r.trials} trials in {format_seconds(r.seconds)}; the best, retrained: val accuracy "
         f"{r.metrics['val_accuracy']:.4f}, log loss {r.metrics['val_log_loss']:.4f}")
     return record
@@ -253,8 +253,6 @@ def plan_epochs(seconds: float, train_images: int, val_images: int, rate: float)
 
 
 def _finetune(config, state, end, extract, head, progress, say, choices) -> dict:
-    import dogtl
-
     done = state.stage("finetune")
     if done:
         say(f"finetune: reusing {done['model']} (val log loss {done['metrics']['val_log_loss']:.4f})")
@@ -263,7 +261,7 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
     out = config.folder / "finetuned.keras"
     meta = written_model(out)
     if meta:  # killed between writing the model and recording it
-        m = meta["metrics"]
+        m = meta.metrics
         return state.done("finetune", model=str(out), metrics={k: m[k] for k in ("val_accuracy", "val_log_loss")},
                           before=m["before"], best_epoch=m["best_epoch"], epochs_run=m["epochs_run"], seconds=None)
     reserve = EVALUATE_COST * head["val_images"] / rate
@@ -293,14 +291,14 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         last[0] = time.time()
 
     try:
-        r = dogtl.finetune(config.data, head["model"], out, epochs=epochs, progress=lambda e: images(
-            e.done, e.total) if e.unit == "images" else report(e.line()))
+        r = finetune(_finetune_config(config, head, out, epochs),
+                     progress=lambda e: images(e.done, e.total) if e.unit == "images" else report(e.line()))
     except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
         done_epochs = finished_epochs(out)
         if not done_epochs:
             return _no_finetuning(head, say, "the budget ended before the first fine-tuning epoch did")
         say(f"finetune: stopped by the budget after epoch {done_epochs} of {epochs}; writing the best epoch")
-        r = dogtl.finetune(config.data, head["model"], out, epochs=done_epochs, progress=False)
+        r = finetune(_finetune_config(config, head, out, done_epochs))
     return state.done("finetune", model=str(out), metrics=r.after, before=r.before, best_epoch=r.best_epoch,
                       epochs_run=r.epochs_run, seconds=r.seconds, evaluate_reserve=reserve)
 
@@ -322,6 +320,15 @@ def _plan_finetuning(config, state, end, head, rate: float, reserve: float, choi
     return epochs, per_epoch
 
 
+def _finetune_config(config, head, out, epochs: int) -> FinetuneConfig:
+    return FinetuneConfig(data=str(config.data), head=str(head["model"]), out=str(out), epochs=epochs)
+
+
+def _evaluate_on_images(model, data, progress=None):
+    """The validation report of `model` on the images of `data`, as `dogtl evaluate --force` writes it."""
+    return evaluate(EvaluateConfig(model=str(Path(model)), data=str(data), force=True), progress=progress)
+
+
 def _no_finetuning(head, say, why: str) -> dict:
     """The head as the model, when the budget leaves no fine-tuning; not recorded as finished, so
     that a rerun (with a larger --budget) fine-tunes, resuming what was started."""
@@ -333,10 +340,8 @@ def _no_finetuning(head, say, why: str) -> dict:
 def _measure_rate(config, head, say) -> float:
     """Images/s of the backbone on this machine now, when the extraction was found finished (not
     timed): the head on the validation images, as `evaluate` runs it."""
-    import dogtl
-
     t = time.time()
-    r = dogtl.evaluate(head["model"], data=config.data, force=True, progress=False)
+    r = _evaluate_on_images(head["model"], config.data)
     rate = r.images / max(time.time() - t, 1e-3)
     say(f"measured {rate:.1f} images/s (the head on the {r.images} validation images: accuracy "
         f"{r.accuracy:.4f}, log loss {r.log_loss:.4f})")
@@ -344,8 +349,6 @@ def _measure_rate(config, head, say) -> float:
 
 
 def _evaluate(config, state, end, tuned, progress, say) -> dict:
-    import dogtl
-
     done = state.stage("evaluate")
     if done:
         return done
@@ -357,7 +360,7 @@ def _evaluate(config, state, end, tuned, progress, say) -> dict:
         if progress:
             progress({"event": "images", "stage": "evaluate", "done": done_, "total": total})
 
-    r = dogtl.evaluate(tuned["model"], data=config.data, force=True, progress=lambda e: images(e.done, e.total))
+    r = _evaluate_on_images(tuned["model"], config.data, images)
     metrics = {"val_accuracy": r.accuracy, "val_log_loss": r.log_loss, "top_k_accuracy": r.top_k_accuracy,
                "top_k": r.top_k}
     say(f"evaluate: accuracy {r.accuracy:.4f}, log loss {r.log_loss:.4f}, top-{r.top_k} {r.top_k_accuracy:.4f} "

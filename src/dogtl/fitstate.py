@@ -8,9 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
-from dogtl.core.artifacts import load_metadata
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import atomic_paths, write_json_atomic
+from dogtl.core.metadata import ModelMetadata
 
 
 class FitState:
@@ -42,9 +42,9 @@ class FitState:
         write_json_atomic(self.path, self.data)
 
 
-def written_model(model: Path) -> dict | None:
+def written_model(model: Path) -> ModelMetadata | None:
     """The metadata of a model a stage finished writing (both files are renamed into place together)."""
-    return load_metadata(model) if model.exists() and model.with_suffix(".json").exists() else None
+    return ModelMetadata.load(model) if model.exists() and model.with_suffix(".json").exists() else None
 
 
 def publish(model: Path, out: Path) -> None:

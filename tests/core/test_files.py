@@ -8,9 +8,10 @@ import json
 import pytest
 
 from dogtl.core import artifacts
+from dogtl.core import metadata as model_metadata
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import (atomic_path, atomic_paths, check_overwrite, temporary_sibling, write_json_atomic,
-                              write_text_atomic)
+from dogtl.core.files import atomic_path, atomic_paths, check_overwrite, write_json_atomic, write_text_atomic
+from dogtl.core.temporaries import temporary_sibling
 
 
 class Boom(Exception):
@@ -103,25 +104,29 @@ class FakeModel:
 
 
 def _pair(path):
-    return path.read_text(), json.loads(artifacts.metadata_path(path).read_text())["version"]
+    return path.read_text(), json.loads(model_metadata.metadata_path(path).read_text())["version"]
+
+
+def _version(v: str):
+    return model_metadata.ModelMetadata(extra={"version": v})
 
 
 def test_a_model_and_its_metadata_are_both_old_or_both_new(tmp_path, monkeypatch):
     path = tmp_path / "head.keras"
-    artifacts.save_model(FakeModel("1"), path, {"version": "1"})
+    artifacts.save_model(FakeModel("1"), path, _version("1"))
     assert _pair(path) == ("model 1", "1")
 
     with pytest.raises(Boom):  # the model is written, then writing its metadata fails
         with monkeypatch.context() as m:
-            m.setattr(artifacts, "json_text", boom)
-            artifacts.save_model(FakeModel("2"), path, {"version": "2"})
+            m.setattr(model_metadata, "json_text", boom)
+            artifacts.save_model(FakeModel("2"), path, _version("2"))
     assert _pair(path) == ("model 1", "1")
     with pytest.raises(Boom):  # writing the model fails
-        artifacts.save_model(FakeModel("2", fail=True), path, {"version": "2"})
+        artifacts.save_model(FakeModel("2", fail=True), path, _version("2"))
     assert _pair(path) == ("model 1", "1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.keras"]
 
-    artifacts.save_model(FakeModel("2"), path, {"version": "2"})
+    artifacts.save_model(FakeModel("2"), path, _version("2"))
     assert _pair(path) == ("model 2", "2")
 
 

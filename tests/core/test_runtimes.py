@@ -260,9 +260,9 @@ CANNOT = {("convnext_tiny", "onnxruntime"): "Erfc"}  # tf2onnx has no rule for G
 @pytest.mark.parametrize("backbone", ["xception", "resnet50", "mobilenet_v2", "efficientnet_v2_b0", "convnext_tiny"])
 def test_backbones_convert_or_fall_back_as_documented(backbone, runtime, tmp_path):
     from dogtl.core.models import build_backbone, calibrate_batchnorm
+    from dogtl.core.backbones import get_backbone
     from dogtl.core.conversions import agreement
     from dogtl.core.runtimes import frozen_forward
-    from dogtl.features.backbones import get_backbone
 
     _needs(runtime)
     spec = get_backbone(backbone)

@@ -101,7 +101,7 @@ def test_bad_ranges_are_refused(kwargs, message):
 
 def test_pipeline_augmentation_depends_on_the_index_not_on_order_or_company(odd_images):
     """Pass p of image i is the same whichever other images, order and batch size surround it."""
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.data.images import image_dataset
 
     spec = get_backbone("resnet50")

@@ -10,7 +10,8 @@ import pytest
 from conftest import assert_clean_error, run_cli
 from sklearn.metrics import log_loss
 
-from dogtl.evaluation.evaluate import EvaluateConfig, evaluate, metrics_report
+from dogtl.evaluation.evaluate import evaluate, metrics_report
+from dogtl.evaluation.settings import EvaluateConfig
 
 
 def test_metrics_report_numbers():

@@ -10,8 +10,9 @@ import pytest
 from conftest import assert_clean_error, run_cli
 
 from dogtl.core.errors import DataError, DogtlError
-from dogtl.evaluation.metrics import clip_rows
-from dogtl.evaluation.predict import PredictConfig, predict_submission, predict_top_k
+from dogtl.core.metrics import clip_rows
+from dogtl.evaluation.predict import predict_submission, predict_top_k
+from dogtl.evaluation.settings import PredictConfig
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_head_uses_cached_test_features_equal_to_computed_ones(stage3, data, tmp
     head, meta = load_model(stage3.head, compile=False)
     cache = open_cache(stage3.cache)
     mean = np.mean([head.predict(f, verbose=0) for f in cache.features("test")], axis=0)
-    order = [meta["classes"].index(c) for c in pd.read_csv(tta.path).columns[1:]]
+    order = [meta.classes.index(c) for c in pd.read_csv(tta.path).columns[1:]]
     rows = [list(cache.test_ids).index(i) for i in pd.read_csv(tta.path)["id"]]
     assert np.allclose(pd.read_csv(tta.path).iloc[:, 1:].to_numpy(), clip_rows(mean[rows][:, order]), atol=1e-6)
 

@@ -22,7 +22,8 @@ import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 from dogtl.core.errors import CacheError, DamagedError
 from dogtl.core.locks import lock_path
-from dogtl.features.cache import open_cache, partial_dir
+from dogtl.features.cache import open_cache
+from dogtl.features.partial import partial_dir
 
 SMALL = [*CHEAP, "--passes", 2, "--tta-passes", 1]  # the settings of conftest's small_cache
 
@@ -59,7 +60,7 @@ def test_a_second_writer_is_refused_and_the_first_finishes_intact(synthetic_data
 
 def _fail_after(monkeypatch, batches: int, error: OSError):
     """Make the (batches+1)-th saved batch of an extraction fail with `error`."""
-    from dogtl.features.cache import PartialCache
+    from dogtl.features.partial import PartialCache
 
     real, count = PartialCache.write, {"n": 0}
 
@@ -163,15 +164,17 @@ def tiny_model(tmp_path_factory):
     import keras
 
     from dogtl.core.artifacts import save_model
+    from dogtl.core.metadata import ModelMetadata
 
     path = tmp_path_factory.mktemp("model") / "head.keras"
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
-    save_model(model, path, {"kind": "head", "classes": ["a", "b", "c"], "metrics": {"val_log_loss": 0.5}})
+    save_model(model, path, ModelMetadata(kind="head", classes=["a", "b", "c"], metrics={"val_log_loss": 0.5}))
     return path
 
 
 def test_models_carry_content_hashes_checked_on_load(tiny_model, tmp_path):
-    from dogtl.core.artifacts import load_model, metadata_path
+    from dogtl.core.artifacts import load_model
+    from dogtl.core.metadata import metadata_path
 
     meta = json.loads(metadata_path(tiny_model).read_text())
     assert set(meta["integrity"]) == {"model_sha256", "metadata_sha256"}

@@ -15,7 +15,11 @@ import pandas as pd
 import pytest
 
 from dogtl.data.augment import image_keys
-from dogtl.features.cache import RESUME_HINT, PartialCache, fingerprint_differences, open_cache, partial_dir, write_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import RESUME_HINT
+from dogtl.features.cachewriter import write_cache
+from dogtl.features.fingerprint import fingerprint_differences
+from dogtl.features.partial import PartialCache, partial_dir
 from dogtl.core.errors import CacheError
 
 
@@ -82,7 +86,7 @@ def test_clean_and_augmented_passes_are_the_backbone_on_those_images(small_cache
     import tensorflow as tf
 
     from dogtl.data.augment import AugmentConfig, augment, image_seed
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.data.images import load_image, preprocess_fn
     from dogtl.core.models import build_backbone
 

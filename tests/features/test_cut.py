@@ -10,7 +10,9 @@ import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 
 from dogtl.core.errors import DiskSpaceError
-from dogtl.features.cache import PartialCache, fingerprint_differences, open_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.fingerprint import fingerprint_differences
+from dogtl.features.partial import PartialCache
 
 
 def test_precision_is_recorded_and_old_caches_count_as_float32(cut_stage3):
@@ -37,7 +39,7 @@ def test_cut_activations_equal_the_frozen_part_on_the_same_augmented_pass(cut_st
     from dogtl.data.augment import AugmentConfig
     from dogtl.data.folders import load_dataset
     from dogtl.data.images import image_dataset
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.cut import CutReader, split_backbone
 
     cache = open_cache(cut_stage3.cache)
@@ -76,7 +78,8 @@ def test_int8_cut_round_trips_within_half_a_step():
 
 def test_no_room_for_the_cut_is_refused_before_any_work(cut_stage3, tmp_path, monkeypatch):
     from dogtl.core import diskspace
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10_000)
     cache = tmp_path / "features.h5"

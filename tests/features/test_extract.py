@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from conftest import CHEAP, assert_clean_error, run_cli, write_odd_images
 
-from dogtl.features.cache import RESUME_HINT, PartialCache, open_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import RESUME_HINT
+from dogtl.features.partial import PartialCache
 from dogtl.core.errors import CacheError
 
 
@@ -41,7 +43,7 @@ def _same_cache(a, b, exact=True):
 HARNESS = r'''
 import json, os, signal, sys
 from dogtl.core import files
-from dogtl.features import cache
+from dogtl.features import partial
 
 log, kill, run = os.environ["DOGTL_TEST_LOG"], os.environ.get("DOGTL_TEST_KILL", ""), os.environ["DOGTL_TEST_RUN"]
 real_os, renames = files.os, [0]
@@ -60,14 +62,14 @@ class KillingOs:
         return real_os.replace(src, dst)
 
 files.os = KillingOs()  # every rename into place is core.files's
-write = cache.PartialCache.write
+write = partial.PartialCache.write
 
 def logged_write(self, split, pass_index, positions, features):
     with open(log, "a") as f:
         f.write(json.dumps([run, split, pass_index, positions.tolist()]) + "\n")
     write(self, split, pass_index, positions, features)
 
-cache.PartialCache.write = logged_write
+partial.PartialCache.write = logged_write
 from dogtl.cli import app
 app(sys.argv[1:], prog_name="dogtl")
 '''
@@ -223,7 +225,8 @@ def test_options_reach_the_pipeline(synthetic_data, small_cache, tmp_path):
 # --- progress and interruption ---------------------------------------------------------------
 
 def test_interrupt_keeps_work_and_progress_resumes_where_it_stopped(synthetic_data, tmp_path, monkeypatch):
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     cache = tmp_path / "features.h5"
     real_write, writes = PartialCache.write, []
@@ -260,9 +263,10 @@ def test_interrupt_keeps_work_and_progress_resumes_where_it_stopped(synthetic_da
 
 def test_float16_overflow_is_an_error_and_underflow_a_warning(caplog):
     from dogtl.core.errors import DogtlError
-    from dogtl.features.extract import ExtractConfig, _PassRunner
+    from dogtl.features.passes import PassRunner
+    from dogtl.features.settings import ExtractConfig
 
-    runner = _PassRunner(ExtractConfig(), None, 32, None, None, None)
+    runner = PassRunner(ExtractConfig(), None, 32, None, None, None)
     assert runner._store(np.array([[1.5, -2.0]], np.float32)).dtype == np.float16
     with pytest.raises(DogtlError, match="beyond --dtype float16: rerun with --dtype float32 --force"):
         runner._store(np.array([[1e6, 0.0]], np.float32))
@@ -373,12 +377,12 @@ def test_folder_per_class_layout(tmp_path):
     (["--image-size", 16], r"--image-size 16 is too small for resnet50: use at least 32"),
     (["--backbone", "xception", "--image-size", 64], r"too small for xception: use at least 71"),
     (["--weights", "/nowhere/w.h5"], r"--weights /nowhere/w\.h5: no such file"),
-    (["--on-bad-image", "ignore"], r"--on-bad-image 'ignore' must be 'skip' or 'fail'"),
+    (["--on-bad-image", "ignore"], r"--on-bad-image 'ignore': choose one of skip, fail"),
     (["--val-fraction", 1.5], r"--val-fraction 1\.5 must be in \[0, 1\)"),
     (["--dtype", "float8"], r"--dtype 'float8'"),
     (["--batch-size", 0], r"--batch-size 0 must be at least 1"),
     (["--passes", -1], r"--passes -1"),
-    (["--zoom", 1.5], r"zoom=1\.5 must be below 1"),
+    (["--zoom", 1.5], r"--zoom 1\.5 must be in \[0, 1\)"),
 ])
 def test_bad_options_are_one_clear_line(args, message, synthetic_data, tmp_path):
     result = run_cli("extract-features", "--data", synthetic_data, "--cache", tmp_path / "c.h5", *CHEAP, *args)
@@ -418,14 +422,14 @@ def test_local_weights_file_is_used_and_identified_by_content(synthetic_data, sm
 
 
 def test_every_backbone_builds_at_its_minimum_size_with_its_feature_dim():
-    from dogtl.features.backbones import BACKBONES
+    from dogtl.core.backbones import BACKBONES
     from dogtl.data.images import preprocess_fn
     from dogtl.core.models import build_backbone
 
     assert {"xception", "inception_v3", "resnet50", "mobilenet_v2", "efficientnet_b0"} <= set(BACKBONES)
     from conftest import CHEAP_BACKBONES
 
-    for spec in (BACKBONES[name] for name in CHEAP_BACKBONES):  # the others: tests/features/test_backbones.py
+    for spec in (BACKBONES[name] for name in CHEAP_BACKBONES):  # the others: tests/core/test_backbones.py
         model = build_backbone(spec, "none", spec.min_size)
         x = preprocess_fn(spec)(np.full((1, spec.min_size, spec.min_size, 3), 128.0, np.float32))
         assert model(x, training=False).shape == (1, spec.feature_dim), spec.name

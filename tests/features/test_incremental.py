@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 
-from dogtl.features.cache import PartialCache, content_digest, open_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import content_digest
+from dogtl.features.partial import PartialCache
 
 ARGS = [*CHEAP, "--passes", 2, "--tta-passes", 1]  # small_cache's settings
 CHANGE = "+2 images, 1 relabelled, 1 changed, 1 removed; +1 test images: extracting 4"
@@ -147,7 +149,7 @@ def test_heads_of_the_old_cache_are_refused_naming_the_change_but_not_for_later_
         updated, small_cache, synthetic_data, tmp_path):
     from _stage3 import head_metadata
     from dogtl.core import artifacts
-    from dogtl.core.modelinfo import open_model_cache
+    from dogtl.features.modelcache import open_model_cache
     from dogtl.core.models import build_head
 
     old = open_cache(small_cache)
@@ -236,7 +238,7 @@ def test_what_cannot_be_updated_is_refused_naming_why(small_cache, changed, tmp_
 
 
 def test_change_summary_and_disk_space_of_an_update():
-    from dogtl.features.cache import space_needed
+    from dogtl.features.partial import space_needed
     from dogtl.features.incremental import Change
 
     change = Change(added={"labelled": 500, "test": 0}, removed={"labelled": 12, "test": 3},

@@ -107,15 +107,15 @@ def test_ensemble_of_multi_heads_saves_loads_and_predicts_from_image_files(multi
     """One model, one image input per backbone (each at its own size) -> each member head, averaged:
     on image files it equals the head on the concatenated cached features (identical members)."""
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.predict import load_image_model, predict_images
+    from dogtl.evaluation.inference import load_image_model, predict_images
 
     out = tmp_path / "ens.keras"
     result = run_cli("ensemble", multi_head, multi_head, "--out", out)
     assert result.exit_code == 0, result.output
     model, meta, specs, sizes = load_image_model(out)
     assert [i.name for i in model.inputs] == ["image_0_resnet50_32", "image_1_resnet50_40"]
-    assert meta["ensemble"]["members"] == [str(multi_head)] * 2
-    multi = open_caches([b["cache"] for b in meta["backbones"]])
+    assert meta.ensemble["members"] == [str(multi_head)] * 2
+    multi = open_caches([b.cache for b in meta.backbones])
     rows = np.arange(6)
     probs, ok = predict_images(model, [synthetic_data / "train" / f"{multi.ids[r]}.jpg" for r in rows], specs, sizes)
     head, _ = load_model(multi_head, compile=False)

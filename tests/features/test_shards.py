@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import CHEAP, assert_clean_error, run_cli
 
-from dogtl.features.cache import content_digest, open_cache
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import content_digest
 from dogtl.core.errors import DogtlError
 from dogtl.features.shards import Shard, merge_caches, merged_path, parse_shard, shard_path
 
@@ -123,7 +124,7 @@ def test_merge_equals_single_run(single, shards, tmp_path, copy):
     with h5py.File(out, "r") as f:
         assert f["labelled/features"].is_virtual is not copy
     # The cache is usable by the next stage like any other (the head's fingerprint check included).
-    from dogtl.features.cache import fingerprint_differences
+    from dogtl.features.fingerprint import fingerprint_differences
 
     assert not fingerprint_differences(open_cache(single).fingerprint, open_cache(out).fingerprint)
 

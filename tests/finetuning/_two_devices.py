@@ -37,7 +37,8 @@ def split_cpu(n: int = 2) -> None:
 def no_dropout_head(head: Path, out: Path) -> Path:
     """A copy of the head without dropout, so runs with 1 and 2 replicas draw no random numbers
     and must agree up to rounding (dropout masks differ between replica layouts)."""
-    from dogtl.core.artifacts import load_metadata, load_model, save_model
+    from dogtl.core.artifacts import load_model, save_model
+    from dogtl.core.metadata import ModelMetadata
 
     if out.exists():
         return out
@@ -46,12 +47,13 @@ def no_dropout_head(head: Path, out: Path) -> Path:
         if hasattr(layer, "rate"):
             layer.rate = 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, load_metadata(head))
+    save_model(model, out, ModelMetadata.load(head))
     return out
 
 
 def extract_with(strategy: str, root: Path, data: Path, weights: Path, name: str, **changes) -> Path:
-    from dogtl.features.extract import ExtractConfig, extract_features
+    from dogtl.features.extract import extract_features
+    from dogtl.features.settings import ExtractConfig
 
     summary = extract_features(ExtractConfig(data=str(data), cache=str(root / name), weights=str(weights),
                                              strategy=strategy, **{**EXTRACT, **changes}))

@@ -10,7 +10,8 @@ from _stage3 import copy_head
 from conftest import assert_clean_error, run_cli
 
 from dogtl.core.errors import DogtlError
-from dogtl.core.modelinfo import backbone_weights
+from dogtl.core.metadata import BackboneInput
+from dogtl.features.modelweights import backbone_weights
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def recorded(stage3, tmp_path):
     weights = tmp_path / "weights" / "backbone.weights.h5"
     weights.parent.mkdir()
     shutil.copy(stage3.weights, weights)
-    return {"weights": weights_identity(str(weights)), "weights_path": str(weights)}, weights
+    return BackboneInput(weights=weights_identity(str(weights)), weights_path=str(weights)), weights
 
 
 def test_extraction_records_the_weights_path_outside_the_fingerprint(stage3):
@@ -35,7 +36,7 @@ def test_extraction_records_the_weights_path_outside_the_fingerprint(stage3):
 def test_the_recorded_path_is_used_while_its_hash_matches(recorded):
     meta, weights = recorded
     assert backbone_weights(meta) == str(weights)
-    assert backbone_weights({"weights": "imagenet", "weights_path": None}) == "imagenet"
+    assert backbone_weights(BackboneInput(weights="imagenet")) == "imagenet"
 
 
 def test_a_moved_file_is_asked_for_in_one_line(recorded, tmp_path):
@@ -48,7 +49,7 @@ def test_a_moved_file_is_asked_for_in_one_line(recorded, tmp_path):
     assert "\n" not in str(e.value)
     assert backbone_weights(meta, str(moved)) == str(moved)  # same content: accepted
     with pytest.raises(DogtlError, match="pass it again with --weights PATH"):  # older metadata: no path
-        backbone_weights({"weights": meta["weights"]})
+        backbone_weights(BackboneInput(weights=meta.weights))
 
 
 def test_a_different_file_with_the_same_name_is_refused(recorded):

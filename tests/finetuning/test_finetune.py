@@ -11,7 +11,7 @@ import pytest
 from _stage3 import copy_head
 from conftest import CHEAP_BACKBONES, assert_clean_error, run_cli
 
-from dogtl.features.backbones import get_backbone
+from dogtl.core.backbones import get_backbone
 from dogtl.core.errors import DogtlError
 
 
@@ -75,17 +75,17 @@ def test_composed_model_equals_head_on_cached_features_before_training(stage3):
     from dogtl.features.cache import open_cache
     from dogtl.data.folders import load_dataset
     from dogtl.core.models import build_backbone, compose
-    from dogtl.core.modelinfo import split_paths
-    from dogtl.evaluation.predict import predict_images
+    from dogtl.features.modelcache import split_paths
+    from dogtl.evaluation.inference import predict_images
 
     spec = get_backbone("mobilenet_v2")
     head, meta = load_model(stage3.head, compile=False)
     cache = open_cache(stage3.cache)
-    model = compose(build_backbone(spec, str(stage3.weights), meta["image_size"]), head)
+    model = compose(build_backbone(spec, str(stage3.weights), meta.backbones[0].image_size), head)
     split = split_paths(cache, load_dataset(stage3.data))
     cached = head.predict(cache.features("labelled", passes=[0])[0], verbose=0)
     for part in ("train", "val"):
-        probs, ok = predict_images(model, split[part]["paths"], spec, meta["image_size"], batch_size=5)
+        probs, ok = predict_images(model, split[part]["paths"], spec, meta.backbones[0].image_size, batch_size=5)
         assert ok.all()
         assert np.max(np.abs(probs - cached[split[part]["rows"]])) <= 1e-4
     assert cached.std(axis=0).max() > 1e-3  # the features carry signal: the check is not vacuous
@@ -97,7 +97,7 @@ def test_epoch_e_is_the_caches_augmented_pass_1_plus_e(stage3):
     from dogtl.data.folders import load_dataset
     from dogtl.finetuning.data import training_batches
     from dogtl.core.models import build_backbone
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
 
     spec = get_backbone("mobilenet_v2")
     cache = open_cache(stage3.cache)
@@ -171,7 +171,7 @@ def _config(stage3, out, **kw):
 
 def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
     from dogtl.finetuning.train import finetune
-    from dogtl.head.schedules import cyclic_lr
+    from dogtl.core.schedules import cyclic_lr
 
     out = tmp_path / "ft.keras"
     seen = []
@@ -207,8 +207,8 @@ def test_cli_never_saves_worse_than_the_head_and_stops_early(stage3, tmp_path):
     from dogtl.core.artifacts import load_model
     from dogtl.features.cache import open_cache
     from dogtl.data.folders import load_dataset
-    from dogtl.core.modelinfo import split_paths
-    from dogtl.evaluation.predict import predict_images
+    from dogtl.features.modelcache import split_paths
+    from dogtl.evaluation.inference import predict_images
 
     out = tmp_path / "ft.keras"
     result = run_cli("finetune", "--data", stage3.data, "--head", stage3.head, "--weights", stage3.weights,
@@ -293,7 +293,7 @@ def test_config_file_values_are_used_and_the_command_line_wins_and_the_recipe_fi
 
 
 def test_schedule_triangular_cycles_between_base_and_max_lr(from_config_file):
-    from dogtl.head.schedules import cyclic_lr
+    from dogtl.core.schedules import cyclic_lr
 
     _, history = from_config_file
     assert history["lr"].tolist() == pytest.approx([cyclic_lr(3, 50, 60, 1), cyclic_lr(6, 50, 60, 1)])

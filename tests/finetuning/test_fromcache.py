@@ -53,12 +53,12 @@ def test_before_its_first_step_it_is_the_head_on_cached_features(cut_stage3):
 
 
 def test_saved_model_is_the_backbone_plus_head_with_the_frozen_part_bit_identical(cut_stage3, from_cache):
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.core.models import build_backbone, top_blocks_start
     from dogtl.data.folders import load_dataset
-    from dogtl.evaluation.metrics import scores
-    from dogtl.evaluation.predict import load_image_model, predict_images
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.metrics import scores
+    from dogtl.evaluation.inference import load_image_model, predict_images
+    from dogtl.core.backbones import get_backbone
     from dogtl.features.cache import open_cache
 
     r = from_cache

@@ -14,7 +14,7 @@ def test_only_a_frozen_part_below_the_trainable_blocks_goes_to_the_runtime(block
     """The default --trainable-blocks all leaves nothing frozen: TensorFlow trains on the images."""
     from types import SimpleNamespace
 
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
     from dogtl.finetuning.frozenpart import frozen_part_source
 
     config = SimpleNamespace(runtime="openvino", precision="float32", trainable_blocks=blocks)
@@ -24,7 +24,7 @@ def test_only_a_frozen_part_below_the_trainable_blocks_goes_to_the_runtime(block
 @pytest.mark.slow
 def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     from dogtl.core.runtimes import installed
-    from dogtl.evaluation.predict import load_image_model, predict_images
+    from dogtl.evaluation.inference import load_image_model, predict_images
     from dogtl.finetuning.settings import FinetuneConfig
     from dogtl.finetuning.train import finetune
 
@@ -42,9 +42,9 @@ def test_frozen_part_on_openvino_trains_the_top_blocks(stage3, tmp_path):
     model, _, spec, size = load_image_model(out)
     assert model.input.shape[1:] == (48, 48, 3)  # the whole backbone + head, as from TensorFlow
     val = result.history  # the saved (best) model scores as recorded, from images on TensorFlow
-    from dogtl.core.modelinfo import split_paths
+    from dogtl.features.modelcache import split_paths
     from dogtl.data.folders import load_dataset
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
     from dogtl.features.cache import open_cache
 
     split = split_paths(open_cache(stage3.cache), load_dataset(stage3.data))["val"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dogtl.core.errors import DogtlError
-from dogtl.features.backbones import get_backbone
+from dogtl.core.backbones import get_backbone
 
 SPEC = get_backbone("mobilenet_v2")
 
@@ -135,7 +135,7 @@ def test_one_cycle_follows_its_formula():
     from keras import ops
 
     from dogtl.finetuning.model import learning_rate
-    from dogtl.head.schedules import OneCycleLR, one_cycle_lr
+    from dogtl.core.schedules import OneCycleLR, one_cycle_lr
 
     base, peak, w, t = 1e-4, 1e-3, 6, 20
     for it, want in [(0, base), (3, base + (peak - base) / 2), (6, peak), (13, peak / 2), (20, 0.0), (25, 0.0)]:
@@ -155,7 +155,7 @@ def test_cosine_warms_up_linearly_then_follows_a_half_cosine_to_base_lr():
     from keras import ops
 
     from dogtl.finetuning.model import learning_rate
-    from dogtl.head.schedules import Warmup
+    from dogtl.core.schedules import Warmup
 
     base, peak = 1e-5, 1e-3
     schedule = learning_rate(_config(schedule="cosine", base_lr=base, max_lr=peak, epochs=5, warmup_epochs=1), 4)

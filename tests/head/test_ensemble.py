@@ -18,8 +18,8 @@ def _as_resnet50(path):
     """A synthetic cache labelled as resnet50's at 32 px, so that evaluate/predict accept its heads."""
     import h5py
 
-    from dogtl.features.backbones import get_backbone
-    from dogtl.features.cache import content_digest
+    from dogtl.core.backbones import get_backbone
+    from dogtl.features.cacheformat import content_digest
 
     spec = get_backbone("resnet50")
     with h5py.File(path, "r+") as f:
@@ -70,9 +70,9 @@ def test_ensemble_of_identical_heads_equals_the_head(head, caches, tmp_path):
     single, meta = load_model(head, compile=False)
     both, ens_meta = load_model(out, compile=False)
     np.testing.assert_allclose(both.predict(features, verbose=0), single.predict(features, verbose=0), atol=1e-6)
-    assert ens_meta["kind"] == "head" and len(ens_meta["ensemble"]["members"]) == 2
-    assert ens_meta["cache_fingerprint"] == meta["cache_fingerprint"]
-    assert ens_meta["metrics"]["val_log_loss"] == pytest.approx(meta["metrics"]["val_log_loss"], abs=1e-5)
+    assert ens_meta.kind == "head" and len(ens_meta.ensemble["members"]) == 2
+    assert ens_meta.backbones == meta.backbones
+    assert ens_meta.metrics["val_log_loss"] == pytest.approx(meta.metrics["val_log_loss"], abs=1e-5)
     # evaluate and predict take it unchanged; finetune refuses it in one line
     for args in (["evaluate", "--model", out, "--out", tmp_path / "e"],
                  ["predict", "--model", out, "--cache", caches["aug"], "--data", tmp_path, "--out", tmp_path / "s.csv"]):
@@ -80,7 +80,7 @@ def test_ensemble_of_identical_heads_equals_the_head(head, caches, tmp_path):
             continue  # a submission needs a data folder of test images (covered with images in test_multicache)
         assert run_cli(*args).exit_code == 0
     assert json.loads((tmp_path / "e.eval.json").read_text())["log_loss"] == pytest.approx(
-        meta["metrics"]["val_log_loss"], abs=1e-5)
+        meta.metrics["val_log_loss"], abs=1e-5)
     result = run_cli("finetune", "--head", out, "--data", tmp_path, "--out", tmp_path / "ft.keras")
     assert_clean_error(result, "is an ensemble of 2 models")
 
@@ -107,7 +107,8 @@ def test_tta_over_equal_passes_equals_plain_and_reports_both(caches, tmp_path):
 
 def test_tta_over_augmented_passes_averages_them(head, caches):
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
+    from dogtl.evaluation.evaluate import evaluate
+    from dogtl.evaluation.settings import EvaluateConfig
     from dogtl.features.cache import open_cache
 
     report = evaluate(EvaluateConfig(model=str(head), tta=True, force=True))

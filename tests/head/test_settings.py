@@ -52,7 +52,7 @@ def test_warmup_epochs_is_checked_like_any_setting(value, needle):
 
 
 def test_warmup_ramps_the_learning_rate_linearly():
-    from dogtl.head.schedules import cyclic_lr, warmup_lr
+    from dogtl.core.schedules import cyclic_lr, warmup_lr
     from dogtl.head.train import fit_head
 
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def test_warmup_ramps_the_learning_rate_linearly():
 
 
 def test_warmup_lr_formula():
-    from dogtl.head.schedules import warmup_lr
+    from dogtl.core.schedules import warmup_lr
 
     assert [warmup_lr(i, 1.0, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_lr(0, 0.3, 0) == 0.3
@@ -80,7 +80,7 @@ def test_warmup_lr_formula():
 def test_warmup_schedule_saves_and_loads_with_a_model():
     import keras
 
-    from dogtl.head.schedules import CyclicLR, Warmup
+    from dogtl.core.schedules import CyclicLR, Warmup
 
     for inner in (0.01, CyclicLR(1e-4, 1e-3, 10, mode="exp_range", gamma=0.999)):
         schedule = Warmup(inner, 7)
@@ -122,3 +122,28 @@ def test_a_fused_warmup_trial_equals_train_head(tiny_cache):
     (fused,) = train_fused([config], features, cache.labels, rows, np.flatnonzero(cache.is_val), 3)
     assert [h["lr"] for h in fused.history] == pytest.approx(list(alone.history.lr), rel=1e-6)
     assert [h["loss"] for h in fused.history] == pytest.approx(list(alone.history.loss), rel=1e-5)
+
+
+def test_every_stage_config_is_declared_and_paths_flags_hints_come_from_the_declaration():
+    """extract-features, evaluate, predict, sweep and the demo declare their settings as train-head does:
+    a path option takes a Path and stores text, a flag has no --no- form, a range error ends with its hint."""
+    from pathlib import Path
+
+    from dogtl.core.settings import Setting, choices_help
+    from dogtl.demo_settings import DemoConfig
+    from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
+    from dogtl.features.settings import ExtractConfig
+    from dogtl.sweeps.settings import SweepConfig
+
+    for config in (ExtractConfig, EvaluateConfig, PredictConfig, SweepConfig, DemoConfig):
+        assert {s.name for s in config.SETTINGS} <= set(config.__dataclass_fields__), config
+    assert ExtractConfig(data=Path("some/where")).data == "some/where"
+    assert ExtractConfig(rotation=10).augmentation.as_dict() == {"rotation": 10.0, "zoom": 0.25, "shift": 0.2,
+                                                                 "hflip": True}
+    with pytest.raises(DogtlError, match=r"--folds 1 must be at least 2 \(leave it out"):
+        SweepConfig(folds=1)
+    with pytest.raises(DogtlError, match="--runtime 'tpu': choose one of auto, tensorflow"):
+        PredictConfig(runtime="tpu")
+    force = Setting("force", "bool", False, "Overwrite.", cli_names=("--force",))
+    assert force.cli_option().param_decls == ("--force",)
+    assert choices_help(("a", "b", "c"), {"b": "the second"}) == "a, b (the second) or c"

@@ -74,7 +74,7 @@ def test_outputs_and_metadata(trained, separable):
 
 def test_best_weights_are_restored_and_saved(trained, arrays):
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
 
     _, result = trained
     history = pd.read_csv(result.history_path)
@@ -94,7 +94,7 @@ def test_precision_trains_alike_and_saves_a_float32_model(separable, arrays, tmp
     """bfloat16 matmuls learn what float32 ones do; either way the saved head computes in float32
     and its validation scores are the ones reported."""
     from dogtl.core.artifacts import load_model
-    from dogtl.evaluation.metrics import scores
+    from dogtl.core.metrics import scores
 
     out = tmp_path / "head.keras"
     result = train_head(HeadConfig(epochs=6, patience=0, seed=3, precision=precision, **FAST),
@@ -115,13 +115,13 @@ def test_precision_trains_alike_and_saves_a_float32_model(separable, arrays, tmp
 
 
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
-    from dogtl.head import precision
+    from dogtl.core import precision
 
-    assert precision.resolve_precision("float32", 128) == "float32"
-    assert precision.resolve_precision("bfloat16", 16) == "bfloat16"
+    assert precision.resolve("float32", head_batch=128) == "float32"
+    assert precision.resolve("bfloat16", head_batch=16) == "bfloat16"
     for native, expected in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(precision, "native_bfloat16", lambda native=native: native)
-        assert precision.resolve_precision("auto", 64) == expected
+        assert precision.resolve("auto", head_batch=64) == expected
         assert HeadConfig().resolve(9200).precision == expected
         assert HeadConfig().resolve(1000).precision == "float32"  # batch 16: float32 is faster
 
@@ -263,7 +263,7 @@ def test_refuses_to_overwrite_without_force(separable, tmp_path):
 def test_missing_incomplete_and_foreign_caches(tmp_path):
     import h5py
 
-    from dogtl.features.cache import PartialCache
+    from dogtl.features.partial import PartialCache
 
     out = str(tmp_path / "m" / "head.keras")
     with pytest.raises(CacheError, match="no feature cache"):

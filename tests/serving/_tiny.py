@@ -62,17 +62,18 @@ def images() -> tuple[Path, ...]:
 def model_path() -> Path:
     """A 'finetuned' dogtl model file (with metadata) on 32 px images, 4 classes."""
     from dogtl.core.artifacts import save_model
+    from dogtl.core.metadata import BackboneInput, ModelMetadata
     from dogtl.core.models import build_head, compose
-    from dogtl.features.backbones import get_backbone
+    from dogtl.core.backbones import get_backbone
 
     spec = get_backbone("mobilenet_v2")
     backbone = _calibrated_backbone(spec, images())
     head = build_head(spec.feature_dim, len(CLASSES), hidden=(), input_dropout=0.0, seed=1)
     model = compose(backbone, head, name="tiny")
     path = _folder() / "tiny.keras"
-    save_model(model, path, {"kind": "finetuned", "classes": CLASSES, "backbone": spec.name, "image_size": SIZE,
-                             "preprocessing": spec.preprocessing, "feature_dim": spec.feature_dim,
-                             "weights": "none"})
+    save_model(model, path, ModelMetadata(kind="finetuned", classes=CLASSES, backbones=[BackboneInput(
+        backbone=spec.name, image_size=SIZE, preprocessing=spec.preprocessing, feature_dim=spec.feature_dim,
+        weights="none")]))
     return path
 
 
@@ -86,7 +87,7 @@ def serving_model():
 @functools.cache
 def predicted() -> np.ndarray:
     """dogtl predict's probabilities for `images()`: what every serving path must answer."""
-    from dogtl.evaluation.predict import predict_images
+    from dogtl.evaluation.inference import predict_images
 
     sm = serving_model()
     probs, ok = predict_images(sm.model, list(images()), sm.inputs[0].spec, sm.size)

@@ -57,7 +57,9 @@ def tflite(tiny_model, serving_images, tmp_path_factory):
 def test_savedmodel_equals_dogtl_predict(saved_model, loaded, serving_model, serving_images, odd_images):
     import tensorflow as tf
 
-    from dogtl.evaluation.predict import PredictConfig, predict_images, predict_top_k
+    from dogtl.evaluation.inference import predict_images
+    from dogtl.evaluation.predict import predict_top_k
+    from dogtl.evaluation.settings import PredictConfig
 
     assert (saved_model / "1" / "saved_model.pb").is_file()  # TF Serving's layout: BASE/VERSION/
     assert (saved_model / "labels.txt").read_text().split() == serving_model.classes
@@ -126,7 +128,8 @@ def test_export_missing_model(tmp_path):
 
 def test_head_model_deploys_with_its_backbone(stage3):
     """A head file: the deployable model is backbone + head, and export finds its validation images."""
-    from dogtl.evaluation.predict import PredictConfig, predict_top_k
+    from dogtl.evaluation.predict import predict_top_k
+    from dogtl.evaluation.settings import PredictConfig
     from dogtl.serving.app import Predictor
     from dogtl.serving.export import validation_images
     from dogtl.serving.model import load_serving_model
@@ -135,7 +138,7 @@ def test_head_model_deploys_with_its_backbone(stage3):
     assert sm.model.input.shape[1:] == (48, 48, 3) and sm.inputs[0].spec.name == "mobilenet_v2"
     val = validation_images(sm, stage3.data)
     assert val and all(p.parent.name == "train" for p in val)
-    sm.metadata.setdefault("settings", {})["data"] = str(stage3.data)  # as a fine-tuned model records it
+    sm.metadata.settings = {**(sm.metadata.settings or {}), "data": str(stage3.data)}  # as a fine-tuned model records it
     assert validation_images(sm) == val  # no --data: the folder the model was trained on
     predictor = Predictor(sm, top_k=3)
     row = predictor.predict(tuple(x[None] for x in predictor.decode(val[0].read_bytes())))[0]
@@ -168,8 +171,9 @@ def test_onnx_and_openvino_exports_agree_with_keras(runtime_export, serving_mode
     import tensorflow as tf
 
     from dogtl.core.runtimes import file_forward
-    from dogtl.evaluation.predict import predict_images
-    from dogtl.serving.export import labels_path, metadata_path
+    from dogtl.evaluation.inference import predict_images
+    from dogtl.core.metadata import metadata_path
+    from dogtl.serving.export import labels_path
     from dogtl.serving.model import encoded_to_pixels
 
     fmt, path, output = runtime_export

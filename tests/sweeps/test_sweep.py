@@ -218,7 +218,8 @@ def test_fused_trials_do_not_depend_on_their_group(tiny_cache):
 
 def test_trials_the_fused_path_cannot_reproduce_train_alone(tiny_cache, tmp_path, monkeypatch):
     from dogtl.sweeps import fused as fusedheads
-    from dogtl.sweeps.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import run_sweep
+    from dogtl.sweeps.settings import SweepConfig
 
     def refuse(*args, **kwargs):
         raise fusedheads.NotFusable("a head layer it does not know")
@@ -279,7 +280,8 @@ def test_sweep_writes_sorted_results_and_a_best_config_train_head_accepts(tiny_c
 
 
 def test_interrupted_sweep_resumes_skipping_finished_trials(tiny_cache, tmp_path):
-    from dogtl.sweeps.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import run_sweep
+    from dogtl.sweeps.settings import SweepConfig
 
     config = SweepConfig(cache=str(tiny_cache), out=str(tmp_path / "s"), params=("max_lr=1e-3,2e-3,4e-3",
                          "batch_size=32", "dropout=0.1"), epochs=2, folds=2)
@@ -313,7 +315,8 @@ def test_interrupted_sweep_resumes_skipping_finished_trials(tiny_cache, tmp_path
 
 
 def test_parallel_workers_give_the_same_results(tiny_cache, tmp_path):
-    from dogtl.sweeps.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import run_sweep
+    from dogtl.sweeps.settings import SweepConfig
 
     settings = dict(cache=str(tiny_cache), params=("hidden=8,4", "max_lr=1e-3,3e-3"), epochs=2)
     alone = run_sweep(SweepConfig(out=str(tmp_path / "one"), **settings)).results
@@ -336,7 +339,8 @@ def test_unknown_backend_or_missing_dask_gives_one_clear_line(tiny_cache, tmp_pa
 
 def test_dask_backend_on_a_local_cluster(tiny_cache, tmp_path):
     distributed = pytest.importorskip("distributed")
-    from dogtl.sweeps.run import SweepConfig, run_sweep
+    from dogtl.sweeps.run import run_sweep
+    from dogtl.sweeps.settings import SweepConfig
 
     settings = dict(cache=str(tiny_cache), params=("max_lr=1e-3,3e-3",), epochs=2)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

@@ -5,7 +5,14 @@ Everything heavy is imported inside the commands so `dogtl --help` stays instant
 
 from __future__ import annotations
 
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
 import typer
+
+from dogtl.core.version import __version__
+from dogtl.cli import bot, demo, ensemble, evaluation, features, finetune, fit, head, serving, sweep
+from dogtl.cli.common import mark_process_start
 
 app = typer.Typer(
     help="Transfer learning in three stages: extract-features (frozen backbone, once) -> "
@@ -18,11 +25,6 @@ app = typer.Typer(
 
 def versions_line() -> str:
     """dogtl's version and those of the libraries it runs on, read without importing them."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from dogtl import __version__
-
     parts = [f"dogtl {__version__}"]
     for name in ("tensorflow", "keras"):
         try:
@@ -46,8 +48,6 @@ def _main(version: bool = typer.Option(False, "--version", callback=_show_versio
 
 def _register() -> None:
     """Commands in the order data flows through them, which is the order `dogtl --help` lists."""
-    from dogtl.cli import bot, demo, ensemble, evaluation, features, finetune, fit, head, serving, sweep
-
     for name, command in [
         ("fit", fit.fit_cmd),
         ("extract-features", features.extract_features_cmd), ("merge-cache", features.merge_cache_cmd),
@@ -65,8 +65,6 @@ _register()
 
 
 def main():
-    from dogtl.cli.common import mark_process_start
-
     mark_process_start()
     app()
 

@@ -4,7 +4,7 @@ import sys
 def run():
     """The `dogtl` command's entry point for `python -m dogtl` and `python -m dogtl.cli`."""
     try:  # Ctrl-C while Python and TensorFlow load is no bug either: nothing was written yet
-        from dogtl.cli import app
+        from dogtl.cli import app  # local: inside the try, so Ctrl-C while it loads is handled
 
         app(prog_name="dogtl")
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ def bot_cmd(
 
     Example: TELEGRAM_BOT_TOKEN=123456:ABC... dogtl bot models/finetuned.keras
     """
+    # local: the bot's stack (asyncio, httpx, the model) loads only for this command, not for `dogtl --help`
     from dogtl.serving.bot import BotSettings, BreedBot, api_urls, check_connection, check_token, require_bot_extra
     from dogtl.serving.model import load_serving_model
 
@@ -64,7 +65,7 @@ def bot_cmd(
 def _logging_without(token: str, level: str):
     """Log lines with a time, at `level`, with the token taken out of every one; as before on exit.
     httpx logs each request's URL (which holds the token) at INFO: quiet unless --log-level debug."""
-    from dogtl.serving.bot import TokenRedactor
+    from dogtl.serving.bot import TokenRedactor  # local: see bot_cmd
 
     root = logging.getLogger()
     if not root.handlers:

@@ -8,14 +8,22 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import platform
 import signal
 import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 
 import typer
 
+from dogtl.core.budget import process_start
+from dogtl.core.errors import DogtlError, SettingError, os_error_message
 from dogtl.core.progress import PlainProgress, ProgressEvent
+from dogtl.core.quiet import native_stderr_silenced
+from dogtl.core.settings import read_settings_file
+from dogtl.core.version import __version__
 
 _PROCESS_STARTED: float | None = None  # set by `main`, the `dogtl` program's entry point
 _COMMAND_STARTED: float | None = None
@@ -23,8 +31,6 @@ _COMMAND_STARTED: float | None = None
 
 def mark_process_start() -> None:
     """Called first thing by the `dogtl` program: budgets then count Python's own start-up too."""
-    from dogtl.core.budget import process_start
-
     global _PROCESS_STARTED
     _PROCESS_STARTED = process_start()
 
@@ -68,8 +74,6 @@ class _SilencedLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        from dogtl.core.quiet import native_stderr_silenced
-
         with native_stderr_silenced():
             module.__loader__ = module.__spec__.loader = self.loader  # the real one, once loaded
             self.loader.exec_module(module)
@@ -88,8 +92,6 @@ def friendly_errors(command):
     the versions and a request to report it, exit 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from dogtl.core.errors import DogtlError, os_error_message
-
         global _COMMAND_STARTED
         _COMMAND_STARTED = time.time()
         received.clear()
@@ -164,11 +166,8 @@ def _interrupt_on_signals() -> dict:
 
 def bug_report(error: BaseException) -> str:
     """The traceback, the versions and the request to report it, as printed for a bug."""
-    import platform
-    import traceback
-
-    versions = []
-    for name in ("dogtl", "tensorflow", "keras", "h5py", "numpy"):
+    versions = [f"dogtl {__version__}"]
+    for name in ("tensorflow", "keras", "h5py", "numpy"):
         module = sys.modules.get(name)
         versions.append(f"{name} {getattr(module, '__version__', 'not loaded')}")
     return ("".join(traceback.format_exception(error)) +
@@ -178,8 +177,6 @@ def bug_report(error: BaseException) -> str:
 
 
 def _bug(error: BaseException):
-    import dogtl  # noqa: F401  its version in the report
-
     typer.secho(bug_report(error), err=True, nl=False)
     raise typer.Exit(1)
 
@@ -273,10 +270,7 @@ def model_option(name: str = "--model"):
 def chosen_model(argument, option, option_name: str = "--model") -> Path:
     """The model of a command: the argument or its option (not two different ones), else the
     default (models/finetuned.keras, else models/head.keras)."""
-    from pathlib import Path
-
-    from dogtl.core.errors import SettingError
-    from dogtl.evaluation.predict import resolve_model
+    from dogtl.evaluation.predict import resolve_model  # local: evaluation.predict loads pandas
 
     if argument is not None and option is not None and Path(argument) != Path(option):
         raise SettingError(f"two models given, {argument} and {option_name} {option}: pass one")
@@ -295,8 +289,6 @@ def apply_config_file(ctx: typer.Context, values: dict, path, settings, section:
     values, io = dict(values), dict(io or {})
     if path is None:
         return values, io
-    from dogtl.core.settings import read_settings_file
-
     for key, value in read_settings_file(path, settings, section, extra=tuple(io)).items():
         source = ctx.get_parameter_source(key)
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):  # the command line wins

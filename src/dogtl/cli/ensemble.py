@@ -21,7 +21,7 @@ def ensemble_cmd(
 
     The ensemble is an ordinary Keras model with metadata like its members', so evaluate and predict take it unchanged (fine-tune the members instead). Averaging a few heads of different settings (e.g. the top trials of `dogtl sweep`, or use `sweep --ensemble K`) usually lowers validation log loss below the best single head's. Prints the ensemble's and each member's validation figures for heads.
     """
-    from dogtl.head.ensemble import combine_models
+    from dogtl.head.ensemble import combine_models  # local: the stage's modules load only when it runs
 
     r = combine_models([*(models or []), *(model_opt or [])], out, force=force)
     for path, m in zip(r.members, r.member_metrics):

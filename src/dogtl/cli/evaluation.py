@@ -10,26 +10,17 @@ import typer
 from dogtl import api
 from dogtl.cli.common import (MODEL_DEFAULT, TRACK_OPTION, ImageProgress, chosen_model, friendly_errors, model_argument,
                               model_option, show_tracking)
-from dogtl.core.precision import PRECISION_HELP
-from dogtl.core.runtimes import RUNTIME_HELP
+from dogtl.core.settings import with_options
+from dogtl.evaluation.settings import EVALUATE_SETTINGS, PREDICT_SETTINGS
 
 
 @friendly_errors
+@with_options(EVALUATE_SETTINGS)
 def evaluate_cmd(
     model: Optional[Path] = model_argument("Head or fine-tuned model to evaluate on the validation split"),
     model_opt: Optional[Path] = model_option(),
-    data: Optional[Path] = typer.Option(None, help="Data folder: evaluate on the validation images (default for fine-tuned models: data/; head models use cached features unless given)."),
-    cache: Optional[Path] = typer.Option(None, help="Feature cache holding the validation split (default: the model's)."),
-    out: Optional[Path] = typer.Option(None, help="Report prefix: writes PREFIX.eval.json, .eval.csv, .eval.png (default: next to the model)."),
-    top_k: int = typer.Option(5, help="k of the top-k accuracy."),
-    confused: int = typer.Option(10, help="How many most confused class pairs to list."),
-    batch_size: int = typer.Option(32, help="Images per model call."),
-    weights: Optional[str] = typer.Option(None, help="Only if the backbone came from a local weights file: that file again."),
-    tta: bool = typer.Option(False, "--tta", help="Also report test-time augmentation: probabilities averaged over the clean and augmented passes of the validation images (cached for head models: seconds), beside the plain figures."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing reports."),
-    precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
     track: bool = TRACK_OPTION,
-    runtime: str = typer.Option("auto", help=RUNTIME_HELP + " (On images only.)"),
+    settings: dict = None,
 ):
     """Report accuracy, log loss, top-k accuracy, per-class accuracy and the most confused pairs.
 
@@ -38,9 +29,7 @@ def evaluate_cmd(
     model = chosen_model(model, model_opt)
     show_tracking(track)
     with ImageProgress("evaluating") as bar:
-        r = api.evaluate(model, data=data, force=force, progress=bar, cache=str(cache) if cache else None,
-                         out=str(out) if out else None, top_k=top_k, confused=confused, batch_size=batch_size,
-                         weights=weights, precision=precision, runtime=runtime, tta=tta, track=track)
+        r = api.evaluate(model, progress=bar, track=track, **settings)
     typer.echo(f"{r.model} on {r.images} validation images ({r.source}{f', {r.runtime}' if r.runtime else ''}):")
     typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}"
                + ("   (plain)" if r.tta else ""))
@@ -58,22 +47,11 @@ def evaluate_cmd(
 
 
 @friendly_errors
+@with_options(PREDICT_SETTINGS)
 def predict_cmd(
     files: Optional[list[Path]] = typer.Argument(None, metavar="MODEL|IMAGE", show_default=False, help=f"The model (a .keras file; {MODEL_DEFAULT}), then image files: print their top classes instead of writing a submission."),
-    data: Path = typer.Option(Path("data"), help="Data folder whose test/ images get a submission row each (columns as its sample_submission.csv). A head model whose cache holds the test features needs no images."),
     model_opt: Optional[Path] = model_option(),
-    cache: Optional[Path] = typer.Option(None, help="Head models: feature cache with the test features (default: the head's own)."),
-    use_cache: bool = typer.Option(True, "--use-cache/--no-cache", help="Head models: use cached test features when they fit; --no-cache runs the backbone on the images."),
-    out: Path = typer.Option(Path("submission.csv"), help="Submission CSV to write."),
-    tta: bool = typer.Option(False, "--tta", help="Average over the clean and augmented passes (the cache's, or computed with the cache's augmentation)."),
-    tta_passes: int = typer.Option(4, help="Augmented passes to compute when they are not cached."),
-    top_k: int = typer.Option(5, help="Classes to print per image (with IMAGES)."),
-    batch_size: int = typer.Option(32, help="Images per model call."),
-    weights: Optional[str] = typer.Option(None, help="Only if the backbone came from a local weights file: that file again."),
-    on_bad_image: str = typer.Option("skip", help="Unreadable test images: 'skip' (listed; the submission has a row for every readable image and none for them), 'uniform' (listed; their row gets 1/classes for every class, so Kaggle accepts the file) or 'fail' (error, nothing written)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --out."),
-    precision: str = typer.Option("auto", help=PRECISION_HELP + " (On images only; cached features are read as stored.)"),
-    runtime: str = typer.Option("auto", help=RUNTIME_HELP + " (On images only.)"),
+    settings: dict = None,
 ):
     """Write a Kaggle submission for the test images, or print the top classes of IMAGES.
 
@@ -82,9 +60,7 @@ def predict_cmd(
     files = list(files or [])
     model = chosen_model(files.pop(0) if files and files[0].suffix == ".keras" else None, model_opt)
     images = files
-    options = dict(model=model, data=data, out=out, force=force, cache=str(cache) if cache else None,
-                   use_cache=use_cache, tta=tta, tta_passes=tta_passes, top_k=top_k, batch_size=batch_size,
-                   weights=weights, on_bad_image=on_bad_image, precision=precision, runtime=runtime)
+    options = dict(model=model, **settings)
     if images:
         with ImageProgress("predicting") as bar:
             results = api.predict(images, progress=bar, **options)

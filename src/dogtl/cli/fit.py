@@ -8,15 +8,16 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import command_started, friendly_errors, interactive
+from dogtl.cli.common import ImageProgress, command_started, friendly_errors, interactive
+from dogtl.cli.head import auto_line
+from dogtl.core.budget import format_seconds
+from dogtl.core.backbones import backbone_help
 
 
 class FitProgress:
     """One line per choice and finished step; a progress bar for the stages over images."""
 
     def __init__(self):
-        from dogtl.cli.head import auto_line
-
         self.auto_line = auto_line
         self.bar = None
         self.stage = None
@@ -28,8 +29,6 @@ class FitProgress:
             typer.echo(line)
 
     def __call__(self, event: dict) -> None:
-        from dogtl.cli.common import ImageProgress
-
         if event["event"] == "images":
             if event["stage"] != self.stage:
                 self.close()
@@ -59,7 +58,7 @@ def fit_cmd(
     data: Path = typer.Option(Path("data"), help="Data folder: Kaggle layout (labels.csv, train/, test/) or one sub-folder per class."),
     budget: str = typer.Option("30m", help="Wall-clock time the whole command may take, start-up included: 90s, 30m, 1h (a bare number is seconds)."),
     out: Path = typer.Option(Path("models/model.keras"), help="The final model (+ .json metadata); the work is kept beside it in OUT-without-.keras.fit/."),
-    backbone: str = typer.Option("mobilenet_v2", help="Backbone (see extract-features --help). The default is the cheapest per image: the most fine-tuning epochs in a budget on CPUs."),
+    backbone: str = typer.Option("mobilenet_v2", help=backbone_help() + " The default is the cheapest per image: the most fine-tuning epochs in a budget on CPUs."),
     weights: str = typer.Option("imagenet", help="'imagenet' (downloaded by Keras), 'none' (random, for smoke tests) or PATH to a local no-top weights file."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels. Default: the images' own (median) size rounded to 32 px, from 96 up to the backbone's own size."),
     passes: int = typer.Option(2, help="Augmented passes cached per image (light augmentation: rotation 10 degrees, zoom and shift 0.1)."),
@@ -82,8 +81,6 @@ def fit_cmd(
                     started=command_started())
     finally:
         report.close()
-    from dogtl.core.budget import format_seconds
-
     typer.echo(f"validation accuracy {r.metrics['val_accuracy']:.4f}  log loss {r.metrics['val_log_loss']:.4f}"
                f"  (the head before fine-tuning: {r.head_metrics['val_accuracy']:.4f}, "
                f"{r.head_metrics['val_log_loss']:.4f})")

@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 
 from dogtl import api
-from dogtl.cli.common import CONFIG_OPTION, TRACK_OPTION, apply_config_file, friendly_errors, show_tracking
+from dogtl.cli.common import (CONFIG_OPTION, TRACK_OPTION, apply_config_file, command_started, friendly_errors,
+                              show_tracking)
+from dogtl.core import tracking
+from dogtl.core.budget import format_seconds, parse_budget
 from dogtl.core.settings import with_options
 from dogtl.head.settings import HEAD_SETTINGS, LRFIND_SETTINGS
 
@@ -83,10 +86,7 @@ def lr_find_cmd(
 
 
 def _auto(io: dict, budget: str, trials: int | None, storage: str | None, force: bool, track: bool) -> None:
-    from dogtl.cli.common import command_started
-    from dogtl.core import tracking
-    from dogtl.core.budget import format_seconds, parse_budget
-    from dogtl.sweeps.auto import auto_train
+    from dogtl.sweeps.auto import auto_train  # local: the search's modules load only with --auto
 
     seconds = parse_budget(budget)
 

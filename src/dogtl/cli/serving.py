@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -130,9 +132,10 @@ def serve_cmd(
 
     curl -F file=@a.jpg -F file=@b.jpg http://127.0.0.1:8000/predict/batch
     """
-    from dogtl.serving.app import require_serve_extra
+    from dogtl.serving.app import require_serve_extra  # local: the serving stack loads only for this command
 
-    require_serve_extra()
+    require_serve_extra()  # before FastAPI and uvicorn load: says what to install
+    # local: FastAPI, uvicorn and TensorFlow, after the check above
     from dogtl.serving.app import create_app
     from dogtl.serving.model import load_serving_model
     from dogtl.serving.server import make_server
@@ -158,9 +161,6 @@ def serve_cmd(
 
 def _print_access_log():
     """The app's access log (logger dogtl.access) as lines on stdout, with the time."""
-    import logging
-    import sys
-
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logger = logging.getLogger("dogtl.access")

@@ -10,7 +10,10 @@ import typer
 
 from dogtl import api
 from dogtl.cli.common import TRACK_OPTION, _RichBar, friendly_errors, interactive, show_tracking
+from dogtl.cli.head import cache_arg
 from dogtl.core.progress import ProgressEvent, duration_text
+from dogtl.core.settings import with_options
+from dogtl.sweeps.settings import SWEEP_SETTINGS
 
 
 class TrialProgress(_RichBar):
@@ -57,35 +60,21 @@ class TrialProgress(_RichBar):
 
 
 @friendly_errors
+@with_options(SWEEP_SETTINGS)
 def sweep_cmd(
     cache: list[Path] = typer.Option([Path("cache/features.h5")], help="Feature cache written by extract-features; repeat it to concatenate several caches of the same images per row."),
-    space: Optional[Path] = typer.Option(None, help="TOML or JSON file: train-head setting = list of candidates, e.g. max_lr = [1e-3, 3e-3]; {low = 0.2, high = 0.6, log = false} is a range (random search); a single value is fixed."),
     param: Optional[list[str]] = typer.Option(None, "--param", help="name=v1,v2,... (repeatable; replaces the file's entry): any train-head setting (hidden=512,1024x512,none; max_lr=1e-3,3e-3; optimizer=adam,rmsprop; ...) or layers=1,2; name=low..high or name=log:low..high is a range."),
-    trials: Optional[int] = typer.Option(None, help="Random search: this many trials, drawn with --seed (default: every combination of the grid)."),
-    folds: Optional[int] = typer.Option(None, help="Stratified K-fold cross-validation over all labelled images, reporting mean and spread (default: the cache's validation split)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs per trial unless the space sets them (default: train-head's 50; early stopping usually ends sooner)."),
-    jobs: int = typer.Option(1, help="Parallel workers; each gets cores/N TensorFlow threads. -1: one per core."),
-    backend: Optional[str] = typer.Option(None, help="joblib backend for the workers: loky (default with --jobs > 1), multiprocessing, threading, or dask (with --scheduler; pip install 'dogtl[dask]')."),
-    scheduler: Optional[str] = typer.Option(None, help="Dask scheduler address for --backend dask, e.g. tcp://10.0.0.5:8786 (the cache must be at the same path on every machine). Without it, a local Dask cluster."),
-    fuse: int = typer.Option(8, help="Most trials trained side by side in one graph (those with the same hidden layers, batch size and optimizer); 1 trains each trial alone."),
-    seed: int = typer.Option(2018, help="Seed of the random search and of the folds."),
-    out: Optional[Path] = typer.Option(None, help="Sweep folder (default: sweeps/sweep-<hash of these settings>). Rerunning the same command resumes an interrupted sweep."),
-    force: bool = typer.Option(False, "--force", help="Start over in --out, discarding its finished trials (also if it holds another sweep)."),
-    ensemble: Optional[int] = typer.Option(None, help="Also retrain the top K trials on the training split and write their ensemble (one model averaging their probabilities) as OUT/ensemble.keras, with its validation log loss next to the best single trial's."),
     track: bool = TRACK_OPTION,
+    settings: dict = None,
 ):
     """Train many heads on the cached features and rank their settings by validation log loss.
 
     Grid search over every combination, or random search with --trials N. Writes OUT/results.csv (best first: settings, validation log loss and accuracy with their spread over folds, epochs run, seconds), OUT/best.toml (use it: dogtl train-head --config OUT/best.toml), OUT/sweep.png (each parameter against validation log loss). Every finished trial is saved as it ends: interrupted, the same command resumes.
     """
     show_tracking(track)
+    folds = settings["folds"]
     with TrialProgress("trials" if not folds else "trial folds", folds or 1) as bar:
-        from dogtl.cli.head import cache_arg
-
-        result = api.sweep(cache_arg(cache), params=param or (), space=space, out=out, force=force,
-                           progress=bar, trials=trials,
-                           folds=folds, epochs=epochs, jobs=jobs, backend=backend, scheduler=scheduler, seed=seed,
-                           fuse=fuse, ensemble=ensemble, track=track)
+        result = api.sweep(cache_arg(cache), params=param or (), track=track, progress=bar, **settings)
     frame = result.results
     typer.echo(f"{result.trials} trials ({result.runs} runs now, {result.skipped} finished before) "
                f"in {result.seconds:.0f} s" + (f"; {len(result.dropped)} combinations skipped (train-head refuses "

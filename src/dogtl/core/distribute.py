@@ -13,12 +13,14 @@ scaling rule then raises --lr N times as well (Goyal et al. 2017), with caution 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dogtl.core.errors import DogtlError
+from dogtl.core.keras_private import multi_worker_fit
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 TF_CONFIG_EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
@@ -143,8 +145,6 @@ def replicas(strategy) -> int:
 
 def scope(strategy):
     """`strategy.scope()`, or a no-op context for the default strategy."""
-    import contextlib
-
     return contextlib.nullcontext() if strategy is None else strategy.scope()
 
 
@@ -246,12 +246,8 @@ def prepare_fit(model, strategy, element_spec):
     """The context to run `model.fit` in: under MultiWorkerMirroredStrategy, Keras 3's `fit`
     needs a workaround (`keras_private.multi_worker_fit`, tensorflow/tensorflow#72388), undone
     when the context ends; other strategies need nothing."""
-    import contextlib
-
     import tensorflow as tf
 
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return contextlib.nullcontext()
-    from dogtl.core.keras_private import multi_worker_fit
-
     return multi_worker_fit(model, strategy, element_spec)

@@ -1,5 +1,9 @@
 """Errors the CLI turns into one clear line and a non-zero exit."""
 
+import errno
+import os
+import re
+
 
 class DogtlError(ValueError):
     """A problem with the user's input or files that they can fix; the message says how."""
@@ -46,11 +50,6 @@ _OS_ADVICE = {
 
 def os_error_message(error: OSError) -> str | None:
     """One line for an operating-system error a user can fix (path, cause, what to do), else None."""
-    import errno
-    import os
-
-    import re
-
     code, path = error.errno, error.filename or ""
     if code is None:  # h5py's OSError carries the C library's errno and file in its message
         found = re.search(r"errno = (\d+)", str(error))
@@ -72,8 +71,6 @@ def os_error_message(error: OSError) -> str | None:
 
 
 def _mount_point(path) -> str:
-    import os
-
     path = os.path.abspath(path)
     while not os.path.exists(path) and path != os.path.dirname(path):
         path = os.path.dirname(path)

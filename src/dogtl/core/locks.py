@@ -11,7 +11,7 @@ process: other start time) is taken over, with a logged note. A lock taken on an
 cannot be checked from here and is refused, naming the host and the file to delete.
 
 Whoever takes an artifact's lock first removes what writers of it that are gone left behind
-(core.files.leftovers: temporaries of processes that are not running, a finished run's progress
+(core.temporaries.leftovers: temporaries of processes that are not running, a finished run's progress
 folder), and so does a command refusing to overwrite an existing artifact (`tidy`): a run killed
 at any moment leaves nothing once the same command has run again.
 
@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dogtl.core.errors import LockedError
-from dogtl.core.files import leftovers
+from dogtl.core.temporaries import leftovers
 
 log = logging.getLogger(__name__)
 CREATING_GRACE_S = 10.0  # an empty lock file younger than this is a writer still filling it in

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 from pathlib import Path
 
-from dogtl.features.backbones import BackboneSpec
+from dogtl.core.backbones import BackboneSpec
 from dogtl.core.errors import DogtlError
+from dogtl.core.files import file_sha256
+from dogtl.core.settings import ALL_BLOCKS
+
+# local: keras is imported inside the functions that build models, so that importing this module
+# (weights_identity, block arithmetic) does not load TensorFlow.
 
 log = logging.getLogger(__name__)
 RANDOM_INIT_SEED = 1234
@@ -22,8 +28,6 @@ def weights_identity(weights: str) -> str:
         raise DogtlError(
             f"--weights {weights}: no such file; pass 'imagenet', 'none' or a path to a local weights file"
         )
-    from dogtl.core.files import file_sha256
-
     return f"file:{path.name}:sha256:{file_sha256(path)[:16]}"
 
 
@@ -31,8 +35,6 @@ def build_backbone(spec: BackboneSpec, weights: str, image_size: int, input_name
     """The frozen backbone with global average pooling: images -> feature_dim vectors.
     `input_name` names its input layer (else Keras numbers it per process: input_layer_3), so
     that a weights file saved from it is the same, byte for byte, in every process."""
-    import importlib
-
     import keras
 
     module = importlib.import_module(f"keras.applications.{spec.module}")
@@ -133,8 +135,6 @@ def top_blocks_start(layer_names: list[str], spec: BackboneSpec, n) -> int:
     "freeze the first 116 layers". Everything from there up is unfrozen, including
     unprefixed residual layers inside those blocks.
     """
-    from dogtl.core.settings import ALL_BLOCKS
-
     blocks = spec.blocks
     if n == ALL_BLOCKS:
         return 1
@@ -164,8 +164,6 @@ def block_depths(layer_names: list[str], spec: BackboneSpec, n) -> list[int]:
     """For each layer, which of the top `n` blocks holds it, counted from the top (1: the top
     block), or 0 for a layer below them. With 'all', layers below the first block (the stem)
     are one more block, the deepest."""
-    from dogtl.core.settings import ALL_BLOCKS
-
     count = len(spec.blocks) if n == ALL_BLOCKS else n
     starts = [top_blocks_start(layer_names, spec, k) for k in range(1, count + 1)]
     if n == ALL_BLOCKS and (not starts or starts[-1] > 1):
@@ -202,24 +200,39 @@ def freeze_batchnorm(model) -> None:
         layer.trainable = False
 
 
-def compose(backbone, head, name: str = "finetuned"):
-    """images -> backbone (with its global average pooling) -> the head model object itself.
+def compose(parts, head, name: str = "finetuned", input_names=None):
+    """inputs -> each part (a backbone with its global average pooling, or the top part of one
+    above a cut, features/cut.py) -> their pooled features, concatenated in order when there are
+    several -> the head model object itself. The one way dogtl puts a head on a backbone.
 
     Using the trained head object (not a copy of its architecture) carries its weights over
     exactly, so before any training step the composed model equals the head on cached features.
+    `parts`: one Keras model or a list; each gets an input of its own input's shape, named by
+    `input_names` (default: 'image' for one part). Several parts are a multi-backbone head's
+    backbones, in the order of its caches, fed a tuple of inputs (see data.multiimages and
+    `input_name`).
     """
     import keras
 
-    feature_dim = backbone.output.shape[-1]
+    several = isinstance(parts, (list, tuple))
+    parts = list(parts) if several else [parts]
+    names = list(input_names) if input_names is not None else ["image"] * len(parts)
+    total = sum(part.output.shape[-1] for part in parts)
     head_dim = head.input.shape[-1] if not isinstance(head.input, list) else head.input[0].shape[-1]
-    if head_dim != feature_dim:
+    if head_dim != total and several:
+        raise DogtlError(f"the head takes {head_dim} features but its backbones give {total}: "
+                         "the head was trained on other caches")
+    if head_dim != total:
         raise DogtlError(
-            f"the head takes {head_dim} features but {backbone.name} gives {feature_dim}: "
+            f"the head takes {head_dim} features but {parts[0].name} gives {total}: "
             "the head was trained on another backbone; train a head on this backbone's cache"
         )
-    size = backbone.input.shape[1:]
-    inputs = keras.Input(tuple(size), name="image")
-    outputs = head(backbone(inputs, training=False))
+    inputs = [keras.Input(tuple(part.input.shape[1:]), name=n) for part, n in zip(parts, names)]
+    features = [part(x, training=False) for part, x in zip(parts, inputs)]
+    if several:
+        outputs = head(keras.layers.Concatenate(name="features_concat")(features))
+    else:
+        inputs, outputs = inputs[0], head(features[0])
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -276,27 +289,9 @@ def _preorder(model) -> list:
 
 
 def input_name(k: int, spec: BackboneSpec, image_size: int) -> str:
-    """The name of a multi-backbone model's k-th image input, e.g. 'image_0_mobilenet_v2_96'."""
+    """The name of a multi-backbone model's k-th image input (compose's `input_names`), e.g.
+    'image_0_mobilenet_v2_96'."""
     return f"image_{k}_{spec.name}_{image_size}"
-
-
-def compose_multi(backbones, specs, sizes, head, name: str = "multi_on_images"):
-    """One image input per backbone (each at its own size, preprocessed for it) -> each backbone
-    -> their pooled features concatenated in cache order -> the head model object itself.
-
-    The inputs are named by `input_name` and come in the order of the head's caches; a caller
-    feeds a tuple of preprocessed image batches in that order (see data.multiimages)."""
-    import keras
-
-    total = sum(b.output.shape[-1] for b in backbones)
-    if head.input.shape[-1] != total:
-        raise DogtlError(f"the head takes {head.input.shape[-1]} features but its backbones give {total}: "
-                         "the head was trained on other caches")
-    inputs = [keras.Input((size, size, 3), name=input_name(k, spec, size))
-              for k, (spec, size) in enumerate(zip(specs, sizes))]
-    features = [b(x, training=False) for b, x in zip(backbones, inputs)]
-    outputs = head(keras.layers.Concatenate(name="features_concat")(features))
-    return keras.Model(inputs, outputs, name=name)
 
 
 def renamed(model, name: str):

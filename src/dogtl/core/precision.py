@@ -12,6 +12,14 @@ Two mechanisms are used, each where it measures fastest:
   a forced bfloat16 there (emulated, slow, for checking numbers) uses the Keras policy.
 - float16 (and bfloat16 on GPUs): the Keras `mixed_float16` / `mixed_bfloat16` dtype policy
   on every layer, final softmax kept in float32 (Keras's mixed-precision guide).
+
+A head's time goes into its hidden Dense layers' matmuls, and `resolve(precision, head_batch=B)`
+says what they compute in: on CPUs that multiply bfloat16 in hardware those run ~1.7x faster in
+bfloat16 than in float32, with float32 accumulation, weights, normalisation and softmax
+(`benchmarks/bench_head.py` measures the speed, `benchmarks/batch_quality.py` the validation log
+loss). Below a batch of HEAD_AUTO_MIN_BATCH the casts cost more than the smaller matmuls save,
+and elsewhere bfloat16 is emulated and slower, so `auto` keeps a head in float32 there (and on
+GPUs, where the head costs nothing anyway).
 """
 
 from __future__ import annotations
@@ -25,8 +33,11 @@ from pathlib import Path
 
 from dogtl.core.errors import SettingError
 
+# local: tensorflow and numpy are imported inside functions: `dogtl --help` imports this module.
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+HEAD_PRECISIONS = ("auto", "float32", "bfloat16")  # a head's hidden matmuls (models.set_head_precision)
+HEAD_AUTO_MIN_BATCH = 64
 PRECISION_HELP = ("Number format of the backbone's arithmetic: auto (bfloat16 on CPUs with AVX512-BF16/AMX, "
                   "mixed float16 on CUDA GPUs with tensor cores, else float32), float32, bfloat16 or float16. "
                   "Weights and saved models stay float32.")
@@ -74,11 +85,15 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def resolve(precision: str) -> str:
-    """'float32', 'bfloat16' or 'float16': what `precision` means for a backbone on this machine."""
+def resolve(precision: str, head_batch: int | None = None) -> str:
+    """'float32', 'bfloat16' or 'float16': what `precision` means for a backbone on this machine;
+    with `head_batch`, what it means for a head's hidden matmuls at that batch size ('float32' or
+    'bfloat16')."""
     check_precision(precision)
     if precision != "auto":
         return precision
+    if head_batch is not None:
+        return "bfloat16" if head_batch >= HEAD_AUTO_MIN_BATCH and native_bfloat16() else "float32"
     if gpu_tensor_cores():
         return "float16"
     return "bfloat16" if native_bfloat16() else "float32"

@@ -4,8 +4,9 @@ sweep may search it and the fused sweep path reproduces it.
 A stage's settings are a tuple of `Setting`s. From it come the stage's frozen dataclass
 (`settings_class`: typed fields, conversion of untyped values from config files and sweep
 grids, range checks with one-line errors), its command-line options (`with_options`), the
-keys its `--config FILE` accepts, and (for train-head) the sweep's search space. Adding a
-setting is one entry here plus its test.
+Python API's defaults (`defaults`), the keys its `--config FILE` accepts, and (for train-head)
+the sweep's search space. Adding a setting is one entry there plus its test. Choices come from
+the registries (backbones, runtimes, precisions, strategies), and so does their help.
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
-from dogtl.core.errors import DogtlError, SettingError  # noqa: F401  SettingError: also dogtl.core.settings's
+import numpy as np
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "hidden": tuple, "blocks": (int, str)}
-_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+from dogtl.core.errors import DogtlError, SettingError  # noqa: F401  SettingError: also dogtl.core.settings's
+from dogtl.core.settingsfile import read_table
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "path": str, "hidden": tuple, "blocks": (int, str)}
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "path": "a path",
              "hidden": "layer sizes like 1024 or 1024x512, or none", "blocks": "a number of blocks (0 or more) or all"}
 ALL_BLOCKS = "all"  # a number of backbone blocks meaning the whole backbone, its stem included
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -29,8 +35,6 @@ _AUTOMATIC = ("none", "null", "default")
 
 def parse_blocks(value) -> int | str:
     """A number of top backbone blocks: an integer >= 0 (also as text) or 'all' (the whole backbone)."""
-    import numpy as np
-
     if isinstance(value, str):
         text = value.strip().lower()
         if text == ALL_BLOCKS:
@@ -46,8 +50,6 @@ def parse_blocks(value) -> int | str:
 
 def parse_hidden(value) -> tuple[int, ...]:
     """'1024', '1024,512', '1024x512', 1024, [1024, 512], '' or 'none' (no hidden layer) -> sizes."""
-    import numpy as np
-
     if value is None:
         return ()
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -71,10 +73,14 @@ def parse_hidden(value) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Setting:
     """One setting of a stage. `low`/`high` bound numbers (open bounds exclude the value);
-    `optional` settings may be None, meaning "chosen automatically" (the help says how)."""
+    `optional` settings may be None, meaning "chosen automatically" (the help says how).
+    `cli_names` replaces the option's declaration (e.g. ("--force",): a flag without --no-force);
+    `cli=False` settings are fields of the config but no command-line option (the command
+    takes them its own way, e.g. as an argument); `hint` ends a range error (what to do)."""
 
     name: str
-    kind: str  # int, float, bool, str, hidden (a tuple of layer sizes) or blocks (an int or 'all')
+    kind: str  # int, float, bool, str, path (a str; Path on the command line), hidden (a tuple of layer
+    # sizes) or blocks (an int or 'all')
     default: object
     help: str
     optional: bool = False
@@ -85,6 +91,9 @@ class Setting:
     high_open: bool = False
     searchable: bool = True  # a sweep may search it
     fusable: bool = True  # sweeps/fused.py reproduces it (else trials using it train alone)
+    cli_names: tuple = ()
+    cli: bool = True
+    hint: str = ""
 
     @property
     def option(self) -> str:
@@ -110,6 +119,8 @@ class Setting:
             return parse_hidden(value)
         if self.kind == "blocks":
             return parse_blocks(value)
+        if self.kind == "path" and isinstance(value, os.PathLike):
+            value = os.fspath(value)
         if from_text:
             return self._from_text(str(value).strip())
         if self.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
@@ -134,7 +145,7 @@ class Setting:
             if text.lower() in _TRUE + _FALSE:
                 return text.lower() in _TRUE
             raise SettingError(self.expected)
-        if self.kind == "str":
+        if self.kind in ("str", "path"):
             return self._canonical(text)
         try:
             return self.convert(int(text) if self.kind == "int" else float(text))
@@ -163,7 +174,7 @@ class Setting:
             too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
             too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
             if too_low or too_high:
-                raise DogtlError(f"{self.option} {value} must be {self.rule()}")
+                raise DogtlError(f"{self.option} {value} must be {self.rule()}{self.hint}")
 
     def validate(self, value):
         """convert + check, with errors naming the option: what a dataclass field gets."""
@@ -176,21 +187,38 @@ class Setting:
 
     # -- the command line -------------------------------------------------------------------
     def cli_annotation(self):
-        kind = str if self.kind in ("hidden", "blocks") else _TYPES[self.kind]
+        kind = {"hidden": str, "blocks": str, "path": Path}.get(self.kind) or _TYPES[self.kind]
         return Optional[kind] if self.optional else kind
 
+    def cli_default(self):
+        """The default as the command line shows and parses it."""
+        if self.kind == "hidden":
+            return ",".join(map(str, self.default)) or "none"
+        if self.kind == "blocks":
+            return str(self.default)
+        if self.kind == "path" and self.default is not None:
+            return Path(self.default)
+        return self.default
+
     def cli_option(self):
-        import typer
+        import typer  # local: typer is the command line's; configs and the API never need it
 
-        if self.kind == "bool":
-            return typer.Option(self.default, f"{self.option}/--no-{self.option[2:]}", help=self.help)
-        default = ",".join(map(str, self.default)) or "none" if self.kind == "hidden" else self.default
-        return typer.Option(str(default) if self.kind == "blocks" else default, help=self.help)
+        names = self.cli_names or ((f"{self.option}/--no-{self.option[2:]}",) if self.kind == "bool" else ())
+        return typer.Option(self.cli_default(), *names, help=self.help)
 
 
-def settings_class(name: str, settings: tuple[Setting, ...], doc: str, namespace: dict | None = None):
+def choices_help(choices, described: dict | None = None) -> str:
+    """'a, b or c' from a registry's names, each followed by its description if `described` has one."""
+    names = [f"{c} ({described[c]})" if described and c in described else str(c) for c in choices]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def settings_class(name: str, settings: tuple[Setting, ...], doc: str, namespace: dict | None = None,
+                   extra_fields: tuple = ()):
     """A frozen dataclass with one field per setting, converted and checked on creation.
-    `namespace` may add methods; its `check(self)` runs last, for rules across settings."""
+    `namespace` may add methods; its `check(self)` runs last, for rules across settings.
+    `extra_fields`: (name, type, dataclasses.field) of values that are no setting (e.g. the
+    image files predict takes as arguments), after the settings."""
     namespace = dict(namespace or {})
     cross_check = namespace.pop("check", None)
 
@@ -201,27 +229,33 @@ def settings_class(name: str, settings: tuple[Setting, ...], doc: str, namespace
             cross_check(self)
 
     namespace.update(__post_init__=__post_init__, __doc__=doc, SETTINGS=settings)
-    fields = [(s.name, {"hidden": tuple, "blocks": int | str}.get(s.kind, s.cli_annotation()),
-               dataclasses.field(default=s.default)) for s in settings]
-    return dataclasses.make_dataclass(name, fields, frozen=True, namespace=namespace)
+    fields = [(s.name, {"hidden": tuple, "blocks": int | str, "path": Optional[str] if s.optional else str}.get(
+        s.kind, s.cli_annotation()), dataclasses.field(default=s.default)) for s in settings]
+    return dataclasses.make_dataclass(name, fields + list(extra_fields), frozen=True, namespace=namespace)
 
 
 def known_settings(settings: tuple[Setting, ...]) -> dict[str, Setting]:
     return {s.name: s for s in settings}
 
 
+def defaults(settings: tuple[Setting, ...]) -> dict:
+    """Each setting's default, by name: what the Python API's named parameters take."""
+    return {s.name: s.default for s in settings}
+
+
 def with_options(settings: tuple[Setting, ...]):
-    """Decorate a typer command so that it also takes one option per setting; the command
-    receives their values as one dict, `settings`."""
+    """Decorate a typer command so that it also takes one option per setting (but `cli=False`
+    ones); the command receives their values as one dict, `settings`."""
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name != "settings"]
+        options = [s for s in settings if s.cli]
         added = [inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=s.cli_option(),
-                                   annotation=s.cli_annotation()) for s in settings]
+                                   annotation=s.cli_annotation()) for s in options]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
-            values = {s.name: kwargs.pop(s.name) for s in settings}
+            values = {s.name: kwargs.pop(s.name) for s in options}
             return command(**kwargs, settings=values)
 
         wrapper.__signature__ = signature.replace(parameters=own + added)
@@ -233,8 +267,6 @@ def with_options(settings: tuple[Setting, ...]):
 def read_settings_file(path, settings: tuple[Setting, ...], section: str, extra: tuple = ()) -> dict:
     """Settings from a TOML or JSON file: keys are setting names (hyphens accepted too) and the
     `extra` names, optionally under a table named `section`. Unknown keys are refused."""
-    from dogtl.core.settingsfile import read_table
-
     values = read_table(path, f"--config {path}", "a table of settings")
     for name in (section, section.replace("_", "-")):
         if isinstance(values.get(name), dict) and len(values) == 1:

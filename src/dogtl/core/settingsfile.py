@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 from dogtl.core.errors import DogtlError
@@ -10,8 +11,6 @@ from dogtl.core.errors import DogtlError
 
 def read_table(path: str | Path, source: str, expected: str) -> dict:
     """The file's top-level table; `source` prefixes every error (e.g. "--config FILE")."""
-    import tomllib
-
     path = Path(path)
     if not path.is_file():
         raise DogtlError(f"{source}: no such file")

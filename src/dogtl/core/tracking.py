@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from dogtl.core.errors import DogtlError
+from dogtl.core.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,7 @@ def first_line(error: Exception) -> str:
 
 
 def _create(client, experiment_id: str, name: str, parent: str | None, tags: dict | None = None) -> MlflowRun:
-    import dogtl
-
-    tags = {"dogtl.version": getattr(dogtl, "__version__", "unknown"), **(tags or {}),
+    tags = {"dogtl.version": __version__, **(tags or {}),
             **({"mlflow.parentRunId": parent} if parent else {})}
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     return MlflowRun(client, run.info.run_id, experiment_id)

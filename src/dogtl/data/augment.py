@@ -10,33 +10,29 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+
+import numpy as np
+
 from dogtl.core.errors import SettingError
+from dogtl.core.settings import Setting, settings_class
 
+AUGMENT_SETTINGS = (
+    Setting("rotation", "float", 45.0, "Augmentation: max rotation in degrees.", low=0),  # uniform in [-r, r]
+    Setting("zoom", "float", 0.25, "Augmentation: max zoom in or out, as a fraction.", low=0, high=1,
+            high_open=True),  # scale factor uniform in [1 - zoom, 1 + zoom]
+    Setting("shift", "float", 0.2, "Augmentation: max shift, as a fraction of width/height.", low=0),
+    Setting("hflip", "bool", True, "Augmentation: random horizontal flips."),
+)
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    rotation: float = 45.0  # degrees, uniform in [-rotation, rotation]
-    zoom: float = 0.25  # scale factor uniform in [1 - zoom, 1 + zoom]
-    shift: float = 0.2  # fraction of width/height, uniform in [-shift, shift]
-    hflip: bool = True
-
-    def __post_init__(self):
-        for name in ("rotation", "zoom", "shift"):
-            if getattr(self, name) < 0:
-                raise SettingError(f"augmentation {name}={getattr(self, name)} must be >= 0")
-        if self.zoom >= 1:
-            raise SettingError(f"augmentation zoom={self.zoom} must be below 1")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+AugmentConfig = settings_class(
+    "AugmentConfig", AUGMENT_SETTINGS, "One random affine warp per image (AUGMENT_SETTINGS): the reference recipe's "
+    "by default; recorded in the cache's fingerprint.", {"as_dict": asdict, "__module__": __name__})
 
 
 def image_keys(ids):
     """The augmentation key of each image id: 63 bits of its SHA-256, as int64 (cache format 2;
     format-1 caches used the image's number in the file list, which moves when images are added)."""
-    import numpy as np
-
     return np.array([int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") >> 1 for i in ids],
                     dtype=np.int64)
 
@@ -44,6 +40,18 @@ def image_keys(ids):
 # --augment presets (finetuning): light keeps a garment a garment and a digit a digit; the
 # reference recipe's 45 degree rotations and strong zooms hurt many domains other than dogs.
 LIGHT = dict(rotation=10.0, zoom=0.1, shift=0.1)
+
+
+def _warp_text(c) -> str:
+    return f"rotation {c['rotation']:g} degrees, zoom {c['zoom']:g}, shift {c['shift']:g}"
+
+
+AUGMENT_PRESETS = {  # name: what it is (the --augment help is made from this)
+    "none": "no augmentation",
+    "light": f"{_warp_text(LIGHT)}, flips as at extraction",
+    "recipe": f"the reference recipe's: {_warp_text(AugmentConfig().as_dict())}, flips",
+    "cache": "the cache's settings",
+}
 
 
 def augment_preset(name: str, cached: AugmentConfig) -> AugmentConfig | None:
@@ -59,7 +67,7 @@ def augment_preset(name: str, cached: AugmentConfig) -> AugmentConfig | None:
 
 def image_seed(seed: int, pass_index, index):
     """A stateless-op seed that depends only on (seed, pass, image key)."""
-    import tensorflow as tf
+    import tensorflow as tf  # local: importing dogtl.data (the CLI's option checks) starts no TensorFlow
 
     base = tf.stack([tf.cast(seed, tf.int64), tf.cast(pass_index, tf.int64)])
     return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
@@ -67,7 +75,7 @@ def image_seed(seed: int, pass_index, index):
 
 def augment(image, config: AugmentConfig, seed):
     """Randomly rotate, zoom, shift and flip one float image [H, W, C] (edges repeat)."""
-    import tensorflow as tf
+    import tensorflow as tf  # local: importing dogtl.data (the CLI's option checks) starts no TensorFlow
 
     u = tf.random.stateless_uniform([5], seed=seed, minval=-1.0, maxval=1.0)
     height = tf.cast(tf.shape(image)[0], tf.float32)
@@ -90,7 +98,7 @@ def _warp_fn():
     NEAREST) to float rounding, compiled by XLA into one fused loop. That op costs ~4 ms of CPU per
     299 px image, as much as 3% of the backbone's forward on a 2-core CPU, which extraction has
     to share with it; this costs ~1 ms (benchmarks/bench_extract.py)."""
-    import tensorflow as tf
+    import tensorflow as tf  # local: importing dogtl.data (the CLI's option checks) starts no TensorFlow
 
     @tf.function(jit_compile=True)
     def warp(image, t):

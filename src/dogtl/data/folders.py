@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def content_hashes(paths) -> list[str]:
     """SHA-256 of each file's bytes: what identifies an image's content (a file that cannot be
     read gets "" and is tried, and reported, by the decoder). Read by threads: hashing releases
     the GIL, and a cold disk is the limit."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def digest(path) -> str:
         try:
             with open(path, "rb") as f:

@@ -9,11 +9,12 @@ MAX_PIXELS is refused as unreadable instead of exhausting memory.
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
 from dogtl.data.augment import AugmentConfig, augment, image_seed
-from dogtl.features.backbones import BackboneSpec
+from dogtl.core.backbones import BackboneSpec
 
 MAX_PIXELS = 40_000_000  # decoded pixels (e.g. 8000 x 5000); ~0.5 GB as float32 RGB
 TOO_LARGE = "image too large"
@@ -22,8 +23,6 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def preprocess_fn(spec: BackboneSpec):
-    import importlib
-
     return importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
 
 

@@ -4,6 +4,8 @@ Each backbone reads the same files at its own size with its own preprocessing, t
 pipeline of extraction (`images.image_dataset`), so every input sees exactly the pixels its
 cache was made from; pass p > 0 is the same augmentation (seed, pass, image) at every size.
 The per-backbone streams skip the same unreadable files, so their batches stay aligned.
+TensorFlow is imported in the function that uses it: importing this module costs no
+TensorFlow start-up.
 """
 
 from __future__ import annotations

@@ -14,35 +14,18 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from dogtl.core.errors import DataError
+from dogtl.core.files import check_overwrite, write_csv_atomic, write_json_atomic
 from dogtl.core.locks import hold, writes
-from dogtl.core.errors import DataError, SettingError
+from dogtl.core.metrics import log_loss
+from dogtl.core.modelinfo import check_metadata
+from dogtl.core.plots import plot_confusion
+from dogtl.evaluation import tta
+from dogtl.evaluation.inference import inference_fn, load_checked_model, load_image_model, predict_images
+from dogtl.evaluation.settings import EvaluateConfig
+from dogtl.features.modelcache import open_model_cache, split_paths
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    model: str = "models/finetuned.keras"
-    data: str | None = None  # images of the validation split; a head uses its cache when None
-    cache: str | None = None  # default: the cache recorded with the model (it holds the split)
-    out: str | None = None  # report prefix; default: the model path without .keras
-    weights: str | None = None  # only for backbones built from a local weights file
-    top_k: int = 5
-    confused: int = 10  # most confused pairs to list
-    batch_size: int = 32
-    tta: bool = False  # also report the figures averaged over the cache's clean and augmented passes
-    force: bool = False
-    precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
-    runtime: str = "auto"  # what runs the model on images (core/runtimes.py)
-
-    def __post_init__(self):
-        from dogtl.core.precision import check_precision
-        from dogtl.core.runtimes import check_runtime
-
-        check_precision(self.precision)
-        check_runtime(self.runtime)
-        if self.top_k < 1 or self.confused < 1 or self.batch_size < 1:
-            raise SettingError("--top-k, --confused and --batch-size must be at least 1")
 
 
 @dataclass
@@ -73,8 +56,6 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
     """All numbers of a report from probabilities [n, C] and true labels (pure, no files)."""
     from sklearn.metrics import confusion_matrix
 
-    from dogtl.evaluation.metrics import log_loss
-
     num_classes = len(classes)
     labels = np.asarray(labels)
     predicted = np.argmax(probs, axis=1)
@@ -104,10 +85,6 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
 
 @writes
 def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report:
-    from dogtl.core.files import check_overwrite, write_csv_atomic, write_json_atomic
-    from dogtl.core.modelinfo import check_metadata, open_model_cache
-    from dogtl.core.plots import plot_confusion
-
     meta, spec, size = check_metadata(config.model)
     paths = report_paths(config.model, config.out)
     for p in paths:
@@ -116,8 +93,8 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     cache = open_model_cache(meta, config.cache)
     if not cache.is_val.any():
         raise DataError(f"{cache.path} has no validation split (--val-fraction 0): nothing to evaluate on")
-    classes = list(meta["classes"])
-    if meta["kind"] == "head" and config.data is None:
+    classes = list(meta.classes)
+    if meta.kind == "head" and config.data is None:
         probs, labels, source = _on_cache(config, meta, cache), cache.labels[cache.is_val], "cached features"
         runtime = None
     else:
@@ -131,7 +108,7 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
     write_csv_atomic(numbers["per_class"], csv_path)
     plot_confusion(numbers["matrix"], classes, numbers["confused"], png_path, title=Path(config.model).name)
     summary = {k: numbers[k] for k in ("images", "accuracy", "log_loss", "top_k", "top_k_accuracy", "confused")}
-    summary.update(model=str(config.model), kind=meta["kind"], source=source,
+    summary.update(model=str(config.model), kind=meta.kind, source=source,
                    per_class=numbers["per_class"].to_dict(orient="records"), cache=str(cache.path),
                    **({"runtime": runtime, "precision": config.precision} if runtime else {}),
                    **({"tta": tta} if tta is not None else {}))
@@ -142,19 +119,12 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
 
 
 def _on_cache(config, meta, cache):
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches
-
-    head, _ = load_model(config.model, compile=False)
-    check_model_matches(head, meta, config.model)
+    head = load_checked_model(config.model, meta)
     features = cache.features("labelled", passes=[0])[0][cache.is_val]
     return head.predict(features, batch_size=1024, verbose=0)
 
 
 def _on_images(config, meta, cache, progress):
-    from dogtl.core.modelinfo import split_paths
-    from dogtl.evaluation.predict import inference_fn, load_image_model, predict_images
-
     val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
     probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress,
@@ -168,22 +138,16 @@ def _on_images(config, meta, cache, progress):
 def _tta(config, meta, cache, source, progress) -> dict | None:
     """Probabilities averaged over the clean and the cache's augmented passes of the validation
     rows: from the cached features (heads), or the same augmentations of the images."""
-    from dogtl.evaluation import tta
-
     if cache.num_passes < 2:
         raise DataError(f"{cache.path} holds no augmented passes (extracted with --passes 0): --tta has "
                         "nothing to average; re-extract with --passes 2 or more")
     if source == "cached features":
-        from dogtl.core.artifacts import load_model
-
-        head, _ = load_model(config.model, compile=False)
+        head = load_checked_model(config.model, meta)
         return {"probs": tta.cached_probabilities(head, cache, rows=cache.is_val), "passes": cache.num_passes}
-    from dogtl.core.modelinfo import split_paths
-    from dogtl.evaluation.predict import _augmentation_of, load_image_model
 
     val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
-    augmentation, seed = _augmentation_of(meta)
+    augmentation, seed = tta.augmentation_of(meta)
     probs, _ = tta.image_probabilities(model, val["paths"], spec, size, passes=cache.num_passes, seed=seed,
                                        augmentation=augmentation, indices=val["indices"],
                                        batch_size=config.batch_size, progress=progress, precision=config.precision,

@@ -1,4 +1,4 @@
-"""Predictions: Kaggle submissions for a test folder, top-k classes for single images.
+"""The predict command: Kaggle submissions for a test folder, top-k classes for single images.
 
 A fine-tuned model reads the test images. A head model uses the cached test features of
 its cache when they are there (seconds), otherwise it runs behind the same backbone that
@@ -9,56 +9,26 @@ log loss), columns follow sample_submission.csv exactly.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
-from dogtl.core.errors import DataError, DogtlError, SettingError
+from dogtl.core.errors import DataError, DogtlError
 from dogtl.core.files import check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
-from dogtl.evaluation.metrics import clip_rows
+from dogtl.core.metrics import clip_rows
+from dogtl.core.modelinfo import check_metadata
+from dogtl.data.folders import IMAGE_SUFFIXES, SAMPLE_SUBMISSION, check_submission_columns
+from dogtl.data.images import decode_error
+from dogtl.evaluation.inference import Progress, inference_fn, load_checked_model, load_image_model, predict_images
+from dogtl.evaluation.settings import PredictConfig
+from dogtl.evaluation.tta import augmentation_keys, augmentation_of, image_probabilities
+from dogtl.features.modelcache import open_model_cache
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int], None]
-_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 DEFAULT_MODELS = ("models/finetuned.keras", "models/head.keras")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    model: str | None = None  # default: models/finetuned.keras, else models/head.keras
-    data: str = "data"
-    images: tuple[str, ...] = ()  # when given: top-k for these files instead of a submission
-    cache: str | None = None  # default: the cache recorded with a head model
-    use_cache: bool = True  # head models: cached test features when they fit (else images)
-    out: str = "submission.csv"
-    tta: bool = False
-    tta_passes: int = 4  # augmented passes computed when they are not cached
-    top_k: int = 5
-    batch_size: int = 32
-    weights: str | None = None  # only for backbones built from a local weights file
-    on_bad_image: str = "skip"  # skip | uniform | fail
-    force: bool = False
-    precision: str = "auto"  # the model's arithmetic on images (core/precision.py)
-    runtime: str = "auto"  # what runs the model on images (core/runtimes.py)
-
-    def __post_init__(self):
-        from dogtl.core.precision import check_precision
-        from dogtl.core.runtimes import check_runtime
-
-        check_precision(self.precision)
-        check_runtime(self.runtime)
-        if self.on_bad_image not in ("skip", "uniform", "fail"):
-            raise SettingError(f"--on-bad-image {self.on_bad_image!r} must be 'skip', 'uniform' or 'fail'")
-        if self.tta_passes < 1:
-            raise SettingError(f"--tta-passes {self.tta_passes} must be at least 1")
-        if self.top_k < 1 or self.batch_size < 1:
-            raise SettingError("--top-k and --batch-size must be at least 1")
 
 
 @dataclass
@@ -82,8 +52,6 @@ class TopK:
     error: str | None = None
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
 def resolve_model(model: str | None) -> Path:
     if model is not None:
         return Path(model)
@@ -92,84 +60,6 @@ def resolve_model(model: str | None) -> Path:
             return Path(candidate)
     raise DogtlError("no model found at models/finetuned.keras or models/head.keras: train one first "
                      "(dogtl train-head) or name it (e.g. dogtl evaluate path/to/model.keras)")
-
-
-def load_image_model(path, weights: str | None = None):
-    """(model on preprocessed images, metadata, spec, image size) for a head or fine-tuned file."""
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import backbone_weights, check_metadata, check_model_matches
-    from dogtl.core.models import build_backbone, compose
-
-    meta, spec, size = check_metadata(path)
-    from dogtl.features.multicache import is_multi
-
-    if is_multi(meta):  # one backbone per cache, each at its own size: lists of specs and sizes
-        from dogtl.features.multicache import multi_image_model
-
-        return multi_image_model(path, meta, weights)
-    if meta["kind"] == "head":
-        backbone = build_backbone(spec, backbone_weights(meta, weights), size)
-    model, _ = load_model(path, compile=False)
-    check_model_matches(model, meta, path)
-    if meta["kind"] == "head":
-        model = compose(backbone, model, name="head_on_images")
-    return model, meta, spec, size
-
-
-def inference_fn(model, precision: str = "float32", runtime: str = "tensorflow"):
-    """The model's forward pass on numpy batches (core/runtimes.frozen_forward), one per model,
-    precision and runtime: traced, or converted and loaded, once."""
-    fns = _INFERENCE.setdefault(model, {})
-    if (precision, runtime) not in fns:
-        from dogtl.core.runtimes import frozen_forward
-
-        size = "x".join(str(t.shape[1]) for t in model.inputs)
-        fns[precision, runtime] = frozen_forward(model, runtime=runtime, precision=precision,
-                                                 label=f"{model.name}-{size}")
-    return fns[precision, runtime]
-
-
-def predict_images(model, paths, spec, image_size, *, indices=None, pass_index: int = 0, seed: int = 0,
-                   augmentation=None, batch_size: int = 32, progress: Progress | None = None,
-                   precision: str | None = None, runtime: str | None = None):
-    """Class probabilities [n, C] for image files (rows of unreadable ones are NaN) and a read mask.
-
-    Uses the pipeline of extraction, so the pixels are the ones the head was trained on;
-    pass p > 0 is the same augmentation as the cache's pass p for the same indices.
-    `precision` (PRECISIONS) and `runtime` (RUNTIMES): compute in them (`inference_fn(model,
-    precision, runtime).runtime` says which runtime ran it); both None: TensorFlow, in the
-    precision the caller has set the model up in.
-    """
-    if precision is None and runtime is None:
-        return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
-                               augmentation=augmentation, batch_size=batch_size, progress=progress,
-                               infer=inference_fn(model))
-    with inference_fn(model, precision or "auto", runtime or "auto") as infer:
-        return _predict_images(model, paths, spec, image_size, indices=indices, pass_index=pass_index,
-                               seed=seed, augmentation=augmentation, batch_size=batch_size,
-                               progress=progress, infer=infer)
-
-
-def _predict_images(model, paths, spec, image_size, *, indices, pass_index, seed, augmentation, batch_size,
-                    progress, infer):
-    from dogtl.data.multiimages import model_image_dataset
-
-    n = len(paths)
-    num_classes = model.output.shape[-1]
-    probs = np.full((n, num_classes), np.nan)
-    ok = np.zeros(n, dtype=bool)
-    if n == 0:
-        return probs, ok
-    ds = model_image_dataset(paths, spec, image_size, indices=indices, pass_index=pass_index, seed=seed,
-                       augmentation=augmentation, batch_size=batch_size, skip_bad=True)
-    for positions, _, images in ds:
-        positions = positions.numpy()
-        probs[positions] = np.asarray(infer(images), dtype=np.float64)
-        ok[positions] = True
-        done = int(positions[-1]) + 1
-        if progress:
-            progress(done, n)
-    return probs, ok
 
 
 def test_images(root: str | Path):
@@ -190,19 +80,16 @@ def test_images(root: str | Path):
 
 @writes
 def predict_submission(config: PredictConfig, progress: Progress | None = None) -> Submission:
-    from dogtl.data.images import decode_error
-    from dogtl.core.modelinfo import check_metadata
-
     model_path = resolve_model(config.model)
     meta, spec, size = check_metadata(model_path)
     out = check_overwrite(config.out, config.force)
     hold(out, "the submission")
     ids, paths, sample, reasons = _test_set(config, meta)
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     columns = check_submission_columns(sample, classes) if sample is not None else sorted(classes)
 
     probs, ok, source, passes, runtime = None, None, "images", 0, None
-    if meta["kind"] == "head" and config.use_cache:
+    if meta.kind == "head" and config.use_cache:
         probs, ok, passes = _from_cache(config, meta, model_path, ids, paths, required=reasons is not None)
         if probs is not None:
             source = "cached features"
@@ -230,9 +117,7 @@ def _test_set(config, meta):
     """(ids, paths, sample submission or None, reasons or None) of the test images: those in
     data/test/, or, for a head model when there is no data/test/, the ones its cache holds
     features of (then `reasons` gives why the cache skipped some, and the cache is required)."""
-    from dogtl.core.modelinfo import open_model_cache
-
-    if (Path(config.data) / "test").is_dir() or meta["kind"] != "head" or not config.use_cache:
+    if (Path(config.data) / "test").is_dir() or meta.kind != "head" or not config.use_cache:
         return (*test_images(config.data), None)
     cache = open_model_cache(meta, config.cache, required=config.cache is not None)
     if cache is None or not len(cache.test_ids):
@@ -254,9 +139,6 @@ def _test_set(config, meta):
 def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
     """Head predictions from the cache's test features; (None, None, 0) when it cannot serve them
     (or an error, when `required`: the images are not there)."""
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches, open_model_cache
-
     cache = open_model_cache(meta, config.cache, required=required or config.cache is not None)
     if cache is None:
         log.info("no cache for %s: computing features from the images", model_path)
@@ -273,8 +155,7 @@ def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
                             f"in {config.data}/test to compute them from: drop --tta or pass --data")
         log.info("%s holds no test-time augmentation passes: computing them from the images", cache.path)
         return None, None, 0
-    head, _ = load_model(model_path, compile=False)
-    check_model_matches(head, meta, model_path)
+    head = load_checked_model(model_path, meta)
     passes = list(range(cache.num_test_passes)) if config.tta else [0]
     features = cache.features("test", passes=passes)
     mean = np.mean([head.predict(f, batch_size=1024, verbose=0) for f in features], axis=0)
@@ -285,34 +166,12 @@ def _from_cache(config, meta, model_path, ids, paths, required: bool = False):
     return probs, ok, len(passes)
 
 
-def _augmentation_of(meta):
-    """The augmentation settings and seed recorded with the model's cache (defaults if none)."""
-    from dogtl.data.augment import AugmentConfig
-
-    fingerprint = meta.get("cache_fingerprint") or {}
-    aug = fingerprint.get("augmentation")
-    return (AugmentConfig(**aug) if aug else AugmentConfig()), int(fingerprint.get("seed", 0))
-
-
-def _augmentation_keys(meta, paths):
-    """The keys the model's cache drew augmented passes of these files with: their ids' (file
-    stems, as test ids are) for a format-2 cache, so TTA on test/ID.jpg averages the cached TTA
-    passes of ID; else None (their positions, as format 1 numbered test files)."""
-    from dogtl.data.augment import image_keys
-    from dogtl.features.cache import IMAGE_KEY
-
-    fingerprint = meta.get("cache_fingerprint") or {}
-    return image_keys([Path(p).stem for p in paths]) if fingerprint.get("image_key") == IMAGE_KEY else None
-
-
 def _from_images(config, model_path, paths, progress):
     model, meta, spec, size = load_image_model(model_path, config.weights)
-    augmentation, seed = _augmentation_of(meta)
-    from dogtl.evaluation.tta import image_probabilities
-
+    augmentation, seed = augmentation_of(meta)
     passes = 1 + (config.tta_passes if config.tta else 0)
     probs, ok = image_probabilities(model, paths, spec, size, passes=passes, seed=seed, augmentation=augmentation,
-                                    indices=_augmentation_keys(meta, paths),
+                                    indices=augmentation_keys(meta, paths),
                                     batch_size=config.batch_size, progress=progress, precision=config.precision,
                                     runtime=config.runtime)
     return probs, ok, passes, inference_fn(model, config.precision, config.runtime).runtime
@@ -322,24 +181,22 @@ def _from_images(config, model_path, paths, progress):
 
 def predict_top_k(config: PredictConfig, progress: Progress | None = None) -> list[TopK]:
     """Top-k classes with probabilities for each file in config.images."""
-    from dogtl.data.images import decode_error
-
     model_path = resolve_model(config.model)
     paths = [Path(p) for p in config.images]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         raise DataError(f"no such image file: {', '.join(absent[:3])}")
     model, meta, spec, size = load_image_model(model_path, config.weights)
-    augmentation, seed = _augmentation_of(meta)
+    augmentation, seed = augmentation_of(meta)
     passes = 1 + (config.tta_passes if config.tta else 0)
-    keys = _augmentation_keys(meta, paths)
+    keys = augmentation_keys(meta, paths)
     runs = [predict_images(model, paths, spec, size, indices=keys, pass_index=p, seed=seed, augmentation=augmentation,
                            batch_size=config.batch_size, progress=progress, precision=config.precision,
                            runtime=config.runtime)
             for p in range(passes)]
     probs = np.mean([r[0] for r in runs], axis=0)
     ok = np.logical_and.reduce([r[1] for r in runs])
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     k = min(config.top_k, len(classes))
     results = []
     for path, row, good in zip(paths, probs, ok):

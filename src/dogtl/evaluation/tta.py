@@ -8,7 +8,13 @@ so cached and image TTA average the same views.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from dogtl.data.augment import AugmentConfig, image_keys
+from dogtl.evaluation.inference import predict_images
+from dogtl.features.fingerprint import IMAGE_KEY
 
 
 def cached_probabilities(model, cache, split: str = "labelled", rows=None, passes=None) -> np.ndarray:
@@ -29,8 +35,6 @@ def image_probabilities(model, paths, spec, size, *, passes: int, seed: int, aug
                         batch_size: int = 32, progress=None, precision: str | None = None,
                         runtime: str | None = None):
     """(mean probabilities over pass 0 and augmented passes 1..passes-1 of image files, read mask)."""
-    from dogtl.evaluation.predict import predict_images
-
     runs = []
     for p in range(passes):
         def step(done, n, p=p):
@@ -40,3 +44,18 @@ def image_probabilities(model, paths, spec, size, *, passes: int, seed: int, aug
                                    augmentation=augmentation, batch_size=batch_size, progress=step,
                                    precision=precision, runtime=runtime))
     return np.mean([r[0] for r in runs], axis=0), np.logical_and.reduce([r[1] for r in runs])
+
+
+def augmentation_of(meta):
+    """The augmentation settings and seed recorded with the model's cache (defaults if none)."""
+    fingerprint = meta.backbones[0].cache_fingerprint or {}
+    aug = fingerprint.get("augmentation")
+    return (AugmentConfig(**aug) if aug else AugmentConfig()), int(fingerprint.get("seed", 0))
+
+
+def augmentation_keys(meta, paths):
+    """The keys the model's cache drew augmented passes of these files with: their ids' (file
+    stems, as test ids are) for a format-2 cache, so TTA on test/ID.jpg averages the cached TTA
+    passes of ID; else None (their positions, as format 1 numbered test files)."""
+    fingerprint = meta.backbones[0].cache_fingerprint or {}
+    return image_keys([Path(p).stem for p in paths]) if fingerprint.get("image_key") == IMAGE_KEY else None

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from dogtl.core.errors import CacheError, DogtlError, SettingError
+from dogtl.core.models import top_blocks_start
+from dogtl.core.settings import ALL_BLOCKS
 
 CUT_DTYPES = ("float16", "int8")
 BYTES = {"float16": 2, "int8": 1}
@@ -27,8 +29,6 @@ BYTES = {"float16": 2, "int8": 1}
 
 def cut_tensor(backbone, spec, n):
     """The KerasTensor entering the top `n` blocks (or 'all') of `backbone`."""
-    from dogtl.core.models import top_blocks_start
-
     layers = backbone.layers
     start = top_blocks_start([layer.name for layer in layers], spec, n)
     if n == 0 or start >= len(layers):
@@ -66,8 +66,6 @@ def cut_info(backbone, spec, n, dtype: str) -> dict:
 
 def cut_covers(cut_blocks, blocks) -> bool:
     """Whether a cut entering the top `cut_blocks` blocks serves fine-tuning the top `blocks`."""
-    from dogtl.core.settings import ALL_BLOCKS
-
     return cut_blocks == ALL_BLOCKS or (blocks != ALL_BLOCKS and blocks <= cut_blocks)
 
 

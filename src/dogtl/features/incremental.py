@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import CacheError
-from dogtl.features.cache import LABELLED_LIST, FeatureCache
+from dogtl.data.augment import image_keys
+from dogtl.data.folders import content_hashes
+from dogtl.features.cache import FeatureCache
+from dogtl.features.fingerprint import LABELLED_LIST
 
 SPLITS = ("labelled", "test")
 COPY_ROWS = 4096  # rows of the updated cache assembled at a time
@@ -44,9 +47,6 @@ class ImageList:
 
 def image_lists(dataset) -> dict:
     """{"labelled": ImageList, "test": ImageList} of a data folder (reads every file once)."""
-    from dogtl.data.augment import image_keys
-    from dogtl.data.folders import content_hashes
-
     hashes = content_hashes([*dataset.paths, *dataset.test_paths])
     n = len(dataset.paths)
     return {"labelled": ImageList(dataset.ids, dataset.paths, hashes[:n], image_keys(dataset.ids),

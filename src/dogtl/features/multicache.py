@@ -9,8 +9,8 @@ weights, image size, preprocessing, feature size and storage dtype may differ. A
 else is refused with the differing setting named.
 
 A head trained this way records every cache in its metadata (`backbones`, one entry per
-cache, in order); `head_inputs` gives those metadata fields and `open_model_caches` opens
-the caches again for evaluate/predict.
+cache, in order); `head_inputs` gives those metadata entries and features/modelcache.py
+opens the caches again for evaluate/predict.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from dogtl.core.errors import CacheError
-from dogtl.features.cache import CacheShapes, FeatureCache, fingerprint_differences, open_cache
+from dogtl.core.metadata import BackboneInput
+from dogtl.features.cache import CacheShapes, FeatureCache, open_cache
+from dogtl.features.fingerprint import fingerprint_differences
 
 # Fingerprint settings that may differ between caches concatenated into one head.
 PER_BACKBONE = {"backbone", "weights", "image_size", "preprocessing", "feature_dim", "dtype", "shard"}
@@ -107,67 +109,16 @@ def cache_value(cache) -> str | list[str]:
     return [str(p) for p in cache.paths] if isinstance(cache, MultiCache) else str(cache.path)
 
 
-def _entry(cache: FeatureCache) -> dict:
+def _entry(cache: FeatureCache) -> BackboneInput:
     fp = cache.fingerprint
-    return {"backbone": fp.get("backbone"), "weights": fp.get("weights"), "image_size": fp.get("image_size"),
-            "weights_path": cache.weights_path, "preprocessing": fp.get("preprocessing"),
-            "feature_dim": cache.feature_dim, "cache": str(cache.path), "cache_fingerprint": fp}
+    return BackboneInput(backbone=fp.get("backbone"), weights=fp.get("weights"), image_size=fp.get("image_size"),
+                         weights_path=cache.weights_path, preprocessing=fp.get("preprocessing"),
+                         feature_dim=cache.feature_dim, cache=str(cache.path), cache_fingerprint=fp)
 
 
-def head_inputs(cache) -> dict:
-    """The metadata fields binding a head to its cache(s). One cache: its backbone, weights,
-    image size, preprocessing, feature size and fingerprint. Several: those of the first at the
-    top level (feature_dim the total) and every cache's in `backbones`, in order."""
-    if not isinstance(cache, MultiCache):
-        return _entry(cache)
-    entries = [_entry(c) for c in cache.caches]
-    return {**entries[0], "feature_dim": cache.feature_dim, "backbones": entries}
+def head_inputs(cache) -> list[BackboneInput]:
+    """The metadata's backbones binding a head to its cache(s): one entry per cache, in order,
+    each with its backbone, weights, image size, preprocessing, feature size and fingerprint."""
+    return [_entry(c) for c in getattr(cache, "caches", [cache])]
 
 
-def is_multi(meta: dict) -> bool:
-    return len(meta.get("backbones") or []) > 1
-
-
-def open_model_caches(meta: dict, override=None, required: bool = True):
-    """The caches a multi-backbone head was trained on, checked against its metadata, as one
-    MultiCache (None when not `required` and one cannot be found). `override`: a list of paths
-    in the order of the head's caches."""
-    from dogtl.core.modelinfo import open_model_cache
-
-    entries = meta["backbones"]
-    paths = as_paths(override) if override is not None else [None] * len(entries)
-    if len(paths) != len(entries):
-        raise CacheError(f"the model was trained on {len(entries)} caches ({', '.join(e['cache'] for e in entries)}): "
-                         f"pass --cache once for each, in that order (got {len(paths)})")
-    caches = []
-    for entry, path in zip(entries, paths):
-        cache = open_model_cache({**entry, "classes": meta["classes"]}, path, required=required)
-        if cache is None:
-            return None
-        caches.append(cache)
-    return combine(caches)
-
-
-def multi_image_model(path, meta: dict, weights: str | None = None):
-    """(model on images, metadata, [spec per backbone], [size per backbone]) for a multi-backbone
-    head: every backbone of its caches, each with its own weights and size, feeding the head.
-    `weights` (a local file) replaces the recorded file of the backbones that used that file."""
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import same_weights, backbone_weights, check_model_matches
-    from dogtl.core.models import build_backbone, compose_multi, renamed
-    from dogtl.features.backbones import get_backbone
-
-    specs, sizes, backbones, names = [], [], [], set()
-    for entry in meta["backbones"]:
-        spec, size = get_backbone(entry["backbone"]), int(entry["image_size"])
-        override = weights if weights is not None and same_weights(entry["weights"], weights) else None
-        backbone = build_backbone(spec, backbone_weights(entry, override), size)
-        if backbone.name in names:
-            backbone = renamed(backbone, f"{backbone.name}_{len(backbones)}")
-        names.add(backbone.name)
-        specs.append(spec)
-        sizes.append(size)
-        backbones.append(backbone)
-    head, _ = load_model(path, compile=False)
-    check_model_matches(head, meta, path)
-    return compose_multi(backbones, specs, sizes, head), meta, specs, sizes

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dogtl.core.diskspace import require_free_space
+from dogtl.core.errors import DataError
+from dogtl.core.files import atomic_path, make_folder
+from dogtl.core.models import build_backbone, calibrate_batchnorm
+from dogtl.data.images import image_dataset
+
 CALIBRATION_IMAGES = 32
 
 
@@ -26,12 +32,6 @@ def calibrate_random_backbone(spec, image_size: int, paths, out: str | Path, ima
     """The seeded random backbone with the BatchNorm statistics of up to `images` of `paths`
     (spread over the list; unreadable files are left out), saved atomically at `out` (refused
     first, naming `what`, without the room). The same images give the same file, byte for byte."""
-    from dogtl.core.diskspace import require_free_space
-    from dogtl.core.errors import DataError
-    from dogtl.core.files import atomic_path, make_folder
-    from dogtl.core.models import build_backbone, calibrate_batchnorm
-    from dogtl.data.images import image_dataset
-
     paths = list(paths)
     chosen = paths[:: max(1, len(paths) // images)][:images]
     batches = list(image_dataset(chosen, spec, image_size, batch_size=len(chosen) or 1))

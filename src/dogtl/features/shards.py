@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dogtl.features.cache import (SPLITS, STRING_COLUMNS, cache_file_writer, create_numeric, fingerprint_differences,
-                                 open_cache, read_block, write_cache)
+from dogtl.features.cache import open_cache
+from dogtl.features.cacheformat import SPLITS, STRING_COLUMNS, read_block
+from dogtl.features.cachewriter import cache_file_writer, create_numeric, write_cache
+from dogtl.features.fingerprint import fingerprint_differences
 from dogtl.features.cut import stored_layout
 from dogtl.core.errors import CacheError, DogtlError, SettingError
 from dogtl.core.files import check_overwrite
@@ -222,7 +224,7 @@ def _copy_pass(parts, split: str, pass_index: int, key: str = "features"):
 
 
 def _write_virtual(out: Path, parts, fingerprint, versions, classes, arrays, skipped) -> None:
-    """The cache's schema (cache.py) with features as virtual datasets over the shards' files.
+    """The cache's schema (cacheformat.py) with features as virtual datasets over the shards' files.
 
     Source files are recorded relative to `out`'s folder when they are beside it or below it
     (HDF5 looks for relative sources next to the merged file), else as absolute paths.

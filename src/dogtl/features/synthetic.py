@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dogtl.features.cachewriter import write_cache
+
 
 def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes: int = 3, dim: int = 32,
                         passes: int = 2, test_images: int = 0, val_fraction: float = 0.25,
@@ -21,7 +23,6 @@ def write_feature_cache(path: str | Path, *, num_images: int = 120, num_classes:
 
     `pass_transform(pass_index, features, labels, is_val) -> features` may rewrite a pass
     (tests use it to make clean and augmented passes tell different stories)."""
-    from dogtl.features.cache import write_cache
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

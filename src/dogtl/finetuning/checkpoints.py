@@ -14,8 +14,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.errors import DamagedError, DogtlError
+from dogtl.core.files import atomic_path, file_sha256, write_json_atomic
+from dogtl.core.temporaries import progress_folder
 
 STATE = "state.json"
 
@@ -48,14 +52,10 @@ def random_state(model) -> list:
     """The states of the model's random generators (its dropout layers' seed generators), which a
     .keras file does not hold: a resumed run restores them, so it draws the dropout masks the
     uninterrupted run would have drawn (found by benchmarks/faults.py: resumed epochs differed)."""
-    import numpy as np
-
     return [np.asarray(v).tolist() for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 def restore_random_state(model, state: list) -> None:
-    import numpy as np
-
     generators = [v for v in model.variables if v.path.endswith("seed_generator_state")]
     if len(state) == len(generators):  # a state.json of an older dogtl has none: left as built
         for v, value in zip(generators, state):
@@ -71,8 +71,6 @@ class Checkpoints:
 
     @classmethod
     def beside(cls, out: Path, identity: dict) -> "Checkpoints":
-        from dogtl.core.files import progress_folder
-
         return cls(progress_folder(out), json.loads(json.dumps(identity)))
 
     def load(self, force: bool) -> RunState | None:
@@ -94,8 +92,6 @@ class Checkpoints:
     def save_model(self, model, epoch: int, tag: str = "") -> str:
         """Checkpoint `model` (with its optimizer) as the model of `epoch` (`tag`: another model of
         the same epoch); returns its file name."""
-        from dogtl.core.files import atomic_path
-
         self.folder.mkdir(exist_ok=True)
         name = f"epoch-{epoch:04d}{'-' + tag if tag else ''}.keras"
         with atomic_path(self.folder / name) as tmp:
@@ -105,11 +101,10 @@ class Checkpoints:
     def load_model(self, name: str, state: RunState):
         """A checkpointed model of `state`, compiled, with its optimizer state (under the caller's
         scope); refused if it is not the file `state` recorded."""
-        import keras
+        import keras  # local: loads TensorFlow, which a multi-worker run must start first (train.py)
 
-        from dogtl.core.files import file_sha256
-        from dogtl.finetuning import optimizer  # noqa: F401  registers the layer-wise optimizers and the loss
-        from dogtl.head import schedules  # noqa: F401  registers the cyclical schedules for loading
+        from dogtl.finetuning import optimizer  # noqa: F401  # local: registers the layer-wise optimizers and the loss (Keras)
+        from dogtl.core import schedules  # noqa: F401  # local: registers the cyclical schedules for loading (Keras)
 
         path = self.folder / name
         if name in state.hashes and file_sha256(path) != state.hashes[name]:
@@ -119,8 +114,6 @@ class Checkpoints:
 
     def commit(self, state: RunState) -> None:
         """Record `state` (atomically), then drop the checkpoints it no longer needs."""
-        from dogtl.core.files import file_sha256, write_json_atomic
-
         kept = {state.best_file, state.last_file}
         state.hashes = {name: state.hashes.get(name) or file_sha256(self.folder / name) for name in kept}
         write_json_atomic(self.folder / STATE, {"identity": self.identity, "state": state.to_json()})

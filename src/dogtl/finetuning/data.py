@@ -10,16 +10,21 @@ from functools import reduce
 
 import numpy as np
 
+from dogtl.core.distribute import data_sharding, drop_small_batches
 from dogtl.core.errors import DataError, SettingError
-from dogtl.evaluation.metrics import scores
+from dogtl.data.augment import AugmentConfig, augment_preset
+from dogtl.data.images import image_dataset
+from dogtl.evaluation.inference import predict_images
+from dogtl.core.metrics import scores
+
+# local: tensorflow is imported inside `training_dataset`: importing this module must not load
+# TensorFlow (finetuning/train.py starts a multi-worker run first).
 
 
 def training_augmentation(augment: str, cached: dict, from_cache: bool):
     """The AugmentConfig fine-tuning trains with (None: clean images), for `--augment` and the
     cache's augmentation settings `cached`. From the cache the augmented passes are what
     extraction made: `light`/`recipe` must be them."""
-    from dogtl.data.augment import AugmentConfig, augment_preset
-
     cached = AugmentConfig(**cached)
     wanted = augment_preset(augment, cached)
     if not from_cache:
@@ -40,8 +45,6 @@ def training_batches(paths, indices, spec, image_size: int, *, seed: int, augmen
     Rows index `paths`; the order of epoch e depends only on (seed, e), so a resumed run
     sees the same batches. Unreadable images raise (they were readable at extraction).
     """
-    from dogtl.data.images import image_dataset
-
     indices = np.asarray(indices)
     parts = []
     for epoch in epochs:
@@ -67,8 +70,6 @@ def training_dataset(paths, indices, labels, spec, image_size: int, *, seed: int
     ds = ds.map(lambda pos, image: (image, tf.gather(labels, pos)),
                 num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
     if strategy is not None:
-        from dogtl.core.distribute import data_sharding, drop_small_batches
-
         ds = drop_small_batches(ds, strategy).with_options(data_sharding())
     return ds
 
@@ -76,8 +77,6 @@ def training_dataset(paths, indices, labels, spec, image_size: int, *, seed: int
 def reestimation_images(paths, spec, image_size: int, *, seed: int, limit: int, batch_size: int = 64):
     """Batches of up to `limit` clean training images, drawn at random by `seed`, for
     --batchnorm reestimate."""
-    from dogtl.data.images import image_dataset
-
     chosen = np.random.default_rng([seed, 1]).permutation(len(paths))[:limit]
     ds = image_dataset([paths[i] for i in chosen], spec, image_size, batch_size=batch_size, skip_bad=False)
     return (images for _, _, images in ds)
@@ -85,8 +84,6 @@ def reestimation_images(paths, spec, image_size: int, *, seed: int, limit: int, 
 
 def validate(model, val: dict, spec, image_size: int, batch_size: int) -> tuple[np.ndarray, dict]:
     """(probabilities, scores) of `model` on the clean validation images of `val` (split_paths)."""
-    from dogtl.evaluation.predict import predict_images
-
     probs, ok = predict_images(model, val["paths"], spec, image_size, batch_size=batch_size)
     if not ok.all():
         bad = val["paths"][int(np.flatnonzero(~ok)[0])]

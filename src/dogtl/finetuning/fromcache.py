@@ -21,15 +21,22 @@ from __future__ import annotations
 import numpy as np
 
 from dogtl.core.errors import DogtlError
+from dogtl.core.models import build_backbone, compose
+from dogtl.evaluation.inference import inference_fn
+from dogtl.core.metrics import scores
+from dogtl.features.cut import CutReader, check_cut, split_backbone
+from dogtl.finetuning.model import compile_model, load_head, unfreeze, unfrozen_batchnorm
 from dogtl.finetuning.settings import FinetuneConfig
+from dogtl.finetuning.setup import prepare_common
+from dogtl.head.trainloop import epoch_plan
+
+# local: tensorflow is imported inside the functions that make datasets: importing this module
+# must not load TensorFlow (finetuning/train.py starts a multi-worker run first).
 
 
 def prepare_from_cache(config: FinetuneConfig, strategy):
     """train.Setup for a run on the cache's cut activations, checked: the cut is at or below the
     top --trainable-blocks."""
-    from dogtl.features.cut import check_cut
-    from dogtl.finetuning.train import prepare_common
-
     if strategy is not None:
         raise DogtlError(f"--from-cache runs on one device: drop --strategy {config.strategy}")
 
@@ -45,9 +52,6 @@ def prepare_from_cache(config: FinetuneConfig, strategy):
 
 
 def _backbone_and_head(setup):
-    from dogtl.core.models import build_backbone
-    from dogtl.finetuning.model import load_head
-
     return build_backbone(setup.spec, setup.weights, setup.size), load_head(setup.config, setup.meta)
 
 
@@ -61,30 +65,20 @@ class CacheSource:
     def build(self, setup):
         """(compiled model on cut activations, the head inside it, names of the trainable layers,
         the BatchNorm layers --batchnorm reestimate re-estimates)."""
-        import keras
-
-        from dogtl.features.cut import split_backbone
-        from dogtl.finetuning.model import compile_model, unfreeze, unfrozen_batchnorm
-
         c = setup.config
         backbone, head = _backbone_and_head(setup)
         trainable = unfreeze(backbone, head, setup.spec, c.trainable_blocks)
         _, top = split_backbone(backbone, setup.spec, self.cut_blocks(setup))
-        inputs = keras.Input(tuple(top.input.shape[1:]), name="cut")
-        model = keras.Model(inputs, head(top(inputs, training=False)), name="finetuned_from_cache")
+        model = compose(top, head, name="finetuned_from_cache", input_names=["cut"])
         compile_model(model, backbone, setup.spec, c, setup.steps)
         return model, head, trainable, unfrozen_batchnorm(backbone, head, setup.spec, c.trainable_blocks)
 
     def _reader(self, setup):
-        from dogtl.features.cut import CutReader
-
         return CutReader(setup.cache)
 
     def batches(self, setup, epochs):
         """(cut activations, labels) batches of the given epochs: every training row once per epoch
         (topped up to whole batches), each from one cached pass, as train-head draws them."""
-        from dogtl.head.trainloop import epoch_plan
-
         train = setup.split["train"]
         n, batch = len(train["rows"]), min(setup.config.batch_size, len(train["rows"]))
         total = setup.cache.num_passes
@@ -127,9 +121,6 @@ class CacheSource:
 
     def validate(self, setup, model):
         """(probabilities, scores) on the cached clean pass of the validation rows."""
-        from dogtl.evaluation.metrics import scores
-        from dogtl.evaluation.predict import inference_fn
-
         val, b = setup.split["val"], 2 * setup.config.batch_size
         reader = self._reader(setup)
         infer = inference_fn(model)
@@ -143,9 +134,6 @@ class CacheSource:
     def export(self, setup, trained):
         """The whole backbone + head: the backbone as built from its weights, the trained top
         part's weights copied in layer by layer, then the trained head."""
-        from dogtl.core.models import compose
-        from dogtl.features.cut import split_backbone
-
         backbone, _ = _backbone_and_head(setup)
         trained_top = next(layer for layer in trained.layers if layer.name == "top_part")
         # Layer by layer in the order the same construction gives (unnamed layers such as

@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import numpy as np
 
+from dogtl.core.errors import DataError
+from dogtl.core.models import build_backbone
+from dogtl.core.runtimes import frozen_forward, plan
+from dogtl.core.settings import ALL_BLOCKS
+from dogtl.data.images import image_dataset
+from dogtl.evaluation.inference import inference_fn
+from dogtl.core.metrics import scores
+from dogtl.features.cut import split_backbone
+from dogtl.finetuning.data import training_batches
 from dogtl.finetuning.fromcache import CacheSource
+
+# local: tensorflow is imported inside `dataset`: importing this module must not load TensorFlow
+# (finetuning/train.py starts a multi-worker run first).
 
 
 def frozen_part_source(config, strategy, spec):
     """A FrozenPartSource when --runtime means another runtime than TensorFlow here and there is a
     frozen part below the trainable blocks; else None (train on images in TensorFlow)."""
-    from dogtl.core.runtimes import plan
-    from dogtl.core.settings import ALL_BLOCKS
-
     runtime, _ = plan(config.runtime, config.precision, strategy)
     blocks = config.trainable_blocks
     if runtime == "tensorflow" or blocks == ALL_BLOCKS or not 0 < blocks < len(spec.blocks):
@@ -45,10 +54,6 @@ class FrozenPartSource(CacheSource):
     def forward(self, setup):
         """The frozen part on the runtime, converted (or loaded from the conversion cache) once."""
         if self._forward is None:
-            from dogtl.core.models import build_backbone
-            from dogtl.core.runtimes import frozen_forward
-            from dogtl.features.cut import split_backbone
-
             n = self.cut_blocks(setup)
             frozen, _ = split_backbone(build_backbone(setup.spec, setup.weights, setup.size), setup.spec, n)
             self._forward = frozen_forward(frozen, runtime=setup.config.runtime, precision=setup.config.precision,
@@ -61,8 +66,6 @@ class FrozenPartSource(CacheSource):
         return self.forward(setup).runtime
 
     def batches(self, setup, epochs):
-        from dogtl.finetuning.data import training_batches
-
         train, forward = setup.split["train"], self.forward(setup)
         ds = training_batches(train["paths"], train["indices"], setup.spec, setup.size, seed=setup.seed,
                               augmentation=setup.augmentation, batch_size=setup.config.batch_size, epochs=epochs)
@@ -80,11 +83,6 @@ class FrozenPartSource(CacheSource):
 
     def validate(self, setup, model):
         """(probabilities, scores) on the clean validation images, the frozen part on the runtime."""
-        from dogtl.core.errors import DataError
-        from dogtl.data.images import image_dataset
-        from dogtl.evaluation.metrics import scores
-        from dogtl.evaluation.predict import inference_fn
-
         val, forward, top = setup.split["val"], self.forward(setup), inference_fn(model)
         probs = np.full((len(val["paths"]), model.output.shape[-1]), np.nan)
         with forward:

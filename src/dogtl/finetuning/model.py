@@ -5,7 +5,15 @@ re-estimated on the new domain first (`reestimate`)."""
 
 from __future__ import annotations
 
+from dogtl.core.models import (batchnorm_layers, block_depths, build_backbone, compose, freeze_batchnorm,
+                               is_batchnorm, unfreeze_top_blocks)
+from dogtl.core.precision import resolve
+from dogtl.evaluation.inference import load_checked_model
 from dogtl.finetuning.settings import ONE_CYCLE_WARMUP, FinetuneConfig
+
+# local: keras, and the modules that define dogtl's Keras objects (finetuning/optimizer.py,
+# core/schedules.py), are imported inside the functions that build: importing this module must
+# not load TensorFlow (train.py starts a multi-worker run first).
 
 # Images (or cut activations) whose BatchNorm statistics --batchnorm reestimate averages: plenty
 # for per-channel means and variances, and one forward pass over them costs well under an epoch.
@@ -15,8 +23,6 @@ REESTIMATE_IMAGES = 4096
 def build_model(config: FinetuneConfig, meta: dict, spec, image_size: int, weights: str, steps_per_epoch: int):
     """(compiled model, the head inside it, names of the trainable backbone layers, the BatchNorm
     layers --batchnorm reestimate re-estimates), built under the caller's distribution scope."""
-    from dogtl.core.models import build_backbone, compose
-
     head = load_head(config, meta)
     backbone = build_backbone(spec, weights, image_size)
     trainable = unfreeze(backbone, head, spec, config.trainable_blocks)
@@ -26,18 +32,12 @@ def build_model(config: FinetuneConfig, meta: dict, spec, image_size: int, weigh
 
 
 def load_head(config: FinetuneConfig, meta: dict):
-    from dogtl.core.artifacts import load_model
-    from dogtl.core.modelinfo import check_model_matches
-
-    head, _ = load_model(config.head, compile=False)
-    check_model_matches(head, meta, config.head)
-    return head
+    """The trained head object fine-tuning starts from (`meta`: its metadata)."""
+    return load_checked_model(config.head, meta)
 
 
 def unfreeze(backbone, head, spec, blocks) -> list[str]:
     """The top `blocks` blocks of `backbone` and the head trainable, every BatchNorm frozen."""
-    from dogtl.core.models import freeze_batchnorm, unfreeze_top_blocks
-
     trainable = unfreeze_top_blocks(backbone, spec, blocks)
     freeze_batchnorm(head)
     return trainable
@@ -46,9 +46,7 @@ def unfreeze(backbone, head, spec, blocks) -> list[str]:
 def compile_model(model, backbone, spec, config: FinetuneConfig, steps_per_epoch: int) -> None:
     import keras
 
-    from dogtl.core.models import block_depths
-    from dogtl.core.precision import resolve
-    from dogtl.finetuning.optimizer import SmoothedCrossentropy, layer_rates, make_optimizer
+    from dogtl.finetuning.optimizer import SmoothedCrossentropy, layer_rates, make_optimizer  # local: imports Keras
 
     names = [layer.name for layer in backbone.layers]
     depths = dict(zip(names, block_depths(names, spec, config.trainable_blocks)))
@@ -66,7 +64,7 @@ def learning_rate(config: FinetuneConfig, steps_per_epoch: int):
     """The schedule of `--schedule` (see the setting's help), with `--warmup-epochs`."""
     import keras
 
-    from dogtl.head.schedules import CyclicLR, OneCycleLR, Warmup
+    from dogtl.core.schedules import CyclicLR, OneCycleLR, Warmup  # local: imports Keras
 
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     if config.schedule == "cosine":
@@ -86,7 +84,5 @@ def learning_rate(config: FinetuneConfig, steps_per_epoch: int):
 def unfrozen_batchnorm(backbone, head, spec, blocks) -> list:
     """The BatchNorm layers --batchnorm reestimate re-estimates: those of the top `blocks`
     blocks of the backbone, and the head's."""
-    from dogtl.core.models import batchnorm_layers, block_depths, is_batchnorm
-
     depths = block_depths([layer.name for layer in backbone.layers], spec, blocks)
     return [layer for layer, d in zip(backbone.layers, depths) if d and is_batchnorm(layer)] + batchnorm_layers(head)

@@ -17,7 +17,7 @@ import keras
 from keras import ops
 
 from dogtl.core.keras_private import variable_index
-from dogtl.head.schedules import OPTIMIZER_CLASSES
+from dogtl.core.schedules import OPTIMIZER_CLASSES
 
 
 class _Layerwise:

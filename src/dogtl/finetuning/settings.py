@@ -17,12 +17,13 @@ from dogtl.core.errors import SettingError
 from dogtl.core.precision import PRECISION_HELP, PRECISIONS
 from dogtl.core.runtimes import RUNTIME_HELP, RUNTIMES
 from dogtl.core.settings import Setting, settings_class
+from dogtl.data.augment import AUGMENT_PRESETS
 from dogtl.head.settings import (HEAD_SETTINGS, OPTIMIZERS, RECIPE_BATCH_SIZE, SCHEDULES, STEP_EPOCHS,
                                  check_rate_range)
 
 FINETUNE_OPTIMIZERS = OPTIMIZERS + ("adamw",)
 FINETUNE_SCHEDULES = SCHEDULES + ("cosine", "one_cycle")
-AUGMENTS = ("none", "light", "recipe", "cache")  # data/augment.py: augment_preset
+AUGMENTS = tuple(AUGMENT_PRESETS)  # data/augment.py: augment_preset
 BATCHNORM = ("frozen", "reestimate")
 ONE_CYCLE_WARMUP = 0.3  # one_cycle's default warm-up: this fraction of the run (PyTorch's OneCycleLR pct_start)
 
@@ -78,11 +79,10 @@ FINETUNE_SETTINGS = (
     replace(_HEAD["weight_decay"], default=None, optional=True, low=0,
             help="Decoupled weight decay on every unfrozen kernel, each at its own layer's rate: every step "
             "w -= lr * weight_decay * w. Default: 0.004 (Keras's AdamW default) with adamw, 0 otherwise."),
-    Setting("augment", "str", "none", "Online augmentation: none (measured best over the default 5 epochs); light "
-            "(rotation 10 degrees, zoom 0.1, shift 0.1, flips as at extraction); recipe (the reference recipe's: 45 "
-            "degrees, 0.25, 0.2, flips); cache (the cache's settings). With --from-cache: none trains on the clean "
-            "pass, anything else on the cache's augmented passes (light or recipe must then be them).",
-            choices=AUGMENTS),
+    Setting("augment", "str", "none", "Online augmentation: " + "; ".join(
+        f"{name} ({what})" for name, what in {**AUGMENT_PRESETS, "none": "measured best over the default 5 epochs"}.items())
+            + ". With --from-cache: none trains on the clean pass, anything else on the cache's augmented passes "
+            "(light or recipe must then be them).", choices=AUGMENTS),
     Setting("batchnorm", "str", "frozen", "frozen: BatchNorm keeps the backbone's statistics (inference mode); "
             "reestimate: before training, the statistics of the unfrozen blocks' and the head's BatchNorm layers "
             "are re-estimated on the clean training images of the new domain, then kept frozen.", choices=BATCHNORM),
@@ -123,7 +123,7 @@ def _cycle_step_size(config, steps_per_epoch: int) -> int:
 def _cycle_gamma(config) -> float:
     """exp_range's decay per iteration: train-head's default rule, the recipe's decay per
     image at any batch size."""
-    from dogtl.head.schedules import RECIPE_GAMMA
+    from dogtl.core.schedules import RECIPE_GAMMA  # local: imports Keras; `dogtl --help` reads these settings
 
     return config.gamma if config.gamma is not None else RECIPE_GAMMA ** (config.batch_size / RECIPE_BATCH_SIZE)
 

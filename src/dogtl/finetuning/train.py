@@ -14,36 +14,35 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dogtl.core.artifacts import check_writable, save_model
+from dogtl.core.artifacts import save_model
 from dogtl.core.determinism import make_deterministic
-from dogtl.core.distribute import (agree, check_global_batch, make_strategy, prepare_fit, scope, training_steps,
-                                   worker)
+from dogtl.core.distribute import agree, make_strategy, prepare_fit, scope
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.epochs import EpochRecord, history_frame
 from dogtl.core.errors import DataError
 from dogtl.core.files import atomic_paths, write_csv_atomic
-from dogtl.core.locks import hold, writes
-from dogtl.core.modelinfo import (backbone_weights, check_metadata, open_model_cache, split_paths,
-                                  weights_path_to_record)
+from dogtl.core.locks import writes
+from dogtl.core.metadata import BackboneInput, ModelMetadata
+from dogtl.core.modelinfo import weights_path_to_record
 from dogtl.core.models import reestimate_batchnorm
 from dogtl.core.plots import plot_history
-from dogtl.core.precision import computing_in, resolve, set_policy
+from dogtl.core.precision import computing_in, set_policy
 from dogtl.core.progress import Progress, ProgressEvent
-from dogtl.finetuning.checkpoints import Checkpoints, RunState, random_state, restore_random_state
-from dogtl.finetuning.data import reestimation_images, training_augmentation, training_dataset, validate
+from dogtl.features.modelcache import split_paths
+from dogtl.finetuning.checkpoints import RunState, random_state, restore_random_state
+from dogtl.finetuning.data import reestimation_images, training_dataset, validate
+from dogtl.finetuning.fromcache import prepare_from_cache
 from dogtl.finetuning.frozenpart import frozen_part_source
 from dogtl.finetuning.model import REESTIMATE_IMAGES, build_model
-from dogtl.finetuning.settings import RESUMABLE, FinetuneConfig
-from dogtl.head.ensemble import refuse_composite
+from dogtl.finetuning.settings import FinetuneConfig
+from dogtl.finetuning.setup import Setup, prepare_common
 
-if TYPE_CHECKING:
-    from dogtl.data.augment import AugmentConfig
-    from dogtl.features.backbones import BackboneSpec
-    from dogtl.features.cache import FeatureCache
+# local: keras and tensorflow are imported inside the functions that train (here and in the
+# finetuning modules imported above): make_strategy must start a multi-worker run before
+# TensorFlow loads.
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +63,6 @@ class FinetuneResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class Setup:
-    """Everything a run reads before training, checked: the head, its backbone and cache, the split."""
-
-    config: FinetuneConfig
-    strategy: object  # a tf.distribute strategy, or None for one device
-    out: Path  # this worker's model path
-    meta: dict  # the head's metadata
-    spec: BackboneSpec
-    size: int
-    weights: str  # what rebuilds the head's backbone: 'imagenet', 'none' or a file
-    cache: FeatureCache
-    split: dict  # modelinfo.split_paths
-    augmentation: AugmentConfig | None  # None: --no-augment
-    seed: int
-    steps: int  # per epoch
-    checkpoints: Checkpoints
-    precision: str = "float32"  # resolved --precision (core/precision.py)
-    source: object = None  # None: train on the images; fromcache.CacheSource: on cut activations;
-    # frozenpart.FrozenPartSource: on images, the frozen part on a runtime
-
-
 @writes
 def finetune(config: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune, or resume a killed run of the same settings, and write the best model. `progress`
@@ -93,12 +70,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None) -> Finetu
     line of --batchnorm reestimate."""
     started = time.perf_counter()
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before TensorFlow
-    if config.from_cache:
-        from dogtl.finetuning.fromcache import prepare_from_cache  # local: fromcache imports this module
-
-        setup = prepare_from_cache(config, strategy)
-    else:
-        setup = prepare(config, strategy)
+    setup = prepare_from_cache(config, strategy) if config.from_cache else prepare(config, strategy)
     if config.deterministic:
         make_deterministic(setup.seed)
     state = setup.checkpoints.load(config.force)
@@ -121,37 +93,9 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None) -> Finetu
 
 
 def prepare(config: FinetuneConfig, strategy) -> Setup:
+    """The Setup of a run on images (the frozen part on a runtime where --runtime says so)."""
     return prepare_common(config, strategy, lambda cache: split_paths(cache, config.data),
                           source=lambda spec: frozen_part_source(config, strategy, spec))
-
-
-def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Setup:
-    """What every run checks and reads first; `make_split(cache)` gives the train/val split."""
-    # Every worker of a multi-worker run saves its own copy; only the chief's is at --out.
-    out = check_writable(worker(strategy).private_path(config.out), config.force)
-    hold(out, "the model")  # and its checkpoints folder
-    meta, spec, size = check_metadata(config.head, kinds=("head",))
-    refuse_composite(meta, config.head)
-    weights = backbone_weights(meta, config.weights)
-    cache = open_model_cache(meta, config.cache)
-    if not cache.is_val.any():
-        raise DataError(f"{cache.path} has no validation split (--val-fraction 0): fine-tuning needs "
-                        "one to stop early and keep the best model; extract with --val-fraction > 0")
-    split = make_split(cache)
-    images = len(split["train"]["labels"])
-    if images == 0:
-        raise DataError(f"{cache.path} has no training images outside the validation split")
-    check_global_batch(config.batch_size, strategy, images)
-    fingerprint = cache.fingerprint
-    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE}
-    identity = {"settings": settings, "head": meta, "cache_fingerprint": fingerprint}
-    if callable(extra.get("source")):  # chosen once the head's backbone is known
-        extra["source"] = extra["source"](spec)
-    return Setup(config, strategy, out, meta, spec, size, weights, cache, split,
-                 augmentation=training_augmentation(config.augment, fingerprint["augmentation"], config.from_cache),
-                 seed=int(fingerprint.get("seed", 0)) if config.seed is None else config.seed,
-                 steps=training_steps(images, config.batch_size, strategy),
-                 checkpoints=Checkpoints.beside(out, identity), precision=resolve(config.precision), **extra)
 
 
 def start(setup: Setup, progress: Progress | None = None) -> tuple[object, RunState]:
@@ -202,7 +146,7 @@ def reestimate(setup: Setup, model, layers: list, progress: Progress | None) -> 
 
 def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None) -> None:
     """`fit` from the state's epoch on; `end_epoch` after each epoch, which may stop it early."""
-    import keras  # local: importing this module (finetune's option checks) costs no TensorFlow start-up
+    import keras
     import tensorflow as tf
 
     c, train = setup.config, setup.split["train"]
@@ -270,23 +214,23 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
     best_epoch = state.stopping.best_epoch
     metrics = {**state.best, "before": state.before, "best_epoch": best_epoch, "epochs_run": state.epoch,
                "head_difference": state.head_difference}
-    meta = setup.meta
-    metadata = {
-        "kind": "finetuned", "classes": list(meta["classes"]), "backbone": setup.spec.name,
-        "weights": meta["weights"], "weights_path": weights_path_to_record(setup.weights),
-        "image_size": setup.size, "preprocessing": setup.spec.preprocessing,
-        "feature_dim": setup.spec.feature_dim, "cache": str(setup.cache.path),
-        "cache_fingerprint": setup.cache.fingerprint, "head": str(setup.config.head),
-        "settings": asdict(setup.config), "metrics": metrics, "trainable_layers": state.trainable_layers,
-        **({"frozen_part_runtime": setup.source.runtime(setup)} if hasattr(setup.source, "runtime") else {}),
-        "augmentation": setup.augmentation.as_dict() if setup.augmentation else None,  # what --augment meant
-    }
+    backbone = BackboneInput(
+        backbone=setup.spec.name, weights=setup.meta.backbones[0].weights,
+        weights_path=weights_path_to_record(setup.weights), image_size=setup.size,
+        preprocessing=setup.spec.preprocessing, feature_dim=setup.spec.feature_dim, cache=str(setup.cache.path),
+        cache_fingerprint=setup.cache.fingerprint)
+    metadata = ModelMetadata(
+        kind="finetuned", classes=list(setup.meta.classes), backbones=[backbone], head=str(setup.config.head),
+        settings=asdict(setup.config), metrics=metrics, trainable_layers=state.trainable_layers,
+        frozen_part_runtime=setup.source.runtime(setup) if hasattr(setup.source, "runtime") else None,
+        augmentation=setup.augmentation.as_dict() if setup.augmentation else None)  # what --augment meant
     history_path = setup.out.with_suffix(".history.csv")
     plot_path = setup.out.with_suffix(".png") if len(history) else None
     # The files together (as train-head writes them), the checkpoints removed only after them.
     with atomic_paths(*[p for p in (history_path, plot_path) if p]) as tmps:
         write_csv_atomic(history, tmps[0])
         if plot_path:
+
             plot_history(history, tmps[1], title=f"finetune {setup.out.name} from {Path(setup.config.head).name}",
                          best_epoch=best_epoch, start=state.before)
         save_model(best, setup.out, metadata)

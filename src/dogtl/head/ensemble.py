@@ -15,15 +15,24 @@ ensemble (`dogtl sweep --ensemble K`, `train-head --auto`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-
+from dogtl.core.artifacts import check_writable, load_model, save_model
 from dogtl.core.errors import DogtlError
+from dogtl.core.files import check_overwrite
+from dogtl.core.metadata import BackboneInput, ModelMetadata
+from dogtl.core.metrics import scores
+from dogtl.core.modelinfo import check_metadata, check_model_matches
+from dogtl.core.models import renamed
+from dogtl.features.fingerprint import fingerprint_differences
+from dogtl.features.modelcache import open_model_cache
+from dogtl.features.multicache import head_inputs
+from dogtl.head.train import fit_head, head_metadata, load_training_data
 
 # Metadata of a member that describes its own training, not the ensemble.
 MEMBER_ONLY = ("settings", "metrics", "resolved", "history", "train_images", "val_images", "passes_used",
-               "ensemble")
+               "ensemble", "integrity")
 
 
 @dataclass
@@ -35,30 +44,27 @@ class EnsembleResult:
     seconds: float = 0.0
 
 
-def refuse_composite(meta: dict, path) -> None:
+def refuse_composite(meta: ModelMetadata, path) -> None:
     """Fine-tuning takes a head on one backbone: refuse ensembles and multi-backbone heads."""
-    if meta.get("ensemble"):
-        raise DogtlError(f"{path} is an ensemble of {len(meta['ensemble']['members'])} models: fine-tune "
+    if meta.ensemble:
+        raise DogtlError(f"{path} is an ensemble of {len(meta.ensemble['members'])} models: fine-tune "
                          "each member head, then combine the fine-tuned models with `dogtl ensemble`")
-    if len(meta.get("backbones") or []) > 1:
-        raise DogtlError(f"{path} is a head on {len(meta['backbones'])} concatenated caches: fine-tuning "
+    if meta.is_multi:
+        raise DogtlError(f"{path} is a head on {len(meta.backbones)} concatenated caches: fine-tuning "
                          "supports one backbone; fine-tune a head trained on one cache")
 
 
-def _binding(meta: dict) -> dict:
+def _binding(meta: ModelMetadata) -> dict:
     """What members must share: their kind, classes and the inputs their models take."""
-    def entry(e):
+    def entry(e: BackboneInput):
         keep = ("backbone", "weights", "image_size", "preprocessing", "feature_dim")
-        return {**{k: e.get(k) for k in keep}, **({"cache_fingerprint": e.get("cache_fingerprint")}
-                                                   if meta.get("kind") == "head" else {})}
+        return {**{k: getattr(e, k) for k in keep}, **({"cache_fingerprint": e.cache_fingerprint}
+                                                        if meta.kind == "head" else {})}
 
-    entries = meta.get("backbones") or [meta]
-    return {"kind": meta.get("kind"), "classes": meta.get("classes"), "inputs": [entry(e) for e in entries]}
+    return {"kind": meta.kind, "classes": meta.classes, "inputs": [entry(e) for e in meta.backbones]}
 
 
 def _first_difference(a: dict, b: dict) -> str:
-    from dogtl.features.cache import fingerprint_differences
-
     for key in ("kind", "classes"):
         if a[key] != b[key]:
             return key
@@ -75,8 +81,6 @@ def ensemble_model(models, name: str = "ensemble"):
     """One Keras model averaging the probabilities of `models` (same input and output shapes)."""
     import keras
 
-    from dogtl.core.models import renamed
-
     first = models[0]
     shape = tuple(first.input.shape[1:])
     input_name = "features" if len(shape) == 1 else "image"
@@ -90,21 +94,18 @@ def ensemble_model(models, name: str = "ensemble"):
     return keras.Model(inputs, mean, name=name)
 
 
-def ensemble_metadata(first_meta: dict, members: list, member_metrics: list, metrics: dict | None) -> dict:
-    meta = {k: v for k, v in first_meta.items() if k not in MEMBER_ONLY}
-    meta["ensemble"] = {"members": members, "member_metrics": member_metrics}
-    if metrics is not None:
-        meta["metrics"] = metrics
+def ensemble_metadata(first_meta: ModelMetadata, members: list, member_metrics: list,
+                      metrics: dict | None) -> ModelMetadata:
+    meta = replace(first_meta, **{k: None for k in MEMBER_ONLY})
+    meta.ensemble = {"members": members, "member_metrics": member_metrics}
+    meta.metrics = metrics
     return meta
 
 
-def _validation_scores(model, meta: dict) -> dict | None:
+def _validation_scores(model, meta: ModelMetadata) -> dict | None:
     """Validation accuracy and log loss of a head model on its cache(s); None for image models or
     when the cache is not found."""
-    from dogtl.core.modelinfo import open_model_cache
-    from dogtl.evaluation.metrics import scores
-
-    if meta.get("kind") != "head":
+    if meta.kind != "head":
         return None
     cache = open_model_cache(meta, required=False)
     if cache is None or not cache.is_val.any():
@@ -116,10 +117,6 @@ def _validation_scores(model, meta: dict) -> dict | None:
 
 def combine_models(paths, out, force: bool = False) -> EnsembleResult:
     """`dogtl ensemble`: average the saved models at `paths` into one model at `out`."""
-    from dogtl.core.artifacts import check_writable, load_metadata, load_model, save_model
-    from dogtl.core.files import check_overwrite
-    from dogtl.core.modelinfo import check_metadata, check_model_matches
-
     started = time.perf_counter()
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
@@ -127,10 +124,7 @@ def combine_models(paths, out, force: bool = False) -> EnsembleResult:
     out = Path(out)
     check_writable(out, force)
     check_overwrite(out.with_suffix(".json"), force)
-    metas = []
-    for p in paths:
-        check_metadata(p)
-        metas.append(load_metadata(p))
+    metas = [check_metadata(p)[0] for p in paths]
     first = _binding(metas[0])
     for p, meta in zip(paths[1:], metas[1:]):
         why = _first_difference(first, _binding(meta))
@@ -144,10 +138,10 @@ def combine_models(paths, out, force: bool = False) -> EnsembleResult:
         models.append(model)
     model = ensemble_model(models)
     metrics = _validation_scores(model, metas[0])
-    meta = ensemble_metadata(metas[0], [str(p) for p in paths], [m.get("metrics") for m in metas], metrics)
+    meta = ensemble_metadata(metas[0], [str(p) for p in paths], [m.metrics for m in metas], metrics)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out, meta)
-    return EnsembleResult(out, [str(p) for p in paths], metrics, [m.get("metrics") for m in metas],
+    return EnsembleResult(out, [str(p) for p in paths], metrics, [m.metrics for m in metas],
                           time.perf_counter() - started)
 
 
@@ -159,11 +153,6 @@ def ensemble_of_trials(cache, configs, out, force: bool = True, stop=None, on_me
     `stop(seconds of the last epoch)` is a deadline (see `fit_head`): the first member always
     trains (cut short if need be); a later member cut short, and those after it, are left out.
     `on_member(index, FitResult)` is called as each member is kept."""
-    from dogtl.core.artifacts import check_writable, save_model
-    from dogtl.evaluation.metrics import scores
-    from dogtl.features.multicache import head_inputs
-    from dogtl.head.train import fit_head, head_metadata, load_training_data
-
     started = time.perf_counter()
     out = Path(out)
     check_writable(out, force)
@@ -190,9 +179,9 @@ def ensemble_of_trials(cache, configs, out, force: bool = True, stop=None, on_me
         model = ensemble_model([f.model for f in fits])
         metrics = scores(data.val_labels, model.predict(data.val_features, batch_size=1024, verbose=0),
                          len(cache.classes))
-        meta = ensemble_metadata({"kind": "head", "classes": list(cache.classes), **head_inputs(cache)},
+        meta = ensemble_metadata(ModelMetadata(kind="head", classes=list(cache.classes), backbones=head_inputs(cache)),
                                  [asdict(c) for c in configs], member_metrics, metrics)
-        meta["train_images"], meta["val_images"] = int(data.train_features.shape[1]), int(len(data.val_labels))
+        meta.train_images, meta.val_images = int(data.train_features.shape[1]), int(len(data.val_labels))
         save_model(model, out, meta)
     return EnsembleResult(out, [asdict(c) for c in configs], metrics, member_metrics,
                           time.perf_counter() - started)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dogtl.core.errors import DogtlError
 from dogtl.core.settings import Setting, read_settings_file, settings_class
-from dogtl.head.precision import PRECISIONS, resolve_precision
+from dogtl.core.precision import HEAD_PRECISIONS, resolve
 
 SCHEDULES = ("exp_range", "triangular", "triangular2", "constant")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
@@ -75,7 +75,7 @@ HEAD_SETTINGS = (
     Setting("precision", "str", "auto", "Number format of the hidden layers' matrix products: auto (bfloat16 at "
             "batches of 64 and up on CPUs that multiply it in hardware, ~1.4x faster per epoch there; float32 "
             "elsewhere), float32 or bfloat16. Weights, normalisation and softmax stay float32, and the saved model "
-            "is float32.", choices=PRECISIONS),
+            "is float32.", choices=HEAD_PRECISIONS),
     Setting("seed", "int", 2018, "Seed of initialisation, dropout and pass sampling: the same seed and cache give the "
             "same metrics."),
 )
@@ -88,7 +88,8 @@ def _check(config) -> None:
 
 def _resolve(config, num_rows: int) -> "Resolved":
     """The values the automatic settings take for a training set of `num_rows` images."""
-    from dogtl.head.schedules import RECIPE_GAMMA
+    # local: both import Keras, which `dogtl --help` (it reads these settings) must not load
+    from dogtl.core.schedules import RECIPE_GAMMA
     from dogtl.head.trainloop import steps_per_epoch
 
     batch = min(resolve_batch_size(config.batch_size, num_rows), num_rows)
@@ -100,7 +101,7 @@ def _resolve(config, num_rows: int) -> "Resolved":
     steps = steps_per_epoch(num_rows, batch)
     gamma = config.gamma if config.gamma is not None else RECIPE_GAMMA ** (batch / RECIPE_BATCH_SIZE)
     return Resolved(batch, steps, base, top, config.step_size or STEP_EPOCHS * steps, gamma,
-                    resolve_precision(config.precision, batch))
+                    resolve(config.precision, head_batch=batch))
 
 
 HeadConfig = settings_class(

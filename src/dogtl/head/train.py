@@ -25,10 +25,11 @@ from dogtl.core.epochs import EpochRecord, history_frame
 from dogtl.core.errors import CacheError, DogtlError
 from dogtl.core.files import atomic_paths, check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
+from dogtl.core.metadata import ModelMetadata
+from dogtl.core.metrics import at_chance, chance_scores, scores
 from dogtl.core.models import build_head, set_head_precision
 from dogtl.core.plots import plot_history
 from dogtl.core.progress import Progress, ProgressEvent
-from dogtl.evaluation.metrics import at_chance, chance_scores, scores
 from dogtl.features.multicache import head_inputs, open_caches
 from dogtl.features.signal import spread
 from dogtl.head.settings import HeadConfig, Resolved
@@ -63,7 +64,7 @@ class HeadResult:
 
 
 def _schedule(config: HeadConfig, r: Resolved):
-    from dogtl.head.schedules import CyclicLR, Warmup  # local: it imports Keras
+    from dogtl.core.schedules import CyclicLR, Warmup  # local: it imports Keras
 
     lr = r.base_lr if config.schedule == "constant" else CyclicLR(r.base_lr, r.max_lr, r.step_size,
                                                                  mode=config.schedule, gamma=r.gamma)
@@ -75,7 +76,7 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
     """The head of `config`, compiled with its optimizer and (cyclical) learning rate schedule
     (or `learning_rate`, a rate or Keras schedule, instead); its initial weights and dropout
     streams depend on `config.seed` alone."""
-    from dogtl.head.schedules import make_optimizer  # local: it imports Keras
+    from dogtl.core.schedules import make_optimizer  # local: it imports Keras
 
     model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
                        dropout=config.dropout, seed=config.seed)
@@ -200,12 +201,13 @@ def _warn_at_chance(metrics: dict, chance: dict) -> None:
                     chance["val_accuracy"])
 
 
-def head_metadata(cache, config: HeadConfig, fit: FitResult, data: TrainingData) -> dict:
+def head_metadata(cache, config: HeadConfig, fit: FitResult, data: TrainingData) -> ModelMetadata:
     """What a saved head records: the cache(s) it is bound to, its settings and its validation figures."""
     features = data.train_features[:1] if config.clean_only else data.train_features
-    return {"kind": "head", "classes": list(cache.classes), **head_inputs(cache), "settings": asdict(config),
-            "metrics": fit.metrics, "train_images": int(features.shape[1]), "val_images": int(len(data.val_labels)),
-            "passes_used": int(features.shape[0]), "resolved": asdict(fit.resolved)}
+    return ModelMetadata(kind="head", classes=list(cache.classes), backbones=head_inputs(cache),
+                         settings=asdict(config), metrics=fit.metrics, train_images=int(features.shape[1]),
+                         val_images=int(len(data.val_labels)), passes_used=int(features.shape[0]),
+                         resolved=asdict(fit.resolved))
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -240,7 +242,8 @@ def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out:
     fit = fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels,
                    len(cache.classes), on_epoch=progress)
     _warn_at_chance(fit.metrics, chance_scores(data.train_labels, data.val_labels, len(cache.classes)))
-    metadata = {**head_metadata(cache, config, fit, data), "history": paths["history"].name}
+    metadata = head_metadata(cache, config, fit, data)
+    metadata.history = paths["history"].name
     # All four files or none (bar the microseconds between renames): a kill between them would
     # leave some, and the rerun would refuse to overwrite them.
     with atomic_paths(paths["history"], paths["plot"]) as (history_tmp, plot_tmp):

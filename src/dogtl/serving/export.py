@@ -15,9 +15,12 @@ metadata (classes, inputs, name) in `.json` beside it, which `dogtl serve OUT` r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +28,15 @@ import numpy as np
 
 from dogtl.core.diskspace import require_free_space
 from dogtl.core.errors import DogtlError
-from dogtl.core.files import atomic_path, check_overwrite, make_folder, temporary_sibling, write_text_atomic
+from dogtl.core.files import atomic_path, check_overwrite, make_folder, write_text_atomic
+from dogtl.core.temporaries import temporary_sibling
 from dogtl.core.locks import artifact_lock
-from dogtl.serving.model import ServingModel, encoded_batch_fn, pixels_to_inputs
+from dogtl.core.metadata import metadata_path
+from dogtl.core.quiet import native_stderr_silenced
+from dogtl.core.runtimes import ConversionError, converted, file_forward, require
+from dogtl.data.images import decode_error, load_image
+from dogtl.features.modelcache import open_model_cache, split_paths
+from dogtl.serving.model import ServingModel, encoded_batch_fn, encoded_to_pixels, pixel_model, pixels_to_inputs
 
 log = logging.getLogger(__name__)
 FORMATS = ("savedmodel", "tflite", "onnx", "openvino")
@@ -94,17 +103,8 @@ def labels_path(model_path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.labels.txt")
 
 
-def metadata_path(model_path: str | Path) -> Path:
-    return Path(model_path).with_suffix(".json")
-
-
 def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool = False) -> Path:
     """Write OUT (.onnx, or .xml with its .bin) and its labels and metadata files beside it."""
-    import json
-
-    from dogtl.core.runtimes import ConversionError, require, converted
-    from dogtl.serving.model import pixel_model
-
     out, runtime = Path(out), RUNTIME_OF[fmt]
     if out.suffix != SUFFIX[fmt]:
         raise DogtlError(f"--out {out}: an {fmt} model file must end in {SUFFIX[fmt]}")
@@ -126,31 +126,10 @@ def export_runtime(sm: ServingModel, out: str | Path, fmt: str, *, force: bool =
                         else "pixels"} for k, i in enumerate(sm.inputs)],
             "input": "float32 RGB pixels [N, size, size, 3], 0-255 (decoded and resized; the backbone's "
                      "preprocessing is inside)", "output": "probabilities [N, classes]",
-            "source": str(sm.path), "source_kind": sm.metadata.get("kind")}
+            "source": str(sm.path), "source_kind": sm.metadata.kind}
     write_text_atomic(metadata_path(out), json.dumps(meta, indent=1))
     write_text_atomic(labels_path(out), "".join(f"{c}\n" for c in sm.classes))
     return out
-
-
-def load_exported(path: str | Path) -> ServingModel:
-    """An ONNX / OpenVINO export of `dogtl export` as a ServingModel (no Keras model inside)."""
-    import json
-
-    from dogtl.features.backbones import get_backbone
-    from dogtl.serving.model import EXPORT_SUFFIXES, ImageInput
-
-    path = Path(path)
-    if not path.is_file():
-        raise DogtlError(f"{path}: no such model file")
-    try:
-        meta = json.loads(metadata_path(path).read_text())
-        inputs = tuple(ImageInput(get_backbone(i["backbone"]), int(i["size"])) for i in meta["inputs"])
-        classes = [str(c) for c in meta["classes"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DogtlError(f"{path}: cannot read its metadata {metadata_path(path)} ({e}); export the model again "
-                         "with dogtl export") from None
-    return ServingModel(model=None, classes=classes, inputs=inputs, name=str(meta.get("name") or path.stem),
-                        path=path, metadata=meta, exported=EXPORT_SUFFIXES[path.suffix])
 
 
 def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "auto") -> ExportCheck:
@@ -158,9 +137,6 @@ def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "au
     `runtime` in float32) against the Keras model (dogtl's pipeline on the files) on `paths`:
     both see the same decoded pixels, so the difference is the conversion's alone."""
     import tensorflow as tf
-
-    from dogtl.core.runtimes import file_forward
-    from dogtl.serving.model import encoded_to_pixels
 
     kept = [p for p in paths if _readable(p)]
     keras_probs = _keras_probabilities(sm, kept)
@@ -175,8 +151,6 @@ def check_exported(path: str | Path, sm: ServingModel, paths, runtime: str = "au
 
 
 def _readable(path) -> bool:
-    from dogtl.data.images import decode_error
-
     return decode_error(path) is None
 
 
@@ -186,8 +160,6 @@ def tflite_bytes(sm: ServingModel, quantize: str = "none") -> bytes:
 
     if quantize not in QUANTIZE:
         raise DogtlError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
-    import tempfile
-
     import keras
 
     archive = keras.export.ExportArchive()
@@ -226,10 +198,6 @@ def tflite_interpreter(tflite: str | Path | bytes):
     TensorFlow's, without the deprecation warning it prints on every use (it still works in this
     TensorFlow, and the warning would only say to install LiteRT). Either prints an INFO line
     about its CPU delegate that no log level hides: kept off the screen too."""
-    import warnings
-
-    from dogtl.core.quiet import native_stderr_silenced
-
     kwargs = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -260,8 +228,6 @@ def client_pixels(paths, size: int):
     """(uint8 RGB [n, size, size, 3], kept paths): what a TFLite client feeds, decoded and resized
     as dogtl does and rounded to bytes; unreadable files are left out."""
     import tensorflow as tf
-
-    from dogtl.data.images import load_image
 
     images, kept = [], []
     for path in paths:
@@ -308,9 +274,7 @@ def validation_images(sm: ServingModel, data: str | Path | None = None, limit: i
     """Up to `limit` validation images of the model's cache in the data folder (default: the one a
     fine-tuned model was trained on, else data/); [] when either cannot be found (the caller says
     what to pass)."""
-    from dogtl.core.modelinfo import open_model_cache, split_paths
-
-    data = data or sm.metadata.get("settings", {}).get("data") or "data"
+    data = data or (sm.metadata.settings or {}).get("data") or "data"
     try:
         cache = open_model_cache(sm.metadata, required=False)
         if cache is None or not Path(data).is_dir():

@@ -11,16 +11,23 @@ tensor per input, in the model's input order.
 An ONNX or OpenVINO export (serving/export.py) is `pixel_model`: decoded float RGB pixels
 (0-255, each input at its own size) in, the backbone's preprocessing inside, probabilities out;
 `dogtl serve` runs that same model, converted for its --runtime or read from the exported file.
+`load_serving_model` loads either kind of file as a ServingModel.
+
+TensorFlow and Keras are imported in the functions that use them: the web app and the bot
+import this module for its types before any model is loaded.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dogtl.core.backbones import BackboneSpec, get_backbone
 from dogtl.core.errors import DogtlError
-from dogtl.features.backbones import BackboneSpec
+from dogtl.core.metadata import ModelMetadata, metadata_path
+from dogtl.data.images import decode_image, preprocess_fn
 
 
 EXPORT_SUFFIXES = {".onnx": "onnx", ".xml": "openvino"}
@@ -40,7 +47,7 @@ class ServingModel:
     inputs: tuple[ImageInput, ...]
     name: str
     path: Path
-    metadata: dict
+    metadata: ModelMetadata | None  # None for an ONNX/OpenVINO export (its own .json: serving/export.py)
 
     @property
     def size(self) -> int:
@@ -57,15 +64,11 @@ class ServingModel:
 def encoded_to_inputs(data, inputs: tuple[ImageInput, ...]):
     """One encoded image (a scalar tf.string) -> the model's preprocessed inputs, exactly as
     `dogtl predict` computes them from the file."""
-    from dogtl.data.images import decode_image
-
     return tuple(preprocess(decode_image(data, i.size)) for i, preprocess in zip(inputs, _preprocessors(inputs)))
 
 
 def encoded_to_pixels(data, inputs: tuple[ImageInput, ...]):
     """One encoded image -> decoded float RGB pixels at each input's size (`pixel_model`'s inputs)."""
-    from dogtl.data.images import decode_image
-
     return tuple(decode_image(data, i.size) for i in inputs)
 
 
@@ -97,32 +100,43 @@ def pixels_to_inputs(pixels, inputs: tuple[ImageInput, ...]):
 
 @functools.lru_cache(maxsize=None)
 def _preprocessors(inputs: tuple[ImageInput, ...]):
-    """The backbones' preprocess_input functions, looked up once outside any traced function
-    (importing inside a tf.function makes AutoGraph warn)."""
-    from dogtl.data.images import preprocess_fn
-
+    """The backbones' preprocess_input functions, looked up once outside any traced function."""
     return tuple(preprocess_fn(i.spec) for i in inputs)
 
 
 def load_serving_model(path: str | Path, weights: str | None = None) -> ServingModel:
     """A fine-tuned model, or a head composed with the backbone(s) its features came from
-    (an ensemble of them too)."""
-    from dogtl.evaluation.predict import load_image_model
+    (an ensemble of them too), or an ONNX/OpenVINO export of one."""
+    from dogtl.evaluation.inference import load_image_model  # local: Keras, only once a model loads
 
     path = Path(path)
     if path.suffix in EXPORT_SUFFIXES:
-        from dogtl.serving.export import load_exported
-
         return load_exported(path)
     if path.is_dir():
         raise DogtlError(f"{path}: a folder; pass a dogtl model file (models/finetuned.keras or "
                          "models/head.keras), not an export")
-    model, meta, spec, size = load_image_model(path, weights)
-    # A head on several caches has one image input per backbone: lists of specs and sizes.
-    specs, sizes = (spec, size) if isinstance(spec, list) else ([spec], [size])
-    inputs = tuple(ImageInput(s, z) for s, z in zip(specs, sizes))
-    return ServingModel(model=model, classes=[str(c) for c in meta["classes"]], inputs=inputs,
-                        name=str(meta.get("name") or path.stem), path=path, metadata=meta)
+    model, meta, _, _ = load_image_model(path, weights)
+    # One image input per backbone (a head on several caches has several), in the model's input order.
+    inputs = tuple(ImageInput(get_backbone(b.backbone), int(b.image_size)) for b in meta.backbones)
+    return ServingModel(model=model, classes=[str(c) for c in meta.classes], inputs=inputs,
+                        name=str(meta.name or path.stem), path=path, metadata=meta)
+
+
+def load_exported(path: str | Path) -> ServingModel:
+    """An ONNX / OpenVINO export of `dogtl export` as a ServingModel (no Keras model inside);
+    its .json is the export's own (serving/export.py writes it), not a model's metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise DogtlError(f"{path}: no such model file")
+    try:
+        meta = json.loads(metadata_path(path).read_text())
+        inputs = tuple(ImageInput(get_backbone(i["backbone"]), int(i["size"])) for i in meta["inputs"])
+        classes = [str(c) for c in meta["classes"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DogtlError(f"{path}: cannot read its metadata {metadata_path(path)} ({e}); export the model again "
+                         "with dogtl export") from None
+    return ServingModel(model=None, classes=classes, inputs=inputs, name=str(meta.get("name") or path.stem),
+                        path=path, metadata=None, exported=EXPORT_SUFFIXES[path.suffix])
 
 
 def encoded_batch_fn(sm: ServingModel, top_k: int = 5):

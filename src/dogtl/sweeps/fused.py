@@ -40,8 +40,8 @@ import numpy as np
 from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.epochs import EpochRecord
 from dogtl.core.errors import DogtlError
+from dogtl.core.metrics import scores
 from dogtl.core.models import set_head_precision
-from dogtl.evaluation.metrics import scores
 from dogtl.head.settings import HEAD_SETTINGS, HeadConfig
 from dogtl.head.train import build_compiled_head
 from dogtl.head.trainloop import TrainStep, epoch_plan

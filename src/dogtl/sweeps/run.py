@@ -35,57 +35,19 @@ import numpy as np
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import write_csv_atomic, write_json_atomic
 from dogtl.core.locks import hold, writes
-from dogtl.core.progress import Progress, ProgressEvent
 from dogtl.core.plots import plot_sweep
+from dogtl.core.progress import Progress, ProgressEvent
+from dogtl.features.multicache import as_paths, cache_value, open_caches
+from dogtl.head.ensemble import ensemble_of_trials
 from dogtl.sweeps.folds import make_folds
 from dogtl.sweeps.records import digest, training_settings, trial_key
 from dogtl.sweeps.results import summarise, write_best_config
 from dogtl.sweeps.space import SearchSpace, build_space, format_value, grid, sample, trial_config
 from dogtl.sweeps.workers import check_backend, execute, job_count, plan_tasks
 
+from dogtl.sweeps.settings import SweepConfig
+
 log = logging.getLogger(__name__)
-
-DEFAULT_FUSE = 8
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """Every setting of a sweep (the search space itself comes from `space` and `params`)."""
-
-    cache: str = "cache/features.h5"
-    out: str | None = None  # None: sweeps/sweep-<hash of the sweep's settings>
-    space: str | None = None  # TOML or JSON file
-    params: tuple = ()  # "name=v1,v2" options
-    trials: int | None = None  # random search; None: the whole grid
-    folds: int | None = None  # K-fold cross-validation; None: the cache's validation split
-    epochs: int | None = None  # base epochs per trial (the space may set its own)
-    jobs: int = 1
-    backend: str | None = None  # joblib backend; None: in this process (jobs 1) or loky
-    scheduler: str | None = None  # dask scheduler address
-    seed: int = 2018  # random search and folds
-    fuse: int = DEFAULT_FUSE  # most trials in one graph; 1: each trial alone (head.train.fit_head)
-    force: bool = False
-    ensemble: int | None = None  # also retrain the top K trials and save their ensemble (OUT/ensemble.keras)
-    folds_in_train: bool = False  # folds over the cache's training split only (the validation split unseen)
-    first: tuple = ()  # trials (dicts of searched settings) run before the random sample, e.g. known-good ones
-
-    def __post_init__(self):
-        object.__setattr__(self, "params", tuple(self.params or ()))
-        if self.trials is not None and self.trials < 1:
-            raise DogtlError(f"--trials {self.trials} must be at least 1")
-        if self.folds is not None and self.folds < 2:
-            raise DogtlError(f"--folds {self.folds} must be at least 2 "
-                             "(leave it out to use the cache's validation split)")
-        if self.epochs is not None and self.epochs < 1:
-            raise DogtlError(f"--epochs {self.epochs} must be at least 1")
-        if self.jobs == 0 or self.jobs < -1:
-            raise DogtlError(f"--jobs {self.jobs}: give 1 or more workers, or -1 for one per core")
-        if self.fuse < 1:
-            raise DogtlError(f"--fuse {self.fuse} must be at least 1")
-        if self.ensemble is not None and self.ensemble < 1:
-            raise DogtlError(f"--ensemble {self.ensemble} must be at least 1 (the number of top trials to average)")
-        if self.scheduler and self.backend != "dask":
-            raise DogtlError("--scheduler is the address of a Dask scheduler: pass it with --backend dask")
 
 
 @dataclass
@@ -107,7 +69,6 @@ class SweepResult:
 
 
 def _spec(config: SweepConfig, space: SearchSpace, cache, base: dict) -> dict:
-    from dogtl.features.multicache import as_paths
 
     return {"cache": ", ".join(str(Path(p).resolve()) for p in as_paths(config.cache)),
             "cache_fingerprint": digest(cache.fingerprint)[:16],
@@ -255,7 +216,6 @@ class _Tally:
 def _write_best(config: SweepConfig, frame, settings: dict, cache, out: Path) -> Path:
     best, path = frame.iloc[0], out / "best.toml"
     how = f"{config.folds}-fold cross-validation" if config.folds else "the cache's validation split"
-    from dogtl.features.multicache import cache_value
 
     write_best_config({"cache": cache_value(cache), **settings}, path,
                       f"dogtl sweep {out}: best of {len(frame)} trials on {how}\n"
@@ -272,7 +232,6 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepRes
     `progress` gets a ProgressEvent (unit "runs") first and after each finished run, its `detail`:
     skipped, record (the run), best (lowest validation log loss so far) and label (the trial's
     searched values)."""
-    from dogtl.features.multicache import as_paths, open_caches
 
     started = time.perf_counter()
     space = build_space(config.space, config.params)
@@ -306,7 +265,6 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepRes
         plot_sweep(frame, space.searched, plot_path)
     ensemble = None
     if config.ensemble and best_settings is not None:
-        from dogtl.head.ensemble import ensemble_of_trials
 
         finite = frame[np.isfinite(frame["val_log_loss"].astype(float))]
         top = [configs[keys.index(t)] for t in finite["trial"][:config.ensemble]]

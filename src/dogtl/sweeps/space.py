@@ -30,6 +30,7 @@ import numpy as np
 
 from dogtl.core.errors import DogtlError
 from dogtl.core.settings import Setting, SettingError, parse_hidden
+from dogtl.core.settingsfile import read_table
 from dogtl.head.settings import HEAD_SETTINGS, HeadConfig
 
 NOT_SEARCHED = {"cache": "--cache", "out": "--out", "force": "--force"}  # sweep's own options, not settings
@@ -209,8 +210,6 @@ def parse_param_option(text: str) -> Param:
 
 def load_space_file(path: str | Path) -> list[Param]:
     """Parameters from a TOML or JSON file: a table of name = candidates (optionally under [space])."""
-    from dogtl.core.settingsfile import read_table
-
     source = f"--space {path}"
     table = read_table(path, source, "a table of parameter = values")
     if set(table) == {"space"} and isinstance(table["space"], dict):

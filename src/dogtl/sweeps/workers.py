@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Callable
 import numpy as np
 
 from dogtl.core.errors import DogtlError
+from dogtl.features.multicache import as_paths, open_caches
 from dogtl.head.settings import HeadConfig
+from dogtl.head.train import fit_head
+from dogtl.sweeps.fused import NotFusable, TrialOutcome, fuse_key, train_fused
 from dogtl.sweeps.records import digest, make_record
 
 log = logging.getLogger(__name__)
@@ -60,8 +64,6 @@ def load_labelled(cache) -> np.ndarray:
 
 
 def _worker_data(path) -> _WorkerData:
-    from dogtl.features.multicache import as_paths, open_caches
-
     key = tuple((str(Path(p).resolve()), os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in as_paths(path))
     if key not in _DATA:
         _DATA.clear()
@@ -73,8 +75,6 @@ def _worker_data(path) -> _WorkerData:
 def _set_threads(threads: int | None, host_threads: dict | None = None) -> None:
     """Give this worker's TensorFlow `threads` threads (before TensorFlow starts; later calls are no-ops)."""
     if host_threads is not None:  # dask: the cores of this machine shared by its dask worker threads
-        import socket
-
         try:
             from distributed import get_worker
 
@@ -99,9 +99,6 @@ def _set_threads(threads: int | None, host_threads: dict | None = None) -> None:
 def run_task(task: dict, on_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Train the runs of one task (one fold; several trials, fused when they can be) and return
     their records. Runs on a joblib/dask worker or in the calling process."""
-    from dogtl.sweeps.fused import NotFusable, TrialOutcome, fuse_key, train_fused
-    from dogtl.head.train import fit_head
-
     _set_threads(task.get("threads"), task.get("host_threads"))
     data = _worker_data(task["cache"])
     train_rows, val_rows = np.asarray(task["train_rows"]), np.asarray(task["val_rows"])
@@ -145,8 +142,6 @@ def run_task(task: dict, on_done: Callable[[dict], None] | None = None) -> list[
 def plan_tasks(units: list[dict], folds: list, fuse: int, jobs: int) -> list[dict]:
     """Group pending runs into tasks: runs of one fold with equal `fuse_key` share a task of at
     most `fuse` runs; big groups are split until there is a task for every worker."""
-    from dogtl.sweeps.fused import fuse_key
-
     buckets: dict = {}
     for unit in units:
         key = fuse_key(HeadConfig(**unit["settings"])) if fuse > 1 else None

@@ -1,5 +1,6 @@
 """Learning-rate schedules: cyclical (Smith, 2017), one cycle, warm-up; and the optimizers the
-recipes use.
+recipes use. In core because head training, sweeps and fine-tuning build them and every model
+loader needs them registered with Keras (a saved optimizer names its schedule).
 
 `cyclic_formula` is the one cyclical formula; `cyclic_lr` evaluates it in plain Python (what the
 tests check), `CyclicLR` is the thin Keras adapter that evaluates it in-graph and saves and loads
@@ -16,9 +17,8 @@ from types import SimpleNamespace
 import keras
 
 from dogtl.core.errors import DogtlError
-from dogtl.head.settings import OPTIMIZERS, SCHEDULES
 
-MODES = tuple(s for s in SCHEDULES if s != "constant")  # the cyclical ones
+MODES = ("exp_range", "triangular", "triangular2")  # the cyclical schedules (head.settings.SCHEDULES adds constant)
 RECIPE_GAMMA = 0.99994  # exp_range decay per iteration of the reference recipe (batch 16)
 
 
@@ -132,7 +132,7 @@ OPTIMIZER_CLASSES = {"rmsprop": (keras.optimizers.RMSprop, {"rho": 0.9}), "adam"
 def make_optimizer(name: str, learning_rate, **kw):
     """The recipe's optimizers: RMSprop (rho 0.9), Adam, or SGD with momentum 0.9."""
     if name not in OPTIMIZER_CLASSES:
-        raise DogtlError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+        raise DogtlError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZER_CLASSES)}")
     cls, defaults = OPTIMIZER_CLASSES[name]
     return cls(learning_rate=learning_rate, **{**defaults, **kw})
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dogtl.core.errors import DogtlError
-from dogtl.head.schedules import CyclicLR, cyclic_lr, make_optimizer
+from dogtl.core.schedules import CyclicLR, cyclic_lr, make_optimizer
 
 BASE, MAX, STEP = 1e-4, 1e-3, 10
 AMP = MAX - BASE
@@ -73,6 +73,7 @@ def test_head_with_schedule_saves_and_loads(tmp_path):
     import keras
 
     from dogtl.core.artifacts import load_model, save_model
+    from dogtl.core.metadata import ModelMetadata
     from dogtl.core.models import build_head
 
     keras.utils.set_random_seed(0)
@@ -82,9 +83,9 @@ def test_head_with_schedule_saves_and_loads(tmp_path):
     x = np.random.default_rng(0).standard_normal((16, 8)).astype("float32")
     head.fit(x, np.arange(16) % 3, epochs=1, batch_size=8, verbose=0)  # iterations = 2
     path = tmp_path / "head.keras"
-    save_model(head, path, {"kind": "head"})
+    save_model(head, path, ModelMetadata(kind="head"))
     loaded, meta = load_model(path)
-    assert meta["kind"] == "head"
+    assert meta.kind == "head"
     saved = loaded.optimizer.get_config()["learning_rate"]
     assert saved["registered_name"] == "dogtl>CyclicLR" and saved["config"] == schedule.get_config()
     assert int(loaded.optimizer.iterations.numpy()) == 2
@@ -123,3 +124,11 @@ def test_exp_range_decays_over_cycles():
     peaks = [cyclic_lr(STEP * (2 * k + 1), BASE, MAX, STEP, "exp_range", gamma=0.99) for k in range(4)]
     assert all(a > b for a, b in zip(peaks, peaks[1:]))
     assert peaks[1] - BASE == pytest.approx(AMP * 0.99 ** 30) and not math.isnan(peaks[-1])
+
+
+def test_the_cyclical_modes_are_the_head_schedules_but_constant():
+    """core.schedules names its modes itself (core imports no stage); they must stay train-head's choices."""
+    from dogtl.core.schedules import MODES
+    from dogtl.head.settings import SCHEDULES
+
+    assert MODES == tuple(s for s in SCHEDULES if s != "constant")

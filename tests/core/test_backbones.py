@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import CHEAP_BACKBONES
-from dogtl.features.backbones import get_backbone
+from dogtl.core.backbones import get_backbone
 
 MODERN = ["efficientnet_v2_b0", "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l", "convnext_tiny",
           "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge", "inception_resnet_v2",
