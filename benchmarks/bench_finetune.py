@@ -106,8 +106,8 @@ def finetune_both(root: Path, data: Path, backbone: str, weights: str, size: int
     for name, from_cache in (("images", False), ("cache", True)):
         marks = []
         t0 = time.perf_counter()
-        r = api.finetune(data, head, root / f"ft-{name}.keras", progress=False, from_cache=from_cache,
-                         report=lambda line: marks.append(time.perf_counter()), epochs=epochs, patience=epochs + 1,
+        r = api.finetune(data, head, root / f"ft-{name}.keras", from_cache=from_cache,
+                         progress=lambda e: e.line() and marks.append(time.perf_counter()), epochs=epochs, patience=epochs + 1,
                          trainable_blocks=blocks, batch_size=batch, optimizer="adam", base_lr=1e-4, seed=seed,
                          schedule="constant", augment="cache", batchnorm="frozen")  # the same recipe both ways
         times = np.diff([t0, *marks]).tolist()  # the first includes building, epoch 0's validation and tracing

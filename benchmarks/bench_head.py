@@ -41,7 +41,7 @@ def head_seconds_per_epoch(data, num_classes: int, batch_size: int, epochs: int,
     times = []
     config = HeadConfig(epochs=epochs, batch_size=batch_size, patience=0, precision=precision)
     fit_head(config, data.train_features, data.train_labels, data.val_features, data.val_labels, num_classes,
-             on_epoch=lambda row: times.append(row["seconds"]))
+             on_epoch=lambda event: times.append(event.seconds))
     return statistics.median(times[1:])
 
 

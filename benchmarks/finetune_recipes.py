@@ -73,8 +73,8 @@ def finetune_record(name: str, folder: Path, head: Path, work: Path, settings: d
     settings = dict(settings)
     recipe = settings.pop("recipe", None)
     load0, t = os.getloadavg(), time.perf_counter()
-    r = dogtl.finetune(folder, head, work / "models" / f"{name}.keras", force=True, progress=False, recipe=recipe,
-                       report=lambda line: print(f"  [{name}] {line}", flush=True), **settings)
+    r = dogtl.finetune(folder, head, work / "models" / f"{name}.keras", force=True, recipe=recipe,
+                       progress=lambda e: e.line() and print(f"  [{name}] {e.line()}", flush=True), **settings)
     return {"name": name, "settings": {"recipe": recipe, **settings}, "before": r.before, "after": r.after,
             "best_epoch": r.best_epoch, "epochs": r.history[["val_accuracy", "val_loss"]].values.tolist(),
             "seconds": time.perf_counter() - t, "load": [*load0, *os.getloadavg()]}

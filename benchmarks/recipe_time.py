@@ -45,8 +45,8 @@ class Marks:
     def __init__(self):
         self.events = []
 
-    def __call__(self, done, total=None):
-        self.events.append((time.perf_counter(), done))
+    def __call__(self, event):
+        self.events.append((time.perf_counter(), event.done))
 
     def __getitem__(self, i):
         return self.events[i]
@@ -80,7 +80,7 @@ def measure_head() -> float:
                                     val_fraction=0.1, dtype="float16")
         marks = Marks()
         dogtl.train_head(cache=cache, out=Path(tmp) / "head.keras", epochs=4, patience=0,
-                         progress=lambda row: marks(row["epoch"]))
+                         progress=marks)
     (t0, e0), (t1, e1) = marks[0], marks[-1]
     return (t1 - t0) / (e1 - e0)
 
@@ -93,8 +93,8 @@ def measure_finetune(root: Path, args) -> tuple[float, float]:
     dogtl.train_head(cache=root / "cache/features.h5", out=root / "models/head.keras", epochs=1, progress=False)
     batches, ends = Marks(), []
     dogtl.finetune(data=root / "data", head=root / "models/head.keras", out=root / "models/finetuned.keras",
-                   epochs=args.epochs, patience=0, progress=batches,
-                   report=lambda line: ends.append(time.perf_counter()))
+                   epochs=args.epochs, patience=0, progress=lambda e: batches(e) if e.unit == "images" else
+                   ends.append(time.perf_counter()))
     per_epoch = len(batches) // args.epochs  # batch events per epoch
     train, after = [], []
     for e in range(1, args.epochs):  # epoch e's training starts when epoch e - 1's validation ends

@@ -24,7 +24,7 @@ def test_train_head_from_python_returns_metrics_and_paths_and_reports_progress(t
                               progress=rows.append)
     assert result.model_path.exists() and result.history_path.exists()
     assert 0 <= result.metrics["val_accuracy"] <= 1 and result.metrics["val_log_loss"] > 0
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [e.record.epoch for e in rows] == [1, 2, 3]  # ProgressEvents with each finished epoch's record
     with pytest.raises(dogtl.DogtlError, match="exists.*--force"):
         dogtl.train_head(tiny_cache, tmp_path / "head.keras", epochs=1, progress=False)
     with pytest.raises(dogtl.DogtlError, match="--dropout 2"):

@@ -182,7 +182,7 @@ def test_image_folder_layout_uses_its_own_validation_folder(tmp_path):
 # --- 3: plain progress lines ------------------------------------------------------------------------
 
 def test_plain_progress_prints_start_every_interval_and_end_once(capsys):
-    from dogtl.cli.common import PlainProgress
+    from dogtl.core.progress import PlainProgress
 
     now = [0.0]
     bar = PlainProgress("extracting", every=30, clock=lambda: now[0])

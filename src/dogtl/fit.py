@@ -291,7 +291,8 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         last[0] = time.time()
 
     try:
-        r = finetune(_finetune_config(config, head, out, epochs), progress=images, report=report)
+        r = finetune(_finetune_config(config, head, out, epochs),
+                     progress=lambda e: images(e.done, e.total) if e.unit == "images" else report(e.line()))
     except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
         done_epochs = finished_epochs(out)
         if not done_epochs:

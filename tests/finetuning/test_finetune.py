@@ -176,8 +176,10 @@ def test_killed_run_resumes_after_last_finished_epoch(stage3, tmp_path):
     out = tmp_path / "ft.keras"
     seen = []
 
-    def killer(done, total):
-        seen.append(done)
+    def killer(event):
+        if event.unit != "images":
+            return
+        seen.append(event.done)
         if len(seen) == 4:  # 18 train images / 8 = 3 steps per epoch: step 1 of epoch 2
             raise KeyboardInterrupt
 
@@ -326,8 +328,10 @@ def test_a_deterministic_run_killed_and_resumed_trains_as_the_uninterrupted_one(
 
     seen = []
 
-    def killer(done, total):
-        seen.append(done)
+    def killer(event):
+        if event.unit != "images":
+            return
+        seen.append(event.done)
         if len(seen) == 4:  # step 1 of epoch 2
             raise KeyboardInterrupt
 

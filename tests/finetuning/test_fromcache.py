@@ -176,10 +176,10 @@ def test_batchnorm_reestimation_changes_the_unfrozen_blocks_statistics_only(cut_
 
     setup = writes(prepare_from_cache)(_config(cut_all, tmp_path / "ft.keras", trainable_blocks=3,
                                                batchnorm="reestimate"), None)
-    lines = []
-    model, state = start(setup, lines.append)
+    events = []
+    model, state = start(setup, events.append)
     assert state.best_file == "epoch-0000.keras" and state.last_file == "epoch-0000-batchnorm.keras"
-    assert lines and lines[0].startswith("batchnorm statistics of 8 layers re-estimated")  # 1 + 3 + 3 + head_bn
+    assert events and events[0].line().startswith("batchnorm statistics of 8 layers re-estimated")  # 1 + 3 + 3 + head_bn
     fresh = build_backbone(setup.spec, setup.weights, setup.size)
     depths = dict(zip([l.name for l in fresh.layers], block_depths([l.name for l in fresh.layers], setup.spec, 3)))
     trained = {l.name: l for l in batchnorm_layers(model)}
@@ -196,11 +196,12 @@ def test_every_option_together_from_an_all_cut(cut_all, tmp_path):
     the best epoch (never worse than the head) and saves the whole backbone + head."""
     from dogtl.finetuning.train import finetune
 
-    lines = []
+    events = []
     r = finetune(_config(cut_all, tmp_path / "ft.keras", trainable_blocks="all", optimizer="adamw",
                          schedule="one_cycle", max_lr=3e-3, block_lr_decay=0.7, unfreeze_every=1,
                          label_smoothing=0.1, weight_decay=0.01, batchnorm="reestimate", augment="cache"),
-                 report=lines.append)
+                 progress=events.append)
+    lines = [e.line() for e in events if e.line() is not None]  # the batchnorm line and one per epoch
     assert r.epochs_run == 2 and len(lines) == 3 and r.after["val_log_loss"] <= r.before["val_log_loss"]
     assert "Conv1" in r.trainable_layers and r.history["lr"].iloc[-1] < r.history["lr"].iloc[0]
     meta = json.loads(r.model_path.with_suffix(".json").read_text())

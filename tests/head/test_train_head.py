@@ -12,7 +12,8 @@ import pytest
 
 from conftest import assert_clean_error, run_cli
 from dogtl.core.errors import CacheError, DogtlError
-from dogtl.head.train import HISTORY_COLUMNS, fit_head, load_training_data, train_head
+from dogtl.core.epochs import HISTORY_COLUMNS
+from dogtl.head.train import fit_head, load_training_data, train_head
 from dogtl.head.settings import HeadConfig, load_config_file, resolve_batch_size
 from dogtl.features.synthetic import write_feature_cache
 
@@ -481,7 +482,7 @@ def test_head_weights_depend_on_the_seed_alone_while_other_threads_draw_random_n
 def test_a_failed_save_leaves_none_of_the_outputs_so_the_rerun_is_not_refused(separable, tmp_path, monkeypatch):
     """Found by benchmarks/faults.py: a kill between the history CSV and the model left the CSV,
     and the rerun refused to overwrite it. The four files are renamed together now."""
-    from dogtl.core import artifacts
+    from dogtl.head import train as head_train
 
     class Killed(Exception):
         pass
@@ -492,7 +493,7 @@ def test_a_failed_save_leaves_none_of_the_outputs_so_the_rerun_is_not_refused(se
     out = tmp_path / "head.keras"
     config = HeadConfig(epochs=2, seed=3, **FAST)
     with monkeypatch.context() as m:
-        m.setattr(artifacts, "save_model", killed)
+        m.setattr(head_train, "save_model", killed)
         with pytest.raises(Killed):
             train_head(config, cache=separable, out=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no history, plot, model or temporary file

@@ -289,19 +289,19 @@ def test_interrupted_sweep_resumes_skipping_finished_trials(tiny_cache, tmp_path
 
     def stop_after_two(event):
         events.append(event)
-        if event["record"] is not None and event["done"] == 2:
+        if event.detail["record"] is not None and event.done == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, progress=stop_after_two)
     assert len(list((tmp_path / "s" / "trials").glob("*.json"))) == 2
-    assert events[0]["total"] == 6 and events[0]["done"] == 0
+    assert events[0].total == 6 and events[0].done == 0
     finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "trials").glob("*.json")}
 
     events.clear()
     result = run_sweep(config, progress=events.append)
     assert result.skipped == 2 and result.runs == 4 and result.trials == 3
-    assert events[0]["done"] == 2 and [e["done"] for e in events[1:]] == [3, 4, 5, 6]
+    assert events[0].done == 2 and [e.done for e in events[1:]] == [3, 4, 5, 6]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "trials").glob("*.json")
             if p.name in finished} == finished  # the finished runs were not run again
     frame = result.results

@@ -1,4 +1,5 @@
-"""What every command shares: quiet TensorFlow start-up, one-line errors, progress bars."""
+"""What every command shares: quiet TensorFlow start-up, one-line errors, progress bars (which
+draw the stages' ProgressEvents, core/progress.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import typer
 
-from dogtl.core.version import __version__
 from dogtl.core.budget import process_start
 from dogtl.core.errors import DogtlError, SettingError, os_error_message
+from dogtl.core.progress import PlainProgress, ProgressEvent
 from dogtl.core.quiet import native_stderr_silenced
 from dogtl.core.settings import read_settings_file
+from dogtl.core.version import __version__
 
 _PROCESS_STARTED: float | None = None  # set by `main`, the `dogtl` program's entry point
 _COMMAND_STARTED: float | None = None
@@ -218,51 +220,10 @@ class _RichBar:
             self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def duration_text(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s"
-
-
-class PlainProgress:
-    """Progress for logs, where a bar cannot be drawn (nohup, CI, a notebook's `!dogtl`): one line
-    on stderr when the work starts and then every DOGTL_PROGRESS_SECONDS (default 30) seconds,
-    with what is done, the rate and the time left, and one when it ends."""
-
-    def __init__(self, description: str, unit: str = "images", every: float | None = None, clock=None):
-        self.description, self.unit = description, unit
-        self.every = every if every is not None else float(os.environ.get("DOGTL_PROGRESS_SECONDS", 30))
-        self.clock = clock or time.monotonic
-        self.started = self.last = None
-        self.ended = False
-        self.first = 0  # done at the first line (work resumed or done before it counts in no rate)
-
-    def update(self, done: int, total: int):
-        now = self.clock()
-        if self.started is None:
-            self.started, self.last, self.first = now, now, done
-            self._line(done, total, now)
-        elif done >= total and not self.ended:
-            self.ended = True
-            self._line(done, total, now)
-        elif done < total and now - self.last >= self.every:
-            self.last = now
-            self._line(done, total, now)
-
-    def _line(self, done: int, total: int, now: float):
-        share = f" ({done / total:.0%})" if total else ""
-        text = f"{self.description}: {done}/{total} {self.unit}{share}"
-        elapsed = now - self.started
-        if elapsed > 0 and done > self.first:
-            rate = (done - self.first) / elapsed
-            text += f", {rate:.1f} {self.unit}/s, {duration_text(elapsed)} elapsed"
-            text += f", ETA {duration_text((total - done) / rate)}" if done < total else ""
-        typer.echo(text, err=True)
-
-
 class ImageProgress(_RichBar):
-    """Progress over images, fed by (done, total) callbacks: a rich bar with images/s and ETA in a
-    terminal or notebook, else PlainProgress lines."""
+    """Progress over images, fed by a stage's ProgressEvents (called with them) or by (done, total)
+    (`update`): a rich bar with images/s and ETA in a terminal or notebook, else PlainProgress
+    lines; an event's line (a finished epoch, a message) is printed above the bar."""
 
     def __init__(self, description: str):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -277,6 +238,13 @@ class ImageProgress(_RichBar):
         self.description = description
         self.task = None
 
+    def __call__(self, event: ProgressEvent):
+        line = event.line()
+        if line is not None:
+            self.echo(line)
+        elif event.unit == "images":
+            self.update(event.done, event.total)
+
     def update(self, done: int, total: int):
         if self.plain is not None:
             return self.plain.update(done, total)
@@ -286,26 +254,6 @@ class ImageProgress(_RichBar):
         self.progress.update(self.task, completed=done, total=total)
         speed = self.progress.tasks[0].speed
         self.progress.update(self.task, rate=f"{speed:5.1f}" if speed else "  -")
-
-
-class EpochProgress(_RichBar):
-    """Progress over epochs with the validation log loss, fed by train-head's per-epoch dicts (a
-    notebook's view of `dogtl.train_head`): a rich bar, else PlainProgress lines."""
-
-    def __init__(self, description: str, epochs: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("val log loss {task.fields[val_loss]}"), TimeElapsedColumn(),
-                                 disable=not interactive())
-        self.plain = PlainProgress(description, "epochs") if self.progress.disable else None
-        self.task = self.progress.add_task(description, total=epochs, val_loss="-")
-        self.epochs = epochs
-
-    def update(self, row: dict):
-        if self.plain is not None:
-            return self.plain.update(row["epoch"], self.epochs)
-        self.progress.update(self.task, completed=row["epoch"], val_loss=f"{row['val_loss']:.4f}")
 
 
 TRACK_OPTION = typer.Option(False, "--track", help=(

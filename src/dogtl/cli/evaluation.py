@@ -29,7 +29,7 @@ def evaluate_cmd(
     model = chosen_model(model, model_opt)
     show_tracking(track)
     with ImageProgress("evaluating") as bar:
-        r = api.evaluate(model, progress=bar.update, track=track, **settings)
+        r = api.evaluate(model, progress=bar, track=track, **settings)
     typer.echo(f"{r.model} on {r.images} validation images ({r.source}{f', {r.runtime}' if r.runtime else ''}):")
     typer.echo(f"  accuracy {r.accuracy:.4f}   log loss {r.log_loss:.4f}   top-{r.top_k} accuracy {r.top_k_accuracy:.4f}"
                + ("   (plain)" if r.tta else ""))
@@ -63,7 +63,7 @@ def predict_cmd(
     options = dict(model=model, **settings)
     if images:
         with ImageProgress("predicting") as bar:
-            results = api.predict(images, progress=bar.update, **options)
+            results = api.predict(images, progress=bar, **options)
         for r in results:
             if r.error:
                 typer.secho(f"{r.path}: cannot read image ({r.error})", err=True, fg=typer.colors.YELLOW)
@@ -75,7 +75,7 @@ def predict_cmd(
             raise typer.Exit(1)
         return
     with ImageProgress("predicting") as bar:
-        s = api.predict(progress=bar.update, **options)
+        s = api.predict(progress=bar, **options)
     for line in s.skipped:
         path, _, reason = line.partition("\t")
         typer.secho(f"  {'uniform row for' if s.filled else 'skipped'} {path}: {reason}", err=True,

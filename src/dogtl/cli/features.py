@@ -25,7 +25,7 @@ def extract_features_cmd(settings: dict = None):
     a fresh extraction; heads trained on the old cache are then refused, naming the change.
     """
     with ImageProgress("extracting") as bar:
-        summary = api.extract_features(progress=bar.update, note=bar.echo, **settings)
+        summary = api.extract_features(progress=bar, note=bar.echo, **settings)
     _print_extract_summary(summary)
 
 

@@ -40,7 +40,7 @@ def finetune_cmd(ctx: typer.Context,
         settings["head"] = str(head_file)
     show_tracking(track)
     with ImageProgress("fine-tuning") as bar:
-        result = api.finetune(progress=bar.update, report=bar.echo, track=track, **settings)
+        result = api.finetune(progress=bar, track=track, **settings)
     b, a = result.before, result.after
     if result.resumed_from:
         typer.echo(f"resumed after epoch {result.resumed_from}")

@@ -49,13 +49,8 @@ def train_head_cmd(
     show_tracking(track)
     if auto:
         return _auto(io, budget, trials, storage, force, track)
-
-    def report(row):
-        typer.echo(f"epoch {row['epoch']:>3}/{row['epochs']}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
-                   f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  lr {row['lr']:.2e}  "
-                   f"{row['seconds']:.2f} s")
-
-    result = api.train_head(**io, force=force, progress=report, track=track, **settings)
+    result = api.train_head(**io, force=force, progress=lambda event: typer.echo(event.line()), track=track,
+                            **settings)
     m = result.metrics
     r = result.resolved
     typer.echo(f"trained on {result.train_images} images x {result.passes} pass(es) at batch {r.batch_size}, "

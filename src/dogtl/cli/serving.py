@@ -135,6 +135,7 @@ def serve_cmd(
     from dogtl.serving.app import require_serve_extra  # local: the serving stack loads only for this command
 
     require_serve_extra()  # before FastAPI and uvicorn load: says what to install
+    # local: FastAPI, uvicorn and TensorFlow, after the check above
     from dogtl.serving.app import create_app
     from dogtl.serving.model import load_serving_model
     from dogtl.serving.server import make_server

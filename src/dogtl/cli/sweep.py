@@ -11,45 +11,46 @@ import typer
 from dogtl import api
 from dogtl.cli.common import TRACK_OPTION, _RichBar, friendly_errors, interactive, show_tracking
 from dogtl.cli.head import cache_arg
+from dogtl.core.progress import ProgressEvent, duration_text
 from dogtl.core.settings import with_options
 from dogtl.sweeps.settings import SWEEP_SETTINGS
 
 
 class TrialProgress(_RichBar):
-    """A rich progress bar across a sweep's trials (fed by run_sweep's progress callback), with
+    """A rich progress bar across a sweep's trials (fed by run_sweep's ProgressEvents), with
     one line per finished trial above it."""
 
-    def __init__(self, unit: str):
+    def __init__(self, unit: str, folds: int = 1):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn(f"sweep ({unit})"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), disable=not interactive())
         self.task = None
+        self.folds = folds
         self.started = None  # (time, runs done) at the first event: the ETA of plain lines
 
-    def update(self, event: dict):
-        best = f"{event['best']:.4f}" if event["best"] != float("inf") else "-"
+    def __call__(self, event: ProgressEvent):
+        d = event.detail
+        best = f"{d['best']:.4f}" if d["best"] != float("inf") else "-"
         if self.task is None:
-            self.started = (time.monotonic(), event["done"])
-            self.task = self.progress.add_task("sweep", total=event["total"], completed=event["done"], best=best)
-            if event["skipped"]:
-                self.echo(f"resuming: {event['skipped']} of {event['total']} runs already finished")
-        self.progress.update(self.task, completed=event["done"], best=best)
-        r = event["record"]
+            self.started = (time.monotonic(), event.done)
+            self.task = self.progress.add_task("sweep", total=event.total, completed=event.done, best=best)
+            if d["skipped"]:
+                self.echo(f"resuming: {d['skipped']} of {event.total} runs already finished")
+        self.progress.update(self.task, completed=event.done, best=best)
+        r = d["record"]
         if r is not None:
             m = r["metrics"]
-            fold = f" fold {r['fold'] + 1}" if event.get("folds", 1) > 1 else ""
+            fold = f" fold {r['fold'] + 1}" if self.folds > 1 else ""
             result = (f"error: {r['error']}" if r.get("error") else
                       f"val log loss {m['val_log_loss']:.4f}  acc {m['val_accuracy']:.4f}  "
                       f"{m['epochs_run']} epochs")
-            self.echo(f"[{event['done']}/{event['total']}] {event['label']}{fold}: {result}  {r['seconds']:.1f} s"
-                      + (self._eta(event["done"], event["total"]) if self.progress.disable else ""))
+            self.echo(f"[{event.done}/{event.total}] {d['label']}{fold}: {result}  {r['seconds']:.1f} s"
+                      + (self._eta(event.done, event.total) if self.progress.disable else ""))
 
     def _eta(self, done: int, total: int) -> str:
         """Where no bar shows it (logs): the time left at this session's rate."""
-        from dogtl.cli.common import duration_text
-
         since, first = self.started
         elapsed = time.monotonic() - since
         if done <= first or done >= total or elapsed <= 0:
@@ -72,9 +73,8 @@ def sweep_cmd(
     """
     show_tracking(track)
     folds = settings["folds"]
-    with TrialProgress("trials" if not folds else "trial folds") as bar:
-        result = api.sweep(cache_arg(cache), params=param or (), track=track,
-                           progress=lambda event: bar.update({**event, "folds": folds or 1}), **settings)
+    with TrialProgress("trials" if not folds else "trial folds", folds or 1) as bar:
+        result = api.sweep(cache_arg(cache), params=param or (), track=track, progress=bar, **settings)
     frame = result.results
     typer.echo(f"{result.trials} trials ({result.runs} runs now, {result.skipped} finished before) "
                f"in {result.seconds:.0f} s" + (f"; {len(result.dropped)} combinations skipped (train-head refuses "

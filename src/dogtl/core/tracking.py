@@ -214,12 +214,12 @@ def model_files(model) -> list[Path]:
 def trial_observer(run: Run, folds: int | None = None):
     """A sweep's progress callback (`dogtl.sweeps.run.run_sweep`) logging each finished
     (trial, fold) as a child run of `run`: its settings, per-epoch history and scores."""
-    def on_event(event: dict) -> None:
-        record = event.get("record")
+    def on_event(event) -> None:
+        record = event.detail["record"]
         if record is None:
             return
         fold = f" fold {record['fold'] + 1}" if folds else ""
-        with run.child(f"{event.get('label') or record['trial']}{fold}",
+        with run.child(f"{event.detail['label'] or record['trial']}{fold}",
                        {**record["settings"], "fold": record.get("fold", 0), "trial": record["trial"]}) as child:
             child.history(record.get("history") or [])
             child.result({**record["metrics"], "seconds": record.get("seconds")})

@@ -14,9 +14,16 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from dogtl.core.locks import hold, writes
 from dogtl.core.errors import DataError
+from dogtl.core.files import check_overwrite, write_csv_atomic, write_json_atomic
+from dogtl.core.locks import hold, writes
+from dogtl.core.metrics import log_loss
+from dogtl.core.modelinfo import check_metadata
+from dogtl.core.plots import plot_confusion
+from dogtl.evaluation import tta
+from dogtl.evaluation.inference import inference_fn, load_checked_model, load_image_model, predict_images
 from dogtl.evaluation.settings import EvaluateConfig
+from dogtl.features.modelcache import open_model_cache, split_paths
 
 Progress = Callable[[int, int], None]
 
@@ -49,8 +56,6 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
     """All numbers of a report from probabilities [n, C] and true labels (pure, no files)."""
     from sklearn.metrics import confusion_matrix
 
-    from dogtl.core.metrics import log_loss
-
     num_classes = len(classes)
     labels = np.asarray(labels)
     predicted = np.argmax(probs, axis=1)
@@ -80,11 +85,6 @@ def metrics_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], to
 
 @writes
 def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report:
-    from dogtl.core.files import check_overwrite, write_csv_atomic, write_json_atomic
-    from dogtl.core.modelinfo import check_metadata
-    from dogtl.core.plots import plot_confusion
-    from dogtl.features.modelcache import open_model_cache
-
     meta, spec, size = check_metadata(config.model)
     paths = report_paths(config.model, config.out)
     for p in paths:
@@ -119,17 +119,12 @@ def evaluate(config: EvaluateConfig, progress: Progress | None = None) -> Report
 
 
 def _on_cache(config, meta, cache):
-    from dogtl.evaluation.inference import load_checked_model
-
     head = load_checked_model(config.model, meta)
     features = cache.features("labelled", passes=[0])[0][cache.is_val]
     return head.predict(features, batch_size=1024, verbose=0)
 
 
 def _on_images(config, meta, cache, progress):
-    from dogtl.features.modelcache import split_paths
-    from dogtl.evaluation.inference import inference_fn, load_image_model, predict_images
-
     val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)
     probs, ok = predict_images(model, val["paths"], spec, size, batch_size=config.batch_size, progress=progress,
@@ -143,18 +138,12 @@ def _on_images(config, meta, cache, progress):
 def _tta(config, meta, cache, source, progress) -> dict | None:
     """Probabilities averaged over the clean and the cache's augmented passes of the validation
     rows: from the cached features (heads), or the same augmentations of the images."""
-    from dogtl.evaluation import tta
-
     if cache.num_passes < 2:
         raise DataError(f"{cache.path} holds no augmented passes (extracted with --passes 0): --tta has "
                         "nothing to average; re-extract with --passes 2 or more")
     if source == "cached features":
-        from dogtl.evaluation.inference import load_checked_model
-
         head = load_checked_model(config.model, meta)
         return {"probs": tta.cached_probabilities(head, cache, rows=cache.is_val), "passes": cache.num_passes}
-    from dogtl.features.modelcache import split_paths
-    from dogtl.evaluation.inference import load_image_model
 
     val = split_paths(cache, config.data or "data")["val"]
     model, meta, spec, size = load_image_model(config.model, config.weights)

@@ -103,8 +103,8 @@ class Checkpoints:
         scope); refused if it is not the file `state` recorded."""
         import keras  # local: loads TensorFlow, which a multi-worker run must start first (train.py)
 
-        from dogtl.finetuning import optimizer  # noqa: F401  registers the layer-wise optimizers and the loss
-        from dogtl.core import schedules  # noqa: F401  registers the cyclical schedules for loading
+        from dogtl.finetuning import optimizer  # noqa: F401  # local: registers the layer-wise optimizers and the loss (Keras)
+        from dogtl.core import schedules  # noqa: F401  # local: registers the cyclical schedules for loading (Keras)
 
         path = self.folder / name
         if name in state.hashes and file_sha256(path) != state.hashes[name]:

@@ -46,7 +46,7 @@ def unfreeze(backbone, head, spec, blocks) -> list[str]:
 def compile_model(model, backbone, spec, config: FinetuneConfig, steps_per_epoch: int) -> None:
     import keras
 
-    from dogtl.finetuning.optimizer import SmoothedCrossentropy, layer_rates, make_optimizer
+    from dogtl.finetuning.optimizer import SmoothedCrossentropy, layer_rates, make_optimizer  # local: imports Keras
 
     names = [layer.name for layer in backbone.layers]
     depths = dict(zip(names, block_depths(names, spec, config.trainable_blocks)))
@@ -64,7 +64,7 @@ def learning_rate(config: FinetuneConfig, steps_per_epoch: int):
     """The schedule of `--schedule` (see the setting's help), with `--warmup-epochs`."""
     import keras
 
-    from dogtl.core.schedules import CyclicLR, OneCycleLR, Warmup
+    from dogtl.core.schedules import CyclicLR, OneCycleLR, Warmup  # local: imports Keras
 
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     if config.schedule == "cosine":

@@ -14,19 +14,23 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import pandas as pd
 
+from dogtl.core.artifacts import save_model
 from dogtl.core.determinism import make_deterministic
-from dogtl.core.distribute import agree, make_strategy, scope
+from dogtl.core.distribute import agree, make_strategy, prepare_fit, scope
 from dogtl.core.early_stopping import EarlyStopping
+from dogtl.core.epochs import EpochRecord, history_frame
 from dogtl.core.errors import DataError
+from dogtl.core.files import atomic_paths, write_csv_atomic
 from dogtl.core.locks import writes
 from dogtl.core.metadata import BackboneInput, ModelMetadata
+from dogtl.core.modelinfo import weights_path_to_record
 from dogtl.core.models import reestimate_batchnorm
-from dogtl.core.precision import computing_in
+from dogtl.core.plots import plot_history
+from dogtl.core.precision import computing_in, set_policy
+from dogtl.core.progress import Progress, ProgressEvent
 from dogtl.features.modelcache import split_paths
 from dogtl.finetuning.checkpoints import RunState, random_state, restore_random_state
 from dogtl.finetuning.data import reestimation_images, training_dataset, validate
@@ -41,9 +45,6 @@ from dogtl.finetuning.setup import Setup, prepare_common
 # TensorFlow loads.
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int], None]  # (images trained on, images in all remaining epochs)
-Report = Callable[[str], None]  # one line per finished epoch
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
 
 
 @dataclass
@@ -56,15 +57,17 @@ class FinetuneResult:
     resumed_from: int  # epochs already finished by a killed run (0 for a fresh run)
     trainable_layers: list[str]
     head_difference: float  # max |p(images) - p(cached features)| on clean validation images
-    history: pd.DataFrame
+    history: "object"  # pandas DataFrame, core.epochs.HISTORY_COLUMNS
     history_path: Path
     plot_path: Path | None
     seconds: float
 
 
 @writes
-def finetune(config: FinetuneConfig, progress: Progress | None = None, report: Report | None = None) -> FinetuneResult:
-    """Fine-tune, or resume a killed run of the same settings, and write the best model."""
+def finetune(config: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune, or resume a killed run of the same settings, and write the best model. `progress`
+    gets ProgressEvents: images trained on (of all remaining epochs), each finished epoch, and the
+    line of --batchnorm reestimate."""
     started = time.perf_counter()
     strategy = make_strategy(config.strategy)  # first: multi-worker must start before TensorFlow
     setup = prepare_from_cache(config, strategy) if config.from_cache else prepare(config, strategy)
@@ -74,7 +77,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
     agree(strategy, [-1, 0] if state is None else [state.epoch, int(state.stopping.stopped)],
           "the epochs already run")
     if state is None:
-        model, state = start(setup, report)
+        model, state = start(setup, progress)
         resumed_from = 0
     else:
         with scope(strategy):
@@ -85,7 +88,7 @@ def finetune(config: FinetuneConfig, progress: Progress | None = None, report: R
         log.info("resuming fine-tuning after epoch %d", resumed_from)
     if not state.stopping.stopped and state.epoch < config.epochs:
         with computing_in(model, setup.precision):
-            train_epochs(setup, model, state, progress, report)
+            train_epochs(setup, model, state, progress)
     return finish(setup, state, resumed_from, time.perf_counter() - started)
 
 
@@ -95,7 +98,7 @@ def prepare(config: FinetuneConfig, strategy) -> Setup:
                           source=lambda spec: frozen_part_source(config, strategy, spec))
 
 
-def start(setup: Setup, report: Report | None = None) -> tuple[object, RunState]:
+def start(setup: Setup, progress: Progress | None = None) -> tuple[object, RunState]:
     """A fresh run: the head on its backbone, scored and checkpointed as epoch 0 (the model to
     beat); then, with --batchnorm reestimate, the model training starts from."""
     with scope(setup.strategy):  # variables mirrored on every replica
@@ -120,13 +123,13 @@ def start(setup: Setup, report: Report | None = None) -> tuple[object, RunState]
                      stopping=EarlyStopping(setup.config.patience, best_loss=before["val_log_loss"]),
                      random_state=random_state(model))
     if setup.config.batchnorm == "reestimate":
-        reestimate(setup, model, batchnorm, report)
+        reestimate(setup, model, batchnorm, progress)
         state.last_file = setup.checkpoints.save_model(model, 0, tag="batchnorm")
     setup.checkpoints.commit(state)
     return model, state
 
 
-def reestimate(setup: Setup, model, layers: list, report: Report | None) -> None:
+def reestimate(setup: Setup, model, layers: list, progress: Progress | None) -> None:
     """--batchnorm reestimate: `layers`' statistics from the clean training images (or their
     cached cut), before the first step."""
     train = setup.split["train"]
@@ -137,26 +140,24 @@ def reestimate(setup: Setup, model, layers: list, report: Report | None) -> None
     line = (f"batchnorm statistics of {len(layers)} layers re-estimated: val log loss {metrics['val_log_loss']:.4f} "
             f"val acc {metrics['val_accuracy']:.3f}")
     log.info(line)
-    if report:
-        report(line)
+    if progress:
+        progress(ProgressEvent("finetune", unit="", message=line))
 
 
-def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None, report: Report | None) -> None:
+def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None) -> None:
     """`fit` from the state's epoch on; `end_epoch` after each epoch, which may stop it early."""
     import keras
     import tensorflow as tf
-
-    from dogtl.core.distribute import prepare_fit
 
     c, train = setup.config, setup.split["train"]
     images, first = len(train["labels"]), state.epoch
 
     def on_batch(batch, logs=None):
-        progress((state.epoch - first) * images + min(images, (batch + 1) * c.batch_size),
-                 images * (c.epochs - first))
+        progress(ProgressEvent("finetune", (state.epoch - first) * images + min(images, (batch + 1) * c.batch_size),
+                               images * (c.epochs - first)))
 
     def on_epoch(epoch, logs=None):
-        if end_epoch(setup, model, state, epoch + 1, logs or {}, report):
+        if end_epoch(setup, model, state, epoch + 1, logs or {}, progress):
             model.stop_training = True
 
     dataset = (setup.source.dataset(setup, range(first, c.epochs)) if setup.source else
@@ -175,15 +176,15 @@ def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None
                         "fix or remove it and extract features again") from None
 
 
-def end_epoch(setup: Setup, model, state: RunState, epoch: int, logs: dict, report: Report | None) -> bool:
+def end_epoch(setup: Setup, model, state: RunState, epoch: int, logs: dict, progress: Progress | None) -> bool:
     """Validate epoch `epoch` on clean images, checkpoint it, keep it if best; True to stop."""
     import keras
 
     _, metrics = validate_setup(setup, model)
     lr = float(np.asarray(keras.ops.convert_to_numpy(model.optimizer.learning_rate)))
-    row = {"epoch": epoch, "loss": float(logs.get("loss", np.nan)), "accuracy": float(logs.get("accuracy", np.nan)),
-           "val_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"], "lr": lr}
-    state.history.append(row)
+    row = EpochRecord(epoch, float(logs.get("loss", np.nan)), float(logs.get("accuracy", np.nan)),
+                      metrics["val_log_loss"], metrics["val_accuracy"], lr)
+    state.history.append(row.as_row())
     state.epoch = epoch
     state.last_file = setup.checkpoints.save_model(model, epoch)
     state.random_state = random_state(model)
@@ -191,10 +192,8 @@ def end_epoch(setup: Setup, model, state: RunState, epoch: int, logs: dict, repo
     if best:
         state.best, state.best_file = metrics, state.last_file
     setup.checkpoints.commit(state)
-    if report:
-        report(f"epoch {epoch}/{setup.config.epochs}: loss {row['loss']:.4f} acc {row['accuracy']:.3f}"
-               f"  val log loss {row['val_loss']:.4f} val acc {row['val_accuracy']:.3f}"
-               f"  lr {lr:.2e}{' *' if best else ''}")
+    if progress:
+        progress(ProgressEvent("finetune", epoch, setup.config.epochs, "epochs", row, best=best))
     return state.stopping.stopped
 
 
@@ -207,17 +206,11 @@ def validate_setup(setup: Setup, model) -> tuple[np.ndarray, dict]:
 
 def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> FinetuneResult:
     """Write the best model with its metadata, history and plot; remove the checkpoints."""
-    from dogtl.core.artifacts import save_model
-    from dogtl.core.files import atomic_paths, write_csv_atomic
-    from dogtl.core.modelinfo import weights_path_to_record
-
-    from dogtl.core.precision import set_policy
-
     best = setup.checkpoints.load_model(state.best_file, state)
     if setup.source:  # the whole backbone + head, the frozen part as it came
         best = setup.source.export(setup, best)
     set_policy(best, "float32")  # saved models compute in float32, whatever they trained in
-    history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
+    history = history_frame(state.history)
     best_epoch = state.stopping.best_epoch
     metrics = {**state.best, "before": state.before, "best_epoch": best_epoch, "epochs_run": state.epoch,
                "head_difference": state.head_difference}
@@ -237,7 +230,6 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
     with atomic_paths(*[p for p in (history_path, plot_path) if p]) as tmps:
         write_csv_atomic(history, tmps[0])
         if plot_path:
-            from dogtl.core.plots import plot_history
 
             plot_history(history, tmps[1], title=f"finetune {setup.out.name} from {Path(setup.config.head).name}",
                          best_epoch=best_epoch, start=state.before)

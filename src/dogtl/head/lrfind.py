@@ -17,7 +17,11 @@ import numpy as np
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import check_overwrite
 from dogtl.core.locks import hold, writes
-from dogtl.head.settings import HeadConfig, LRFindConfig  # noqa: F401
+from dogtl.core.plots import plot_lr_find
+from dogtl.features.multicache import open_caches
+from dogtl.head.settings import HeadConfig, LRFindConfig
+from dogtl.head.train import build_compiled_head, load_training_data
+from dogtl.head.trainloop import EpochRunner
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
@@ -64,10 +68,7 @@ def diverged_at(smoothed: np.ndarray) -> int | None:
 def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.ndarray, num_classes: int,
                start_lr: float, end_lr: float, steps: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """(rates, losses, diverged): one training step per rate, rates growing exponentially."""
-    import keras
-
-    from dogtl.head.train import build_compiled_head
-    from dogtl.head.trainloop import EpochRunner
+    import keras  # local: importing this module (lr-find's option checks) costs no Keras start-up
 
     rate = (end_lr / start_lr) ** (1.0 / (steps - 1))
     ramp = keras.optimizers.schedules.ExponentialDecay(start_lr, decay_steps=1, decay_rate=rate)
@@ -96,10 +97,6 @@ def range_test(config: HeadConfig, train_features: np.ndarray, train_labels: np.
 def lr_find(config: LRFindConfig, cache: str | Path = "cache/features.h5", out: str | Path = "models/lr-find.png",
             force: bool = False) -> LRFindResult:
     """Run the range test on `cache` and write the plot `out` (a PNG; existing only with `force`)."""
-    from dogtl.features.multicache import open_caches
-    from dogtl.head.train import load_training_data
-    from dogtl.core.plots import plot_lr_find
-
     started = time.perf_counter()
     out = Path(out)
     if out.suffix.lower() != ".png":

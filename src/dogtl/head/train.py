@@ -19,24 +19,29 @@ from typing import Callable
 
 import numpy as np
 
+from dogtl.core.artifacts import check_writable, save_model
 from dogtl.core.early_stopping import EarlyStopping
+from dogtl.core.epochs import EpochRecord, history_frame
 from dogtl.core.errors import CacheError, DogtlError
 from dogtl.core.files import atomic_paths, check_overwrite, write_csv_atomic
 from dogtl.core.locks import hold, writes
 from dogtl.core.metadata import ModelMetadata
 from dogtl.core.metrics import at_chance, chance_scores, scores
+from dogtl.core.models import build_head, set_head_precision
+from dogtl.core.plots import plot_history
+from dogtl.core.progress import Progress, ProgressEvent
+from dogtl.features.multicache import head_inputs, open_caches
 from dogtl.features.signal import spread
 from dogtl.head.settings import HeadConfig, Resolved
+from dogtl.head.trainloop import EpochRunner
 
 log = logging.getLogger(__name__)
-
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
 
 
 @dataclass
 class FitResult:
     model: object  # the Keras head with the best epoch's weights
-    history: "object"  # pandas DataFrame, HISTORY_COLUMNS
+    history: "object"  # pandas DataFrame, core.epochs.HISTORY_COLUMNS
     metrics: dict  # val_accuracy, val_log_loss, epochs_run, best_epoch, train_loss, train_accuracy
     seconds_per_epoch: float
     resolved: Resolved  # batch size, learning rates, step size and gamma actually used
@@ -59,7 +64,7 @@ class HeadResult:
 
 
 def _schedule(config: HeadConfig, r: Resolved):
-    from dogtl.core.schedules import CyclicLR, Warmup
+    from dogtl.core.schedules import CyclicLR, Warmup  # local: it imports Keras
 
     lr = r.base_lr if config.schedule == "constant" else CyclicLR(r.base_lr, r.max_lr, r.step_size,
                                                                  mode=config.schedule, gamma=r.gamma)
@@ -71,8 +76,7 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
     """The head of `config`, compiled with its optimizer and (cyclical) learning rate schedule
     (or `learning_rate`, a rate or Keras schedule, instead); its initial weights and dropout
     streams depend on `config.seed` alone."""
-    from dogtl.core.models import build_head
-    from dogtl.core.schedules import make_optimizer
+    from dogtl.core.schedules import make_optimizer  # local: it imports Keras
 
     model = build_head(feature_dim, num_classes, hidden=config.hidden, input_dropout=config.input_dropout,
                        dropout=config.dropout, seed=config.seed)
@@ -87,17 +91,13 @@ def build_compiled_head(config: HeadConfig, feature_dim: int, num_classes: int, 
 
 def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.ndarray,
              val_features: np.ndarray, val_labels: np.ndarray, num_classes: int,
-             on_epoch: Callable[[dict], None] | None = None,
+             on_epoch: Progress | None = None,
              stop: Callable[[float], bool] | None = None) -> FitResult:
     """Train a head from arrays: train_features [passes, rows, dim] (pass 0 clean), labels [rows],
     val_features [rows, dim] (clean). Same inputs and seed give the same model on the same machine.
     `stop(seconds of the last epoch)`, asked after each epoch, ends training there when True (a
-    deadline: the best epoch so far is kept, and the result is marked `cut_short`)."""
-    import pandas as pd
-
-    from dogtl.core.models import set_head_precision
-    from dogtl.head.trainloop import EpochRunner
-
+    deadline: the best epoch so far is kept, and the result is marked `cut_short`). `on_epoch` gets
+    each finished epoch's ProgressEvent."""
     if train_features.ndim != 3 or val_features.ndim != 2 or train_features.shape[2] != val_features.shape[1]:
         raise ValueError(f"features of shapes {train_features.shape} (train) and {val_features.shape} (val) "
                          "do not fit: expected [passes, rows, dim] and [rows, dim]")
@@ -116,30 +116,31 @@ def fit_head(config: HeadConfig, train_features: np.ndarray, train_labels: np.nd
         val = scores(val_labels, runner.predict(val_features), num_classes)
         seconds += time.perf_counter() - started
         iteration = epoch * runner.steps - 1  # the last step of this epoch
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "accuracy": accuracy,
-               "val_loss": val["val_log_loss"], "val_accuracy": val["val_accuracy"],
-               "lr": float(lr(iteration)) if callable(lr) else float(lr)}
+        row = EpochRecord(epoch, float(np.mean(losses)), accuracy, val["val_log_loss"], val["val_accuracy"],
+                          float(lr(iteration)) if callable(lr) else float(lr))
         rows.append(row)
-        if on_epoch:
-            on_epoch({**row, "epochs": config.epochs, "seconds": time.perf_counter() - started})
-        if stopping.update(epoch, row["val_loss"] if math.isfinite(row["loss"]) else math.nan):
+        best = stopping.update(epoch, row.val_loss if math.isfinite(row.loss) else math.nan)
+        if best:
             best_weights = model.get_weights()
+        if on_epoch:
+            on_epoch(ProgressEvent("train-head", epoch, config.epochs, "epochs", row,
+                                   time.perf_counter() - started, best))
         if stopping.stopped:
-            if not math.isfinite(row["loss"]) or not math.isfinite(row["val_loss"]):
+            if not math.isfinite(row.loss) or not math.isfinite(row.val_loss):
                 log.warning("epoch %d: loss is not finite; training stopped (lower the learning rates)", epoch)
             break
         if stop is not None and epoch < config.epochs and stop(time.perf_counter() - started):
             cut_short = True
             break
     if best_weights is None:
-        raise DogtlError(f"training diverged in epoch 1 (loss {rows[0]['loss']}): lower --base-lr/--max-lr "
+        raise DogtlError(f"training diverged in epoch 1 (loss {rows[0].loss}): lower --base-lr/--max-lr "
                          f"(they were {resolved.base_lr:g} and {resolved.max_lr:g})")
     model.set_weights(best_weights)
     set_head_precision(model, "float32")  # the saved head computes like any other float32 model
     best_row = rows[stopping.best_epoch - 1]
     metrics = {**scores(val_labels, runner.predict(val_features), num_classes), "epochs_run": len(rows),
-               "best_epoch": stopping.best_epoch, "train_loss": best_row["loss"], "train_accuracy": best_row["accuracy"]}
-    return FitResult(model, pd.DataFrame(rows, columns=HISTORY_COLUMNS), metrics, seconds / len(rows), resolved,
+               "best_epoch": stopping.best_epoch, "train_loss": best_row.loss, "train_accuracy": best_row.accuracy}
+    return FitResult(model, history_frame([r.as_row() for r in rows]), metrics, seconds / len(rows), resolved,
                      cut_short)
 
 
@@ -202,8 +203,6 @@ def _warn_at_chance(metrics: dict, chance: dict) -> None:
 
 def head_metadata(cache, config: HeadConfig, fit: FitResult, data: TrainingData) -> ModelMetadata:
     """What a saved head records: the cache(s) it is bound to, its settings and its validation figures."""
-    from dogtl.features.multicache import head_inputs
-
     features = data.train_features[:1] if config.clean_only else data.train_features
     return ModelMetadata(kind="head", classes=list(cache.classes), backbones=head_inputs(cache),
                          settings=asdict(config), metrics=fit.metrics, train_images=int(features.shape[1]),
@@ -219,8 +218,6 @@ def output_paths(out: str | Path) -> dict[str, Path]:
 
 def check_outputs(out: str | Path, force: bool) -> dict[str, Path]:
     """Refuse to overwrite any of the run's outputs without --force (before any training)."""
-    from dogtl.core.artifacts import check_writable
-
     paths = output_paths(out)
     check_writable(paths["model"], force)
     for path in paths.values():
@@ -230,15 +227,11 @@ def check_outputs(out: str | Path, force: bool) -> dict[str, Path]:
 
 @writes
 def train_head(config: HeadConfig, cache: str | Path = "cache/features.h5", out: str | Path = "models/head.keras",
-               force: bool = False, progress: Callable[[dict], None] | None = None) -> HeadResult:
+               force: bool = False, progress: Progress | None = None) -> HeadResult:
     """Train a head on the feature cache `cache` and write model, metadata, history CSV and plot
     at `out` (existing files only with `force`).
 
-    `progress` gets one dict per epoch (HISTORY_COLUMNS plus epochs and seconds)."""
-    from dogtl.core.artifacts import save_model
-    from dogtl.features.multicache import open_caches
-    from dogtl.core.plots import plot_history
-
+    `progress` gets one ProgressEvent per epoch (its EpochRecord and seconds)."""
     started = time.perf_counter()
     paths = check_outputs(out, force)
     hold(paths["model"], "the model")

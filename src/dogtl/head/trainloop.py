@@ -12,11 +12,17 @@ saved model is an ordinary Keras model), with two speed-ups measured on CPU
   as (W @ grad^T)^T, same sums: TF's CPU kernel for a transposed 2048x1024 right-hand
   side is ~6x slower than the untransposed one. This needs graph gradients
   (`tf.gradients` + `keras_private.override_gradients`), applied only inside the training step.
+
+TensorFlow and Keras are imported inside the functions that use them (local): importing this
+module costs no TensorFlow start-up until training starts.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from dogtl.core.keras_private import override_gradients
+from dogtl.core.models import set_head_precision
 
 FAST_MATMUL_GRAD = "DogtlMatMulFastGrad"
 _registered = False
@@ -96,8 +102,6 @@ class TrainStep:
         """x [B, D], y [B] -> (loss, number of correct predictions)."""
         import tensorflow as tf
 
-        from dogtl.core.keras_private import override_gradients
-
         with override_gradients(self.overrides):
             probs = self.model(x, training=True)
         loss = self.loss_fn(tf.one_hot(y, tf.shape(probs)[-1]) if self.smoothing else y, probs)
@@ -154,8 +158,6 @@ class EpochRunner:
         """Train one epoch: (loss of every step, training accuracy over the epoch)."""
         import tensorflow as tf
 
-        from dogtl.core.models import set_head_precision
-
         set_head_precision(self.model, self.precision)
         n = self.steps if max_steps is None else max(1, min(int(max_steps), self.steps))
         losses, correct = self._epoch(self.features, self.labels, tf.constant(epoch, tf.int64),
@@ -164,8 +166,6 @@ class EpochRunner:
 
     def predict(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """Softmax outputs in inference mode (no dropout, BatchNorm moving statistics), in float32."""
-        from dogtl.core.models import set_head_precision
-
         set_head_precision(self.model, "float32")
         parts = [self._predict(np.asarray(x[i:i + batch_size], np.float32)).numpy()
                  for i in range(0, len(x), batch_size)]

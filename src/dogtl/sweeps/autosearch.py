@@ -158,19 +158,20 @@ class AutoSearch:
         so far reported to the pruner; its metrics."""
         best = math.inf
 
-        def on_epoch(row):
+        def on_epoch(event):
             nonlocal best
-            if row["epoch"] == 1:  # a head's set-up and first epoch: the least the final retraining needs
+            row = event.record
+            if row.epoch == 1:  # a head's set-up and first epoch: the least the final retraining needs
                 self.reserve = max(self.reserve, 2 * (time.perf_counter() - started))
-            best = min(best, row["val_loss"]) if math.isfinite(row["val_loss"]) else best
-            step = f * self.epochs + row["epoch"]
+            best = min(best, row.val_loss) if math.isfinite(row.val_loss) else best
+            step = f * self.epochs + row.epoch
             if math.isfinite(best):
                 trial.report(best, step)
                 if trial.should_prune():
                     self.say(event="pruned", trial=trial.number, fold=f + 1, folds=len(self.folds),
-                             epoch=row["epoch"], loss=best, settings=settings)
-                    raise optuna.TrialPruned(f"fold {f + 1} epoch {row['epoch']}: val log loss {best:.4f}")
-            if self.out_of_time(row["seconds"]):
+                             epoch=row.epoch, loss=best, settings=settings)
+                    raise optuna.TrialPruned(f"fold {f + 1} epoch {row.epoch}: val log loss {best:.4f}")
+            if self.out_of_time(event.seconds):
                 trial.set_user_attr("out_of_time", True)
                 raise OutOfTime
 

@@ -23,6 +23,9 @@ hidden 1,024, 120 classes, batch 128, 8,256 rows, 2 shared CPU cores): the Keras
 its setup and first epoch (tracing and compiling 8 models) 54 s against 95 s.
 
 `fuse_key` returns None for a setting this module does not know, and the caller uses `fit_head`.
+
+TensorFlow is imported inside the functions that use it (local): importing this module costs no
+TensorFlow start-up until training starts.
 """
 
 from __future__ import annotations
@@ -34,10 +37,14 @@ from typing import Callable
 
 import numpy as np
 
+from dogtl.core.early_stopping import EarlyStopping
+from dogtl.core.epochs import EpochRecord
 from dogtl.core.errors import DogtlError
 from dogtl.core.metrics import scores
-from dogtl.core.early_stopping import EarlyStopping
+from dogtl.core.models import set_head_precision
 from dogtl.head.settings import HEAD_SETTINGS, HeadConfig
+from dogtl.head.train import build_compiled_head
+from dogtl.head.trainloop import TrainStep, epoch_plan
 
 
 # Settings this module trains as fit_head does (declared in HEAD_SETTINGS); any other must keep its default.
@@ -61,7 +68,7 @@ class TrialOutcome:
 
     config: HeadConfig
     metrics: dict  # val_accuracy, val_log_loss, epochs_run, best_epoch, train_loss, train_accuracy
-    history: list = field(default_factory=list)  # one dict per epoch (head.HISTORY_COLUMNS)
+    history: list = field(default_factory=list)  # one EpochRecord.as_row() per epoch
     seconds: float = 0.0
     error: str | None = None
 
@@ -76,9 +83,6 @@ class _Trial:
     (loss, graph gradients with the fast MatMul gradient, XLA-compiled optimizer update)."""
 
     def __init__(self, config: HeadConfig, dim: int, num_classes: int, resolved, num_passes: int):
-        from dogtl.head.train import build_compiled_head
-        from dogtl.head.trainloop import TrainStep
-
         self.seed = int(config.seed)
         self.passes = 1 if config.clean_only else num_passes
         self.model, self.lr = build_compiled_head(config, dim, num_classes, resolved)
@@ -99,8 +103,6 @@ class FusedHeads:
     def __init__(self, configs: list[HeadConfig], features, labels, train_rows: np.ndarray,
                  val_features: np.ndarray, num_classes: int, trials: list[_Trial] | None = None):
         import tensorflow as tf
-
-        from dogtl.core.models import set_head_precision
 
         if not configs:
             raise ValueError("no trials to train")
@@ -136,8 +138,6 @@ class FusedHeads:
     def _epoch_graph(self, epoch):
         """Every trial's epoch (its own order and passes, `trainloop.epoch_plan`) in one step loop."""
         import tensorflow as tf
-
-        from dogtl.head.trainloop import epoch_plan
 
         plans = [epoch_plan(t.seed, epoch, self.num_train, t.passes, self.batch) for t in self.trials]
         rows = tf.gather(self.train_rows, tf.stack([r for r, _ in plans]))  # [T, steps * batch]
@@ -200,23 +200,39 @@ class _Tracker:
     def done(self) -> bool:
         return self.stopping.stopped or len(self.rows) >= self.config.epochs
 
-    def add(self, row: dict) -> None:
+    def add(self, row: EpochRecord) -> None:
         self.rows.append(row)
-        self.stopping.update(row["epoch"], row["val_loss"] if math.isfinite(row["loss"]) else math.nan)
+        self.stopping.update(row.epoch, row.val_loss if math.isfinite(row.loss) else math.nan)
 
     def outcome(self) -> TrialOutcome:
+        history = [row.as_row() for row in self.rows]
         if not self.best_epoch:
-            loss = self.rows[0]["loss"] if self.rows else float("nan")
+            loss = self.rows[0].loss if self.rows else float("nan")
             nan = float("nan")
             return TrialOutcome(self.config, {"val_accuracy": nan, "val_log_loss": nan, "epochs_run": len(self.rows),
                                               "best_epoch": 0, "train_loss": nan, "train_accuracy": nan},
-                                self.rows, self.seconds,
+                                history, self.seconds,
                                 f"training diverged in epoch 1 (loss {loss}): lower base_lr/max_lr")
         best = self.rows[self.best_epoch - 1]
-        return TrialOutcome(self.config, {"val_accuracy": best["val_accuracy"], "val_log_loss": best["val_loss"],
+        return TrialOutcome(self.config, {"val_accuracy": best.val_accuracy, "val_log_loss": best.val_loss,
                                           "epochs_run": len(self.rows), "best_epoch": self.best_epoch,
-                                          "train_loss": best["loss"], "train_accuracy": best["accuracy"]},
-                            self.rows, self.seconds)
+                                          "train_loss": best.loss, "train_accuracy": best.accuracy},
+                            history, self.seconds)
+
+
+def _charge(trackers: list[_Tracker], indices: list[int], seconds: float) -> None:
+    """Share `seconds` of wall time equally among the trials `indices`."""
+    for i in indices:
+        trackers[i].seconds += seconds / len(indices)
+
+
+def _clean_val(features, val_rows: np.ndarray) -> np.ndarray:
+    """The validation rows' clean pass (pass 0) of features [P, N, D], an array or a tensor, in float32."""
+    if isinstance(features, np.ndarray):
+        return features[0][val_rows].astype(np.float32)
+    import tensorflow as tf
+
+    return tf.gather(features[0], val_rows).numpy().astype(np.float32)
 
 
 def train_fused(configs: list[HeadConfig], features, labels, train_rows: np.ndarray, val_rows: np.ndarray,
@@ -231,21 +247,12 @@ def train_fused(configs: list[HeadConfig], features, labels, train_rows: np.ndar
     if not len(val_rows):
         raise DogtlError("no validation images: early stopping and the metrics need some")
     labels = np.asarray(labels, np.int32)
-    clean = features[0] if isinstance(features, np.ndarray) else None
-    if clean is not None:
-        val_x = clean[val_rows].astype(np.float32)
-    else:
-        import tensorflow as tf
-
-        val_x = tf.gather(features[0], val_rows).numpy().astype(np.float32)
-    val_y = labels[val_rows]
+    val_x, val_y = _clean_val(features, val_rows), labels[val_rows]
     trackers = [_Tracker(c) for c in configs]
     active = list(range(len(configs)))
     members = list(active)  # the trials in `group`, in its order (finished ones may still be in it)
     group = FusedHeads(configs, features, labels, train_rows, val_x, num_classes)
-    setup = time.perf_counter() - started
-    for t in trackers:
-        t.seconds += setup / len(trackers)
+    _charge(trackers, active, time.perf_counter() - started)  # the set-up
     epoch = 0
     while active:
         epoch += 1
@@ -257,14 +264,11 @@ def train_fused(configs: list[HeadConfig], features, labels, train_rows: np.ndar
         for i in active:
             j = members.index(i)
             val = scores(val_y, probs[j], num_classes)
-            trackers[i].add({"epoch": epoch, "loss": float(np.mean(losses[:, j])), "accuracy": float(accuracy[j]),
-                             "val_loss": val["val_log_loss"], "val_accuracy": val["val_accuracy"],
-                             "lr": float(lrs[j])})
+            trackers[i].add(EpochRecord(epoch, float(np.mean(losses[:, j])), float(accuracy[j]), val["val_log_loss"],
+                                        val["val_accuracy"], float(lrs[j])))
             if trackers[i].done:
                 finished.append(i)
-        elapsed = time.perf_counter() - started
-        for i in active:
-            trackers[i].seconds += elapsed / len(active)
+        _charge(trackers, active, time.perf_counter() - started)
         for i in finished:
             if on_done:
                 on_done(i, trackers[i].outcome())
@@ -274,7 +278,5 @@ def train_fused(configs: list[HeadConfig], features, labels, train_rows: np.ndar
             group = FusedHeads([configs[i] for i in active], group.features, labels, train_rows, val_x,
                                num_classes, trials=[group.trials[members.index(i)] for i in active])
             members = list(active)
-            elapsed = time.perf_counter() - started
-            for i in active:
-                trackers[i].seconds += elapsed / len(active)
+            _charge(trackers, active, time.perf_counter() - started)
     return [t.outcome() for t in trackers]

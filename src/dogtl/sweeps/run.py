@@ -29,7 +29,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -37,6 +36,9 @@ from dogtl.core.errors import DogtlError
 from dogtl.core.files import write_csv_atomic, write_json_atomic
 from dogtl.core.locks import hold, writes
 from dogtl.core.plots import plot_sweep
+from dogtl.core.progress import Progress, ProgressEvent
+from dogtl.features.multicache import as_paths, cache_value, open_caches
+from dogtl.head.ensemble import ensemble_of_trials
 from dogtl.sweeps.folds import make_folds
 from dogtl.sweeps.records import digest, training_settings, trial_key
 from dogtl.sweeps.results import summarise, write_best_config
@@ -67,7 +69,6 @@ class SweepResult:
 
 
 def _spec(config: SweepConfig, space: SearchSpace, cache, base: dict) -> dict:
-    from dogtl.features.multicache import as_paths
 
     return {"cache": ", ".join(str(Path(p).resolve()) for p in as_paths(config.cache)),
             "cache_fingerprint": digest(cache.fingerprint)[:16],
@@ -180,7 +181,7 @@ class _Tally:
     records: list
     total: int
     labels: dict  # trial key -> its searched values, for progress lines
-    progress: Callable[[dict], None] | None
+    progress: Progress | None
     skipped: int = 0
     macs: float = 0.0
     fused: int = 0
@@ -198,8 +199,9 @@ class _Tally:
 
     def _report(self, record: dict | None) -> None:
         if self.progress:
-            self.progress({"done": self.done, "total": self.total, "skipped": self.skipped, "record": record,
-                           "best": self.best, "label": self.labels.get(record["trial"], "") if record else None})
+            self.progress(ProgressEvent("sweep", self.done, self.total, "runs", detail={
+                "skipped": self.skipped, "record": record, "best": self.best,
+                "label": self.labels.get(record["trial"], "") if record else None}))
 
     def add(self, record: dict) -> None:
         write_json_atomic(self.trial_dir / f"{record['key']}.json", record)
@@ -214,7 +216,6 @@ class _Tally:
 def _write_best(config: SweepConfig, frame, settings: dict, cache, out: Path) -> Path:
     best, path = frame.iloc[0], out / "best.toml"
     how = f"{config.folds}-fold cross-validation" if config.folds else "the cache's validation split"
-    from dogtl.features.multicache import cache_value
 
     write_best_config({"cache": cache_value(cache), **settings}, path,
                       f"dogtl sweep {out}: best of {len(frame)} trials on {how}\n"
@@ -224,13 +225,13 @@ def _write_best(config: SweepConfig, frame, settings: dict, cache, out: Path) ->
 
 
 @writes
-def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = None) -> SweepResult:
+def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepResult:
     """Expand the space, run every unfinished (trial, fold), then rank the trials and write
     results.csv, best.toml and sweep.png in the sweep folder.
 
-    `progress` gets a dict after each finished run: done, total, skipped, record (the run),
-    best (lowest validation log loss so far) and label (the trial's searched values)."""
-    from dogtl.features.multicache import as_paths, open_caches
+    `progress` gets a ProgressEvent (unit "runs") first and after each finished run, its `detail`:
+    skipped, record (the run), best (lowest validation log loss so far) and label (the trial's
+    searched values)."""
 
     started = time.perf_counter()
     space = build_space(config.space, config.params)
@@ -264,7 +265,6 @@ def run_sweep(config: SweepConfig, progress: Callable[[dict], None] | None = Non
         plot_sweep(frame, space.searched, plot_path)
     ensemble = None
     if config.ensemble and best_settings is not None:
-        from dogtl.head.ensemble import ensemble_of_trials
 
         finite = frame[np.isfinite(frame["val_log_loss"].astype(float))]
         top = [configs[keys.index(t)] for t in finite["trial"][:config.ensemble]]
