@@ -39,9 +39,13 @@ def test_sweep_and_lr_find_from_python(tiny_cache, tmp_path):
 
 
 def test_stage_functions_are_not_shadowed_by_the_stage_packages():
-    import dogtl.finetuning.train  # noqa: F401  importing a sub-package sets an attribute on dogtl
-    import dogtl.sweeps.run  # noqa: F401
+    """Importing dogtl.X binds X in the package: no module or package may be named as a function."""
+    import importlib
+    import pkgutil
 
+    for module in pkgutil.iter_modules(dogtl.__path__):
+        if module.name != "__main__":
+            importlib.import_module(f"dogtl.{module.name}")
     for name in dogtl.__all__[:-2]:
         assert callable(getattr(dogtl, name)) and getattr(dogtl, name).__module__ == "dogtl.api", name
 
@@ -53,11 +57,9 @@ def _commands():
     from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
     from dogtl.features.settings import ExtractConfig
     from dogtl.finetuning.settings import FinetuneConfig
-    from dogtl.fit import FitConfig
+    from dogtl.fitting import FitConfig
     from dogtl.head.settings import HeadConfig, LRFindConfig
     from dogtl.sweeps.settings import SweepConfig
-
-    dogtl.fit = api.fit  # a sub-module's first import binds its name in the package: keep the function
 
     config_file = {"config": "--config FILE: the API takes the settings themselves"}
     model_option = {"model_opt": "--model: the MODEL argument spelled as an option"}

@@ -173,7 +173,7 @@ def fit(data="data", *, budget="30m", out="models/model.keras", force: bool = Fa
     backbone, weights, image_size, passes, hflip, val_fraction, seed (see `dogtl fit --help`);
     `progress` (a callable) gets fit's events; `started` (a time.time()) is when the budget began
     (default: now). Returns a FitResult (the model's path and metrics, and what was chosen and why)."""
-    from dogtl.fit import FitConfig, fit as run  # local: see the note above
+    from dogtl.fitting import FitConfig, fit as run  # local: see the note above
 
     config = FitConfig(data=str(data), out=str(out), budget=parse_budget(budget), force=force, **settings)
     return run(config, progress=progress if callable(progress) else None, started=started)

@@ -25,6 +25,8 @@ def test_bad_budgets_are_one_line_errors(text):
 def test_format_seconds_reads_back():
     for seconds in (42, 90, 120, 5400, 3600 + 61):
         assert parse_budget(format_seconds(seconds)) == seconds
+    assert [format_seconds(s) for s in (0, 42.3, 62, 120, 3600 + 61, 5400)] == \
+        ["0s", "42s", "1m02s", "2m", "1h01m01s", "1h30m"]
 
 
 def test_deadline_counts_from_the_given_start():

@@ -11,7 +11,8 @@ import typer
 from dogtl import api
 from dogtl.cli.common import TRACK_OPTION, _RichBar, friendly_errors, interactive, show_tracking
 from dogtl.cli.head import cache_arg
-from dogtl.core.progress import ProgressEvent, duration_text
+from dogtl.core.budget import format_seconds
+from dogtl.core.progress import ProgressEvent
 from dogtl.core.settings import with_options
 from dogtl.sweeps.settings import SWEEP_SETTINGS
 
@@ -55,7 +56,7 @@ class TrialProgress(_RichBar):
         elapsed = time.monotonic() - since
         if done <= first or done >= total or elapsed <= 0:
             return ""
-        return f"  (ETA {duration_text((total - done) * elapsed / (done - first))})"
+        return f"  (ETA {format_seconds((total - done) * elapsed / (done - first))})"
 
 
 

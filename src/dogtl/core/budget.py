@@ -36,12 +36,12 @@ def parse_budget(value, option: str = "--budget") -> float:
 
 
 def format_seconds(seconds: float) -> str:
-    """120 -> '2m', 90 -> '1m30s', 5400 -> '1h30m', 42.3 -> '42s'."""
-    s = int(round(seconds))
-    hours, rest = divmod(s, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
-    return text or "0s"
+    """120 -> '2m', 62 -> '1m02s', 5400 -> '1h30m', 42.3 -> '42s': budgets, elapsed times and ETAs
+    alike, and what --budget reads back."""
+    hours, rest = divmod(int(round(seconds)), 3600)
+    parts = [(hours, "h"), *zip(divmod(rest, 60), "ms")]
+    shown = [(n, unit) for n, unit in parts if n]
+    return "".join(f"{n:02d}{unit}" if i else f"{n}{unit}" for i, (n, unit) in enumerate(shown)) or "0s"
 
 
 def process_start() -> float:

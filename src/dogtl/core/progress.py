@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from dogtl.core.budget import format_seconds
 from dogtl.core.epochs import EpochRecord
 
 # What each stage's plain lines call it.
@@ -61,12 +62,6 @@ def counting(progress: Progress | None, stage: str, unit: str = "images"):
     return lambda done, total: progress(ProgressEvent(stage, done, total, unit))
 
 
-def duration_text(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s"
-
-
 def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -102,8 +97,8 @@ class PlainProgress:
         elapsed = now - self.started
         if elapsed > 0 and done > self.first:
             rate = (done - self.first) / elapsed
-            text += f", {rate:.1f} {self.unit}/s, {duration_text(elapsed)} elapsed"
-            text += f", ETA {duration_text((total - done) / rate)}" if done < total else ""
+            text += f", {rate:.1f} {self.unit}/s, {format_seconds(elapsed)} elapsed"
+            text += f", ETA {format_seconds((total - done) / rate)}" if done < total else ""
         _err(text)
 
 
