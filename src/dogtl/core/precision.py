@@ -32,15 +32,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dogtl.core.errors import SettingError
+from dogtl.core.settings import choices_help
 
 # local: tensorflow and numpy are imported inside functions: `dogtl --help` imports this module.
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 HEAD_PRECISIONS = ("auto", "float32", "bfloat16")  # a head's hidden matmuls (models.set_head_precision)
 HEAD_AUTO_MIN_BATCH = 64
-PRECISION_HELP = ("Number format of the backbone's arithmetic: auto (bfloat16 on CPUs with AVX512-BF16/AMX, "
-                  "mixed float16 on CUDA GPUs with tensor cores, else float32), float32, bfloat16 or float16. "
-                  "Weights and saved models stay float32.")
+PRECISION_HELP = ("Number format of the backbone's arithmetic: " + choices_help(PRECISIONS, {
+    "auto": "bfloat16 on CPUs with AVX512-BF16/AMX, mixed float16 on CUDA GPUs with tensor cores, else float32"})
+    + ". Weights and saved models stay float32.")
 _REWRITE = "auto_mixed_precision_onednn_bfloat16"
 
 

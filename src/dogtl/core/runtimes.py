@@ -36,13 +36,14 @@ from dogtl.core import precision as precisions
 from dogtl.core.conversions import ConversionError, converted
 from dogtl.core.errors import DogtlError, SettingError
 from dogtl.core.forward import RUNTIME_FILES, RUNTIME_MODULES, Forward, first_line, load_forward, tensorflow_forward
+from dogtl.core.settings import choices_help
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "tensorflow", "onnxruntime", "openvino")
 AUTO_ORDER = ("openvino", "onnxruntime")  # on CPUs, fastest first (docs/runtimes.md)
-RUNTIME_HELP = ("Library that runs the frozen forward pass: auto (TensorFlow on GPUs, else OpenVINO, else "
-                "ONNX Runtime, whichever is installed: several times TensorFlow's speed on CPUs), tensorflow, "
-                "onnxruntime or openvino. The Keras model is converted once and kept in a conversion cache "
+RUNTIME_HELP = ("Library that runs the frozen forward pass: " + choices_help(RUNTIMES, {
+    "auto": "TensorFlow on GPUs, else " + ", else ".join(AUTO_ORDER) + ", whichever is installed: several times "
+            "TensorFlow's speed on CPUs"}) + ". The Keras model is converted once and kept in a conversion cache "
                 "(DOGTL_RUNTIME_CACHE, default ~/.cache/dogtl/runtimes); a model a runtime cannot convert runs on "
                 "TensorFlow, with one line saying so.")
 AUTO_ENV = "DOGTL_AUTO_RUNTIME"  # what `auto` means, when set (the test suite: tensorflow)
