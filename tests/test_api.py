@@ -57,7 +57,7 @@ def _commands():
     from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
     from dogtl.features.settings import ExtractConfig
     from dogtl.finetuning.settings import FinetuneConfig
-    from dogtl.fitting import FitConfig
+    from dogtl.fit_settings import FitConfig
     from dogtl.head.settings import HeadConfig, LRFindConfig
     from dogtl.sweeps.settings import SweepConfig
 

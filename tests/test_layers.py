@@ -1,7 +1,7 @@
 """The packages form layers that point one way, with no import cycles between files.
 
 Layers, lowest first: core < data < features < head < sweeps < evaluation < finetuning < serving
-< (fitting, fitstate, demo) < api < cli, and `dogtl/__init__.py`, `dogtl/__main__.py` on top. A module
+< (fitting, fitstate, fit_settings, demo) < api < cli, and `dogtl/__init__.py`, `dogtl/__main__.py` on top. A module
 imports only from its own layer or lower ones, so each stage can be read, tested and changed
 knowing only what lies below it. Every import counts, also those inside functions (they hide
 cycles, not remove them), and a function-local import of a dogtl module needs a `# local: <reason>`
@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first; modules of one entry are on the same layer and may import each other.
 LAYERS = [("core",), ("data",), ("features",), ("head",), ("sweeps",), ("evaluation",), ("finetuning",),
-          ("serving",), ("fitting", "fitstate", "demo", "demo_settings"), ("api",), ("cli",), ("__init__", "__main__")]
+          ("serving",), ("fitting", "fitstate", "fit_settings", "demo", "demo_settings"), ("api",), ("cli",), ("__init__", "__main__")]
 
 # Third-party modules that may be imported inside functions without a comment, for one of two
 # reasons. Heavy ones take long to import (or pull TensorFlow in): importing them in the function

@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dogtl.core import tracking
-from dogtl.core.budget import parse_budget
 from dogtl.core.progress import PlainRenderer, counting
 from dogtl.core.settings import defaults
 from dogtl.demo_settings import DEMO_SETTINGS, DemoConfig
@@ -31,6 +30,7 @@ from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
 from dogtl.features.settings import EXTRACT_SETTINGS, ExtractConfig
 from dogtl.features.shards import merge_caches
 from dogtl.finetuning.settings import FinetuneConfig, recipe_settings
+from dogtl.fit_settings import FIT_SETTINGS, FitConfig
 from dogtl.head.settings import HeadConfig, LRFindConfig
 from dogtl.sweeps.settings import SweepConfig
 
@@ -38,7 +38,7 @@ from dogtl.sweeps.settings import SweepConfig
 # TensorFlow, Keras, h5py, pandas or sklearn, which neither `import dogtl` nor the command line's
 # --help and option checks need. The settings above are light.
 
-_EXTRACT, _DEMO = defaults(EXTRACT_SETTINGS), defaults(DEMO_SETTINGS)
+_EXTRACT, _DEMO, _FIT = defaults(EXTRACT_SETTINGS), defaults(DEMO_SETTINGS), defaults(FIT_SETTINGS)
 
 
 def _progress(progress):
@@ -166,17 +166,16 @@ def predict(images=(), *, progress=True, **settings):
                                                                     progress=counting(_progress(progress), "predict"))
 
 
-def fit(data="data", *, budget="30m", out="models/model.keras", force: bool = False, progress=False,
-        started=None, **settings):
+def fit(data=_FIT["data"], *, progress=False, started=None, **settings):
     """From a folder of images to the strongest model `budget` allows ("90s", "30m", "1h" or seconds):
-    extract, search the head, fine-tune, evaluate; a rerun after a kill resumes. `settings`:
-    backbone, weights, image_size, passes, hflip, val_fraction, seed (see `dogtl fit --help`);
-    `progress` (a callable) gets fit's events; `started` (a time.time()) is when the budget began
-    (default: now). Returns a FitResult (the model's path and metrics, and what was chosen and why)."""
-    from dogtl.fitting import FitConfig, fit as run  # local: see the note above
+    extract, search the head, fine-tune, evaluate; a rerun after a kill resumes. `settings`: any
+    fit setting (`dogtl.fit_settings.FIT_SETTINGS`: budget, out, backbone, weights, image_size,
+    passes, force, ...); `progress` (a callable) gets fit's events; `started` (a time.time()) is
+    when the budget began (default: now). Returns a FitResult (the model's path and metrics, and
+    what was chosen and why)."""
+    from dogtl.fitting import fit as run  # local: see the note above
 
-    config = FitConfig(data=str(data), out=str(out), budget=parse_budget(budget), force=force, **settings)
-    return run(config, progress=progress if callable(progress) else None, started=started)
+    return run(FitConfig(data=data, **settings), progress=progress if callable(progress) else None, started=started)
 
 
 def demo(dir=_DEMO["dir"], *, note=None, **settings):

@@ -47,14 +47,13 @@ from dogtl.features.extract import ExtractConfig, extract_features
 from dogtl.finetuning.checkpoints import finished_epochs
 from dogtl.finetuning.settings import FinetuneConfig
 from dogtl.finetuning.train import finetune
+from dogtl.fit_settings import FitConfig
 from dogtl.fitstate import FitState, publish, written_model
 from dogtl.sweeps.auto import auto_train
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
 
-BACKBONE = "mobilenet_v2"  # the cheapest registered backbone: most epochs per minute on CPUs
-PASSES = 2  # augmented passes at extraction, on top of the clean one
 # Light augmentation (the `finetune --augment light` preset's): on Fashion, the dog recipe's 45
 # degree rotations hurt (docs/fit.md).
 AUGMENTATION = dict(rotation=10.0, zoom=0.1, shift=0.1)
@@ -69,38 +68,6 @@ FINETUNE_COST = 4.0
 MAX_EPOCHS = 30
 EVALUATE_COST = 1.5  # evaluation: this many times one extraction pass over the validation images
 STAGES = ("extract", "head", "finetune", "evaluate")
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    data: str = "data"
-    out: str = "models/model.keras"
-    budget: float = 1800.0  # seconds
-    backbone: str = BACKBONE
-    weights: str = "imagenet"
-    image_size: int | None = None  # None: the images' own size, within the backbone's (see choose_image_size)
-    passes: int = PASSES
-    hflip: bool = True  # mirror images in augmentation (off for digits, text...)
-    val_fraction: float = 0.1
-    seed: int = 2018
-    trials: int | None = None  # at most this many head-search trials (None: as many as its share allows)
-    epochs: int | None = None  # at most this many fine-tuning epochs (None: as many as the budget allows)
-    force: bool = False
-
-    def __post_init__(self):
-        if not self.budget > 0:
-            raise DogtlError(f"--budget {self.budget:g}: give the time fit may take, e.g. --budget 30m")
-        if self.passes < 0:
-            raise DogtlError(f"--passes {self.passes} must be 0 or more")
-        if self.epochs is not None and self.epochs < 1:
-            raise DogtlError(f"--epochs {self.epochs} must be at least 1 (or leave it out: as many as fit the budget)")
-        if not 0 < self.val_fraction < 1:
-            raise DogtlError(f"--val-fraction {self.val_fraction} must be between 0 and 1: fit needs a "
-                             "validation split to choose and report")
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.out).with_suffix(".fit")
 
 
 @dataclass

@@ -133,9 +133,10 @@ def test_every_stage_config_is_declared_and_paths_flags_hints_come_from_the_decl
     from dogtl.demo_settings import DemoConfig
     from dogtl.evaluation.settings import EvaluateConfig, PredictConfig
     from dogtl.features.settings import ExtractConfig
+    from dogtl.fit_settings import FitConfig
     from dogtl.sweeps.settings import SweepConfig
 
-    for config in (ExtractConfig, EvaluateConfig, PredictConfig, SweepConfig, DemoConfig):
+    for config in (ExtractConfig, EvaluateConfig, PredictConfig, SweepConfig, DemoConfig, FitConfig):
         assert {s.name for s in config.SETTINGS} <= set(config.__dataclass_fields__), config
     assert ExtractConfig(data=Path("some/where")).data == "some/where"
     assert ExtractConfig(rotation=10).augmentation.as_dict() == {"rotation": 10.0, "zoom": 0.25, "shift": 0.2,
@@ -147,3 +148,9 @@ def test_every_stage_config_is_declared_and_paths_flags_hints_come_from_the_decl
     force = Setting("force", "bool", False, "Overwrite.", cli_names=("--force",))
     assert force.cli_option().param_decls == ("--force",)
     assert choices_help(("a", "b", "c"), {"b": "the second"}) == "a, b (the second) or c"
+    # a duration: seconds in the config, a time like 30m on the command line and in files
+    assert FitConfig(budget="1h30m").budget == 5400.0 and FitConfig(budget=90).budget == 90.0
+    budget = next(s for s in FitConfig.SETTINGS if s.name == "budget")
+    assert budget.cli_default() == "30m" and FitConfig(data=Path("d")).folder == Path("models/model.fit")
+    with pytest.raises(DogtlError, match=r"--budget '0': must be a positive time"):
+        FitConfig(budget="0")

@@ -22,12 +22,15 @@ from typing import Optional
 
 import numpy as np
 
+from dogtl.core.budget import format_seconds, parse_budget
 from dogtl.core.errors import DogtlError, SettingError  # noqa: F401  SettingError: also dogtl.core.settings's
 from dogtl.core.settingsfile import read_table
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "path": str, "hidden": tuple, "blocks": (int, str)}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "path": str, "hidden": tuple, "blocks": (int, str),
+          "duration": float}
 _EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "path": "a path",
-             "hidden": "layer sizes like 1024 or 1024x512, or none", "blocks": "a number of blocks (0 or more) or all"}
+             "hidden": "layer sizes like 1024 or 1024x512, or none", "blocks": "a number of blocks (0 or more) or all",
+             "duration": "a time like 90s, 30m or 1h (a bare number is seconds)"}
 ALL_BLOCKS = "all"  # a number of backbone blocks meaning the whole backbone, its stem included
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _AUTOMATIC = ("none", "null", "default")
@@ -80,7 +83,7 @@ class Setting:
 
     name: str
     kind: str  # int, float, bool, str, path (a str; Path on the command line), hidden (a tuple of layer
-    # sizes) or blocks (an int or 'all')
+    # sizes), blocks (an int or 'all') or duration (seconds; '30m' on the command line)
     default: object
     help: str
     optional: bool = False
@@ -119,6 +122,8 @@ class Setting:
             return parse_hidden(value)
         if self.kind == "blocks":
             return parse_blocks(value)
+        if self.kind == "duration":
+            return parse_budget(value, self.option)  # its own one-line errors
         if self.kind == "path" and isinstance(value, os.PathLike):
             value = os.fspath(value)
         if from_text:
@@ -187,7 +192,7 @@ class Setting:
 
     # -- the command line -------------------------------------------------------------------
     def cli_annotation(self):
-        kind = {"hidden": str, "blocks": str, "path": Path}.get(self.kind) or _TYPES[self.kind]
+        kind = {"hidden": str, "blocks": str, "path": Path, "duration": str}.get(self.kind) or _TYPES[self.kind]
         return Optional[kind] if self.optional else kind
 
     def cli_default(self):
@@ -196,6 +201,8 @@ class Setting:
             return ",".join(map(str, self.default)) or "none"
         if self.kind == "blocks":
             return str(self.default)
+        if self.kind == "duration":
+            return format_seconds(self.default)
         if self.kind == "path" and self.default is not None:
             return Path(self.default)
         return self.default
