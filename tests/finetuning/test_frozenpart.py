@@ -5,6 +5,9 @@ features, it trains, and the saved model is the whole backbone + head."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +22,24 @@ def test_only_a_frozen_part_below_the_trainable_blocks_goes_to_the_runtime(block
 
     config = SimpleNamespace(runtime="openvino", precision="float32", trainable_blocks=blocks)
     assert (frozen_part_source(config, None, get_backbone("mobilenet_v2")) is not None) == frozen
+
+
+def test_the_frozen_part_on_openvino_survives_training_in_a_process_of_its_own(stage3, tmp_path):
+    """OpenVINO inferring in tf.data's thread while TensorFlow trained crashed every such run
+    (SIGSEGV): the command, in a process of its own so that a crash fails this test only."""
+    from dogtl.core.runtimes import installed
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed (pip install openvino, a dogtl dependency); .ci/run installs it")
+    out = tmp_path / "ft.keras"
+    env = {**os.environ, "DOGTL_RUNTIME_CACHE": str(tmp_path / "runtimes"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-m", "dogtl.cli", "finetune", "--data", str(stage3.data), "--head",
+                           str(stage3.head), "--out", str(out), "--epochs", "2", "--batch-size", "8",
+                           "--trainable-blocks", "1", "--runtime", "openvino", "--precision", "float32"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["frozen_part_runtime"] == "openvino" and meta["metrics"]["epochs_run"] == 2
 
 
 @pytest.mark.slow

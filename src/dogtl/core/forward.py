@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,15 +120,18 @@ def _openvino_call(path: Path, precision: str):
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                           "PERFORMANCE_HINT": "LATENCY"})
     outputs = compiled.outputs
-    # An infer request runs one call at a time ("Infer Request is busy"): one per thread, since
-    # fine-tuning's batches come from tf.data's thread while validation runs in the main one.
-    local = threading.local()
+    # Every call runs in one thread of its own, where its infer request was made: fine-tuning's
+    # batches come from a tf.data thread, and OpenVINO inferring there while TensorFlow trained
+    # crashed the process (SIGSEGV, every run: `finetune --trainable-blocks 1 --runtime openvino`).
+    worker = ThreadPoolExecutor(1, thread_name_prefix="openvino")
+    request = worker.submit(compiled.create_infer_request).result()
+
+    def infer(batches):
+        request.infer(batches)
+        return [np.array(request.get_tensor(o).data, copy=True) for o in outputs]
 
     def call(batches):
-        if not hasattr(local, "request"):
-            local.request = compiled.create_infer_request()
-        local.request.infer(batches)
-        return [np.array(local.request.get_tensor(o).data, copy=True) for o in outputs]
+        return worker.submit(infer, batches).result()
 
     return call, len(compiled.inputs), len(outputs)
 
