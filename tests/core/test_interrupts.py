@@ -70,7 +70,8 @@ def test_without_a_signal_an_unexpected_error_is_still_a_bug(capsys):
 
 def test_a_full_disk_is_one_line_without_the_complaints_of_h5py_objects_freed_after_it(capsys, monkeypatch):
     """Keras's save_weights on a full disk: h5py objects of the unwritable file raise again as
-    they are freed (through sys.unraisablehook), after the one-line message; found by faults.py."""
+    they are freed (through sys.unraisablehook), while the error unwinds and after the one-line
+    message; found by faults.py."""
     passed_on = []
     monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
 
@@ -83,6 +84,7 @@ def test_a_full_disk_is_one_line_without_the_complaints_of_h5py_objects_freed_af
 
     @friendly_errors
     def command():
+        Unflushed("Can't decrement id ref count (file write failed: time = Fri Dec  4 2026\n, errno = 28)")  # freed now
         held = [Unflushed("Can't decrement id ref count (file write failed: time = Fri Dec  4 2026\n, errno = 28)"),
                 Unflushed("something else")]  # noqa: F841  freed with the traceback's frames
         raise OSError(errno.ENOSPC, "No space left on device", "/m/c.weights.h5")

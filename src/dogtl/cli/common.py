@@ -96,6 +96,7 @@ def friendly_errors(command):
         _COMMAND_STARTED = time.time()
         received.clear()
         previous = _interrupt_on_signals()  # first: a signal while TensorFlow loads is handled too
+        _ignore_failed_h5_closes()
         try:
             _quiet_tensorflow()
             return command(*args, **kwargs)
@@ -105,7 +106,6 @@ def friendly_errors(command):
             message = os_error_message(e)
             if message is None:
                 _bug_unless_signalled(e)
-            _ignore_failed_h5_closes()
             fail(message, code=1)
         except KeyboardInterrupt:
             _interrupted()
@@ -120,15 +120,19 @@ def friendly_errors(command):
 
 
 def _ignore_failed_h5_closes() -> None:
-    """After a write failed (a full disk), h5py objects of the unwritable file complain again as
+    """When a write fails (a full disk), h5py objects of the unwritable file complain again as
     they are freed, through sys.unraisablehook ("Exception ignored in ... __dealloc__", a
-    traceback): that says nothing the one-line message does not, so it is not shown."""
+    traceback), while the error unwinds or at exit: that says nothing the write's own error (one
+    line) does not, so it is not shown."""
     shown = sys.unraisablehook
+    if getattr(shown, "dogtl", False):
+        return
 
     def hook(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError) and "file write failed" in str(unraisable.exc_value)):
             shown(unraisable)
 
+    hook.dogtl = True
     sys.unraisablehook = hook
 
 
