@@ -35,7 +35,7 @@ def test_fit_reuses_finished_stages_after_an_interruption(stage3, tmp_path):
     out = tmp_path / "models" / "model.keras"
 
     def stop_after_extraction(event):
-        if event["event"] == "line" and event["text"].startswith("extract:"):
+        if event.stage == "fit" and event.message.startswith("extract:"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -166,16 +166,16 @@ def predict(images=(), *, progress=True, **settings):
                                                                     progress=counting(_progress(progress), "predict"))
 
 
-def fit(data=_FIT["data"], *, progress=False, started=None, **settings):
+def fit(data=_FIT["data"], *, progress=True, started=None, **settings):
     """From a folder of images to the strongest model `budget` allows ("90s", "30m", "1h" or seconds):
     extract, search the head, fine-tune, evaluate; a rerun after a kill resumes. `settings`: any
     fit setting (`dogtl.fit_settings.FIT_SETTINGS`: budget, out, backbone, weights, image_size,
-    passes, force, ...); `progress` (a callable) gets fit's events; `started` (a time.time()) is
+    passes, force, ...); `progress` as for the other stages; `started` (a time.time()) is
     when the budget began (default: now). Returns a FitResult (the model's path and metrics, and
     what was chosen and why)."""
     from dogtl.fitting import fit as run  # local: see the note above
 
-    return run(FitConfig(data=data, **settings), progress=progress if callable(progress) else None, started=started)
+    return run(FitConfig(data=data, **settings), progress=_progress(progress), started=started)
 
 
 def demo(dir=_DEMO["dir"], *, note=None, **settings):

@@ -32,7 +32,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
@@ -41,6 +40,7 @@ from dogtl.core.backbones import check_image_size, get_backbone
 from dogtl.core.budget import Deadline, format_seconds
 from dogtl.core.errors import DogtlError
 from dogtl.core.files import check_overwrite
+from dogtl.core.progress import Progress, ProgressEvent
 from dogtl.data.folders import load_dataset
 from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
 from dogtl.features.extract import ExtractConfig, extract_features
@@ -52,7 +52,6 @@ from dogtl.fitstate import FitState, publish, written_model
 from dogtl.sweeps.auto import auto_train
 
 log = logging.getLogger(__name__)
-Progress = Callable[[dict], None]
 
 # Light augmentation (the `finetune --augment light` preset's): on Fashion, the dog recipe's 45
 # degree rotations hurt (docs/fit.md).
@@ -111,9 +110,9 @@ def choose_image_size(data: str, backbone: str, requested: int | None) -> tuple[
 
 def fit(config: FitConfig, progress: Progress | None = None, started: float | None = None) -> FitResult:
     """Run (or resume) the four stages within `config.budget` seconds from `started` (a
-    time.time(); default now) and copy the final model to `config.out`. `progress` gets dicts:
-    {"event": "line", "text"} (what was chosen or finished), {"event": "images", "stage", "done",
-    "total"}, and the head search's own events with "stage": "head"."""
+    time.time(); default now) and copy the final model to `config.out`. `progress` gets
+    ProgressEvents: lines (stage "fit": what was chosen or finished), images done (stages
+    "extract", "finetune", "evaluate") and the head search's own (stage "auto")."""
     started = time.time() if started is None else started
     end = Deadline.after(config.budget, started)
     out = Path(config.out)
@@ -124,7 +123,7 @@ def fit(config: FitConfig, progress: Progress | None = None, started: float | No
 
     def say(text: str) -> None:
         if progress:
-            progress({"event": "line", "text": text})
+            progress(ProgressEvent("fit", unit="", message=text))
 
     size, why = choose_image_size(config.data, config.backbone, config.image_size)
     identity = {"data": str(Path(config.data).resolve()), "backbone": config.backbone, "weights": config.weights,
@@ -164,7 +163,7 @@ def _extract(config, state, size, end, started, progress, say) -> dict:
 
     def bar(done_, total):
         if progress:
-            progress({"event": "images", "stage": "extract", "done": done_, "total": total})
+            progress(ProgressEvent("extract", done_, total))
         if done_ < total and deadline.passed():
             raise _Stop(done_, total)
 
@@ -203,7 +202,7 @@ def _head(config, state, end, progress, say, choices) -> dict:
                    f"{format_seconds(HEAD_MIN)}): the head only starts fine-tuning, which gains more per minute")
     say(choices[-1])
     r = auto_train(state.stage("extract")["cache"], out, budget=budget, seed=config.seed, top=1, trials=config.trials,
-                   progress=(lambda e: progress({**e, "stage": "head"})) if progress else None)
+                   progress=progress)
     meta = written_model(out)
     record = state.done("head", model=str(out), metrics=r.metrics, seconds=r.seconds, trials=r.trials,
                         settings=meta.settings, val_images=meta.val_images, train_images=meta.train_images)
@@ -242,7 +241,7 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
     def images(done_, total):
         nonlocal reserve
         if progress:
-            progress({"event": "images", "stage": "finetune", "done": done_, "total": total})
+            progress(ProgressEvent("finetune", done_, total))
         if setup[0] is None:  # loading, building and validating the model before its first step: the
             setup[0] = time.time() - called  # evaluation's model load and validation pass cost no more
             reserve = max(reserve, setup[0])
@@ -325,7 +324,7 @@ def _evaluate(config, state, end, tuned, progress, say) -> dict:
 
     def images(done_, total):
         if progress:
-            progress({"event": "images", "stage": "evaluate", "done": done_, "total": total})
+            progress(ProgressEvent("evaluate", done_, total))
 
     r = _evaluate_on_images(tuned["model"], config.data, images)
     metrics = {"val_accuracy": r.accuracy, "val_log_loss": r.log_loss, "top_k_accuracy": r.top_k_accuracy,

@@ -51,7 +51,7 @@ def test_a_search_stopped_midway_resumes_without_retraining_finished_trials(cach
     first: list = []
 
     def stop_after_two(event):
-        first.append(event)
+        first.append(event.detail)
         if sum(e["event"] == "trial" for e in first) == 2:
             raise KeyboardInterrupt  # as Ctrl-C after the second finished trial
 
@@ -83,7 +83,7 @@ def test_deadline_cuts_the_final_retraining_but_keeps_its_first_member(cache, tm
     from dogtl.sweeps.auto import auto_train
 
     events: list = []
-    r = auto_train(cache, tmp_path / "auto.keras", budget=0.01, progress=events.append)
+    r = auto_train(cache, tmp_path / "auto.keras", budget=0.01, progress=lambda event: events.append(event.detail))
     members = [e for e in events if e["event"] == "member"]
     assert r.trials == 0 and len(members) == 1 and members[0]["trial"] is None and members[0]["cut_short"]
     assert r.members == 1 and (tmp_path / "auto.keras").exists()

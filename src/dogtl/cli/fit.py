@@ -6,8 +6,8 @@ import typer
 
 from dogtl import api
 from dogtl.cli.common import ImageProgress, command_started, friendly_errors, interactive
-from dogtl.cli.head import auto_line
 from dogtl.core.budget import format_seconds
+from dogtl.core.progress import ProgressEvent
 from dogtl.core.settings import with_options
 from dogtl.fit_settings import FIT_SETTINGS
 
@@ -16,7 +16,6 @@ class FitProgress:
     """One line per choice and finished step; a progress bar for the stages over images."""
 
     def __init__(self):
-        self.auto_line = auto_line
         self.bar = None
         self.stage = None
 
@@ -26,24 +25,24 @@ class FitProgress:
         else:
             typer.echo(line)
 
-    def __call__(self, event: dict) -> None:
-        if event["event"] == "images":
-            if event["stage"] != self.stage:
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.unit == "images":
+            if event.stage != self.stage:
                 self.close()
-                self.stage = event["stage"]
+                self.stage = event.stage
                 if interactive():
                     self.bar = ImageProgress(self.stage).__enter__()
             if self.bar is not None:
-                self.bar.update(event["done"], event["total"])
+                self.bar.update(event.done, event.total)
             return
-        if event["event"] == "line":
-            if not event["text"].startswith("finetune "):  # epoch lines keep the fine-tuning bar
-                self.close()
-            self.echo(event["text"])
+        line = event.line()
+        if line is None:
             return
-        line = self.auto_line(event)
-        if line:
-            self.echo(f"  {line}")
+        if event.stage == "auto":  # the head search's trials, under fit's own line
+            return self.echo(f"  {line}")
+        if not line.startswith("finetune "):  # epoch lines keep the fine-tuning bar
+            self.close()
+        self.echo(line)
 
     def close(self) -> None:
         if self.bar is not None:

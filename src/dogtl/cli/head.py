@@ -91,9 +91,8 @@ def _auto(io: dict, budget: str, trials: int | None, storage: str | None, force:
     seconds = parse_budget(budget)
 
     def show(event):
-        line = auto_line(event)
-        if line:
-            typer.echo(line)
+        if event.line():
+            typer.echo(event.line())
 
     name = f"train-head --auto {Path(io['out']).name}"
     params = {**io, "budget": seconds, "trials": trials, "storage": storage}
@@ -111,22 +110,3 @@ def _auto(io: dict, budget: str, trials: int | None, storage: str | None, force:
                f"of a {format_seconds(r.budget)} budget")
 
 
-def auto_line(e: dict) -> str | None:
-    """One progress line of an --auto search (also fit's), or None for events not shown."""
-    kind = e["event"]
-    if kind == "fold":
-        return (f"trial {e['trial']} fold {e['fold']}/{e['folds']}: {e['settings']}: val log loss {e['loss']:.4f}"
-                f" acc {e['accuracy']:.4f} ({e['epochs']} epochs, {e['seconds']:.1f} s)")
-    if kind == "pruned":
-        return (f"trial {e['trial']} pruned at fold {e['fold']}/{e['folds']} epoch {e['epoch']}: val log loss "
-                f"{e['loss']:.4f} trails the other trials")
-    if kind == "diverged":
-        return f"trial {e['trial']} fold {e['fold']}/{e['folds']}: {e['settings']}: {e['error']}"
-    if kind == "trial":
-        return (f"trial {e['trial']}: cross-validated log loss {e['loss']:.4f}  (best {e['best']:.4f}, trial "
-                f"{e['best_trial']})")
-    if kind == "member":
-        source = f"trial {e['trial']}" if e["trial"] is not None else "no trial finished in time: train-head's settings"
-        return (f"retrained {source} on the whole training split ({e['settings']}): val log loss {e['loss']:.4f}"
-                f" acc {e['accuracy']:.4f}" + (" (cut short by the budget)" if e["cut_short"] else ""))
-    return None

@@ -2,7 +2,7 @@
 
 The stages call their `progress` callback with a `ProgressEvent`: images processed
 (extraction, fine-tuning steps, inference), a finished epoch with its `EpochRecord`, a
-sweep's finished run, or a line of text. The library only emits them. The command line draws
+sweep's finished run, an event of `--auto`'s search, or a line of text. The library only emits them. The command line draws
 them (cli/common.py: a rich bar in a terminal or notebook, plain lines in logs);
 `dogtl.<stage>(progress=True)` prints them as plain lines (`PlainRenderer`); a callable passed
 as `progress` gets the events themselves.
@@ -26,7 +26,7 @@ VERBS = {"extract": "extracting", "train-head": "training the head", "finetune":
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    stage: str  # the command reporting: a key of VERBS
+    stage: str  # the command reporting: a key of VERBS, "auto" (train-head --auto's search) or "fit" (fit's lines)
     done: int = 0  # units finished so far (of the whole run, resumed work included)
     total: int = 0  # units in all
     unit: str = "images"  # "images", "epochs" (with `record`), "runs" (a sweep's), "" (a message alone)
@@ -34,7 +34,8 @@ class ProgressEvent:
     seconds: float | None = None  # that epoch's seconds
     best: bool = False  # that epoch is the best so far
     message: str | None = None  # a line to show
-    detail: dict | None = None  # a sweep's run: record (None before the first), skipped, best, label
+    detail: dict | None = None  # a sweep's run: record (None before the first), skipped, best, label; a
+    # search's event: "event" (fold, pruned, diverged, trial, member) and its figures (sweeps/autosearch.py)
 
     def line(self) -> str | None:
         """The line shown for this event (an epoch's figures or the message); None for events

@@ -231,7 +231,8 @@ def trial_observer(run: Run, folds: int | None = None):
 def fold_observer(run: Run):
     """`train-head --auto`'s progress callback (`dogtl.sweeps.auto`) logging each finished or
     pruned (trial, fold) as a child run of `run`: its settings and scores."""
-    def on_event(event: dict) -> None:
+    def on_event(progress_event) -> None:
+        event = progress_event.detail or {}
         if event.get("event") not in ("fold", "pruned"):
             return
         with run.child(f"trial {event['trial']} fold {event['fold']}",

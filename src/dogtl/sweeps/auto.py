@@ -58,7 +58,7 @@ from dogtl.features.multicache import open_caches
 from dogtl.head.ensemble import ensemble_of_trials
 from dogtl.head.settings import HeadConfig
 from dogtl.head.train import load_training_data
-from dogtl.sweeps.autosearch import AUTO_FIRST, AUTO_PARAMS, AutoSearch, OutOfTime, describe, search_space
+from dogtl.sweeps.autosearch import AUTO_FIRST, AUTO_PARAMS, AutoSearch, OutOfTime, describe, search_event, search_space
 from dogtl.sweeps.folds import make_folds
 from dogtl.sweeps.records import digest
 
@@ -148,7 +148,8 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
     """Search within `budget` seconds of wall-clock time from `started` (a time.time(); default now),
     or until the study holds `trials` finished trials (by any process), then write the ensemble of
     the best `top` trials at `out`. `storage`: an Optuna database URL (default: SQLite in the auto
-    folder). `progress` gets one dict per event (fold, trial, pruned, diverged, member)."""
+    folder). `progress` gets a ProgressEvent per event of the search (its detail: fold, trial,
+    pruned, diverged, member)."""
     if budget <= 0:
         raise DogtlError(f"--budget {budget:g}: give the time the search may take, e.g. --budget 2m")
     if trials is not None and trials < 1:
@@ -179,9 +180,9 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
 
     def member(i, fit):
         if progress:
-            progress({"event": "member", "index": i + 1, "trial": close[i].number if close else None,
-                      "settings": describe(configs[i], rows), "loss": fit.metrics["val_log_loss"],
-                      "accuracy": fit.metrics["val_accuracy"], "cut_short": fit.cut_short})
+            progress(search_event(event="member", index=i + 1, trial=close[i].number if close else None,
+                                  settings=describe(configs[i], rows), loss=fit.metrics["val_log_loss"],
+                                  accuracy=fit.metrics["val_accuracy"], cut_short=fit.cut_short))
 
     finish = end.earlier(SAVE_SHARE * budget)  # the rest: scoring and saving the model, exiting
     ensemble = ensemble_of_trials(opened, configs, out, force=force, stop=lambda last: finish.passed(last),

@@ -9,13 +9,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import optuna
 
 from dogtl.core.budget import Deadline
 from dogtl.core.errors import DogtlError
+from dogtl.core.progress import Progress, ProgressEvent
 from dogtl.head.settings import HeadConfig
 from dogtl.head.train import fit_head
 from dogtl.sweeps.records import training_settings
@@ -88,6 +88,33 @@ def _suggest(trial, space) -> dict:
     return values
 
 
+def search_event(**e) -> ProgressEvent:
+    """A ProgressEvent of the search: `e` ("event": fold, pruned, diverged, trial or member, and
+    its figures) as its detail, and the line shown for it."""
+    return ProgressEvent("auto", unit="", message=search_line(e), detail=e)
+
+
+def search_line(e: dict) -> str | None:
+    """The line shown for an event of the search (also fit's), or None for events not shown."""
+    kind = e["event"]
+    if kind == "fold":
+        return (f"trial {e['trial']} fold {e['fold']}/{e['folds']}: {e['settings']}: val log loss {e['loss']:.4f}"
+                f" acc {e['accuracy']:.4f} ({e['epochs']} epochs, {e['seconds']:.1f} s)")
+    if kind == "pruned":
+        return (f"trial {e['trial']} pruned at fold {e['fold']}/{e['folds']} epoch {e['epoch']}: val log loss "
+                f"{e['loss']:.4f} trails the other trials")
+    if kind == "diverged":
+        return f"trial {e['trial']} fold {e['fold']}/{e['folds']}: {e['settings']}: {e['error']}"
+    if kind == "trial":
+        return (f"trial {e['trial']}: cross-validated log loss {e['loss']:.4f}  (best {e['best']:.4f}, trial "
+                f"{e['best_trial']})")
+    if kind == "member":
+        source = f"trial {e['trial']}" if e["trial"] is not None else "no trial finished in time: train-head's settings"
+        return (f"retrained {source} on the whole training split ({e['settings']}): val log loss {e['loss']:.4f}"
+                f" acc {e['accuracy']:.4f}" + (" (cut short by the budget)" if e["cut_short"] else ""))
+    return None
+
+
 @dataclass
 class AutoSearch:
     """What every trial of this process shares: the training split's features, the folds, the deadline."""
@@ -99,7 +126,7 @@ class AutoSearch:
     epochs: int
     seed: int
     end: Deadline  # the whole command's
-    progress: Callable[[dict], None] | None
+    progress: Progress | None
     space: object
     ran: list = field(default_factory=list)  # numbers of the trials this process finished
     reserve: float = 0.0  # seconds kept for the final retraining: measured, see `out_of_time`
@@ -114,7 +141,7 @@ class AutoSearch:
 
     def say(self, **event) -> None:
         if self.progress:
-            self.progress(event)
+            self.progress(search_event(**event))
 
     def config(self, trial):
         # The study's first trials (numbers are handed out atomically by the storage, so each runs
