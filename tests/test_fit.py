@@ -64,6 +64,15 @@ def test_fit_reuses_finished_stages_after_an_interruption(stage3, tmp_path):
     assert f"{meta['metrics']['val_log_loss']:.4f}" in lines[-2]
 
 
+def test_fine_tuning_is_planned_to_end_before_the_deadline():
+    """The planned epochs leave 1 - PLAN_SHARE of the time: a cut schedule ends at a high rate."""
+    from dogtl.fitting import FINETUNE_COST, MAX_EPOCHS, PLAN_SHARE, plan_epochs
+
+    epochs, per_epoch = plan_epochs(100.0, train_images=100, val_images=10, rate=(100 * FINETUNE_COST + 10) / 10)
+    assert per_epoch == 10.0 and epochs == int(PLAN_SHARE * 10) < 10  # not the 10 that fill all 100 s
+    assert plan_epochs(5.0, 100, 10, 41.0)[0] == 0 and plan_epochs(1e6, 100, 10, 41.0)[0] == MAX_EPOCHS
+
+
 def test_fit_refuses_bad_input_in_one_line(stage3, tmp_path):
     out = tmp_path / "m.keras"
     assert_clean_error(run_cli(*_fit_args(stage3, out, "forever")), "--budget 'forever'")
