@@ -73,6 +73,44 @@ def test_fine_tuning_is_planned_to_end_before_the_deadline():
     assert plan_epochs(5.0, 100, 10, 41.0)[0] == 0 and plan_epochs(1e6, 100, 10, 41.0)[0] == MAX_EPOCHS
 
 
+def test_fine_tuning_is_replanned_from_its_first_training_steps(monkeypatch, tmp_path):
+    """The plan from extraction's speed was 30 epochs (an OpenVINO extraction far faster than
+    training); the first PROBE_IMAGES images trained at 32 images/s, so fit starts again with the
+    epochs that fit, and says so. Fine-tuning itself is replaced by its progress events on a fake
+    clock: the test is of the planning, which runs the same either way."""
+    from types import SimpleNamespace
+
+    import dogtl.fitting as fitting
+    from dogtl.core.budget import Deadline
+    from dogtl.core.progress import ProgressEvent
+    from dogtl.fit_settings import FitConfig
+    from dogtl.fitstate import FitState
+
+    clock, calls, lines = [1000.0], [], []
+    monkeypatch.setattr(fitting.time, "time", lambda: clock[0])
+
+    def finetune(config, progress=None):
+        calls.append(config.epochs)
+        total = 640 * config.epochs
+        for done in range(32, total + 1, 32):  # a batch of 32 images a second
+            clock[0] += 1.0
+            progress(ProgressEvent("finetune", done, total))
+        return SimpleNamespace(after={"val_log_loss": 0.3}, before={"val_log_loss": 0.5}, best_epoch=config.epochs,
+                               epochs_run=config.epochs, seconds=total / 32)
+
+    monkeypatch.setattr(fitting, "finetune", finetune)
+    config = FitConfig(data=str(tmp_path), out=str(tmp_path / "m.keras"), budget=600)
+    state = FitState(config.folder, {"test": 1}, force=False)
+    head = {"train_images": 640, "val_images": 64, "model": str(tmp_path / "h.keras")}
+    end = Deadline.after(config.budget, clock[0])
+    record = fitting._finetune(config, state, end, {"rate": 1e4}, head, None, lines.append, [])
+    first, then = calls
+    assert first == fitting.MAX_EPOCHS and 20 <= then < first  # (600 s - the probe) * 0.85 / 20.5 s an epoch
+    assert any(line.startswith(f"fine-tuning: replanned to {then} epoch(s)") for line in lines), lines
+    assert record["epochs_run"] == then and state.data["plan"]["epochs"] == then
+    assert end.left() > 0  # the replanned schedule ended within the budget
+
+
 def test_fit_refuses_bad_input_in_one_line(stage3, tmp_path):
     out = tmp_path / "m.keras"
     assert_clean_error(run_cli(*_fit_args(stage3, out, "forever")), "--budget 'forever'")

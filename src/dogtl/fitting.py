@@ -20,9 +20,10 @@ The budget is wall-clock time from the command's start. Its shares (see `plan`):
 extraction must end within EXTRACT_SHARE of it (it is kept, to resume, when it cannot); the
 head search gets HEAD_SHARE of what is left (at least HEAD_MIN seconds); fine-tuning gets the
 rest but the evaluation's reserve. Fine-tuning's epochs are planned from the speed extraction
-measured (a training step costs FINETUNE_COST times a forward pass per image), and a deadline
-checked after every batch ends it regardless: the epochs finished are kept and the best of
-them (never worse than the head) is the model.
+measured (a training step costs FINETUNE_COST times a forward pass per image), then checked
+against the speed of its first PROBE_IMAGES training images, and replanned (started again) when
+another number of epochs fits; a deadline checked after every batch ends it regardless: the
+epochs finished are kept and the best of them (never worse than the head) is the model.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from dogtl.core.progress import Progress, ProgressEvent
 from dogtl.data.folders import load_dataset
 from dogtl.evaluation.evaluate import EvaluateConfig, evaluate
 from dogtl.features.extract import ExtractConfig, extract_features
-from dogtl.finetuning.checkpoints import finished_epochs
+from dogtl.finetuning.checkpoints import discard_checkpoints, finished_epochs
 from dogtl.finetuning.settings import FinetuneConfig
 from dogtl.finetuning.train import finetune
 from dogtl.fit_settings import FitConfig
@@ -69,6 +70,7 @@ FINETUNE_COST = 4.0
 # the 22 minutes left was cut after 2 of its 4 epochs under load: 0.849 accuracy, where finetune's
 # full 5-epoch schedule reached 0.892): one epoch fewer costs less than an unfinished schedule.
 PLAN_SHARE = 0.85
+PROBE_IMAGES = 640  # training images timed before the plan is checked: 20 steps of 32, seconds on 2 cores
 MAX_EPOCHS = 30
 EVALUATE_COST = 1.5  # evaluation: this many times one extraction pass over the validation images
 STAGES = ("extract", "head", "finetune", "evaluate")
@@ -238,22 +240,62 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
     reserve = EVALUATE_COST * head["val_images"] / rate
     epochs, per_epoch = _plan_finetuning(config, state, end, head, rate, reserve, choices)
     say(choices[-1])
-    called = time.time()
-    if epochs < 1:
-        return _no_finetuning(head, say, f"not even one fine-tuning epoch (~{format_seconds(per_epoch)}) fits in "
-                              "what the extraction and head search left")
+    probe = finished_epochs(out) == 0  # a run with finished epochs keeps its schedule
+    while True:
+        if epochs < 1:
+            return _no_finetuning(head, say, f"not even one fine-tuning epoch (~{format_seconds(per_epoch)}) fits "
+                                  "in what the extraction and head search left")
+        try:
+            r, reserve = _tune(config, end, head, out, epochs, reserve, progress, say, probe)
+            break
+        except _Replan as e:  # measured, not estimated: start again with the schedule that fits
+            discard_checkpoints(out)
+            epochs, per_epoch, probe = e.epochs, e.per_epoch, False
+            state.plan(epochs=epochs)
+            choices.append(f"fine-tuning: replanned to {epochs} epoch(s) of ~{format_seconds(per_epoch)}: its "
+                           f"first steps trained {e.rate:.1f} images/s")
+            say(choices[-1])
+    if r is None:
+        return _no_finetuning(head, say, "the budget ended before the first fine-tuning epoch did")
+    return state.done("finetune", model=str(out), metrics=r.after, before=r.before, best_epoch=r.best_epoch,
+                      epochs_run=r.epochs_run, seconds=r.seconds, evaluate_reserve=reserve)
+
+
+class _Replan(Exception):
+    def __init__(self, epochs: int, per_epoch: float, rate: float):
+        super().__init__(epochs)
+        self.epochs, self.per_epoch, self.rate = epochs, per_epoch, rate
+
+
+def _tune(config, end, head, out, epochs, reserve, progress, say, probe: bool):
+    """(result, the evaluation's reserve): fine-tune for `epochs` within the deadline (result None
+    when not one epoch finished in time). With `probe`, the speed of its first PROBE_IMAGES
+    training images replans the epochs (`_Replan`) when another number fits the time left: the
+    plan from extraction's speed is an estimate, and the runtime that extracted (OpenVINO) can be
+    far faster than TensorFlow training (on Fashion, 1,080 against some 50 images/s)."""
+    called, train_images = time.time(), head["train_images"]
+    setup, first = [None], [None]
 
     def images(done_, total):
-        nonlocal reserve
+        nonlocal reserve, probe
         if progress:
             progress(ProgressEvent("finetune", done_, total))
+        now = time.time()
         if setup[0] is None:  # loading, building and validating the model before its first step: the
-            setup[0] = time.time() - called  # evaluation's model load and validation pass cost no more
+            setup[0] = now - called  # evaluation's model load and validation pass cost no more
             reserve = max(reserve, setup[0])
+            first[0] = (now, done_)  # the first step traced the model: the probe starts after it
+        elif probe and done_ - first[0][1] >= min(PROBE_IMAGES, train_images - first[0][1]):
+            rate = (done_ - first[0][1]) / max(now - first[0][0], 1e-9)
+            # a step per image costs FINETUNE_COST forward passes: the forward rate plan_epochs takes
+            fits, per_epoch = plan_epochs(end.left() - reserve - setup[0], train_images, head["val_images"],
+                                          rate * FINETUNE_COST)
+            fits = min(fits, config.epochs or fits)
+            if fits != epochs:
+                raise _Replan(fits, per_epoch, rate)
+            probe = False
         if end.passed(reserve):
             raise _Stop
-
-    setup = [None]
 
     last = [time.time()]
 
@@ -262,16 +304,14 @@ def _finetune(config, state, end, extract, head, progress, say, choices) -> dict
         last[0] = time.time()
 
     try:
-        r = finetune(_finetune_config(config, head, out, epochs),
-                     progress=lambda e: images(e.done, e.total) if e.unit == "images" else report(e.line()))
+        return finetune(_finetune_config(config, head, out, epochs),
+                        progress=lambda e: images(e.done, e.total) if e.unit == "images" else report(e.line())), reserve
     except _Stop:  # the finished epochs are checkpointed: finetune, asked for just those, writes the best
         done_epochs = finished_epochs(out)
         if not done_epochs:
-            return _no_finetuning(head, say, "the budget ended before the first fine-tuning epoch did")
+            return None, reserve
         say(f"finetune: stopped by the budget after epoch {done_epochs} of {epochs}; writing the best epoch")
-        r = finetune(_finetune_config(config, head, out, done_epochs))
-    return state.done("finetune", model=str(out), metrics=r.after, before=r.before, best_epoch=r.best_epoch,
-                      epochs_run=r.epochs_run, seconds=r.seconds, evaluate_reserve=reserve)
+        return finetune(_finetune_config(config, head, out, done_epochs)), reserve
 
 
 def _plan_finetuning(config, state, end, head, rate: float, reserve: float, choices) -> tuple[int, float]:

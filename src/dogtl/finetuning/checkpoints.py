@@ -126,9 +126,15 @@ class Checkpoints:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def discard_checkpoints(out: str | Path) -> None:
+    """Remove the checkpoints of a stopped fine-tuning run writing `out` (fit's replanning: the run
+    starts again with another number of epochs, which its schedule spans)."""
+    shutil.rmtree(progress_folder(out), ignore_errors=True)
+
+
 def finished_epochs(out: str | Path) -> int:
     """Epochs a stopped fine-tuning run writing `out` has finished and checkpointed (0: none)."""
-    path = Path(out).with_name(Path(out).name + ".partial") / STATE
+    path = progress_folder(out) / STATE
     try:
         return int(json.loads(path.read_text())["state"]["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
