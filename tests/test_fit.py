@@ -74,8 +74,8 @@ def test_fine_tuning_is_planned_to_end_before_the_deadline():
 
 
 def test_fine_tuning_is_replanned_from_its_first_training_steps(monkeypatch, tmp_path):
-    """The plan from extraction's speed was 30 epochs (an OpenVINO extraction far faster than
-    training); the first PROBE_IMAGES images trained at 32 images/s, so fit starts again with the
+    """The plan from extraction's speed was MAX_EPOCHS (an OpenVINO extraction far faster than
+    training); the first PROBE_IMAGES images trained at 3.2 images/s, so fit starts again with the
     epochs that fit, and says so. Fine-tuning itself is replaced by its progress events on a fake
     clock: the test is of the planning, which runs the same either way."""
     from types import SimpleNamespace
@@ -92,20 +92,20 @@ def test_fine_tuning_is_replanned_from_its_first_training_steps(monkeypatch, tmp
     def finetune(config, progress=None):
         calls.append(config.epochs)
         total = 640 * config.epochs
-        for done in range(32, total + 1, 32):  # a batch of 32 images a second
-            clock[0] += 1.0
+        for done in range(32, total + 1, 32):  # a batch of 32 images in 10 s
+            clock[0] += 10.0
             progress(ProgressEvent("finetune", done, total))
         return SimpleNamespace(after={"val_log_loss": 0.3}, before={"val_log_loss": 0.5}, best_epoch=config.epochs,
-                               epochs_run=config.epochs, seconds=total / 32)
+                               epochs_run=config.epochs, seconds=total / 3.2)
 
     monkeypatch.setattr(fitting, "finetune", finetune)
-    config = FitConfig(data=str(tmp_path), out=str(tmp_path / "m.keras"), budget=600)
+    config = FitConfig(data=str(tmp_path), out=str(tmp_path / "m.keras"), budget=1200)
     state = FitState(config.folder, {"test": 1}, force=False)
     head = {"train_images": 640, "val_images": 64, "model": str(tmp_path / "h.keras")}
     end = Deadline.after(config.budget, clock[0])
     record = fitting._finetune(config, state, end, {"rate": 1e4}, head, None, lines.append, [])
     first, then = calls
-    assert first == fitting.MAX_EPOCHS and 20 <= then < first  # (600 s - the probe) * 0.85 / 20.5 s an epoch
+    assert first == fitting.MAX_EPOCHS and then == 4  # (1,000 s left - 20 s set-up) * 0.85 / 205 s an epoch
     assert any(line.startswith(f"fine-tuning: replanned to {then} epoch(s)") for line in lines), lines
     assert record["epochs_run"] == then and state.data["plan"]["epochs"] == then
     assert end.left() > 0  # the replanned schedule ended within the budget
