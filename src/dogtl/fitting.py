@@ -274,24 +274,24 @@ def _tune(config, end, head, out, epochs, reserve, progress, say, probe: bool):
     twice as many would: the plan from extraction's speed is an estimate (on Fashion, extraction
     on OpenVINO ran 1,080 images/s and planned epochs of 31 s that took 46 s in TensorFlow)."""
     called, train_images = time.time(), head["train_images"]
-    setup, first = [None], [None]
+    setup = start = None  # seconds before the first step; (time, images done) after it
 
     def images(done_, total):
-        nonlocal reserve, probe
+        nonlocal reserve, probe, setup, start
         if progress:
             progress(ProgressEvent("finetune", done_, total))
         now = time.time()
-        if setup[0] is None:  # loading, building and validating the model before its first step: the
-            setup[0] = now - called  # evaluation's model load and validation pass cost no more
-            reserve = max(reserve, setup[0])
-            first[0] = (now, done_)  # the first step traced the model: the probe starts after it
-        elif probe and done_ - first[0][1] >= min(PROBE_IMAGES, train_images - first[0][1]):
-            rate = (done_ - first[0][1]) / max(now - first[0][0], 1e-9)
+        if setup is None:  # loading, building and validating the model before its first step: the
+            setup = now - called  # evaluation's model load and validation pass cost no more
+            reserve = max(reserve, setup)
+            start = (now, done_)  # the first step traced the model: the probe starts after it
+        elif probe and done_ - start[1] >= min(PROBE_IMAGES, train_images - start[1]):
+            rate = (done_ - start[1]) / max(now - start[0], 1e-9)
+            left = end.left() - reserve - setup
             # a step per image costs FINETUNE_COST forward passes: the forward rate plan_epochs takes
-            fits, per_epoch = plan_epochs(end.left() - reserve - setup[0], train_images, head["val_images"],
-                                          rate * FINETUNE_COST)
+            fits, per_epoch = plan_epochs(left, train_images, head["val_images"], rate * FINETUNE_COST)
             fits = min(fits, config.epochs or fits)
-            if epochs * per_epoch > end.left() - reserve - setup[0] or fits >= 2 * epochs:
+            if epochs * per_epoch > left or fits >= 2 * epochs:
                 raise _Replan(fits, per_epoch, rate)  # the schedule would be cut, or twice as many fit
             probe = False
         if end.passed(reserve):
