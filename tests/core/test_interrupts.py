@@ -1,11 +1,6 @@
 """cli.common: Ctrl-C and SIGTERM end a command as an interruption wherever they land, found by
 benchmarks/faults.py (one was dropped inside a TensorFlow finalizer, one surfaced as a SystemError
-from TensorFlow's C code and was reported as a bug).
-
-These run before tests/core/test_runtimes.py on purpose: after that module's conversion-cache
-test (three OpenVINO conversions, one of a damaged entry) a signal sent to the test process
-crashed it with SIGSEGV. A command converts once per process and was not seen to crash; the
-cause is open (see docs/runtimes.md)."""
+from TensorFlow's C code and was reported as a bug)."""
 
 from __future__ import annotations
 

@@ -118,6 +118,49 @@ def test_conversion_cache_reused_then_rebuilt_when_damaged_or_stale(runtime, tmp
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+SIGNAL_AFTER_TWO_MODELS = """
+import gc, os, signal, sys, time
+import keras, numpy as np
+from dogtl.core.runtimes import frozen_forward
+
+def tiny(seed):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+x = np.zeros((2, 12, 12, 3), np.float32)
+first, second = (frozen_forward(tiny(seed), runtime="openvino", precision="float32", label=f"tiny{seed}",
+                                cache_dir=sys.argv[1]) for seed in (0, 1))
+assert first.runtime == second.runtime == "openvino", (first.fell_back, second.fell_back)
+first(x), second(x)
+del first  # freed in the order they were made
+gc.collect()
+del second
+gc.collect()
+got = []
+signal.signal(signal.SIGINT, lambda number, frame: got.append(number))
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.1)
+print("handled", got)
+"""
+
+
+def test_a_signal_after_two_openvino_models_were_freed_is_handled_not_a_crash(tmp_path):
+    """Each OpenVINO Core swapped its own alternate signal stack into the thread that loaded its
+    CPU plugin and put back the previous one when freed: two freed in the order made left a
+    freed stack in place, and the next Ctrl-C or SIGTERM was a SIGSEGV (returncode -11). One Core
+    per process (core/forward.openvino_core) keeps it valid. In a process of its own: the crash
+    takes the process down."""
+    import subprocess
+    import sys
+
+    _needs("openvino")
+    run = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_TWO_MODELS, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "handled [2]" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_a_model_the_runtime_cannot_convert_runs_on_tensorflow_saying_so(runtime, tmp_path, caplog):
     import tensorflow as tf

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from dogtl.core.files import file_sha256
-from dogtl.core.forward import RUNTIME_FILES, RUNTIME_MODULES, first_line, load_forward, module_version
+from dogtl.core.forward import RUNTIME_FILES, RUNTIME_MODULES, first_line, load_forward, module_version, openvino_core
 from dogtl.core.quiet import native_stderr_silenced
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def _keep_model_outputs(path: Path, count: int) -> None:
     against TensorFlow then says whether they are right."""
     import openvino as ov
 
-    model = ov.Core().read_model(str(path))
+    model = openvino_core().read_model(str(path))
     if len(model.outputs) > count:
         kept = ov.Model(model.get_results()[:count], model.get_parameters(), model.friendly_name)
         for name in ("model.xml", "model.bin"):

@@ -7,6 +7,7 @@ OpenVINO run. NumPy, TensorFlow and the runtimes are imported in the functions t
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -110,14 +111,23 @@ def _onnxruntime_call(path: Path):
     return (lambda batches: session.run(None, dict(zip(names, batches)))), len(names), len(session.get_outputs())
 
 
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO Core. Each Core's CPU plugin swaps in an alternate signal stack
+    of its own on the thread that loads it and puts the previous one back when it is freed: Cores
+    freed out of the order they were made left the main thread's pointing at freed memory, and
+    the next signal (Ctrl-C, SIGTERM) crashed the process with SIGSEGV."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def _openvino_call(path: Path, precision: str):
     """(call, inputs, outputs) as _onnxruntime_call, compiled for the CPU in `precision`."""
     import numpy as np
 
-    import openvino as ov
-
     hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+    compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                           "PERFORMANCE_HINT": "LATENCY"})
     outputs = compiled.outputs
     # Every call runs in one thread of its own, where its infer request was made: fine-tuning's
