@@ -52,6 +52,7 @@ def build_model(root: Path, weights: Path, per_class: int = 30) -> tuple[Path, l
     from sklearn.datasets import load_digits
 
     from dogtl.core.artifacts import save_model
+    from dogtl.core.metadata import ModelMetadata
     from dogtl.core.models import build_backbone, build_head, compose
     from dogtl.data.images import load_image, preprocess_fn
     from dogtl.core.backbones import get_backbone
@@ -73,9 +74,10 @@ def build_model(root: Path, weights: Path, per_class: int = 30) -> tuple[Path, l
     head.fit(features, digits.target[picked], epochs=40, batch_size=32, verbose=0)
     model = compose(backbone, head, name="digits")
     path = root / "digits.keras"
-    save_model(model, path, {"kind": "finetuned", "classes": [f"digit_{c}" for c in range(10)],
-                             "backbone": spec.name, "image_size": SIZE, "preprocessing": spec.preprocessing,
-                             "feature_dim": spec.feature_dim, "weights": "file:" + weights.name, "name": "digits"})
+    save_model(model, path, ModelMetadata.from_dict({
+        "kind": "finetuned", "classes": [f"digit_{c}" for c in range(10)], "backbone": spec.name, "image_size": SIZE,
+        "preprocessing": spec.preprocessing, "feature_dim": spec.feature_dim, "weights": "file:" + weights.name,
+        "name": "digits"}))
     return path, files
 
 
