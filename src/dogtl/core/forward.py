@@ -128,7 +128,7 @@ def _openvino_call(path: Path, precision: str):
 
     hint = {"float32": "f32", "bfloat16": "bf16"}[precision]
     compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+                                                                "PERFORMANCE_HINT": "LATENCY"})
     outputs = compiled.outputs
     # Every call runs in one thread of its own, where its infer request was made: fine-tuning's
     # batches come from a tf.data thread, and OpenVINO inferring there while TensorFlow trained
