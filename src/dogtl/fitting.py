@@ -221,11 +221,13 @@ def _head(config, state, end, progress, say, choices) -> dict:
     return record
 
 
-def plan_epochs(seconds: float, train_images: int, val_images: int, rate: float) -> tuple[int, float]:
+def plan_epochs(seconds: float, train_images: int, val_images: int, rate: float,
+                most: int | None = None) -> tuple[int, float]:
     """(epochs, seconds per epoch): as many fine-tuning epochs as fit in PLAN_SHARE of `seconds`, each
-    a training pass at FINETUNE_COST times the extraction's seconds per image plus a validation pass."""
+    a training pass at FINETUNE_COST times the extraction's seconds per image plus a validation pass,
+    at most `most` (fit's --epochs) and MAX_EPOCHS."""
     per_epoch = (train_images * FINETUNE_COST + val_images) / max(rate, 1e-9)
-    return int(min(MAX_EPOCHS, max(0, math.floor(PLAN_SHARE * seconds / per_epoch)))), per_epoch
+    return int(min(most or MAX_EPOCHS, MAX_EPOCHS, max(0, math.floor(PLAN_SHARE * seconds / per_epoch)))), per_epoch
 
 
 def _finetune(config, state, end, extract, head, progress, say, choices) -> dict:
@@ -292,19 +294,19 @@ def _tune(config, end, head, out, epochs, reserve, progress, say, probe: bool):
             rate = (done_ - start[1]) / max(now - start[0], 1e-9)
             left = end.left() - reserve - setup
             # a step per image costs FINETUNE_COST forward passes: the forward rate plan_epochs takes
-            fits, per_epoch = plan_epochs(left, train_images, head["val_images"], rate * FINETUNE_COST)
-            fits = min(fits, config.epochs or fits)
+            fits, per_epoch = plan_epochs(left, train_images, head["val_images"], rate * FINETUNE_COST, config.epochs)
             if epochs * per_epoch > left or fits >= 2 * epochs:
                 raise _Replan(fits, per_epoch, rate)  # the schedule would be cut, or twice as many fit
             probe = False
         if end.passed(reserve):
             raise _Stop
 
-    last = [time.time()]
+    last = time.time()
 
     def report(line):  # with each epoch's seconds, to set against the plan
-        say(f"finetune {line} ({time.time() - last[0]:.0f} s)")
-        last[0] = time.time()
+        nonlocal last
+        say(f"finetune {line} ({time.time() - last:.0f} s)")
+        last = time.time()
 
     try:
         return finetune(_finetune_config(config, head, out, epochs),
@@ -321,8 +323,8 @@ def _plan_finetuning(config, state, end, head, rate: float, reserve: float, choi
     """(epochs, seconds per epoch) of fine-tuning, planned once from the measured `rate` in the
     time left but the evaluation's `reserve`: a resumed fit keeps the schedule it started."""
     plan = (state.data.get("plan") or {}).get("epochs")
-    epochs, per_epoch = plan_epochs(end.left() - reserve, head["train_images"], head["val_images"], rate)
-    epochs = min(epochs, config.epochs or epochs)
+    epochs, per_epoch = plan_epochs(end.left() - reserve, head["train_images"], head["val_images"], rate,
+                                    config.epochs)
     if plan is None:
         if epochs >= 1:
             state.plan(epochs=epochs)
