@@ -318,12 +318,15 @@ def test_config_file_unknown_or_mistyped_settings_are_refused(stage3, tmp_path):
     assert not (tmp_path / "ft.keras").exists()
 
 
-def test_a_deterministic_run_killed_and_resumed_trains_as_the_uninterrupted_one(stage3, tmp_path):
+@pytest.mark.parametrize("ema_epochs", [0.0, 0.5])
+def test_a_deterministic_run_killed_and_resumed_trains_as_the_uninterrupted_one(stage3, tmp_path, ema_epochs):
     """Found by benchmarks/faults.py: a resumed epoch drew other dropout masks than the
-    uninterrupted run (a .keras file does not hold the seed generators' states)."""
+    uninterrupted run (a .keras file does not hold the seed generators' states). With
+    --ema-epochs, the checkpoint holds the moving average in the model and the raw weights in
+    the optimizer: the resumed run must swap them back before training on."""
     from dogtl.finetuning.train import finetune
 
-    settings = dict(epochs=2, patience=5, deterministic=True)
+    settings = dict(epochs=2, patience=5, deterministic=True, ema_epochs=ema_epochs)
     whole = finetune(_config(stage3, tmp_path / "whole.keras", **settings))
 
     seen = []

@@ -1,6 +1,6 @@
 """Each fine-tuning option changes what it says it changes: which layers train (N blocks and all),
 the rate of every layer (discriminative rates), when each block thaws (gradual unfreezing), the
-weight decay, the schedules against their formulas, the augmentation strengths, label smoothing,
+weight decay, the moving average of the weights, the schedules against their formulas, the augmentation strengths, label smoothing,
 BatchNorm re-estimation, and the reference recipe one option away."""
 
 from __future__ import annotations
@@ -128,6 +128,36 @@ def test_a_held_block_neither_moves_nor_decays_until_its_step():
     assert seen[2][1] == pytest.approx(1.0 - 0.05 * 0.01 - 0.05, rel=1e-4)
     with pytest.raises(ValueError, match="2 layer rates for 1 variables"):
         make_optimizer("sgd", 0.1, ([1.0, 1.0], [0, 0], [0.0, 0.0])).build([a])
+
+
+def test_ema_epochs_validates_the_moving_average_and_trains_on_the_raw_weights(mobilenet):
+    """--ema-epochs: at each epoch's end the model holds Keras's moving average of the weights after
+    every step (momentum 1 - 1 / (epochs x steps), the first step's weights to start), and the next
+    epoch trains on from the raw weights."""
+    import keras
+
+    from dogtl.core.keras_private import swap_ema_weights
+
+    model, config = _compiled(mobilenet, trainable_blocks=1, optimizer="sgd", schedule="constant", base_lr=0.05,
+                              ema_epochs=0.4)
+    assert config.ema_momentum(5) == pytest.approx(0.5) and _config(ema_epochs=0).ema_momentum(5) is None
+    assert _config().ema_momentum(5) == pytest.approx(0.8)  # the default: one epoch of 5 steps
+    variables = model.trainable_variables
+    steps, ends, starts = [], [], []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: steps.append([v.numpy().copy() for v in variables]),
+        on_epoch_end=lambda e, logs: ends.append([v.numpy().copy() for v in variables]),
+        on_epoch_begin=lambda e, logs: starts.append([v.numpy().copy() for v in variables]))
+    x, y = _images(10), np.arange(10) % 3
+    model.fit(x, y, batch_size=2, epochs=2, shuffle=False, verbose=0, callbacks=[swap_ema_weights(False), record])
+    average = steps[0]
+    for step in steps[1:5]:
+        average = [0.5 * a + 0.5 * w for a, w in zip(average, step)]
+    for got, want, raw in zip(ends[0], average, steps[4]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(got, raw) for got, raw in zip(ends[0], steps[4]))  # not the last step's weights
+    for got, raw in zip(starts[1], steps[4]):  # epoch 2 starts from the raw weights (swapped by additions)
+        np.testing.assert_allclose(got, raw, rtol=1e-5, atol=1e-7)
 
 
 def test_one_cycle_follows_its_formula():

@@ -80,3 +80,22 @@ def variable_index(optimizer, variable) -> int:
     same way. Checked on Keras 3.15.1.
     """
     return _require(optimizer, "_get_variable_index", type(optimizer).__name__)(variable)
+
+
+def swap_ema_weights(resumed: bool):
+    """Keras's `SwapEMAWeights(swap_on_epoch=True)` callback: the optimizer's moving average of the
+    weights is in the model from each epoch's end (validated and checkpointed there) to the next
+    epoch's start. With `resumed`, it knows the model was loaded from such a checkpoint (the
+    average in the model, the raw weights in the optimizer's average slots), so it swaps them back
+    before training on.
+
+    Why private: the callback keeps which weights the model holds in `_ema_weights_in_model`, set
+    False at construction, and no public argument or method sets it; the swap itself needs the
+    optimizer's `_model_variables_moving_average`, which the callback reads. Checked on Keras 3.15.1.
+    """
+    import keras
+
+    callback = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+    _require(callback, "_ema_weights_in_model", type(callback).__name__)
+    callback._ema_weights_in_model = resumed
+    return callback

@@ -53,7 +53,8 @@ def compile_model(model, backbone, spec, config: FinetuneConfig, steps_per_epoch
     rates = layer_rates(model, backbone, depths, block_lr_decay=config.block_lr_decay,
                         unfreeze_every=config.unfreeze_every, steps_per_epoch=steps_per_epoch,
                         weight_decay=config.resolved_weight_decay())
-    optimizer = make_optimizer(config.optimizer, learning_rate(config, steps_per_epoch), rates)
+    optimizer = make_optimizer(config.optimizer, learning_rate(config, steps_per_epoch), rates,
+                               config.ema_momentum(steps_per_epoch))
     if resolve(config.precision) == "float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=SmoothedCrossentropy(config.label_smoothing), metrics=["accuracy"])

@@ -78,11 +78,14 @@ def layer_rates(model, backbone, depths: dict, *, block_lr_decay: float, unfreez
     return multipliers, thaw_steps, decays
 
 
-def make_optimizer(name: str, learning_rate, rates: tuple[list, list, list]):
-    """Optimizer `name` (sgd, rmsprop, adam, adamw) at `learning_rate`, with `layer_rates`."""
+def make_optimizer(name: str, learning_rate, rates: tuple[list, list, list], ema_momentum: float | None = None):
+    """Optimizer `name` (sgd, rmsprop, adam, adamw) at `learning_rate`, with `layer_rates`, and
+    Keras's moving average of the weights at `ema_momentum` per step (None: none)."""
     cls, args = LAYERWISE[name]
     multipliers, thaw_steps, decays = rates
-    return cls(learning_rate=learning_rate, multipliers=multipliers, thaw_steps=thaw_steps, decays=decays, **args)
+    ema = dict(use_ema=True, ema_momentum=ema_momentum) if ema_momentum is not None else {}
+    return cls(learning_rate=learning_rate, multipliers=multipliers, thaw_steps=thaw_steps, decays=decays,
+               **args, **ema)
 
 
 @keras.saving.register_keras_serializable(package="dogtl")

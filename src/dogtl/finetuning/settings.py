@@ -79,6 +79,9 @@ FINETUNE_SETTINGS = (
     replace(_HEAD["weight_decay"], default=None, optional=True, low=0,
             help="Decoupled weight decay on every unfrozen kernel, each at its own layer's rate: every step "
             "w -= lr * weight_decay * w. Default: 0.004 (Keras's AdamW default) with adamw, 0 otherwise."),
+    Setting("ema_epochs", "float", 1.0, "Polyak averaging: validate, keep and save an exponential moving average of "
+            "the weights over about this many epochs (Keras's use_ema, momentum 1 - 1 / (this x steps per epoch)), "
+            "not the last step's weights; smoother and better on validation than them (0: the raw weights).", low=0),
     Setting("augment", "str", "none", "Online augmentation: " + "; ".join(
         f"{name} ({what})" for name, what in {**AUGMENT_PRESETS, "none": "measured best over the default 5 epochs"}.items())
             + ". With --from-cache: none trains on the clean pass, anything else on the cache's augmented passes "
@@ -116,6 +119,11 @@ def _resolved_weight_decay(config) -> float:
     return config.weight_decay if config.weight_decay is not None else (0.004 if config.optimizer == "adamw" else 0.0)
 
 
+def _ema_momentum(config, steps_per_epoch: int) -> float | None:
+    """The optimizer's ema_momentum per step for --ema-epochs (None: no averaging)."""
+    return 1 - 1 / max(1.0, config.ema_epochs * steps_per_epoch) if config.ema_epochs else None
+
+
 def _cycle_step_size(config, steps_per_epoch: int) -> int:
     return config.step_size or STEP_EPOCHS * steps_per_epoch
 
@@ -131,14 +139,14 @@ def _cycle_gamma(config) -> float:
 FinetuneConfig = settings_class(
     "FinetuneConfig", FINETUNE_SETTINGS, "Every setting of a fine-tuning run; written into the model's metadata.",
     {"check": _check, "cycle_step_size": _cycle_step_size, "cycle_gamma": _cycle_gamma,
-     "resolved_weight_decay": _resolved_weight_decay, "__module__": __name__})
+     "resolved_weight_decay": _resolved_weight_decay, "ema_momentum": _ema_momentum, "__module__": __name__})
 
 # Named sets of settings (`--recipe NAME`, `dogtl.finetune(recipe=NAME)`): each replaces the defaults
 # of the settings it names; options given explicitly (or in --config) still win.
 RECIPES = {
     "reference": dict(trainable_blocks=2, optimizer="sgd", schedule="constant", base_lr=1e-4, batch_size=16,
                       epochs=10, patience=3, warmup_epochs=0, block_lr_decay=1.0, unfreeze_every=0,
-                      label_smoothing=0.0, weight_decay=None, augment="recipe", batchnorm="frozen"),
+                      label_smoothing=0.0, weight_decay=None, ema_epochs=0.0, augment="recipe", batchnorm="frozen"),
 }
 
 

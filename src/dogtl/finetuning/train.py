@@ -24,6 +24,7 @@ from dogtl.core.early_stopping import EarlyStopping
 from dogtl.core.epochs import EpochRecord, history_frame
 from dogtl.core.errors import DataError
 from dogtl.core.files import atomic_paths, write_csv_atomic
+from dogtl.core.keras_private import swap_ema_weights
 from dogtl.core.locks import writes
 from dogtl.core.metadata import BackboneInput, ModelMetadata
 from dogtl.core.modelinfo import weights_path_to_record
@@ -164,12 +165,14 @@ def train_epochs(setup: Setup, model, state: RunState, progress: Progress | None
                training_dataset(train["paths"], train["indices"], train["labels"], setup.spec, setup.size,
                                 seed=setup.seed, augmentation=setup.augmentation, batch_size=c.batch_size,
                                 epochs=range(first, c.epochs), strategy=setup.strategy))
-    callback = keras.callbacks.LambdaCallback(on_train_batch_end=on_batch if progress else None,
-                                              on_epoch_end=on_epoch)
+    callbacks = [keras.callbacks.LambdaCallback(on_train_batch_end=on_batch if progress else None,
+                                                on_epoch_end=on_epoch)]
+    if c.ema_epochs:  # first: each epoch ends with the moving average in the model, to validate and keep
+        callbacks.insert(0, swap_ema_weights(resumed=first > 0))
     try:
         with prepare_fit(model, setup.strategy, dataset.element_spec):
             model.fit(dataset, epochs=c.epochs, initial_epoch=first, steps_per_epoch=setup.steps,
-                      callbacks=[callback], shuffle=False, verbose=0)
+                      callbacks=callbacks, shuffle=False, verbose=0)
     except tf.errors.OpError as e:
         message = getattr(e, "message", str(e)).strip().splitlines()
         raise DataError(f"cannot read a training image while fine-tuning ({message[-1][:200] if message else e}); "
