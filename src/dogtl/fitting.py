@@ -18,7 +18,7 @@ fine-tuning each resume themselves). The final model is copied to --out.
 
 The budget is wall-clock time from the command's start. Its shares (see `plan`): the
 extraction must end within EXTRACT_SHARE of it (it is kept, to resume, when it cannot); the
-head search gets HEAD_SHARE of what is left (at least HEAD_MIN seconds); fine-tuning gets the
+head search gets HEAD_SHARE of what is left (HEAD_MIN to HEAD_MAX seconds); fine-tuning gets the
 rest but the evaluation's reserve. Fine-tuning's epochs are planned from the speed extraction
 measured (a training step costs FINETUNE_COST times a forward pass per image), then checked
 against the speed of its first PROBE_IMAGES training images, and replanned (started again) when

@@ -101,3 +101,14 @@ def test_variable_index_finds_the_raw_variables_update_step_gets():
     opt = Recording(0.1)
     opt.apply([np.ones(2, "float32"), np.ones(3, "float32")], [a, b])
     assert seen == {0: (2,), 1: (3,)}
+
+
+def test_swap_ema_weights_starts_with_the_average_in_the_model_when_resumed():
+    """The callback still keeps which weights the model holds in the flag set here, and swaps at an
+    epoch's start only when the average is in the model."""
+    import keras
+
+    assert keras_private.swap_ema_weights(True)._ema_weights_in_model is True
+    assert keras_private.swap_ema_weights(False)._ema_weights_in_model is False
+    begin = inspect.getsource(keras.callbacks.SwapEMAWeights.on_epoch_begin)
+    assert "self._ema_weights_in_model" in begin and "_swap_variables()" in begin
