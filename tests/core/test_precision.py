@@ -8,18 +8,16 @@ import pytest
 from dogtl.core import precision
 
 
-@pytest.mark.parametrize("native, cores, expected, training", [
-    (False, None, "float32", "float32"),  # a CPU without hardware bfloat16 (AVX2/FMA only), no GPU
-    (True, None, "bfloat16", "float32"),  # AVX512-BF16 / AMX CPU: fine-tuning measured no faster, less accurate
-    (False, True, "float16", "float16"),  # CUDA GPU with tensor cores
-    (False, False, "float32", "float32"),  # older GPU
+@pytest.mark.parametrize("native, cores, expected", [
+    (False, None, "float32"),  # a CPU without hardware bfloat16 (AVX2/FMA only), no GPU
+    (True, None, "bfloat16"),  # AVX512-BF16 / AMX CPU
+    (False, True, "float16"),  # CUDA GPU with tensor cores
+    (False, False, "float32"),  # older GPU
 ])
-def test_auto_resolves_by_hardware(monkeypatch, native, cores, expected, training):
+def test_auto_resolves_by_hardware(monkeypatch, native, cores, expected):
     monkeypatch.setattr(precision, "native_bfloat16", lambda: native)
     monkeypatch.setattr(precision, "gpu_tensor_cores", lambda: cores)
     assert precision.resolve("auto") == expected
-    assert precision.resolve("auto", training=True) == training
-    assert precision.resolve("bfloat16", training=True) == "bfloat16"
     for forced in ("float32", "bfloat16", "float16"):
         assert precision.resolve(forced) == forced
     with pytest.raises(ValueError, match="--precision 'half'"):

@@ -86,12 +86,10 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def resolve(precision: str, head_batch: int | None = None, training: bool = False) -> str:
+def resolve(precision: str, head_batch: int | None = None) -> str:
     """'float32', 'bfloat16' or 'float16': what `precision` means for a backbone on this machine;
     with `head_batch`, what it means for a head's hidden matmuls at that batch size ('float32' or
-    'bfloat16'). With `training` (fine-tuning a backbone), `auto` is float32 on a CPU: on 2 AVX512-BF16
-    cores, 6 epochs of MobileNetV2 on Fashion trained no faster in bfloat16 (236 s against 214 s)
-    and ended 0.8 points lower (0.898 / 0.296 against 0.906 / 0.285, same head and split)."""
+    'bfloat16')."""
     check_precision(precision)
     if precision != "auto":
         return precision
@@ -99,7 +97,7 @@ def resolve(precision: str, head_batch: int | None = None, training: bool = Fals
         return "bfloat16" if head_batch >= HEAD_AUTO_MIN_BATCH and native_bfloat16() else "float32"
     if gpu_tensor_cores():
         return "float16"
-    return "bfloat16" if native_bfloat16() and not training else "float32"
+    return "bfloat16" if native_bfloat16() else "float32"
 
 
 def mechanism(resolved: str) -> str:

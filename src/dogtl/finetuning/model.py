@@ -55,7 +55,7 @@ def compile_model(model, backbone, spec, config: FinetuneConfig, steps_per_epoch
                         weight_decay=config.resolved_weight_decay())
     optimizer = make_optimizer(config.optimizer, learning_rate(config, steps_per_epoch), rates,
                                config.ema_momentum(steps_per_epoch))
-    if resolve(config.precision, training=True) == "float16":  # float16 gradients underflow without loss scaling
+    if resolve(config.precision) == "float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=SmoothedCrossentropy(config.label_smoothing), metrics=["accuracy"])
     model.optimizer.build(model.trainable_variables)  # so every checkpoint holds its state

@@ -99,8 +99,7 @@ FINETUNE_SETTINGS = (
     Setting("strategy", "str", "default", "default (one device), mirrored (every local GPU) or multi-worker (hosts "
             "in TF_CONFIG). --batch-size is the global batch: with N devices, N x the batch and (linear scaling "
             "rule) N x --base-lr keeps them busy.", choices=STRATEGIES),
-    Setting("precision", "str", "auto", PRECISION_HELP + " Training itself stays float32 on CPUs under auto: "
-            "bfloat16 fine-tuning measured no faster there and less accurate (docs/speed.md).", choices=PRECISIONS),
+    Setting("precision", "str", "auto", PRECISION_HELP, choices=PRECISIONS),
     Setting("runtime", "str", "auto", RUNTIME_HELP + " Runs the frozen layers below --trainable-blocks (from images; "
             "TensorFlow trains the rest on their output).", choices=RUNTIMES, searchable=False),
     Setting("from_cache", "bool", False, "Train on the cache's cut activations (extract-features --cut-blocks N, "

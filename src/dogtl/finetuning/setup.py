@@ -77,5 +77,4 @@ def prepare_common(config: FinetuneConfig, strategy, make_split, **extra) -> Set
                  augmentation=training_augmentation(config.augment, fingerprint["augmentation"], config.from_cache),
                  seed=int(fingerprint.get("seed", 0)) if config.seed is None else config.seed,
                  steps=training_steps(images, config.batch_size, strategy),
-                 checkpoints=Checkpoints.beside(out, identity), precision=resolve(config.precision, training=True),
-                 **extra)
+                 checkpoints=Checkpoints.beside(out, identity), precision=resolve(config.precision), **extra)
