@@ -147,7 +147,13 @@ def test_finetune_writes_model_metadata_history_and_plot(stage3, finetuned):
 
 def test_the_defaults_train_the_whole_backbone_with_the_measured_recipe(stage3, tmp_path):
     """No options: every layer with weights trains (the stem too), AdamW, a warm-up epoch then a
-    cosine down to --base-lr, no augmentation."""
+    cosine down to --base-lr, no augmentation, the kept model calibrated."""
+    from dogtl.core.artifacts import load_model
+    from dogtl.core.metrics import scores
+    from dogtl.data.folders import load_dataset
+    from dogtl.evaluation.inference import predict_images
+    from dogtl.features.cache import open_cache
+    from dogtl.features.modelcache import split_paths
     from dogtl.finetuning.settings import FinetuneConfig
     from dogtl.finetuning.train import finetune
 
@@ -160,6 +166,14 @@ def test_the_defaults_train_the_whole_backbone_with_the_measured_recipe(stage3, 
     assert r.history["lr"].tolist() == pytest.approx([peak, base], rel=1e-4)  # 3 steps per epoch: warm-up, cosine
     assert meta["settings"]["augment"] == "none" and meta["augmentation"] is None
     assert r.after["val_log_loss"] <= r.before["val_log_loss"]
+    # calibrated: judged at its temperature, saved with it folded in, so it scores what it was judged by
+    assert meta["settings"]["calibrate"] and r.after["val_log_loss"] <= r.after["raw_val_log_loss"]
+    assert r.history["val_loss"].min() == pytest.approx(r.after["val_log_loss"]) or r.best_epoch == 0
+    model, _ = load_model(r.model_path, compile=False)
+    val = split_paths(open_cache(stage3.cache), load_dataset(stage3.data))["val"]
+    probs, _ = predict_images(model, val["paths"], get_backbone("mobilenet_v2"), 48)
+    assert scores(val["labels"], probs)["val_log_loss"] == pytest.approx(r.after["val_log_loss"], abs=1e-4)
+    assert r.after["temperature"] != pytest.approx(1.0, abs=1e-3)
 
 
 def _config(stage3, out, **kw):

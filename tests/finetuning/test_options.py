@@ -1,6 +1,6 @@
 """Each fine-tuning option changes what it says it changes: which layers train (N blocks and all),
 the rate of every layer (discriminative rates), when each block thaws (gradual unfreezing), the
-weight decay, the moving average of the weights, the schedules against their formulas, the augmentation strengths, label smoothing,
+weight decay, the moving average of the weights, temperature scaling, the schedules against their formulas, the augmentation strengths, label smoothing,
 BatchNorm re-estimation, and the reference recipe one option away."""
 
 from __future__ import annotations
@@ -282,12 +282,41 @@ def test_reestimation_picks_the_unfrozen_blocks_and_the_heads_batchnorm(mobilene
         1 for layer in backbone.layers if layer.__class__.__name__ == "BatchNormalization")
 
 
+def test_calibrate_finds_the_temperature_that_undoes_overconfidence_and_folds_it_into_the_model():
+    """--calibrate: fit_temperature recovers the temperature of probabilities made overconfident
+    by a known factor, keeps every predicted class, and fold_temperature makes the model's own
+    outputs those tempered probabilities."""
+    import keras
+
+    from dogtl.core.metrics import fit_temperature, log_loss, tempered
+    from dogtl.core.models import build_head, fold_temperature
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (4000, 5))
+    truth = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=p) for p in truth])
+    overconfident = tempered(truth, 1 / 2.5)  # logits x 2.5
+    t = fit_temperature(labels, overconfident)
+    assert t == pytest.approx(2.5, rel=0.1)
+    assert log_loss(labels, tempered(overconfident, t)) < log_loss(labels, overconfident) - 0.1
+    assert (tempered(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
+    assert fit_temperature(labels, np.full_like(truth, np.nan)) == 1.0
+
+    head = build_head(12, 5, hidden=(8,))
+    x = rng.normal(0, 1, (6, 12)).astype("float32")
+    before = head.predict(x, verbose=0)
+    fold_temperature(head, 1.7)
+    np.testing.assert_allclose(head.predict(x, verbose=0), tempered(before, 1.7), atol=1e-5)
+    with pytest.raises(DogtlError, match="does not end in a Dense softmax layer"):
+        fold_temperature(keras.Sequential([keras.Input((12,)), keras.layers.Dense(5)]), 2.0)  # logits out
+
+
 def test_the_reference_recipe_is_one_option_away():
     from dogtl.finetuning.settings import RECIPES, recipe_settings
 
     reference = _config(**recipe_settings("reference"))
     assert (reference.optimizer, reference.schedule, reference.base_lr, reference.trainable_blocks,
-            reference.augment, reference.batch_size) == ("sgd", "constant", 1e-4, 2, "recipe", 16)
+            reference.augment, reference.batch_size, reference.calibrate) == ("sgd", "constant", 1e-4, 2, "recipe", 16, False)
     assert set(RECIPES["reference"]) <= {s.name for s in reference.SETTINGS}
     with pytest.raises(DogtlError, match="--recipe 'fast': choose one of reference"):
         recipe_settings("fast")

@@ -46,11 +46,17 @@ def finetune_cmd(ctx: typer.Context,
         typer.echo(f"resumed after epoch {result.resumed_from}")
     typer.echo(f"trainable layers ({len(result.trainable_layers)}): {', '.join(result.trainable_layers[:6])}"
                + (" ..." if len(result.trainable_layers) > 6 else ""))
-    typer.echo(f"validation before fine-tuning: accuracy {b['val_accuracy']:.4f}  log loss {b['val_log_loss']:.4f}")
+    calibrated = " (calibrated)" if "temperature" in a else ""
+    typer.echo(f"validation before fine-tuning: accuracy {b['val_accuracy']:.4f}  log loss {b['val_log_loss']:.4f}"
+               + calibrated)
     typer.echo(f"validation after fine-tuning:  accuracy {a['val_accuracy']:.4f}  log loss {a['val_log_loss']:.4f}"
-               f"  ({a['val_log_loss'] - b['val_log_loss']:+.4f})")
+               f"  ({a['val_log_loss'] - b['val_log_loss']:+.4f}){calibrated}")
+    if calibrated:
+        typer.echo(f"saved with temperature {a['temperature']:.3f} folded into its last layer (its log loss "
+                   f"{a['raw_val_log_loss']:.4f} without; --no-calibrate: none)")
     if result.best_epoch == 0:
-        typer.echo("no epoch beat the head: the saved model is the head on its backbone, unchanged")
+        typer.echo("no epoch beat the head: the saved model is the head on its backbone"
+                   + (", at that temperature" if calibrated else ", unchanged"))
     else:
         typer.echo(f"best epoch {result.best_epoch} of {result.epochs_run} run")
     typer.echo(f"wrote {result.model_path} (+ {result.model_path.with_suffix('.json').name}), "

@@ -236,6 +236,21 @@ def compose(parts, head, name: str = "finetuned", input_names=None):
     return keras.Model(inputs, outputs, name=name)
 
 
+def fold_temperature(model, temperature: float) -> None:
+    """Make `model` output softmax(logits / temperature), exactly, by dividing the kernel and bias of
+    the Dense softmax layer that ends it (a head's `head_softmax`, nested or not): no layer is
+    added, so every export and runtime takes the model as before."""
+    import keras
+
+    layer = model.layers[-1]
+    while not isinstance(layer, keras.layers.Dense) and getattr(layer, "layers", None):
+        layer = layer.layers[-1]
+    if not isinstance(layer, keras.layers.Dense) or getattr(layer.activation, "__name__", "") != "softmax":
+        raise DogtlError(f"{model.name} does not end in a Dense softmax layer: no temperature can be folded into it")
+    for weight in (layer.kernel, layer.bias) if layer.use_bias else (layer.kernel,):
+        weight.assign(keras.ops.convert_to_numpy(weight) / temperature)
+
+
 def calibrate_batchnorm(model, images) -> None:
     """Set every BatchNorm layer's moving statistics to those of `images` (one forward pass).
 

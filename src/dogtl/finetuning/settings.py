@@ -82,6 +82,11 @@ FINETUNE_SETTINGS = (
     Setting("ema_epochs", "float", 1.0, "Polyak averaging: validate, keep and save an exponential moving average of "
             "the weights over about this many epochs (Keras's use_ema, momentum 1 - 1 / (this x steps per epoch)), "
             "not the last step's weights; smoother and better on validation than them (0: the raw weights).", low=0),
+    Setting("calibrate", "bool", True, "Temperature scaling (Guo et al. 2017): judge the head and each epoch by their "
+            "validation log loss at the one temperature that fits the validation split best, and fold the kept "
+            "model's into its last layer (the same predicted classes, calibrated probabilities). Fine-tuned networks "
+            "grow overconfident while still gaining accuracy: without it the best log loss comes epochs before the "
+            "best accuracy."),
     Setting("augment", "str", "none", "Online augmentation: " + "; ".join(
         f"{name} ({what})" for name, what in {**AUGMENT_PRESETS, "none": "measured best over the default 5 epochs"}.items())
             + ". With --from-cache: none trains on the clean pass, anything else on the cache's augmented passes "
@@ -146,7 +151,8 @@ FinetuneConfig = settings_class(
 RECIPES = {
     "reference": dict(trainable_blocks=2, optimizer="sgd", schedule="constant", base_lr=1e-4, batch_size=16,
                       epochs=10, patience=3, warmup_epochs=0, block_lr_decay=1.0, unfreeze_every=0,
-                      label_smoothing=0.0, weight_decay=None, ema_epochs=0.0, augment="recipe", batchnorm="frozen"),
+                      label_smoothing=0.0, weight_decay=None, ema_epochs=0.0, calibrate=False, augment="recipe",
+                      batchnorm="frozen"),
 }
 
 

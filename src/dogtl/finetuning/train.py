@@ -4,8 +4,11 @@ A run starts from the head on its backbone (model.py), scored on the clean valid
 images as epoch 0, and trains on freshly augmented images (data.py). Each finished epoch is
 checkpointed (checkpoints.py), so a killed run resumes from its last finished epoch. The
 best model by validation log loss, starting with the untouched head itself, is the one
-saved: never worse on validation than what the head already gave. Early stopping is the
-shared tracker (core/early_stopping.py), so `--patience` means what it means in train-head.
+saved: never worse on validation than what the head already gave. With --calibrate (the
+default) that log loss is each model's at its own best temperature, and the kept model is saved
+with its temperature folded in (core/models.fold_temperature): so it scores what it was judged
+by. Early stopping is the shared tracker (core/early_stopping.py), so `--patience` means what it
+means in train-head.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from dogtl.core.files import atomic_paths, write_csv_atomic
 from dogtl.core.keras_private import swap_ema_weights
 from dogtl.core.locks import writes
 from dogtl.core.metadata import BackboneInput, ModelMetadata
+from dogtl.core.metrics import fit_temperature, scores, tempered
 from dogtl.core.modelinfo import weights_path_to_record
-from dogtl.core.models import reestimate_batchnorm
+from dogtl.core.models import fold_temperature, reestimate_batchnorm
 from dogtl.core.plots import plot_history
 from dogtl.core.precision import computing_in, set_policy
 from dogtl.core.progress import Progress, ProgressEvent
@@ -201,10 +205,17 @@ def end_epoch(setup: Setup, model, state: RunState, epoch: int, logs: dict, prog
 
 
 def validate_setup(setup: Setup, model) -> tuple[np.ndarray, dict]:
-    """(probabilities, scores) on the clean validation split: its images, or its cached cut."""
-    if setup.source:
-        return setup.source.validate(setup, model)
-    return validate(model, setup.split["val"], setup.spec, setup.size, 2 * setup.config.batch_size)
+    """(probabilities, scores) on the clean validation split: its images, or its cached cut. With
+    --calibrate, the scores are those at the temperature that fits them best (the one the model is
+    saved with if it is kept), the raw log loss beside them."""
+    probs, metrics = (setup.source.validate(setup, model) if setup.source else
+                      validate(model, setup.split["val"], setup.spec, setup.size, 2 * setup.config.batch_size))
+    if not setup.config.calibrate:
+        return probs, metrics
+    labels = setup.split["val"]["labels"]
+    temperature = fit_temperature(labels, probs)
+    return probs, {**scores(labels, tempered(probs, temperature), probs.shape[1]), "temperature": temperature,
+                   "raw_val_log_loss": metrics["val_log_loss"]}
 
 
 def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> FinetuneResult:
@@ -213,6 +224,8 @@ def finish(setup: Setup, state: RunState, resumed_from: int, seconds: float) -> 
     if setup.source:  # the whole backbone + head, the frozen part as it came
         best = setup.source.export(setup, best)
     set_policy(best, "float32")  # saved models compute in float32, whatever they trained in
+    if "temperature" in state.best:
+        fold_temperature(best, state.best["temperature"])
     history = history_frame(state.history)
     best_epoch = state.stopping.best_epoch
     metrics = {**state.best, "before": state.before, "best_epoch": best_epoch, "epochs_run": state.epoch,
