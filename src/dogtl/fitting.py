@@ -212,12 +212,12 @@ def _head(config, state, end, progress, say, choices) -> dict:
         return state.done("head", model=str(out), metrics=meta.metrics, seconds=None, trials=None,
                           settings=meta.settings, val_images=meta.val_images, train_images=meta.train_images)
     budget = min(HEAD_MAX, max(HEAD_MIN, HEAD_SHARE * end.left()))
-    choices.append(f"head search: {format_seconds(budget)} ({HEAD_SHARE:.0%} of the time left, at least "
-                   f"{format_seconds(HEAD_MIN)}, at most {format_seconds(HEAD_MAX)}): the head only starts "
-                   "fine-tuning, which gains more per minute")
+    choices.append(f"head search: linear heads, {format_seconds(budget)} ({HEAD_SHARE:.0%} of the time left, at "
+                   f"least {format_seconds(HEAD_MIN)}, at most {format_seconds(HEAD_MAX)}): the head only starts "
+                   "fine-tuning, which gains more per minute, and from a linear head most")
     say(choices[-1])
     r = auto_train(state.stage("extract")["cache"], out, budget=budget, seed=config.seed, top=1, trials=config.trials,
-                   progress=progress)
+                   progress=progress, linear=True)
     meta = written_model(out)
     record = state.done("head", model=str(out), metrics=r.metrics, seconds=r.seconds, trials=r.trials,
                         settings=meta.settings, val_images=meta.val_images, train_images=meta.train_images)

@@ -120,3 +120,23 @@ def test_two_processes_share_one_sqlite_study(cache, tmp_path):
     assert len(presets) == len(set(presets)) == 2  # train-head's settings ran once, not once per process
     for name, output in zip("ab", outputs):
         assert (tmp_path / f"{name}.keras").exists() and "None" not in output
+
+
+def test_the_linear_search_tries_linear_heads_only_in_a_study_of_its_own(cache, tmp_path):
+    """fit's search (linear=True): the linear preset first, then only linear heads drawn (no dropout
+    after a hidden layer to draw), in a study apart from the full search's on the same cache."""
+    from dogtl.sweeps.auto import auto_train
+    from dogtl.sweeps.autosearch import AUTO_FIRST
+
+    out = tmp_path / "linear.keras"
+    auto_train(cache, out, budget=600, trials=4, linear=True)
+    trials = [t for t in _study(out.with_suffix(".auto")).trials if "settings" in t.user_attrs]
+    assert len(trials) >= 4 and trials[0].user_attrs.get("preset") == AUTO_FIRST[0][0]
+    assert all(not t.user_attrs.get("preset") for t in trials[1:])
+    assert all(not t.user_attrs["settings"]["hidden"] and "dropout" not in t.params for t in trials)
+    assert not json.loads(out.with_suffix(".json").read_text())["settings"]["hidden"]
+    full = tmp_path / "full.keras"
+    auto_train(cache, full, budget=600, trials=2)
+    assert _study(full.with_suffix(".auto")).study_name != _study(out.with_suffix(".auto")).study_name
+    second = _study(full.with_suffix(".auto")).trials[1]
+    assert second.user_attrs["preset"] == AUTO_FIRST[1][0] and second.user_attrs["settings"]["hidden"]

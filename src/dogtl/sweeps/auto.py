@@ -58,7 +58,8 @@ from dogtl.features.multicache import open_caches
 from dogtl.head.ensemble import ensemble_of_trials
 from dogtl.head.settings import HeadConfig
 from dogtl.head.train import load_training_data
-from dogtl.sweeps.autosearch import AUTO_FIRST, AUTO_PARAMS, AutoSearch, OutOfTime, describe, search_event, search_space
+from dogtl.sweeps.autosearch import (AUTO_FIRST, AUTO_PARAMS, LINEAR_PARAMS, AutoSearch, OutOfTime, describe,
+                                     search_event, search_space)
 from dogtl.sweeps.folds import make_folds
 from dogtl.sweeps.records import digest
 
@@ -97,10 +98,10 @@ class AutoResult:
     ran_now: int = 0  # trials this process finished
 
 
-def study_name(cache, folds: int, epochs: int, seed: int) -> str:
+def study_name(cache, folds: int, epochs: int, seed: int, params=AUTO_PARAMS, first=AUTO_FIRST) -> str:
     """Equal searches (same features, space, folds, epochs and seed) share one study name."""
-    return "dogtl-auto-" + digest({"cache": cache.fingerprint, "params": AUTO_PARAMS,
-                                   "first": [name for name, _ in AUTO_FIRST], "folds": folds,
+    return "dogtl-auto-" + digest({"cache": cache.fingerprint, "params": params,
+                                   "first": [name for name, _ in first], "folds": folds,
                                    "epochs": epochs, "seed": seed})[:12]
 
 
@@ -147,12 +148,12 @@ def results_frame(study):
 def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: float = DEFAULT_BUDGET,
                seed: int = 2018, force: bool = False, progress=None, storage: str | None = None,
                started: float | None = None, trials: int | None = None, epochs: int = AUTO_EPOCHS,
-               top: int = AUTO_TOP, folds: int = AUTO_FOLDS) -> AutoResult:
+               top: int = AUTO_TOP, folds: int = AUTO_FOLDS, linear: bool = False) -> AutoResult:
     """Search within `budget` seconds of wall-clock time from `started` (a time.time(); default now),
     or until the study holds `trials` finished trials (by any process), then write the ensemble of
     the best `top` trials at `out`. `storage`: an Optuna database URL (default: SQLite in the auto
     folder). `progress` gets a ProgressEvent per event of the search (its detail: fold, trial,
-    pruned, diverged, member)."""
+    pruned, diverged, member). `linear`: linear heads only (LINEAR_PARAMS; fit's search)."""
     if budget <= 0:
         raise DogtlError(f"--budget {budget:g}: give the time the search may take, e.g. --budget 2m")
     if trials is not None and trials < 1:
@@ -165,7 +166,8 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
     data = load_training_data(opened)
     splits = make_folds(data.train_labels, np.zeros(len(data.train_labels), bool), folds, seed)
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    name = study_name(opened, folds, epochs, seed)
+    params, first = (LINEAR_PARAMS, AUTO_FIRST[:1]) if linear else (AUTO_PARAMS, AUTO_FIRST)
+    name = study_name(opened, folds, epochs, seed, params, first)
     if force and storage:
         try:
             optuna.delete_study(study_name=name, storage=storage)
@@ -173,7 +175,7 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
             pass
     study = open_study(url, name, seed)
     search = AutoSearch(data.train_features, data.train_labels, splits, len(opened.classes), epochs, seed, end,
-                        progress, search_space())
+                        progress, search_space(params), first)
     _optimize(study, search, trials)
     frame = results_frame(study)
     write_csv_atomic(frame, folder / "results.csv")
