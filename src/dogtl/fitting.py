@@ -6,7 +6,8 @@ Four stages, each a plain stage function called with keyword arguments (so fit a
 their current defaults), each within its share of the budget by a deadline it checks:
 
 1. extract   the frozen backbone once over every image, clean + augmented passes (stage 1);
-2. head      `train-head --auto`'s search (sweeps/auto.py), its best trial retrained as one head;
+2. head      `train-head --auto`'s search (sweeps/auto.py) over linear heads, its best trial
+             retrained as one head (a linear probe is the better start for fine-tuning);
 3. finetune  the backbone and that head together on the images (stage 3), for as many
              epochs as the measured speed fits in the time left;
 4. evaluate  the fine-tuned model on the validation images (accuracy, log loss, per class).
@@ -74,10 +75,11 @@ FINETUNE_COST = 4.0
 # full 5-epoch schedule reached 0.892): one epoch fewer costs less than an unfinished schedule.
 PLAN_SHARE = 0.85
 PROBE_IMAGES = 640  # training images timed before the plan is checked: 20 steps of 32, seconds on 2 cores
-# The most epochs fit plans. On Fashion (idle, the same split and head): a 6-epoch schedule's best
-# epoch reached 0.265 log loss and 0.901 accuracy (epoch 5, with the moving average of the
-# weights), a 10-epoch one's 0.286 / 0.893 (epoch 4, without), a 30-epoch one's 0.318 (epoch 9):
-# with the training loss near 0, the validation loss rises. More budget buys nothing past this.
+# The most epochs fit plans. On Fashion (idle, the same split and head, before calibration): a
+# 6-epoch schedule's best epoch reached 0.265 log loss and 0.901 accuracy (epoch 5, with the moving
+# average of the weights), a 10-epoch one's 0.286 / 0.893 (epoch 4, without), a 30-epoch one's
+# 0.318 (epoch 9): with the training loss near 0, the validation loss rises. Calibrated
+# (finetune --calibrate), the 6th epoch is the best: longer plans are not measured since.
 MAX_EPOCHS = 6
 EVALUATE_COST = 1.5  # evaluation: this many times one extraction pass over the validation images
 STAGES = ("extract", "head", "finetune", "evaluate")

@@ -9,7 +9,8 @@ own training (`fit_head`, early stopping included). Every epoch reports the fold
 validation log loss so far to Optuna's median pruner, so a trial that trails the others at
 the same fold and epoch stops there. The first two trials are train-head's own settings
 (AUTO_FIRST: the linear head, and the recipe's hidden layer), which on the measured caches
-beat most random draws.
+beat most random draws. `linear=True` (fit's search) searches linear heads only
+(LINEAR_PARAMS, the linear preset first), in a study of its own.
 
 The budget is wall-clock time from the command's start (Python and TensorFlow start-up
 included) and is kept by deadlines the work checks after every epoch, never by predicting how
