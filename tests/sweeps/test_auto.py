@@ -29,17 +29,19 @@ def _study(folder):
     return optuna.load_study(study_name=None, storage=storage)
 
 
-def test_auto_keeps_a_tiny_budget_on_its_own_clock(cache, tmp_path):
+def test_auto_keeps_a_small_budget_on_its_own_clock(cache, tmp_path):
     """The whole command, measured around it, within 10% of --budget (here, with the search cut by
-    its deadline wherever the machine's speed puts it)."""
+    its deadline wherever the machine's speed puts it). 30 s: in CI's process, after hundreds of
+    tests, an 8 s budget once ran 10.5 s (alone, 7 s): single stalls of a few seconds happen there."""
     out = tmp_path / "auto.keras"
     started = time.time()
-    result = run_cli("train-head", "--auto", "--budget", "8s", "--cache", cache, "--out", out)
+    result = run_cli("train-head", "--auto", "--budget", "30s", "--cache", cache, "--out", out)
     elapsed = time.time() - started
     assert result.exit_code == 0, result.output
-    assert elapsed <= 8 * 1.1, (elapsed, result.output)
+    assert elapsed <= 30 * 1.1, (elapsed, result.output)
     assert out.exists() and (tmp_path / "auto.auto" / "study.db").exists()
-    assert result.stdout.splitlines()[-1].endswith("of a 8s budget")
+    assert result.stdout.splitlines()[-1].endswith("of a 30s budget")
+    assert len(_study(tmp_path / "auto.auto").trials) >= 3  # the search ran until its deadline
 
 
 def test_a_search_stopped_midway_resumes_without_retraining_finished_trials(cache, tmp_path):
