@@ -62,7 +62,7 @@ EXTRACT_SHARE = 0.5  # the extraction must end by then, or fit stops (its work k
 # The head search: its share of what is left, in seconds. A longer search buys little once the
 # model is fine-tuned: on Fashion (4 December), the head of a 51 s search (0.858 / 0.436) and that
 # of a 2m30s one (0.869 / 0.388) both ended at 0.89-0.90 accuracy and 0.29-0.31 log loss; over
-# linear heads, the first trial (train-head's linear preset) won both 1-minute searches (31 trials).
+# linear heads, the first trial (train-head's linear preset) won both 1-minute searches (16 and 31 trials).
 HEAD_SHARE, HEAD_MIN, HEAD_MAX = 0.1, 10.0, 30.0
 # Seconds of a fine-tuning step per image, in units of the extraction's seconds per image
 # (forward pass, decoding and augmentation alike). Measured on Fashion (96 px, 8,100 training
