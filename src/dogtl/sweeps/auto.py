@@ -10,7 +10,7 @@ validation log loss so far to Optuna's median pruner, so a trial that trails the
 the same fold and epoch stops there. The first two trials are train-head's own settings
 (AUTO_FIRST: the linear head, and the recipe's hidden layer), which on the measured caches
 beat most random draws. `linear=True` (fit's search) searches linear heads only
-(LINEAR_PARAMS, the linear preset first), in a study of its own.
+(LINEAR_PARAMS, LINEAR_FIRST first), in a study of its own.
 
 The budget is wall-clock time from the command's start (Python and TensorFlow start-up
 included) and is kept by deadlines the work checks after every epoch, never by predicting how
@@ -59,8 +59,8 @@ from dogtl.features.multicache import open_caches
 from dogtl.head.ensemble import ensemble_of_trials
 from dogtl.head.settings import HeadConfig
 from dogtl.head.train import load_training_data
-from dogtl.sweeps.autosearch import (AUTO_FIRST, AUTO_PARAMS, LINEAR_PARAMS, AutoSearch, OutOfTime, describe,
-                                     search_event, search_space)
+from dogtl.sweeps.autosearch import (AUTO_FIRST, AUTO_PARAMS, LINEAR_FIRST, LINEAR_PARAMS, AutoSearch, OutOfTime,
+                                     describe, search_event, search_space)
 from dogtl.sweeps.folds import make_folds
 from dogtl.sweeps.records import digest
 
@@ -167,7 +167,7 @@ def auto_train(cache="cache/features.h5", out="models/head.keras", *, budget: fl
     data = load_training_data(opened)
     splits = make_folds(data.train_labels, np.zeros(len(data.train_labels), bool), folds, seed)
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    params, first = (LINEAR_PARAMS, AUTO_FIRST[:1]) if linear else (AUTO_PARAMS, AUTO_FIRST)
+    params, first = (LINEAR_PARAMS, LINEAR_FIRST) if linear else (AUTO_PARAMS, AUTO_FIRST)
     name = study_name(opened, folds, epochs, seed, params, first)
     if force and storage:
         try:

@@ -40,7 +40,8 @@ AUTO_FIRST = (("linear head, train-head's defaults", {"hidden": ()}),
 # `auto_train(linear=True)`, fit's search: linear heads only, the better start for fine-tuning
 # (LP-FT, Kumar et al. 2022: a linear probe, then the whole network). On Fashion, fine-tuned the
 # same way: linear heads 0.903-0.912 accuracy in five runs, heads with a hidden layer 0.887-0.891.
-LINEAR_PARAMS = ("hidden=none",) + tuple(p for p in AUTO_PARAMS[1:] if not p.startswith("dropout="))
+LINEAR_PARAMS = ("hidden=none",) + tuple(p for p in AUTO_PARAMS if p.split("=")[0] not in ("hidden", "dropout"))
+LINEAR_FIRST = tuple(preset for preset in AUTO_FIRST if preset[1].get("hidden") == ())  # the linear preset
 SEARCH_SHARE = 0.8  # of the budget left after start-up; the rest retrains the best trials
 # The final retraining's first member is kept, cut short if need be. The search leaves time for
 # it: this many times the longest fold it has finished (a member trains on all the training
