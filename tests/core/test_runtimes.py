@@ -118,6 +118,27 @@ def test_conversion_cache_reused_then_rebuilt_when_damaged_or_stale(runtime, tmp
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_keyed_by_its_identity_is_built_only_to_convert_it(tmp_path):
+    """frozen_forward(build, identity=...): the conversion cache's entry is found by the identity,
+    so the model is built on a miss (to convert it) or on TensorFlow, never on a hit; another
+    identity is another entry."""
+    from dogtl.core.runtimes import frozen_forward
+
+    _needs("openvino")
+    built, x = [], _batch()
+
+    def forward(seed, runtime="openvino"):
+        return frozen_forward(lambda: built.append(seed) or _tiny(seed=seed), runtime=runtime, precision="float32",
+                              label="tiny", cache_dir=tmp_path, identity={"tiny": seed})
+
+    for seed, builds in ((0, [0]), (0, [0]), (1, [0, 1])):  # converted, found, another entry converted
+        got = forward(seed)
+        assert got.runtime == "openvino" and built == builds
+        np.testing.assert_allclose(got(x), np.asarray(_tiny(seed=seed)(x)), rtol=1e-4, atol=1e-5)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2
+    assert forward(0, "tensorflow").runtime == "tensorflow" and built == [0, 1, 0]
+
+
 SIGNAL_AFTER_TWO_MODELS = """
 import gc, os, signal, sys, time
 import keras, numpy as np
@@ -209,20 +230,25 @@ def test_extracted_features_equal_tensorflows(runtime, stage3, tmp_path):
     assert again.exit_code == 0 and "already up to date" in again.output, again.output
 
 
-def test_an_update_on_openvino_equals_a_fresh_tensorflow_extraction(stage3, tmp_path):
+def test_an_update_on_openvino_equals_a_fresh_tensorflow_extraction(stage3, tmp_path, monkeypatch):
     """The stage3 cache (TensorFlow) updated on OpenVINO after an image was added, one removed
     and one relabelled: only the new image runs on OpenVINO, the other rows are copied bit for
     bit, and the result is a fresh TensorFlow extraction of the new list row for row (its
-    computed rows within the runtimes' rounding)."""
+    computed rows within the runtimes' rounding). The backbone is built only to convert it: the
+    same update again finds the converted copy by the backbone's identity and builds nothing."""
     import shutil
 
     import pandas as pd
     from PIL import Image
 
     from dogtl.core.conversions import agreement
+    from dogtl.features import extract
     from dogtl.features.cache import open_cache
 
     _needs("openvino")
+    monkeypatch.setenv("DOGTL_RUNTIME_CACHE", str(tmp_path / "runtimes"))  # converted in this test
+    built, build = [], extract.build_backbone
+    monkeypatch.setattr(extract, "build_backbone", lambda *a, **k: built.append(a) or build(*a, **k))
     data = shutil.copytree(stage3.data, tmp_path / "data")
     table = pd.read_csv(data / "labels.csv", dtype=str)
     removed, new = table["id"][2], table["id"][0]  # and row 5 relabelled
@@ -241,6 +267,12 @@ def test_an_update_on_openvino_equals_a_fresh_tensorflow_extraction(stage3, tmp_
     assert result.exit_code == 0, result.output
     assert "+1 images, 1 relabelled, 1 removed: extracting 1" in result.output
     assert "(1 images computed, 27 copied" in result.output, result.output
+    assert len(built) == 1  # to convert it
+    again = shutil.copy(stage3.cache, tmp_path / "again.h5")
+    result = run_cli("extract-features", "--cache", again, *args, "--runtime", "openvino")
+    assert result.exit_code == 0 and "(1 images computed, 27 copied" in result.output, result.output
+    assert len(built) == 1  # the converted copy found without building the backbone
+    np.testing.assert_array_equal(open_cache(again).features(), open_cache(updated).features())
     result = run_cli("extract-features", "--cache", fresh, *args, "--runtime", "tensorflow")
     assert result.exit_code == 0, result.output
 

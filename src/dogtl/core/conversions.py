@@ -3,9 +3,10 @@
 Keras's own exporters (`model.export(format="onnx" | "openvino")`: tf2onnx and
 `openvino.convert_model`) convert the model; the result is checked against TensorFlow on a probe
 batch and kept under `conversion_cache_dir()`, keyed by the model's content (architecture and
-weights) and the converters' versions, so the next run loads it in seconds. NumPy, TensorFlow
-and the converters are imported in the functions that use them (local): the CLI imports
-core/runtimes.py, which imports this module, for its help text and checks.
+weights) or an identity the caller gives (`converted`), and by the converters' versions, so the
+next run loads it in seconds. NumPy, TensorFlow and the converters are imported in the functions
+that use them (local): the CLI imports core/runtimes.py, which imports this module, for its help
+text and checks.
 """
 
 from __future__ import annotations
@@ -81,13 +82,21 @@ def _versions(runtime: str) -> dict:
     return out
 
 
-def converted(model, runtime: str, label: str, cache_dir: str | Path | None = None, note=None) -> Path:
+def converted(model, runtime: str, label: str, cache_dir: str | Path | None = None, note=None,
+              identity: dict | None = None) -> Path:
     """The folder of `model` converted for `runtime`: from the conversion cache when a valid
     entry is there, else converted now, checked against TensorFlow and stored. A damaged or
-    stale entry (files changed, other key) is replaced, with a logged line."""
+    stale entry (files changed, other key) is replaced, with a logged line.
+
+    The entry is keyed by the model's content (`model_digest`), or by `identity` when given: what
+    determines the model without building it (a backbone's name, its weights' content hash, the
+    image size). `model` is then a function that builds it, called only to convert it, so a run
+    that finds its entry builds nothing (building and digesting a backbone was most of an
+    incremental update's fixed cost)."""
     root = Path(cache_dir) if cache_dir is not None else conversion_cache_dir()
-    key = {"format": FORMAT_VERSION, "runtime": runtime, "label": label, "model": model_digest(model),
-           "versions": _versions(runtime)}
+    build = model if identity is not None else (lambda: model)
+    key = {"format": FORMAT_VERSION, "runtime": runtime, "label": label,
+           "model": identity if identity is not None else model_digest(model), "versions": _versions(runtime)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = root / f"{_safe(label)}-{runtime}-{digest}"
     problem = entry_problem(folder, key)
@@ -110,6 +119,7 @@ def converted(model, runtime: str, label: str, cache_dir: str | Path | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
+            model = build()
             started = time.perf_counter()
             _convert(model, runtime, tmp)
             check = _check(model, runtime, tmp)

@@ -7,7 +7,8 @@ features (docs/runtimes.md has the measured table). The Keras model is converted
 exporters (`model.export(format="onnx" | "openvino")`: tf2onnx and `openvino.convert_model`),
 checked against TensorFlow on a probe batch, and kept in a conversion cache on disk
 (core/conversions.py), keyed by the model's content (architecture and weights: the backbone,
-its weights and the image size) and the converter's versions, so the next run loads it in
+its weights and the image size), or by what determines it when the caller knows that without
+building it (extraction's backbone), and the converter's versions, so the next run loads it in
 seconds. A model a runtime cannot convert, or converts to other numbers, runs on TensorFlow,
 with one logged line saying so. Each runtime's forward pass is in core/forward.py.
 
@@ -102,21 +103,25 @@ def plan(runtime: str, precision: str, strategy=None) -> tuple[str, str]:
 
 
 def frozen_forward(model, *, runtime: str = "auto", precision: str = "auto", label: str = "model",
-                   strategy=None, tf_call=None, cache_dir: str | Path | None = None, note=None) -> Forward:
+                   strategy=None, tf_call=None, cache_dir: str | Path | None = None, note=None,
+                   identity: dict | None = None) -> Forward:
     """The fastest forward pass of `model` that `runtime` and `precision` allow here.
 
     `label` names the model in file names and messages (e.g. 'xception-299'); `note` gets one
     line before a conversion (which takes a minute for a large backbone). A runtime that cannot
-    convert the model falls back to TensorFlow with one logged warning."""
+    convert the model falls back to TensorFlow with one logged warning. With `identity` (what
+    determines the model: conversions.converted), `model` is a function that builds it, called
+    only when TensorFlow runs it or the conversion cache has no entry for it."""
     runtime, precision = plan(runtime, precision, strategy)
+    build = functools.cache(model) if identity is not None else (lambda: model)
     if runtime == "tensorflow":
-        return tensorflow_forward(model, precision, tf_call)
+        return tensorflow_forward(build(), precision, tf_call)
     try:
-        folder = converted(model, runtime, label, cache_dir, note)
-        return _load(folder, runtime, precision, model)
+        folder = converted(build if identity is not None else model, runtime, label, cache_dir, note, identity)
+        return _load(folder, runtime, precision, model if identity is None else None)
     except ConversionError as e:
         log.warning("%s cannot run %s (%s): running it on tensorflow", runtime, label, e)
-        forward = tensorflow_forward(model, precision)
+        forward = tensorflow_forward(build(), precision)
         forward.fell_back = f"{runtime}: {e}"
         return forward
 

@@ -13,6 +13,7 @@ build the backbone's forward pass, run the passes, write the cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from dogtl.core.distribute import agree, extraction_progress, make_strategy, rep
 from dogtl.core.errors import CacheError, DataError, DogtlError
 from dogtl.core.locks import hold, writes
 from dogtl.core.modelinfo import weights_path_to_record
-from dogtl.core.models import build_backbone, weights_identity
+from dogtl.core.models import backbone_identity, build_backbone, weights_identity
 from dogtl.core.runtimes import frozen_forward, plan as runtime_plan
 from dogtl.data.folders import KAGGLE_COLUMNS, Dataset, load_dataset, split_validation
 from dogtl.core.backbones import check_image_size, get_backbone
@@ -199,10 +200,13 @@ def _forward(job: _Job, strategy, note):
     """The backbone's frozen forward pass (runtimes.frozen_forward), once the disk has room for
     the work; the unfinished cache is started with its fingerprint, the runtime included."""
     c, spec, todo = job.config, job.spec, job.plan.todo
-    backbone = job.backbone
-    if backbone is None:
+    backbone, identity = job.backbone, None
+    if backbone is None and strategy is None:  # built only when no converted copy is cached (frozen_forward)
+        backbone = functools.partial(build_backbone, spec, c.weights, job.image_size)
+        identity = backbone_identity(spec, c.weights, job.image_size)
+    elif backbone is None:
         with scope(strategy):  # the model's variables on every replica
-            backbone = build_backbone(spec, c.weights, job.image_size)  # a bad weights file fails before any write
+            backbone = build_backbone(spec, c.weights, job.image_size)
     if c.cut_blocks and note:
         size = cut_bytes(job.fingerprint["cut"], (1 + c.passes) * len(todo["labelled"])
                          + (1 + c.tta_passes) * len(todo["test"]))
@@ -216,7 +220,8 @@ def _forward(job: _Job, strategy, note):
     model = extraction_model(backbone, spec, c.cut_blocks) if c.cut_blocks else backbone
     forward = frozen_forward(model, runtime=c.runtime, precision=c.precision, strategy=strategy,
                              label=f"{spec.name}-{job.image_size}" + (f"-cut{c.cut_blocks}" if c.cut_blocks else ""),
-                             tf_call=None if strategy is None else replicated_infer(strategy, backbone), note=note)
+                             tf_call=None if strategy is None else replicated_infer(strategy, backbone), note=note,
+                             identity=identity)  # a bad weights file fails here, before any write
     job.fingerprint = {**job.fingerprint, "runtime": forward.runtime}
     job.partial.start(job.fingerprint)
     job.partial.save_json("plan.json", job.digest)
