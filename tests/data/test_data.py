@@ -222,3 +222,31 @@ def test_readable_files_have_no_decode_error(odd_images):
 
     assert [n for n in odd_images if not n.startswith("bad_") and decode_error(odd_images[n])] == []
     assert decode_error(odd_images["rgb"].parent / "missing.jpg").startswith("cannot read the file")
+
+
+def test_image_pipelines_run_without_tf_datas_autotuner(synthetic_data):
+    """Every image pipeline (extraction's passes, prediction and fine-tuning's batches) has
+    tf.data's autotuner off: with it on, deleting a finished iterator stalled extractions for ~5 s
+    (benchmarks/bench_iterator_stall.py), and the batches are the same either way."""
+    import tensorflow as tf
+
+    from dogtl.core.backbones import get_backbone
+    from dogtl.data.images import image_dataset, multi_pass_dataset
+    from dogtl.finetuning.data import training_dataset
+
+    dataset, spec = load_dataset(synthetic_data), get_backbone("mobilenet_v2")
+    paths = [str(p) for p in dataset.paths[:5]]
+    pipelines = {
+        "passes": multi_pass_dataset([(0, range(5), np.arange(5), paths)], spec, 32, seed=0, augmentation=None,
+                                     batch_size=2),
+        "images": image_dataset(paths, spec, 32, batch_size=2),
+        "training": training_dataset(paths, np.arange(5), dataset.labels[:5], spec, 32, seed=0, augmentation=None,
+                                     batch_size=2, epochs=[0]),
+    }
+    for name, ds in pipelines.items():
+        assert ds.options().autotune.enabled is False, name
+    on = tf.data.Options()
+    on.autotune.enabled = True
+    images = np.concatenate([batch[-1] for batch in pipelines["passes"]])
+    assert images.shape == (5, 32, 32, 3) and np.ptp(images) > 0
+    np.testing.assert_array_equal(images, np.concatenate([b[-1] for b in pipelines["passes"].with_options(on)]))

@@ -109,6 +109,19 @@ def _loader(spec: BackboneSpec, image_size: int, seed: int, augmentation: Augmen
     return _LOADERS[key]
 
 
+def without_autotune(ds):
+    """`ds` with tf.data's autotuner off (AUTOTUNE values then take tf.data's defaults). With it on,
+    deleting a finished iterator stalled for ~5 s with every CPU idle, in about half the runs where
+    a model (OpenVINO or TensorFlow) had consumed the batches (TensorFlow 2.21, 2 cores): a fixed
+    5 s added to an extraction, a prediction or a fine-tuning epoch's validation. Off, no run
+    stalled, and the batches came as fast."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def _segment(loader, tag, positions, indices, paths, pass_index, skip_bad):
     """Unbatched (tag, position, index, image) of one pass over `paths`."""
     import tensorflow as tf
@@ -139,7 +152,8 @@ def image_dataset(paths, spec: BackboneSpec, image_size: int, *, positions=None,
     indices = positions if indices is None else list(indices)
     loader = _loader(spec, image_size, seed, augmentation)
     ds = _segment(loader, tf.constant(0, tf.int64), positions, indices, paths, pass_index, skip_bad).batch(batch_size)
-    return ds.map(lambda _, position, index, image: (position, index, image)).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(lambda _, position, index, image: (position, index, image))
+    return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def multi_pass_dataset(segments, spec: BackboneSpec, image_size: int, *, seed: int,
@@ -162,7 +176,7 @@ def multi_pass_dataset(segments, spec: BackboneSpec, image_size: int, *, seed: i
     ds = parts[0]
     for part in parts[1:]:
         ds = ds.concatenate(part)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return without_autotune(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def clean_reason(message: str) -> str:
