@@ -114,12 +114,12 @@ def converted(model, runtime: str, label: str, cache_dir: str | Path | None = No
         if folder.exists():
             log.warning("conversion cache %s is %s: converting again", folder, problem)
             shutil.rmtree(folder, ignore_errors=True)
+        model = build()  # a weights file that cannot be loaded fails here, before the line below
         (note or log.info)(f"converting {label} for {runtime} (once: kept in {root})")
         tmp = root / f".{folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            model = build()
             started = time.perf_counter()
             _convert(model, runtime, tmp)
             check = _check(model, runtime, tmp)
