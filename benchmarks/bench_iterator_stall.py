@@ -87,5 +87,6 @@ def main():
           f"{os.getloadavg()[0]:.2f}")
     shutil.rmtree(work)
 
+
 if __name__ == "__main__":
     sys.exit(main())
