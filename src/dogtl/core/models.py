@@ -31,11 +31,12 @@ def weights_identity(weights: str) -> str:
     return f"file:{path.name}:sha256:{file_sha256(path)[:16]}"
 
 
-def backbone_identity(spec: BackboneSpec, weights: str, image_size: int) -> dict:
+def backbone_identity(spec: BackboneSpec, weights_id: str, image_size: int) -> dict:
     """What determines build_backbone's model, known without building it (which takes a second
-    and reads every weight): a key for its converted copies (core/conversions.py)."""
+    and reads every weight): a key for its converted copies (core/conversions.py). `weights_id`
+    is weights_identity(weights), which a caller has usually computed already (fingerprints)."""
     return {"backbone": f"keras.applications.{spec.module}.{spec.constructor}(include_top=False, pooling='avg')",
-            "weights": weights_identity(weights), "image_size": int(image_size)}
+            "weights": weights_id, "image_size": int(image_size)}
 
 
 def build_backbone(spec: BackboneSpec, weights: str, image_size: int, input_name: str | None = None):

@@ -203,7 +203,7 @@ def _forward(job: _Job, strategy, note):
     backbone, identity = job.backbone, None
     if backbone is None and strategy is None:  # built only when no converted copy is cached (frozen_forward)
         backbone = functools.partial(build_backbone, spec, c.weights, job.image_size)
-        identity = backbone_identity(spec, c.weights, job.image_size)
+        identity = backbone_identity(spec, job.fingerprint["weights"], job.image_size)
     elif backbone is None:
         with scope(strategy):  # the model's variables on every replica
             backbone = build_backbone(spec, c.weights, job.image_size)
